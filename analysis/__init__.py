@@ -1,0 +1,1 @@
+"""cmtrace.analysis: the pandas layer over a recorded trace (see load())."""

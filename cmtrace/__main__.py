@@ -1,0 +1,5 @@
+import sys
+
+from cmtrace.cli import main
+
+sys.exit(main())

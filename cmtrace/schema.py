@@ -1,0 +1,115 @@
+"""The trace dataset's contract: table schemas and the vocabularies of their columns.
+
+Everything that writes or reads a trace directory imports its column names from here, so the
+collector, the analysis layer and outside readers (pandas, DuckDB) agree on one layout.
+
+A trace directory holds::
+
+    meta.json                 see META_* below and trace.py
+    events/part-*.parquet     EVENTS: one row per kernel event, in time order within a part
+    stacks/part-*.parquet     STACK_FRAMES: symbolized frames of each interned stack id
+    sources/part-*.parquet    SOURCES: source lines and per-function facts captured at record time
+    preexisting.parquet       PREEXISTING: fds already open when the tracer attached
+
+The collector is deliberately dumb: it records what the kernel saw. Implicit deaths (exec closing
+CLOEXEC fds, process exit, dup2 onto a live fd) and fork inheritance are derived from the event
+stream by the analysis layer (cmtrace.analysis.lifetimes), the one place that models fd tables.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# --- events ---------------------------------------------------------------------------------
+# op: what happened.
+OP_BIRTH = "birth"  # fd (and fd2 for pipe/socketpair peers) created by `syscall`; path/kind set
+OP_CLOSE = "close"  # close(fd) entered (close releases the fd even when it returns an error)
+OP_CLOSE_RANGE = "close_range"  # close_range(fd, arg=last, flags); CLOSE_RANGE_CLOEXEC only marks
+OP_FAIL = "fail"  # a birth syscall failed: errno set, no fd
+OP_CLOEXEC = "cloexec"  # CLOEXEC bit of fd set (cloexec=True) or cleared: fcntl F_SETFD, ioctl
+OP_ADDR = "addr"  # connect/bind on socket fd: path = "127.0.0.1:5432", "/run/x.sock", "[::1]:80"
+OP_FORK = "fork"  # pid forked a new process: arg = child pid (children inherit pid's fd table)
+OP_EXEC = "exec"  # pid exec'd path: CLOEXEC fds die (death "exec")
+OP_EXIT = "exit"  # process pid exited: every fd still open dies (death "process-exit")
+OP_LOST = "lost"  # arg = number of records the kernel could not reserve since the previous one
+OPS = (OP_BIRTH, OP_CLOSE, OP_CLOSE_RANGE, OP_FAIL, OP_CLOEXEC, OP_ADDR, OP_FORK, OP_EXEC, OP_EXIT)
+
+# kind: what an fd refers to, decided from the creating syscall (dup* copy their source's kind).
+KINDS = (
+    "file", "socket", "pipe", "eventfd", "epoll", "memfd", "signalfd", "timerfd", "inotify",
+    "fanotify", "pidfd", "userfaultfd", "perf_event", "unknown",
+)  # fmt: skip
+
+EVENTS = pa.schema(
+    [
+        ("t_ns", pa.int64()),  # ns since trace start (monotonic clock)
+        ("pid", pa.int32()),  # host tgid
+        ("tid", pa.int32()),  # host tid
+        ("op", pa.dictionary(pa.int8(), pa.string())),
+        ("syscall", pa.dictionary(pa.int16(), pa.string())),
+        ("fd", pa.int32()),  # -1 when not applicable
+        ("src_fd", pa.int32()),  # dup source; pipe/socketpair peer; -1 otherwise
+        ("errno", pa.int32()),  # 0 on success
+        ("kind", pa.dictionary(pa.int8(), pa.string())),
+        ("path", pa.string()),  # file path, socket address, exec'd program; null if unknown
+        ("flags", pa.int64()),  # the syscall's flags argument as given (open flags, socket type...)
+        ("cloexec", pa.bool_()),  # CLOEXEC state of fd after this event
+        ("arg", pa.int64()),  # op-specific: close_range last fd, fork child pid, lost count, domain
+        ("stack_id", pa.int64()),  # 0 = no Python stack captured (see meta degraded counts)
+        ("stack_flags", pa.int32()),  # STACK_* bits below
+        ("finalizing", pa.bool_()),  # interpreter was finalizing at this event
+    ]
+)
+
+STACK_TRUNCATED = 1  # more frames than the walker's limit
+STACK_NO_PYTHON = 2  # the thread had no Python frames (or the process is not CPython)
+STACK_ERROR = 4  # the walk met something that is not a frame; frames dropped
+
+# --- stacks ---------------------------------------------------------------------------------
+CODE_GENERATOR = 0x20  # CO_GENERATOR
+CODE_COROUTINE = 0x80  # CO_COROUTINE
+CODE_ITERABLE_COROUTINE = 0x100  # CO_ITERABLE_COROUTINE
+CODE_ASYNC_GENERATOR = 0x200  # CO_ASYNC_GENERATOR
+
+STACK_FRAMES = pa.schema(
+    [
+        ("stack_id", pa.int64()),
+        ("pid", pa.int32()),
+        ("depth", pa.int16()),  # 0 = innermost
+        ("function", pa.string()),  # co_name
+        ("qualname", pa.string()),  # co_qualname (3.11+), else co_name
+        ("file", pa.string()),  # co_filename as the target saw it
+        ("line", pa.int32()),  # line being executed in this frame (-1 unknown)
+        ("firstlineno", pa.int32()),  # co_firstlineno
+        ("code_flags", pa.int32()),  # co_flags (CODE_* bits tell generator/coroutine frames)
+        ("lasti", pa.int32()),  # instruction offset in code units (-1 unknown)
+    ]
+)
+
+SOURCES = pa.schema(
+    [
+        ("file", pa.string()),
+        ("line", pa.int32()),
+        ("text", pa.string()),  # the source line, rstripped
+        ("function", pa.string()),  # enclosing function's qualname, if known
+        ("facts", pa.string()),  # JSON: per-function facts the causes need (see analysis)
+    ]
+)
+
+PREEXISTING = pa.schema(
+    [
+        ("pid", pa.int32()),
+        ("fd", pa.int32()),
+        ("kind", pa.string()),
+        ("path", pa.string()),  # readlink of /proc/PID/fd/N
+        ("cloexec", pa.bool_()),
+        ("t_ns", pa.int64()),  # when the snapshot was taken (ns since trace start)
+    ]
+)
+
+# --- meta.json keys -------------------------------------------------------------------------
+STATUS_RECORDING = "recording"
+STATUS_COMPLETE = "complete"
+STATUS_INTERRUPTED = "interrupted"

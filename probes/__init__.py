@@ -1,0 +1,1 @@
+"""BPF C sources of cmtrace (compiled by bcc at run time)."""
