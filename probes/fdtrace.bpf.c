@@ -1,0 +1,562 @@
+// cmtrace fd-lifecycle probes: every descriptor's birth and death in the traced processes.
+//
+// Compiled by bcc at run time (cmtrace/collect.py), attached to syscall tracepoints only (no
+// kprobes/fentry needed). Design:
+//   - one generic program for all sys_enter_* and one for all sys_exit_* we care about: the
+//     syscall tracepoints share a layout (nr at +8, six 8-byte args from +16, ret at +16);
+//   - the pid filter is a hash of traced tgids, checked first by every program;
+//   - births that return an fd stash their arguments at entry (per tid) and emit at exit;
+//     deaths and flag changes emit at entry (close releases the fd even if it fails);
+//   - records go to one ring buffer, submitted without wake-ups (the collector drains it in
+//     batches); records the kernel could not reserve are counted per CPU, never silently lost.
+// Macros set by the collector: RINGBUF_PAGES, MAX_TRACED, CMTRACE_PYSTACK (Python stacks).
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+#define DATA_LEN 256
+#define SOCKADDR_MAX 128
+
+enum event_type {
+    EV_BIRTH = 1,
+    EV_CLOSE = 2,
+    EV_CLOSE_RANGE = 3,
+    EV_FAIL = 4,
+    EV_CLOEXEC = 5,
+    EV_ADDR = 6,
+    EV_FORK = 7,
+    EV_EXEC = 8,
+    EV_EXIT = 9,
+};
+
+// x86_64 syscall numbers (cmtrace/syscalls.py holds the same table for user space).
+enum sysnr {
+    NR_ioctl = 16, NR_pipe = 22, NR_dup = 32, NR_dup2 = 33, NR_socket = 41, NR_connect = 42,
+    NR_accept = 43, NR_recvmsg = 47, NR_bind = 49, NR_socketpair = 53, NR_clone = 56,
+    NR_fork = 57, NR_vfork = 58, NR_fcntl = 72, NR_creat = 85, NR_open = 2, NR_close = 3,
+    NR_epoll_create = 213, NR_inotify_init = 253, NR_openat = 257, NR_signalfd = 282,
+    NR_timerfd_create = 283, NR_eventfd = 284, NR_accept4 = 288, NR_signalfd4 = 289,
+    NR_eventfd2 = 290, NR_epoll_create1 = 291, NR_dup3 = 292, NR_pipe2 = 293,
+    NR_inotify_init1 = 294, NR_perf_event_open = 298, NR_fanotify_init = 300,
+    NR_memfd_create = 319, NR_userfaultfd = 323, NR_pidfd_open = 434, NR_clone3 = 435,
+    NR_close_range = 436, NR_openat2 = 437, NR_pidfd_getfd = 438,
+};
+
+#define F_DUPFD_ 0
+#define F_SETFD_ 2
+#define F_DUPFD_CLOEXEC_ 1030
+#define FIONCLEX_ 0x5450
+#define FIOCLEX_ 0x5451
+#define CLONE_THREAD_ 0x00010000
+#define CLONE_VM_VFORK_ 0x00004100
+
+// Common header of every ring-buffer record (Python records from pystack.h use type >= 100).
+struct fd_event {
+    u64 ts;
+    u32 pid;
+    u32 tid;
+    u16 type;
+    u16 nr;
+    s32 fd;
+    s32 fd2;
+    s32 err;
+    u64 flags;
+    u64 arg;
+    u64 stack_id;
+    u32 stack_flags;
+    u32 datalen;
+};
+
+struct fd_event_data {
+    struct fd_event e;
+    char data[DATA_LEN];
+};
+
+struct sys_enter_ctx {
+    u64 common;
+    s32 nr;
+    s32 pad;
+    u64 args[6];
+};
+
+struct sys_exit_ctx {
+    u64 common;
+    s32 nr;
+    s32 pad;
+    s64 ret;
+};
+
+struct stash_t {
+    u64 nr;
+    u64 args[6];
+};
+
+BPF_HASH(traced, u32, u8, MAX_TRACED);
+BPF_ARRAY(settings, u32, 1);                         // [0] = follow children
+BPF_TABLE("lru_hash", u32, struct stash_t, stash, 65536);  // tid -> args of a syscall in flight
+BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+#ifdef CMTRACE_PYSTACK
+#include "pystack.h"
+#else
+static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+    return 0;
+}
+static __always_inline void python_forget_thread(u32 tid) {}
+static __always_inline void python_forget_process(u32 tgid) {}
+#endif
+
+static __always_inline int is_traced(u32 tgid) {
+    return traced.lookup(&tgid) != NULL;
+}
+
+static __always_inline void count_lost(void) {
+    u32 zero = 0;
+    u64 *n = lost.lookup(&zero);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void fill(struct fd_event *e, u64 pid_tgid, u16 type, u16 nr,
+                                 u64 stack_id, u32 stack_flags) {
+    e->ts = bpf_ktime_get_ns();
+    e->pid = pid_tgid >> 32;
+    e->tid = (u32)pid_tgid;
+    e->type = type;
+    e->nr = nr;
+    e->fd = -1;
+    e->fd2 = -1;
+    e->err = 0;
+    e->flags = 0;
+    e->arg = 0;
+    e->stack_id = stack_id;
+    e->stack_flags = stack_flags;
+    e->datalen = 0;
+}
+
+// The Python stack is captured before the record is reserved, so that the stack and code
+// records it may emit precede this event in the ring.
+static __always_inline struct fd_event *reserve_small(void *ctx, u64 pid_tgid, u16 type, u16 nr) {
+    u32 sflags = 0;
+    u64 sid = capture_python_stack(ctx, pid_tgid, &sflags);
+    struct fd_event *e = events.ringbuf_reserve(sizeof(struct fd_event));
+    if (!e) {
+        count_lost();
+        return NULL;
+    }
+    fill(e, pid_tgid, type, nr, sid, sflags);
+    return e;
+}
+
+static __always_inline struct fd_event_data *reserve_data(void *ctx, u64 pid_tgid, u16 type,
+                                                          u16 nr, int with_stack) {
+    u32 sflags = 0;
+    u64 sid = 0;
+    if (with_stack)
+        sid = capture_python_stack(ctx, pid_tgid, &sflags);
+    struct fd_event_data *d = events.ringbuf_reserve(sizeof(struct fd_event_data));
+    if (!d) {
+        count_lost();
+        return NULL;
+    }
+    fill(&d->e, pid_tgid, type, nr, sid, sflags);
+    return d;
+}
+
+static __always_inline void submit_small(struct fd_event *e) {
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void submit_data(struct fd_event_data *d) {
+    events.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void copy_user_str(struct fd_event_data *d, const void *src) {
+    int n = bpf_probe_read_user_str(d->data, DATA_LEN, src);
+    d->e.datalen = n > 0 ? n - 1 : 0;
+}
+
+static __always_inline void copy_sockaddr(struct fd_event_data *d, const void *addr, u64 len) {
+    if (!addr || len == 0)
+        return;
+    if (len > SOCKADDR_MAX)
+        len = SOCKADDR_MAX;
+    len &= 0xff;
+    if (bpf_probe_read_user(d->data, len & (SOCKADDR_MAX * 2 - 1), addr) == 0)
+        d->e.datalen = len;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry: deaths, flag changes and addresses are emitted here; births stash their arguments.
+int on_sys_enter(struct sys_enter_ctx *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_traced(pid_tgid >> 32))
+        return 0;
+    u32 nr = ctx->nr;
+    struct fd_event *e;
+    struct fd_event_data *d;
+    // Syscalls have 1 to 6 arguments and the kernel refuses a program whose direct context
+    // reads go past the smallest record it is attached to: copy the six slots instead.
+    struct stash_t s = {};
+    s.nr = nr;
+    bpf_probe_read_kernel(s.args, sizeof(s.args), (void *)ctx + 16);
+
+    switch (nr) {
+    case NR_close:
+        e = reserve_small(ctx, pid_tgid, EV_CLOSE, nr);
+        if (e) {
+            e->fd = (s32)s.args[0];
+            submit_small(e);
+        }
+        return 0;
+    case NR_close_range:
+        e = reserve_small(ctx, pid_tgid, EV_CLOSE_RANGE, nr);
+        if (e) {
+            e->fd = (s32)s.args[0];
+            e->arg = s.args[1];
+            e->flags = s.args[2];
+            submit_small(e);
+        }
+        return 0;
+    case NR_ioctl: {
+        u64 cmd = s.args[1] & 0xffffffff;
+        if (cmd != FIOCLEX_ && cmd != FIONCLEX_)
+            return 0;
+        e = reserve_small(ctx, pid_tgid, EV_CLOEXEC, nr);
+        if (e) {
+            e->fd = (s32)s.args[0];
+            e->arg = cmd == FIOCLEX_;
+            e->flags = cmd;
+            submit_small(e);
+        }
+        return 0;
+    }
+    case NR_connect:
+    case NR_bind:
+        d = reserve_data(ctx, pid_tgid, EV_ADDR, nr, 1);
+        if (d) {
+            d->e.fd = (s32)s.args[0];
+            copy_sockaddr(d, (const void *)s.args[1], s.args[2]);
+            submit_data(d);
+        }
+        return 0;
+    case NR_fcntl: {
+        u64 cmd = s.args[1] & 0xffffffff;
+        if (cmd == F_SETFD_) {
+            e = reserve_small(ctx, pid_tgid, EV_CLOEXEC, nr);
+            if (e) {
+                e->fd = (s32)s.args[0];
+                e->arg = s.args[2] & 1;  // FD_CLOEXEC
+                e->flags = cmd;
+                submit_small(e);
+            }
+            return 0;
+        }
+        if (cmd != F_DUPFD_ && cmd != F_DUPFD_CLOEXEC_)
+            return 0;
+        break;
+    }
+    case NR_signalfd:
+    case NR_signalfd4:
+        if ((s32)s.args[0] != -1)  // updates an existing signalfd: not a birth
+            return 0;
+        break;
+    default:
+        break;
+    }
+
+    if (nr == NR_clone3) {
+        u64 flags = 0;
+        bpf_probe_read_user(&flags, sizeof(flags), (void *)s.args[0]);
+        s.args[0] = flags;
+    } else if (nr == NR_fork) {
+        s.args[0] = 0;
+    } else if (nr == NR_vfork) {
+        s.args[0] = CLONE_VM_VFORK_;
+    }
+    u32 tid = pid_tgid;
+    stash.update(&tid, &s);
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exit: births (the fd is the return value) and failures.
+
+static __always_inline void emit_path_birth(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret,
+                                            const void *path, u64 flags) {
+    u16 type = ret < 0 ? EV_FAIL : EV_BIRTH;
+    struct fd_event_data *d = reserve_data(ctx, pid_tgid, type, s->nr, 1);
+    if (!d)
+        return;
+    if (ret < 0)
+        d->e.err = -ret;
+    else
+        d->e.fd = ret;
+    d->e.flags = flags;
+    d->e.arg = s->args[0];
+    if (path)
+        copy_user_str(d, path);
+    submit_data(d);
+}
+
+static __always_inline void emit_pair_birth(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret,
+                                            const void *fds_ptr, u64 flags, u64 arg) {
+    struct fd_event *e = reserve_small(ctx, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
+    if (!e)
+        return;
+    if (ret < 0) {
+        e->err = -ret;
+    } else {
+        s32 fds[2] = {-1, -1};
+        bpf_probe_read_user(fds, sizeof(fds), fds_ptr);
+        e->fd = fds[0];
+        e->fd2 = fds[1];
+    }
+    e->flags = flags;
+    e->arg = arg;
+    submit_small(e);
+}
+
+static __always_inline void emit_simple_birth(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret,
+                                              s32 src, u64 flags, u64 arg) {
+    struct fd_event *e = reserve_small(ctx, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
+    if (!e)
+        return;
+    if (ret < 0)
+        e->err = -ret;
+    else
+        e->fd = ret;
+    e->fd2 = src;
+    e->flags = flags;
+    e->arg = arg;
+    submit_small(e);
+}
+
+static __always_inline void emit_accept(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret) {
+    struct fd_event_data *d = reserve_data(ctx, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr, 1);
+    if (!d)
+        return;
+    if (ret < 0)
+        d->e.err = -ret;
+    else
+        d->e.fd = ret;
+    d->e.fd2 = (s32)s->args[0];
+    d->e.flags = s->nr == NR_accept4 ? s->args[3] : 0;
+    if (ret >= 0 && s->args[1] && s->args[2]) {
+        u32 len = 0;
+        bpf_probe_read_user(&len, sizeof(len), (void *)s->args[2]);
+        copy_sockaddr(d, (const void *)s->args[1], len);
+    }
+    submit_data(d);
+}
+
+// recvmsg: fds passed with SCM_RIGHTS in the first control message (multiprocessing does this).
+struct user_msghdr_ {
+    u64 name;
+    u32 namelen;
+    u32 pad;
+    u64 iov;
+    u64 iovlen;
+    u64 control;
+    u64 controllen;
+    s32 flags;
+};
+
+struct cmsghdr_ {
+    u64 len;
+    s32 level;
+    s32 type;
+};
+
+static __always_inline void emit_scm_rights(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret) {
+    if (ret < 0)
+        return;
+    struct user_msghdr_ msg = {};
+    if (bpf_probe_read_user(&msg, sizeof(msg), (void *)s->args[1]) != 0)
+        return;
+    if (!msg.control || msg.controllen < sizeof(struct cmsghdr_) + 4)
+        return;
+    struct cmsghdr_ cm = {};
+    if (bpf_probe_read_user(&cm, sizeof(cm), (void *)msg.control) != 0)
+        return;
+    if (cm.level != 1 || cm.type != 1)  // SOL_SOCKET, SCM_RIGHTS
+        return;
+    u64 n = (cm.len - sizeof(cm)) / 4;
+    if (n == 0)
+        return;
+    if (n > 16)
+        n = 16;
+    struct fd_event_data *d = reserve_data(ctx, pid_tgid, EV_BIRTH, s->nr, 1);
+    if (!d)
+        return;
+    u32 bytes = (n * 4) & 0x7f;
+    if (bytes && bpf_probe_read_user(d->data, bytes, (void *)(msg.control + sizeof(cm))) == 0)
+        d->e.datalen = bytes;
+    d->e.fd = -1;
+    d->e.fd2 = (s32)s->args[0];
+    d->e.flags = s->args[2];
+    submit_data(d);
+}
+
+int on_sys_exit(struct sys_exit_ctx *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_traced(pid_tgid >> 32))
+        return 0;
+    u32 tid = pid_tgid;
+    struct stash_t *sp = stash.lookup(&tid);
+    if (!sp)
+        return 0;
+    struct stash_t s = *sp;
+    stash.delete(&tid);
+    s64 ret = ctx->ret;
+    u32 nr = s.nr;
+
+    switch (nr) {
+    case NR_open:
+        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
+        break;
+    case NR_openat:
+        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[1], s.args[2]);
+        break;
+    case NR_openat2: {
+        u64 how_flags = 0;
+        bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)s.args[2]);
+        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[1], how_flags);
+        break;
+    }
+    case NR_creat:
+        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], 0);
+        break;
+    case NR_memfd_create:
+        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
+        break;
+    case NR_socket:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
+        break;
+    case NR_socketpair:
+        emit_pair_birth(ctx, pid_tgid, &s, ret, (void *)s.args[3], s.args[1], s.args[0]);
+        break;
+    case NR_pipe:
+        emit_pair_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], 0, 0);
+        break;
+    case NR_pipe2:
+        emit_pair_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], s.args[1], 0);
+        break;
+    case NR_accept:
+    case NR_accept4:
+        emit_accept(ctx, pid_tgid, &s, ret);
+        break;
+    case NR_dup:
+    case NR_dup2:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[0], 0, 0);
+        break;
+    case NR_dup3:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[0], s.args[2], 0);
+        break;
+    case NR_fcntl:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[0], s.args[1], s.args[2]);
+        break;
+    case NR_eventfd:
+    case NR_epoll_create:
+    case NR_inotify_init:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, 0, s.args[0]);
+        break;
+    case NR_eventfd2:
+    case NR_timerfd_create:
+    case NR_pidfd_open:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
+        break;
+    case NR_epoll_create1:
+    case NR_inotify_init1:
+    case NR_fanotify_init:
+    case NR_userfaultfd:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[0], 0);
+        break;
+    case NR_signalfd:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, 0, 0);
+        break;
+    case NR_signalfd4:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[3], 0);
+        break;
+    case NR_pidfd_getfd:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[1], s.args[2], s.args[0]);
+        break;
+    case NR_perf_event_open:
+        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[4], s.args[2]);
+        break;
+    case NR_recvmsg:
+        emit_scm_rights(ctx, pid_tgid, &s, ret);
+        break;
+    default:
+        break;  // clone family: handled at sched_process_fork, stash only cleaned up here
+    }
+    return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes: fork (children inherit the table), exec (CLOEXEC fds die), exit (all fds die).
+
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 parent = pid_tgid >> 32;
+    if (!is_traced(parent))
+        return 0;
+    u32 tid = pid_tgid;
+    struct stash_t *sp = stash.lookup(&tid);
+    u64 flags = sp ? sp->args[0] : 0;
+    if (flags & CLONE_THREAD_)
+        return 0;  // a new thread shares the table: nothing to record
+    u32 child = args->child_pid;
+    u32 zero = 0;
+    u32 *follow = settings.lookup(&zero);
+    if (follow && *follow) {
+        u8 one = 1;
+        traced.update(&child, &one);
+    }
+    struct fd_event *e = reserve_small(args, pid_tgid, EV_FORK, 0);
+    if (e) {
+        e->arg = child;
+        e->flags = flags;
+        submit_small(e);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_traced(tgid))
+        return 0;
+    python_forget_process(tgid);
+    struct fd_event_data *d = reserve_data(args, pid_tgid, EV_EXEC, 59, 0);
+    if (!d)
+        return 0;
+    unsigned short off = args->data_loc_filename & 0xffff;
+    int n = bpf_probe_read_kernel_str(d->data, DATA_LEN, (char *)args + off);
+    d->e.datalen = n > 0 ? n - 1 : 0;
+    d->e.arg = args->old_pid;
+    submit_data(d);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    u32 tid = pid_tgid;
+    if (!is_traced(tgid))
+        return 0;
+    python_forget_thread(tid);
+    stash.delete(&tid);
+    if (tid != tgid)
+        return 0;  // a thread ended; the table lives on
+    python_forget_process(tgid);
+    struct fd_event_data *d = reserve_data(args, pid_tgid, EV_EXIT, 60, 0);
+    if (d) {
+        __builtin_memcpy(d->data, args->comm, 16);
+        d->e.datalen = 16;
+        submit_data(d);
+    }
+    traced.delete(&tgid);
+    return 0;
+}
