@@ -120,7 +120,7 @@ link_headers() {
     fi
 }
 
-# ---------------------------------------------------------------- tracefs / debugfs
+# ---------------------------------------------------------------- tracefs / debugfs / securityfs
 mount_tracing() {
     if ! mountpoint -q /sys/kernel/tracing; then
         mount -t tracefs tracefs /sys/kernel/tracing || die "cannot mount tracefs at /sys/kernel/tracing"
@@ -130,6 +130,12 @@ mount_tracing() {
     if [ -d /sys/kernel/debug ] && ! mountpoint -q /sys/kernel/debug; then
         if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
             say "mounted debugfs at /sys/kernel/debug"
+        fi
+    fi
+    # securityfs shows the lockdown mode (`cmtrace doctor` reports it).
+    if [ -d /sys/kernel/security ] && ! mountpoint -q /sys/kernel/security; then
+        if mount -t securityfs securityfs /sys/kernel/security 2>/dev/null; then
+            say "mounted securityfs at /sys/kernel/security"
         fi
     fi
 }
