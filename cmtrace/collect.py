@@ -155,111 +155,139 @@ def _record_type(chunk: bytes) -> int:
 
 
 # ---- decoding ---------------------------------------------------------------------------------
+# Decoding is vectorised with numpy: the kernel may send a few hundred thousand records a second
+# and the collector must keep up on the second core. Only records with a data tail (a path or an
+# address) and the rare multi-fd births (pipe, socketpair, SCM_RIGHTS) take a Python path.
+
+STACK_FINALIZING = 8
+_NR_SPACE = 1024
+_SYSCALL_NAMES = np.array([syscalls.syscall_name(nr) for nr in range(_NR_SPACE)], dtype=object)
+_KIND_BY_NR = np.array([syscalls.birth_kind(nr) for nr in range(_NR_SPACE)], dtype=object)
+_CLOEXEC_BIT = np.array(
+    [getattr(syscalls.BY_NR.get(nr), "cloexec_flag", 0) for nr in range(_NR_SPACE)], np.uint64
+)
+_ALWAYS_CLOEXEC = np.array(
+    [getattr(syscalls.BY_NR.get(nr), "always_cloexec", False) for nr in range(_NR_SPACE)], bool
+)
+_OP_NAMES = np.array([OP_BY_TYPE.get(t, f"type{t}") for t in range(PYTHON_RECORD_MIN_TYPE)], object)
+_TEXT_NRS = {syscalls.BY_NAME[n].nr for n in ("open", "openat", "openat2", "creat")}
+_MULTI_FD_NRS = {syscalls.BY_NAME[n].nr for n in ("pipe", "pipe2", "socketpair", "recvmsg")}
+_MEMFD_NR = syscalls.BY_NAME["memfd_create"].nr
+_FCNTL_NR = syscalls.BY_NAME["fcntl"].nr
+_DUP2_NR = syscalls.BY_NAME["dup2"].nr
 
 
 def decode(records: list[bytes], boot_ns: int) -> pa.Table:
-    """Turn raw fd records into an Arrow table with the EVENTS schema."""
+    """Turn raw fd records into an Arrow table with the EVENTS schema (sorted by time)."""
     if not records:
         return schema.EVENTS.empty_table()
     head = np.frombuffer(b"".join(r[:HEADER_SIZE] for r in records), dtype=RECORD_HEADER)
-    rows = _Rows()
-    for i, rec in enumerate(head):
-        tail = records[i][HEADER_SIZE : HEADER_SIZE + int(rec["datalen"])]
-        _decode_one(rec, tail, boot_ns, rows)
-    return rows.table()
+    etype = head["type"].astype(np.int64)
+    nr = np.minimum(head["nr"].astype(np.int64), _NR_SPACE - 1)
+    flags = head["flags"]
+    is_birth = etype == EV_BIRTH
+    multi = is_birth & np.isin(nr, list(_MULTI_FD_NRS))
+    noop_dup2 = is_birth & (nr == _DUP2_NR) & (head["fd"] == head["fd2"])
+    keep = ~(multi | noop_dup2)
 
+    syscall = _SYSCALL_NAMES[nr]
+    for ev, name in PROCESS_SYSCALL.items():
+        syscall[etype == ev] = name
+    kind = np.where(is_birth | (etype == EV_FAIL), _KIND_BY_NR[nr], None)
+    kind[etype == EV_ADDR] = "socket"
+    cloexec = _ALWAYS_CLOEXEC[nr] | ((flags & _CLOEXEC_BIT[nr]) != 0)
+    cloexec |= (nr == _FCNTL_NR) & (flags == syscalls.F_DUPFD_CLOEXEC)
+    cloexec_valid = is_birth | (etype == EV_CLOEXEC)
+    cloexec = np.where(etype == EV_CLOEXEC, head["arg"] != 0, cloexec)
+    paths = np.full(len(head), None, dtype=object)
+    for i in np.flatnonzero(head["datalen"] > 0):
+        paths[i] = _decode_tail(int(etype[i]), int(nr[i]), records[i], int(head["datalen"][i]))
 
-class _Rows:
-    def __init__(self) -> None:
-        self.cols: dict[str, list] = {name: [] for name in schema.EVENTS.names}
-
-    def add(self, **values) -> None:
-        for name, column in self.cols.items():
-            column.append(values.get(name))
-
-    def table(self) -> pa.Table:
-        arrays = []
-        for fld in schema.EVENTS:
-            values = self.cols[fld.name]
-            if pa.types.is_dictionary(fld.type):
-                arrays.append(pa.array(values, pa.string()).dictionary_encode().cast(fld.type))
-            else:
-                arrays.append(pa.array(values, fld.type))
-        return pa.Table.from_arrays(arrays, schema=schema.EVENTS)
-
-
-def _decode_one(rec, tail: bytes, boot_ns: int, rows: _Rows) -> None:
-    etype, nr = int(rec["type"]), int(rec["nr"])
-    flags, arg = int(rec["flags"]), int(rec["arg"])
-    base = dict(
-        t_ns=int(rec["ts"]) - boot_ns,
-        pid=int(rec["pid"]),
-        tid=int(rec["tid"]),
-        op=OP_BY_TYPE.get(etype, f"type{etype}"),
-        syscall=PROCESS_SYSCALL.get(etype) or syscalls.syscall_name(nr),
-        fd=int(rec["fd"]),
-        src_fd=int(rec["fd2"]),
-        errno=int(rec["err"]),
-        kind=None,
-        path=None,
-        flags=flags,
-        cloexec=None,
-        arg=_signed64(arg),
-        stack_id=_signed64(int(rec["stack_id"])),
-        stack_flags=int(rec["stack_flags"]) & 0x7FFFFFFF,
-        finalizing=bool(int(rec["stack_flags"]) & STACK_FINALIZING),
+    stack_flags = head["stack_flags"].astype(np.int64)
+    columns = {
+        "t_ns": head["ts"].astype(np.int64) - boot_ns,
+        "pid": head["pid"].astype(np.int32),
+        "tid": head["tid"].astype(np.int32),
+        "op": _OP_NAMES[np.minimum(etype, PYTHON_RECORD_MIN_TYPE - 1)],
+        "syscall": syscall,
+        "fd": head["fd"],
+        "src_fd": head["fd2"],
+        "errno": head["err"],
+        "kind": kind,
+        "path": paths,
+        "flags": flags.view(np.int64),
+        "cloexec": cloexec,
+        "arg": head["arg"].view(np.int64),
+        "stack_id": head["stack_id"].view(np.int64),
+        "stack_flags": (stack_flags & ~STACK_FINALIZING).astype(np.int32),
+        "finalizing": (stack_flags & STACK_FINALIZING) != 0,
+    }
+    masks = {"cloexec": ~cloexec_valid}
+    table = _to_table(
+        {k: v[keep] for k, v in columns.items()}, {k: m[keep] for k, m in masks.items()}
     )
-    if etype == EV_BIRTH:
-        _decode_birth(base, nr, flags, tail, rows)
-        return
-    if etype == EV_FAIL:
-        base.update(kind=syscalls.birth_kind(nr), path=_text(tail) or None, fd=-1)
-    elif etype == EV_CLOEXEC:
-        base.update(cloexec=bool(arg))
-    elif etype == EV_ADDR:
-        base.update(kind="socket", path=format_sockaddr(tail))
-    elif etype == EV_EXEC:
-        base.update(path=_text(tail))
-    elif etype == EV_EXIT:
-        base.update(path=_text(tail.split(b"\0", 1)[0]))
-    rows.add(**base)
+    extra = _expand_multi_fd(columns, np.flatnonzero(multi), records, head)
+    if extra is not None:
+        table = pa.concat_tables([table, extra]).sort_by([("t_ns", "ascending")])
+    elif len(table) > 1:
+        table = table.sort_by([("t_ns", "ascending")])
+    return table
 
 
-STACK_FINALIZING = 8
+def _to_table(columns: dict, masks: dict) -> pa.Table:
+    arrays = []
+    for fld in schema.EVENTS:
+        values = columns[fld.name]
+        if pa.types.is_dictionary(fld.type):
+            arr = pa.array(values, pa.string()).dictionary_encode()
+            arrays.append(arr.cast(fld.type))
+        elif fld.name in masks:
+            arrays.append(pa.array(values, fld.type, mask=masks[fld.name]))
+        elif values.dtype == object:
+            arrays.append(pa.array(values, fld.type))
+        else:
+            arrays.append(pa.array(values.astype(fld.type.to_pandas_dtype(), copy=False)))
+    return pa.Table.from_arrays(arrays, schema=schema.EVENTS)
 
 
-def _decode_birth(base: dict, nr: int, flags: int, tail: bytes, rows: _Rows) -> None:
-    name = syscalls.syscall_name(nr)
-    kind = syscalls.birth_kind(nr)
-    cloexec = syscalls.birth_cloexec(nr, flags)
-    if name == "recvmsg":  # one row per fd received with SCM_RIGHTS
-        for (fd,) in struct.iter_unpack("<i", tail[: len(tail) // 4 * 4]):
-            rows.add(**{**base, "fd": fd, "kind": "unknown", "cloexec": cloexec})
-        return
-    if name in ("pipe", "pipe2", "socketpair"):  # both ends, each naming its peer
-        first, second = base["fd"], base["src_fd"]
-        rows.add(**{**base, "fd": first, "src_fd": second, "kind": kind, "cloexec": cloexec})
-        rows.add(**{**base, "fd": second, "src_fd": first, "kind": kind, "cloexec": cloexec})
-        return
-    if name == "dup2" and base["fd"] == base["src_fd"]:
-        return  # dup2(fd, fd) is a no-op
-    if name in ("open", "openat", "openat2", "creat"):
-        path = _text(tail)
-    elif name == "memfd_create":
-        path = "memfd:" + _text(tail)
-    elif name in ("accept", "accept4"):
-        path = format_sockaddr(tail) if tail else None
-    else:
-        path = None
-    rows.add(**{**base, "kind": kind, "path": path, "cloexec": cloexec})
+def _expand_multi_fd(
+    columns: dict, rows: np.ndarray, records: list[bytes], head
+) -> pa.Table | None:
+    """pipe/pipe2/socketpair: one row per end naming its peer; recvmsg: one row per fd received."""
+    if len(rows) == 0:
+        return None
+    out: dict[str, list] = {name: [] for name in columns}
+    for i in rows:
+        base = {name: col[i] for name, col in columns.items()}
+        if base["syscall"] == "recvmsg":
+            tail = records[i][HEADER_SIZE : HEADER_SIZE + int(head["datalen"][i])]
+            fds = [fd for (fd,) in struct.iter_unpack("<i", tail[: len(tail) // 4 * 4])]
+            variants = [{"fd": fd, "kind": "unknown"} for fd in fds]
+        else:
+            first, second = int(base["fd"]), int(base["src_fd"])
+            variants = [{"fd": first, "src_fd": second}, {"fd": second, "src_fd": first}]
+        for variant in variants:
+            for name in columns:
+                out[name].append(variant.get(name, base[name]))
+    arrays = {name: np.array(values, dtype=columns[name].dtype) for name, values in out.items()}
+    return _to_table(arrays, {})
+
+
+def _decode_tail(etype: int, nr: int, record: bytes, datalen: int) -> str | None:
+    tail = record[HEADER_SIZE : HEADER_SIZE + datalen]
+    if etype in (EV_ADDR, EV_BIRTH) and nr in (42, 49, 43, 288):  # connect, bind, accept*
+        return format_sockaddr(tail)
+    if etype == EV_EXIT:
+        return _text(tail.split(b"\0", 1)[0])
+    if nr == _MEMFD_NR:
+        return "memfd:" + _text(tail)
+    if nr in _TEXT_NRS or etype == EV_EXEC:
+        return _text(tail)
+    return None
 
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def format_sockaddr(raw: bytes) -> str | None:

@@ -1,0 +1,511 @@
+"""`cmtrace -p PID` and `cmtrace run -- CMD`: record a trace, then print what leaked.
+
+A Recording wires the collector (kernel side), the symbolizer (Python stacks, when the
+interpreter is CPython) and the dataset writer, and runs the drain/flush loop until the target
+exits, the duration ends, or SIGINT/SIGTERM arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cmtrace import procfs, schema
+from cmtrace.collect import DRAIN_INTERVAL, Collector, decode
+from cmtrace.errors import (
+    EXIT_LEAKS,
+    CmtraceError,
+    EnvironmentProblem,
+    TargetError,
+    UsageError,
+)
+from cmtrace.trace import TraceWriter, prepare_output_dir
+
+FLUSH_INTERVAL = 0.5  # seconds: a killed tracer loses at most this much (the issue allows 1 s)
+MIN_KERNEL = (5, 8)  # BPF ring buffer
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    attach = sub.add_parser(
+        "attach",
+        help="attach to a running process (also: cmtrace -p PID)",
+        usage="cmtrace -p PID [-o DIR] [--duration S] [-f] [options]",
+        description=(
+            "Attach to a running process and record the birth and death of every file "
+            "descriptor, with the Python stack that made it, until the process exits, "
+            "--duration ends, or Ctrl-C / SIGTERM (the process keeps running untouched). "
+            "Then print the fds that leaked."
+        ),
+    )
+    attach.add_argument("-p", "--pid", type=int, required=True, help="process to trace")
+    attach.add_argument(
+        "-f", "--follow-children", action="store_true",
+        help="also trace its child processes, existing descendants included",
+    )  # fmt: skip
+    attach.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    _add_recording_options(attach)
+    attach.set_defaults(func=run_attach)
+
+    run = sub.add_parser(
+        "run",
+        help="start a command under trace",
+        usage="cmtrace run [-o DIR] [options] -- CMD [ARGS...]",
+        description=(
+            "Start CMD already traced (its first openat included), following its children. "
+            "Its stdin/stdout/stderr pass through; under sudo it runs as $SUDO_USER. The "
+            "summary goes to stderr and cmtrace exits with CMD's status."
+        ),
+    )
+    _add_recording_options(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    run.set_defaults(func=run_command)
+
+
+def _add_recording_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", metavar="DIR", type=Path,
+        help="trace directory (default ./cmtrace-PID-YYYYmmdd-HHMMSS); must not hold anything "
+        "but a trace, which --force replaces",
+    )  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace a trace in -o DIR")
+    parser.add_argument(
+        "--fail-on-leak", action="store_true", help="exit 3 when leaks are found (for CI)"
+    )
+    parser.add_argument(
+        "--exclude", metavar="FILE", type=Path,
+        help="file of site patterns (e.g. myapp/db.py:Pool.*) whose fds are expected to live",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-python-stacks", action="store_true",
+        help="record fds without walking Python stacks (cheapest)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ring-mb", type=int, default=16, metavar="MB",
+        help="kernel ring buffer size, a power of two (default 16)",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=10, help="leak sites shown in the summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+# ---- environment checks -----------------------------------------------------------------------
+
+
+def check_environment() -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(
+            "recording needs root (BPF and tracepoints): run `sudo cmtrace ...`"
+        )
+    release = platform.release()
+    version = tuple(int(x) for x in release.split("-")[0].split(".")[:2])
+    if version < MIN_KERNEL:
+        raise EnvironmentProblem(
+            f"kernel {release} is older than 5.8 (no BPF ring buffer): cmtrace needs 5.8 or newer"
+        )
+    ensure_tracefs()
+
+
+def ensure_tracefs() -> None:
+    events = Path("/sys/kernel/tracing/events/syscalls")
+    if events.is_dir():
+        return
+    result = subprocess.run(
+        ["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or not events.is_dir():
+        raise EnvironmentProblem(
+            "tracefs is not mounted and could not be mounted: run `mount -t tracefs tracefs "
+            "/sys/kernel/tracing` (and check the kernel has CONFIG_FTRACE_SYSCALLS)"
+        )
+
+
+def requesting_user() -> tuple[int, int] | None:
+    """(uid, gid) of the user behind sudo, who should own the trace; None = ourselves."""
+    uid, gid = os.environ.get("SUDO_UID"), os.environ.get("SUDO_GID")
+    if uid and gid and os.geteuid() == 0:
+        return int(uid), int(gid)
+    return None
+
+
+def default_output(pid: int) -> Path:
+    return Path(f"cmtrace-{pid}-{datetime.now():%Y%m%d-%H%M%S}")
+
+
+# ---- the recording loop -----------------------------------------------------------------------
+
+
+class Recording:
+    """One trace being recorded: collector + symbolizer + writer, and the drain/flush loop."""
+
+    def __init__(self, args: argparse.Namespace, follow: bool):
+        self.args = args
+        self.follow = follow
+        self.quiet = args.quiet
+        self.collector = Collector(
+            follow=follow,
+            ring_pages=_ring_pages(args.ring_mb),
+            python_stacks=not args.no_python_stacks,
+        )
+        self.symbolizer = None
+        self.python_targets: dict[int, dict] = {}
+        self.writer: TraceWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.stop_reason = ""
+        self._stop = False
+        self.root_pids: set[int] = set()
+        self.events_written = 0
+
+    # -- setup
+    def load(self) -> None:
+        self._make_symbolizer()
+        self.collector.load()
+
+    def _make_symbolizer(self) -> None:
+        if self.args.no_python_stacks:
+            return
+        try:
+            from cmtrace import symbolize  # noqa: PLC0415
+        except ImportError:
+            return
+        self.symbolizer = symbolize.Symbolizer()
+        self.collector.on_python_record = self.symbolizer.on_record
+
+    def open_writer(self, path: Path, targets: list[int], extra_meta: dict) -> None:
+        meta = {
+            "targets": [
+                {
+                    "pid": pid,
+                    "ns_pid": procfs.ns_pid(pid),
+                    "comm": procfs.comm(pid),
+                    "cmdline": procfs.cmdline(pid),
+                }
+                for pid in targets
+            ],  # fmt: skip
+            "start_monotonic_ns": self.collector.boot_ns,
+            "follow_children": self.follow,
+            "missing_tracepoints": self.collector.missing_tracepoints,
+            **extra_meta,
+        }
+        self.writer = TraceWriter(path, meta, owner=requesting_user())
+
+    def add_target(self, pid: int) -> None:
+        """Trace pid: kernel filter first, then the snapshot of what it already has open."""
+        self.collector.trace_pid(pid)
+        self.install_python(pid)
+
+    def install_python(self, pid: int) -> None:
+        if self.symbolizer is None:
+            return
+        from cmtrace import symbolize  # noqa: PLC0415
+
+        try:
+            target = symbolize.install_python_target(self.collector.bpf, pid)
+        except Exception as exc:  # never let stack support stop fd recording
+            target = {"pid": pid, "python": None, "reason": f"stack support failed: {exc}"}
+        self.python_targets[pid] = _as_dict(target)
+
+    def snapshot_preexisting(self, pids: list[int]) -> None:
+        t_ns = time.monotonic_ns() - self.collector.boot_ns
+        rows = [dict(row, t_ns=t_ns) for pid in pids for row in procfs.open_fds(pid)]
+        self.writer.write_preexisting(rows)
+
+    # -- loop
+    def request_stop(self, reason: str) -> None:
+        if not self._stop:
+            self._stop, self.stop_reason = True, reason
+
+    def loop(self, still_running, deadline: float | None = None) -> None:
+        last_flush = time.monotonic()
+        while not self._stop:
+            time.sleep(DRAIN_INTERVAL)
+            self._drain()
+            now = time.monotonic()
+            if now - last_flush >= FLUSH_INTERVAL:
+                self.flush()
+                last_flush = now
+            if deadline is not None and now >= deadline:
+                self.request_stop("duration reached")
+            elif not still_running():
+                self.request_stop("target exited")
+
+    def _drain(self) -> None:
+        records = self.collector.drain()
+        if not records:
+            return
+        table = decode(records, self.collector.boot_ns)
+        self.pending.append(table)
+        self._react_to_processes(table)
+
+    def _react_to_processes(self, table: pa.Table) -> None:
+        """Load Python layouts for followed children and for processes that exec'd."""
+        ops = table.column("op")
+        interesting = pc.is_in(ops.cast(pa.string()), pa.array([schema.OP_FORK, schema.OP_EXEC]))
+        if not pc.any(interesting).as_py():
+            return
+        for row in table.filter(interesting).to_pylist():
+            if row["op"] == schema.OP_FORK and self.follow:
+                self.install_python(int(row["arg"]))
+            elif row["op"] == schema.OP_EXEC:
+                self.install_python(int(row["pid"]))
+
+    def flush(self) -> None:
+        lost = self.collector.lost_events()
+        if self.pending:
+            table = pa.concat_tables(self.pending).sort_by([("t_ns", "ascending")])
+            self.pending = []
+            self.writer.write_part("events", table)
+            self.events_written += len(table)
+        if self.symbolizer is not None:
+            self.writer.write_rows("stacks", self.symbolizer.take_frames())
+        if lost != self.writer.meta.get("lost_events"):
+            self.writer.write_meta(lost_events=lost)
+
+    def finish(self) -> None:
+        time.sleep(DRAIN_INTERVAL)
+        self._drain()
+        self.flush()
+        self._capture_sources()
+        self.writer.finish(
+            lost_events=self.collector.lost_events(),
+            stop_reason=self.stop_reason,
+            events=self.events_written,
+            python=list(self.python_targets.values()),
+            degraded=self._degraded(),
+        )
+        self.collector.close()
+
+    def _capture_sources(self) -> None:
+        if self.symbolizer is None:
+            return
+        try:
+            from cmtrace import sources  # noqa: PLC0415
+        except ImportError:
+            return
+        files = getattr(self.symbolizer, "files_seen", lambda: set())()
+        alive = [pid for pid in self.root_pids if procfs.is_alive(pid)]
+        try:
+            rows = sources.capture_sources(alive[0] if alive else None, files)
+            self.writer.write_rows("sources", rows)
+        except CmtraceError:
+            raise
+        except Exception as exc:  # sources only enrich the report; keep the trace
+            self.writer.meta.setdefault("warnings", []).append(f"source capture failed: {exc}")
+
+    def _degraded(self) -> dict:
+        reasons = {
+            str(t["pid"]): t.get("reason") for t in self.python_targets.values() if t.get("reason")
+        }
+        if self.symbolizer is None:
+            reasons["*"] = (
+                "Python stacks disabled (--no-python-stacks)"
+                if self.args.no_python_stacks
+                else "Python stack support not available in this build"
+            )
+        return {"no_python_stacks": reasons}
+
+    def progress(self, text: str) -> None:
+        if not self.quiet:
+            print(f"cmtrace: {text}", file=sys.stderr, flush=True)
+
+
+def _as_dict(target) -> dict:
+    if isinstance(target, dict):
+        return target
+    if hasattr(target, "as_dict"):
+        return target.as_dict()
+    return dict(vars(target))
+
+
+def _ring_pages(megabytes: int) -> int:
+    if megabytes <= 0 or megabytes & (megabytes - 1):
+        raise UsageError(f"--ring-mb {megabytes}: give a power of two such as 16 or 64")
+    return megabytes * 1024 * 1024 // 4096
+
+
+# ---- summary ----------------------------------------------------------------------------------
+
+
+def print_summary(path: Path, args: argparse.Namespace, out) -> int:
+    """Print the leak report of a finished trace; return the number of leaks."""
+    try:
+        from cmtrace import report  # noqa: PLC0415
+    except ImportError:
+        print(f"trace written to {path}", file=out)
+        return 0
+    return report.print_summary(path, file=out, top=args.top)
+
+
+def _finish_with_summary(rec: Recording, path: Path, out) -> int:
+    rec.finish()
+    leaks = print_summary(path, rec.args, out)
+    rec.progress(f"trace written to {path}")
+    return leaks
+
+
+def _install_stop_signals(rec: Recording, forward_to: int | None = None) -> None:
+    def on_signal(signum, _frame):
+        if forward_to is None:
+            rec.request_stop(f"signal {signal.Signals(signum).name}")
+        elif signum != signal.SIGINT or not _sigint_reached_child_too():
+            try:
+                os.kill(forward_to, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
+def _sigint_reached_child_too() -> bool:
+    """A Ctrl-C at the terminal reaches the whole foreground group: don't send it twice."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+# ---- cmtrace -p PID ---------------------------------------------------------------------------
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    procfs.check_traceable(args.pid)
+    check_environment()
+    pid = procfs.tgid_of(args.pid)
+    output = args.output or default_output(pid)
+    prepare_output_dir(output, args.force)
+    rec = Recording(args, follow=args.follow_children)
+    rec.progress(f"loading probes for pid {pid} ...")
+    rec.load()
+    targets = list(procfs.descendants(pid)) if args.follow_children else [pid]
+    rec.root_pids = {pid}
+    rec.open_writer(output, targets, {"mode": "attach"})
+    for target in targets:
+        rec.add_target(target)
+    rec.snapshot_preexisting(targets)
+    if not procfs.is_alive(pid):
+        raise TargetError(f"pid {pid} exited before the probes were live: nothing recorded")
+    _install_stop_signals(rec)
+    print(f"cmtrace: attached to {pid} ({_describe(rec, pid)})", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + args.duration if args.duration else None
+    rec.loop(lambda: procfs.is_alive(pid), deadline)
+    rec.progress(f"stopping: {rec.stop_reason}")
+    leaks = _finish_with_summary(rec, output, sys.stdout)
+    return EXIT_LEAKS if args.fail_on_leak and leaks else 0
+
+
+def _describe(rec: Recording, pid: int) -> str:
+    name = procfs.comm(pid)
+    target = rec.python_targets.get(pid)
+    if target and target.get("python"):
+        return f"{name}, Python {target['python']}"
+    if target and target.get("reason"):
+        return f"{name}, no Python stacks: {target['reason']}"
+    return name
+
+
+# ---- cmtrace run -- CMD -----------------------------------------------------------------------
+
+
+def run_command(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("no command given: cmtrace run [options] -- CMD [ARGS...]")
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"command not found: {command[0]}")
+    check_environment()
+    rec = Recording(args, follow=True)
+    rec.progress("loading probes ...")
+    rec.load()
+    child, release = spawn_held(command, _run_as_user())
+    output = args.output or default_output(child)
+    try:
+        prepare_output_dir(output, args.force)
+    except CmtraceError:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
+    rec.root_pids = {child}
+    rec.open_writer(output, [child], {"mode": "run", "command": command}, cmdline=command)
+    rec.collector.trace_pid(child)
+    rec.snapshot_preexisting([child])
+    _install_stop_signals(rec, forward_to=child)
+    release()  # the child execs CMD now, already traced
+    status: list[int] = []
+
+    def child_running() -> bool:
+        if status:
+            return False
+        done, st = os.waitpid(child, os.WNOHANG)
+        if done:
+            status.append(st)
+        return not done
+
+    rec.loop(child_running)
+    leaks = _finish_with_summary(rec, output, sys.stderr)
+    code = _exit_code(status[0]) if status else 0
+    if args.fail_on_leak and leaks and code == 0:
+        return EXIT_LEAKS
+    return code
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def _run_as_user() -> pwd.struct_passwd | None:
+    user = os.environ.get("SUDO_USER")
+    if os.geteuid() != 0 or not user or user == "root":
+        return None
+    try:
+        return pwd.getpwnam(user)
+    except KeyError:
+        return None
+
+
+def spawn_held(command: list[str], user: pwd.struct_passwd | None):
+    """Fork a child that waits, with nothing but stdio open, until release() lets it exec."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(write_end)
+            os.closerange(3, read_end)
+            os.closerange(read_end + 1, 65536)
+            if user is not None:
+                os.initgroups(user.pw_name, user.pw_gid)
+                os.setgid(user.pw_gid)
+                os.setuid(user.pw_uid)
+                os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            if os.read(read_end, 1) != b"x":
+                os._exit(127)  # the tracer went away before releasing us
+            os.execvp(command[0], command)
+        except OSError as exc:
+            os.write(2, f"cmtrace: error: cannot run {command[0]}: {exc.strerror}\n".encode())
+        os._exit(127)
+    os.close(read_end)
+
+    def release() -> None:
+        os.write(write_end, b"x")
+        os.close(write_end)
+
+    return pid, release
