@@ -186,17 +186,19 @@ class Recording:
         self.symbolizer = symbolize.Symbolizer()
         self.collector.on_python_record = self.symbolizer.on_record
 
-    def open_writer(self, path: Path, targets: list[int], extra_meta: dict) -> None:
+    def open_writer(
+        self, path: Path, targets: list[int], extra_meta: dict, cmdline: list[str] | None = None
+    ) -> None:
         meta = {
             "targets": [
                 {
                     "pid": pid,
                     "ns_pid": procfs.ns_pid(pid),
                     "comm": procfs.comm(pid),
-                    "cmdline": procfs.cmdline(pid),
+                    "cmdline": cmdline or procfs.cmdline(pid),
                 }
                 for pid in targets
-            ],  # fmt: skip
+            ],
             "start_monotonic_ns": self.collector.boot_ns,
             "follow_children": self.follow,
             "missing_tracepoints": self.collector.missing_tracepoints,

@@ -58,7 +58,9 @@ def prepare_output_dir(path: Path, force: bool = False) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UsageError(f"cannot write to {path} ({exc.strerror}): choose a writable -o DIR")
+        raise UsageError(
+            f"cannot write to {path} ({exc.strerror}): choose a writable -o DIR"
+        ) from exc
 
 
 def _remove_trace(path: Path) -> None:
