@@ -1,0 +1,134 @@
+"""`cmtrace -p PID`: attach to a process that already has fds, stop on SIGTERM / target exit /
+--duration, and survive being SIGKILLed mid-trace with a readable dataset."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+from conftest import (
+    Target,
+    Tracer,
+    assert_complete_and_lossless,
+    fdops,
+    leaks_of,
+    read_events,
+    read_meta,
+    read_preexisting,
+    report_json,
+    run_cmtrace,
+    start_traced,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+
+
+def test_preexisting_fds_are_listed_and_never_leaks(workdir):
+    session = start_traced("preexisting", workdir)
+    target = session.target
+    try:
+        target.send("go")
+        done = target.expect("done")
+        result = session.tracer.stop(signal.SIGTERM).check()
+        # the target is left running, untouched: it still answers and exits normally
+        assert target.proc.poll() is None
+    finally:
+        session.tracer.kill()
+        assert target.finish() == 0
+    assert_complete_and_lossless(session.trace, result.stdout)
+    pre = read_preexisting(session.trace)
+    pre = pre[pre.pid == target.pid]
+    listed = dict(zip(pre.fd, pre.path))
+    for name, fd in done["pre"].items():
+        assert listed.get(fd) == done["paths"][name], (name, listed)
+    for stdio in (0, 1, 2):
+        assert stdio in listed
+    events = read_events(session.trace)
+    closes = events[(events.pid == target.pid) & (events.op == "close")]
+    assert done["closed"] in set(closes.fd), "the close of a pre-existing fd is recorded"
+    leaks = leaks_of(report_json(session.trace), target.pid)
+    assert [(x["fd"], x["path"]) for x in leaks] == [(done["new"], done["paths"]["new_W"])]
+
+
+def test_target_exit_stops_the_tracer_and_completes_the_trace(workdir):
+    session = start_traced("exit-with-leaks", workdir)
+    try:
+        session.target.send("go")
+        done = session.target.expect("done")
+        result = session.tracer.wait().check()  # nobody stops it: the target's exit does
+    finally:
+        session.tracer.kill()
+        session.target.kill()
+    meta = assert_complete_and_lossless(session.trace, result.stdout)
+    pid = session.target.pid
+    assert str(pid) in json.dumps(meta["targets"] if "targets" in meta else meta)
+    events = read_events(session.trace)
+    assert len(events[(events.pid == pid) & (events.op == "exit")]) == 1
+    leaks = leaks_of(report_json(session.trace), pid)
+    assert sorted(x["fd"] for x in leaks) == sorted(done["leaked"])
+    assert {x["path"] for x in leaks} == {done["paths"]["L1"], done["paths"]["L2"]}
+    assert {x["closed_by"] for x in leaks} == {"process-exit"}
+    for path in (done["paths"]["L1"], done["paths"]["L2"]):
+        assert path in result.stdout, f"summary names the leaked file {path}"
+
+
+def test_duration_ends_the_trace_and_leaves_the_target_running(workdir):
+    target = Target(fdops("preexisting", workdir), workdir)
+    try:
+        target.expect("ready")
+        trace = workdir / "trace"
+        tracer = Tracer(["-p", str(target.pid), "-o", str(trace), "--duration", "2"])
+        tracer.wait_attached()
+        attached_at = time.monotonic()
+        result = tracer.wait().check()
+        assert time.monotonic() - attached_at >= 1.5
+        assert target.proc.poll() is None
+        assert_complete_and_lossless(trace, result.stdout)
+    finally:
+        target.kill()
+
+
+def count_rows(trace) -> int:
+    import pyarrow.dataset as ds
+
+    try:
+        return ds.dataset(trace / "events", format="parquet").count_rows()
+    except (FileNotFoundError, OSError):
+        return 0
+
+
+def test_sigkilled_tracer_leaves_a_readable_trace_missing_at_most_a_second(workdir):
+    session = start_traced("steady", workdir)
+    target, trace = session.target, session.trace
+    try:
+        target.send("go")
+        # let several flushes happen (the target makes ~150 events a second)
+        wait_until(lambda: count_rows(trace) >= 400, 60, "flushed event parts")
+        killed_at = time.monotonic()
+        session.tracer.proc.kill()
+        session.tracer.proc.wait(timeout=30)
+        target.send("report")
+        times = target.expect("done")["times"]
+    finally:
+        session.tracer.kill()
+        target.finish()
+    events = read_events(trace)  # pandas reads it as it is
+    opens = events[(events.pid == target.pid) & (events.op == "birth")]
+    opens = opens[opens.path == "/dev/null"]
+    before_last_second = sum(t <= killed_at - 1.5 for t in times)  # 1 s flush + slack
+    assert before_last_second <= len(opens) <= len(times)
+
+    import duckdb
+
+    parts = str(trace / "events" / "part-*.parquet")
+    (count,) = duckdb.sql(f"SELECT count(*) FROM read_parquet('{parts}')").fetchone()
+    assert count == len(events)
+
+    assert read_meta(trace)["status"] == "recording"  # a killed tracer could write nothing
+    report = report_json(trace)
+    assert report["trace"]["status"] == "interrupted"
+    text = run_cmtrace("report", str(trace))
+    assert text.returncode == 0 and "interrupted" in text.stdout.lower(), text.stdout

@@ -1,0 +1,177 @@
+"""Every descriptor birth in DESIGN.md's list, made with the exact syscall, recorded as it happened.
+
+One traced run of tests/fdprograms/fdops.py `births` makes every birth syscall (and a few that
+fail) and keeps every fd open; the tracer is stopped while the target still lives. Ground truth
+is what the target says the kernel returned, and /proc/PID/fd + fdinfo read by the test.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+import pytest
+from conftest import (
+    assert_complete_and_lossless,
+    kind_from_link,
+    leaks_of,
+    proc_cloexec,
+    proc_fds,
+    read_events,
+    report_json,
+    start_traced,
+)
+
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+
+BIRTH_SYSCALLS = (
+    "open", "openat", "openat2", "creat", "socket", "socketpair", "accept", "accept4", "pipe",
+    "pipe2", "dup", "dup2", "dup3", "fcntl", "eventfd", "eventfd2", "epoll_create",
+    "epoll_create1", "memfd_create", "signalfd", "signalfd4", "timerfd_create", "inotify_init",
+    "inotify_init1", "fanotify_init", "pidfd_open", "pidfd_getfd", "userfaultfd",
+    "perf_event_open", "recvmsg",
+)  # fmt: skip
+
+
+@dataclass
+class BirthsRun:
+    pid: int
+    done: dict
+    links: dict  # fd -> /proc readlink while the target lived
+    cloexec: dict  # fd -> CLOEXEC bit from /proc fdinfo
+    events: object  # pandas DataFrame
+    report: dict
+    summary: str
+
+
+@pytest.fixture(scope="module")
+def births(module_dir, bpf_ready) -> BirthsRun:
+    session = start_traced("births", module_dir)
+    try:
+        session.target.send("go")
+        done = session.target.expect("done")
+        born = [b["fd"] for b in done["births"] if b["fd"] >= 0]
+        links = proc_fds(session.target.pid)
+        cloexec = {fd: proc_cloexec(session.target.pid, fd) for fd in born}
+        result = session.tracer.stop().check()
+        assert session.target.proc.poll() is None, "stopping the tracer must leave the target"
+    finally:
+        session.tracer.kill()
+        session.target.finish()
+    assert_complete_and_lossless(session.trace, result.stdout)
+    return BirthsRun(
+        session.target.pid,
+        done,
+        links,
+        cloexec,
+        read_events(session.trace),
+        report_json(session.trace),
+        result.stdout,
+    )
+
+
+def truth_for(run: BirthsRun, syscall: str) -> list[dict]:
+    entries = [b for b in run.done["births"] if b["syscall"] == syscall]
+    assert entries, f"the target made no {syscall}"
+    refused = [b for b in entries if b["fd"] < 0]
+    if refused:
+        # the kernel refused it (not built in, or not permitted): then it must be a recorded
+        # failure, and the birth itself cannot be tested on this machine
+        code = refused[0]["errno"]
+        assert_failure_recorded(run, syscall, code)
+        pytest.skip(f"this kernel refused {syscall}: {errno.errorcode.get(code, code)}")
+    return entries
+
+
+def births_of(run: BirthsRun, syscall: str):
+    ev = run.events
+    return ev[(ev.pid == run.pid) & (ev.op == "birth") & (ev.syscall == syscall)]
+
+
+def assert_failure_recorded(run: BirthsRun, syscall: str, code: int) -> None:
+    ev = run.events
+    fails = ev[(ev.pid == run.pid) & (ev.op == "fail") & (ev.syscall == syscall)]
+    assert code in set(fails.errno), f"no failed {syscall} with errno {code}:\n{fails}"
+
+
+@pytest.mark.parametrize("syscall", BIRTH_SYSCALLS)
+def test_birth_recorded_with_fd_kind_and_cloexec(births: BirthsRun, syscall: str):
+    expected = truth_for(births, syscall)
+    recorded = births_of(births, syscall)
+    assert sorted(recorded.fd) == sorted(b["fd"] for b in expected), recorded
+    for truth in expected:
+        row = recorded[recorded.fd == truth["fd"]].iloc[0]
+        link = births.links[truth["fd"]]
+        want_kind = kind_from_link(link)
+        if syscall in ("recvmsg", "pidfd_getfd"):
+            # an fd that arrives from elsewhere: its kind is only known when its source is
+            assert row.kind in (want_kind, "unknown"), (row.kind, link)
+        else:
+            assert row.kind == want_kind, (row.kind, link)
+        assert bool(row.cloexec) == births.cloexec[truth["fd"]], f"cloexec of fd {truth['fd']}"
+        assert row.tid > 0 and row.errno == 0
+
+
+@pytest.mark.parametrize("syscall", ["open", "openat", "openat2", "creat"])
+def test_file_births_carry_the_path(births: BirthsRun, syscall: str):
+    for truth in truth_for(births, syscall):
+        row = births_of(births, syscall).query(f"fd == {truth['fd']}").iloc[0]
+        assert row.path == truth["path"] == births.links[truth["fd"]]
+
+
+@pytest.mark.parametrize("syscall", ["pipe", "pipe2", "socketpair"])
+def test_pair_births_name_their_peer(births: BirthsRun, syscall: str):
+    for truth in truth_for(births, syscall):
+        row = births_of(births, syscall).query(f"fd == {truth['fd']}").iloc[0]
+        assert row.src_fd == truth["src_fd"]
+
+
+@pytest.mark.parametrize("syscall", ["dup", "dup2", "dup3", "fcntl"])
+def test_dup_births_name_their_source(births: BirthsRun, syscall: str):
+    for truth in truth_for(births, syscall):
+        row = births_of(births, syscall).query(f"fd == {truth['fd']}").iloc[0]
+        assert row.src_fd == truth["src_fd"]
+
+
+def test_failed_calls_are_failures_not_births(births: BirthsRun):
+    ev = births.events
+    fails = ev[(ev.pid == births.pid) & (ev.op == "fail")]
+    for truth in births.done["fails"]:
+        assert_failure_recorded(births, truth["syscall"], truth["errno"])
+    assert (fails.fd == -1).all(), fails
+    # every birth row is one the kernel really returned: no failure slipped in as a birth
+    recorded = ev[(ev.pid == births.pid) & (ev.op == "birth")]
+    real = {(b["syscall"], b["fd"]) for b in births.done["births"] if b["fd"] >= 0}
+    assert set(zip(recorded.syscall, recorded.fd)) == real
+
+
+@pytest.mark.parametrize("call", ["bind", "connect"])
+def test_socket_addresses(births: BirthsRun, call: str):
+    ev = births.events
+    addrs = ev[(ev.pid == births.pid) & (ev.op == "addr")]
+    recorded = set(zip(addrs.fd, addrs.path))
+    expected = {(a["fd"], a["address"]) for a in births.done["addresses"] if a["call"] == call}
+    assert any(a.startswith("127.0.0.1:") for _, a in expected)
+    assert any(a.startswith("/") for _, a in expected)  # unix path
+    assert expected <= recorded, addrs
+
+
+def test_report_lists_exactly_the_fds_left_open(births: BirthsRun):
+    """Every fd born during the trace is still open at its end: each one is a leak, and nothing
+    else is (stdio and other pre-existing fds never are)."""
+    leaks = leaks_of(births.report, births.pid)
+    assert births.report["lost_events"] == 0
+    born = {b["fd"] for b in births.done["births"] if b["fd"] >= 0}
+    assert born <= set(births.links), "ground truth: the target still holds every fd it made"
+    assert sorted(leak["fd"] for leak in leaks) == sorted(born)
+    arrived = {b["fd"] for b in births.done["births"] if b["syscall"] in ("recvmsg", "pidfd_getfd")}
+    for leak in leaks:
+        assert leak["closed_by"] is None  # still open when the trace ended
+        assert leak["kind"] == kind_from_link(births.links[leak["fd"]]) or leak["fd"] in arrived
+    socket_leak = next(leak for leak in leaks if leak["path"] and "127.0.0.1:" in leak["path"])
+    assert socket_leak["kind"] == "socket"
+
+
+def test_summary_groups_leaks_by_kind(births: BirthsRun):
+    for kind in ("socket", "pipe", "eventfd", "file"):
+        assert kind in births.summary, births.summary
