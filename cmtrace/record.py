@@ -31,7 +31,7 @@ from cmtrace.errors import (
     TargetError,
     UsageError,
 )
-from cmtrace.trace import TraceWriter, prepare_output_dir
+from cmtrace.trace import DiskFull, TraceWriter, prepare_output_dir
 
 FLUSH_INTERVAL = 0.5  # seconds: a killed tracer loses at most this much (the issue allows 1 s)
 MIN_KERNEL = (5, 8)  # BPF ring buffer
@@ -117,6 +117,20 @@ def check_environment() -> None:
             f"kernel {release} is older than 5.8 (no BPF ring buffer): cmtrace needs 5.8 or newer"
         )
     ensure_tracefs()
+    ensure_kernel_headers()
+
+
+def ensure_kernel_headers() -> None:
+    """bcc compiles the probes against kernel headers (or the kheaders module)."""
+    release = platform.release()
+    if Path(f"/lib/modules/{release}/build/include").exists():
+        return
+    if Path("/sys/kernel/kheaders.tar.xz").exists():
+        return
+    raise EnvironmentProblem(
+        f"no kernel headers for {release}: run `make install` (links the closest Debian "
+        f"headers) or `apt-get install linux-headers-{release}`"
+    )
 
 
 def ensure_tracefs() -> None:
@@ -170,6 +184,7 @@ class Recording:
         self._stop = False
         self.root_pids: set[int] = set()
         self.events_written = 0
+        self.failure: CmtraceError | None = None  # what stopped the recording, if it failed
 
     # -- setup
     def load(self) -> None:
@@ -239,7 +254,12 @@ class Recording:
             self._drain()
             now = time.monotonic()
             if now - last_flush >= FLUSH_INTERVAL:
-                self.flush()
+                try:
+                    self.flush()
+                except DiskFull as exc:
+                    self.failure = exc
+                    self.request_stop("disk full")
+                    return
                 last_flush = now
             if deadline is not None and now >= deadline:
                 self.request_stop("duration reached")
@@ -278,7 +298,18 @@ class Recording:
         if lost != self.writer.meta.get("lost_events"):
             self.writer.write_meta(lost_events=lost)
 
+    def abandon(self) -> None:
+        """Stop recording after a write failure: detach, and mark the trace if we still can."""
+        self.collector.close()
+        try:
+            self.writer.finish(status=schema.STATUS_INTERRUPTED, stop_reason=str(self.failure))
+        except CmtraceError:
+            pass  # meta.json stays 'recording' and readers report the trace interrupted
+
     def finish(self) -> None:
+        if self.failure is not None:
+            self.abandon()
+            raise self.failure
         time.sleep(DRAIN_INTERVAL)
         self._drain()
         self.flush()
@@ -459,6 +490,12 @@ def run_command(args: argparse.Namespace) -> int:
         return not done
 
     rec.loop(child_running)
+    if rec.failure is not None:  # the command runs on, untraced; wait for it as promised
+        rec.abandon()
+        print(f"cmtrace: error: {rec.failure}", file=sys.stderr, flush=True)
+        while child_running():
+            time.sleep(0.2)
+        return rec.failure.exit_code
     leaks = _finish_with_summary(rec, output, sys.stderr)
     code = _exit_code(status[0]) if status else 0
     if args.fail_on_leak and leaks and code == 0:

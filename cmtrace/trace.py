@@ -91,6 +91,7 @@ class TraceWriter:
             "backend": "bpf",
             **meta,
         }
+        self._own(self.path)
         for name in TABLES:
             self._mkdir(self.path / name)
         self.write_meta()
