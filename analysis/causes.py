@@ -1,0 +1,271 @@
+"""Why an fd leaked: one cause per leak from the evidence in the trace, and how deaths happened.
+
+The causes are tried in a fixed order and the first that fits wins, so two builds agree
+(issue 5): suspended-generator, contextmanager-without-finally, manual-enter, finalizer-never-ran,
+with-exited-without-close, no-context-manager, else unknown with the evidence shown.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
+
+CAUSES = (
+    "suspended-generator",
+    "contextmanager-without-finally",
+    "manual-enter",
+    "finalizer-never-ran",
+    "with-exited-without-close",
+    "no-context-manager",
+    "unknown",
+)
+ENTER_METHODS = ("__enter__", "__aenter__")
+EXIT_METHODS = ("__exit__", "__aexit__")
+_CLOSING_CALL = re.compile(
+    r"\b(?:close|aclose|closerange|close_range|shutdown|detach|terminate|kill|wait|communicate|"
+    r"cleanup|release|dispose|_real_close|dup2)\b"
+)
+
+
+@dataclass
+class Verdict:
+    cause: str
+    fix: str
+    evidence: list[str] = field(default_factory=list)
+    with_frame: Frame | None = None
+
+
+@dataclass
+class Context:
+    """What is known beyond the opening stack."""
+
+    still_running: set[tuple[str, str]] = field(default_factory=set)  # (file, function) at end
+    snapshot_taken: bool = False
+    sibling_deaths: dict[str, int] = field(default_factory=dict)  # deaths of the site's other fds
+
+
+def with_frame(frames: list[Frame], src: SourceIndex) -> Frame | None:
+    """The innermost user frame executing a with statement's header: the with holding the fd."""
+    for frame in frames:
+        if frame.is_user and src.with_at(frame.file, frame.line):
+            return frame
+    return None
+
+
+def classify(frames: list[Frame], src: SourceIndex, ctx: Context) -> Verdict:
+    """The first cause, in CAUSES order, that the evidence supports."""
+    if not frames:
+        return Verdict("unknown", "record with Python stacks to see the opening line",
+                       ["no Python stack was captured when the fd was opened"])  # fmt: skip
+    held_by = with_frame(frames, src)
+    for rule in (
+        _suspended_generator,
+        _contextmanager_without_finally,
+        _manual_enter,
+        _finalizer_never_ran,
+        _with_exited_without_close,
+        _no_context_manager,
+    ):
+        verdict = rule(frames, src, ctx, held_by)
+        if verdict is not None:
+            verdict.with_frame = held_by
+            return verdict
+    site = innermost_user(frames) or frames[0]
+    evidence = [f"opened at {site.where()} in {site.qualname}"]
+    if held_by is not None and _still_running(held_by, ctx):
+        evidence.append(
+            f"the with block at {held_by.where()} was still running when recording stopped: "
+            "the fd may still be in use"
+        )
+    return Verdict("unknown", "inspect the evidence: the trace cannot tell why it stayed open",
+                   evidence, held_by)  # fmt: skip
+
+
+def _still_running(frame: Frame, ctx: Context) -> bool:
+    return (frame.file, frame.qualname) in ctx.still_running or (
+        frame.file,
+        frame.function,
+    ) in ctx.still_running
+
+
+def _block_ended(frame: Frame, ctx: Context) -> bool:
+    """Did the with block of `frame` end? Without a final snapshot, the process ended it."""
+    return not _still_running(frame, ctx)
+
+
+def _manager_caller(frames: list[Frame], index: int) -> tuple[int, Frame] | None:
+    """The frame that called the context manager whose generator/enter is frames[index]."""
+    for j in range(index + 1, len(frames)):
+        frame = frames[j]
+        if frame.function in ENTER_METHODS and not frame.is_user:
+            continue  # contextlib's _GeneratorContextManager.__enter__
+        return j, frame
+    return None
+
+
+def _is_contextmanager(frame: Frame, src: SourceIndex) -> bool:
+    found = src.function_at(frame.file, frame.line)
+    return bool(found and found[1].get("contextmanager"))
+
+
+def _suspended_generator(frames, src, ctx, held_by) -> Verdict | None:
+    site = innermost_user(frames)
+    for index, gen in enumerate(frames):
+        if not (gen.is_user and gen.is_generator):
+            continue
+        if _is_contextmanager(gen, src) or _called_by_contextlib(frames, index):
+            caller = _manager_caller(frames, index)
+            if caller is None or caller[1].is_user:
+                continue  # a user with/enter drives it: later causes explain it
+        holds_with = src.with_at(gen.file, gen.line) is not None
+        only_coroutine = gen.code_flags & 0x280 == 0x80  # coroutine, not a generator
+        if only_coroutine and not holds_with:
+            continue  # a coroutine that opens an fd is ordinary code, not a suspension
+        if gen is not site and not holds_with and not gen.code_flags & 0x220:
+            continue
+        if _still_running(gen, ctx):
+            continue
+        what = "async generator" if gen.code_flags & 0x200 else (
+            "coroutine" if only_coroutine else "generator")  # fmt: skip
+        held = f" inside its with statement at line {gen.line}" if holds_with else ""
+        fix = (
+            f"{gen.file}:{gen.line}: the {what} {gen.qualname} stops here{held} and is never "
+            "resumed or closed. Put the yield in try/finally (or close the resource before "
+            "yielding), and have the consumer finish it: `with contextlib.closing(gen)`, "
+            "`gen.close()`, or `await agen.aclose()` for an async dependency."
+        )
+        evidence = [f"opened inside {what} {gen.qualname} ({gen.where()})"]
+        if ctx.sibling_deaths.get("loop-shutdown"):
+            evidence.append("sibling fds were closed only when the event loop shut down")
+        return Verdict("suspended-generator", fix, evidence)
+    return None
+
+
+def _called_by_contextlib(frames: list[Frame], index: int) -> bool:
+    return (
+        index + 1 < len(frames)
+        and frames[index + 1].function in ENTER_METHODS
+        and (frames[index + 1].file.endswith("contextlib.py"))
+    )
+
+
+def _contextmanager_without_finally(frames, src, ctx, held_by) -> Verdict | None:
+    for index, frame in enumerate(frames):
+        if not frame.is_user:
+            continue
+        found = src.function_at(frame.file, frame.line)
+        if not found or not found[1].get("contextmanager"):
+            continue
+        unprotected = found[1].get("unprotected_yields") or []
+        caller = _manager_caller(frames, index)
+        if not unprotected or caller is None:
+            continue
+        holder = held_by if held_by is not None and frames.index(held_by) > index else None
+        if holder is None or not _block_ended(holder, ctx):
+            continue
+        yield_line = unprotected[0]
+        fix = (
+            f"{frame.file}:{yield_line}: the yield of @contextmanager {found[0]} is not inside "
+            f"try/finally, so when the with block at {holder.where()} raises, the cleanup after "
+            "the yield never runs. Wrap it: `try: yield res` / `finally: res.close()`."
+        )
+        evidence = [
+            f"opened in @contextmanager {found[0]} ({frame.where()})",
+            f"yield at line {yield_line} is outside any try/finally",
+            f"entered by the with statement at {holder.where()}, which has ended",
+        ]
+        return Verdict("contextmanager-without-finally", fix, evidence)
+    return None
+
+
+def _manual_enter(frames, src, ctx, held_by) -> Verdict | None:
+    for index, frame in enumerate(frames):
+        if frame.function not in ENTER_METHODS:
+            continue
+        if index + 1 >= len(frames):
+            return None
+        caller = frames[index + 1]
+        if not caller.is_user or src.with_at(caller.file, caller.line):
+            return None  # entered by a with statement (or by a framework's ExitStack)
+        fix = (
+            f"{caller.file}:{caller.line} calls {frame.qualname} by hand, so nothing guarantees "
+            "__exit__: use a `with` statement, or contextlib.ExitStack with "
+            "`stack.enter_context(...)`, so the exit runs on every path."
+        )
+        evidence = [f"{frame.qualname} ({frame.where()}) called directly at {caller.where()}"]
+        return Verdict("manual-enter", fix, evidence)
+    return None
+
+
+def _finalizer_never_ran(frames, src, ctx, held_by) -> Verdict | None:
+    for frame in frames:
+        if not frame.is_user:
+            continue
+        cls = src.class_of(frame.file, frame.qualname)
+        if cls is None:
+            found = src.function_at(frame.file, frame.line)
+            cls = src.class_of(frame.file, found[0]) if found else None
+        methods = set(cls.get("methods", [])) if cls else set()
+        if "__del__" in methods and not methods & set(EXIT_METHODS):
+            owner = frame.qualname.rsplit(".", 1)[0]
+            fix = (
+                f"{frame.file}:{frame.line}: {owner} closes its fd only in __del__, which never "
+                "ran (a reference cycle, or gc never collected it). Give it close()/__exit__ "
+                "and use it in a `with`; break the cycle (weakref) if it must rely on __del__."
+            )
+            evidence = [f"{owner} defines __del__ and no __exit__"]
+            if ctx.sibling_deaths.get("finalizer"):
+                evidence.append(f"{ctx.sibling_deaths['finalizer']} sibling fds closed by __del__")
+            return Verdict("finalizer-never-ran", fix, evidence)
+    return None
+
+
+def _with_exited_without_close(frames, src, ctx, held_by) -> Verdict | None:
+    if held_by is None or not _block_ended(held_by, ctx):
+        return None
+    site = innermost_user(frames) or frames[0]
+    fix = (
+        f"{held_by.file}:{held_by.line}: the with block ended but its manager did not close the "
+        f"fd opened at {site.file}:{site.line}: make __exit__ close it first and not raise "
+        "before closing, or wrap the resource in contextlib.closing(...)."
+    )
+    evidence = [f"opened by the with statement at {held_by.where()}, whose block has ended"]
+    if ctx.sibling_deaths.get("exit"):
+        evidence.append(f"{ctx.sibling_deaths['exit']} sibling fds were closed by an __exit__")
+    return Verdict("with-exited-without-close", fix, evidence)
+
+
+def _no_context_manager(frames, src, ctx, held_by) -> Verdict | None:
+    if held_by is not None or any(f.function in ENTER_METHODS for f in frames):
+        return None
+    site = innermost_user(frames)
+    if site is None:
+        return None
+    fix = (
+        f"{site.file}:{site.line}: opened outside any context manager and never closed: open it "
+        "in a `with` statement (or contextlib.closing(...) / try-finally), or close it "
+        "explicitly when done."
+    )
+    return Verdict("no-context-manager", fix, [f"opened at {site.where()} in {site.qualname}"])
+
+
+def refine_close(frames: list[Frame], src: SourceIndex) -> str:
+    """How an explicit close happened, from its stack: exit, close, finalizer or loop-shutdown."""
+    if not frames:
+        return "close"
+    functions = {f.function for f in frames}
+    if "shutdown_asyncgens" in functions:
+        return "loop-shutdown"
+    if functions & set(EXIT_METHODS):
+        return "exit"
+    if "__del__" in functions:
+        return "finalizer"
+    inner = frames[0]
+    if src.with_at(inner.file, inner.line):
+        return "exit"  # a C-level __exit__ (files, sockets) runs on the with line
+    text = src.text(inner.file, inner.line)
+    if text is None or _CLOSING_CALL.search(text):
+        return "close"
+    return "finalizer"  # the line only dropped a reference: the object's deallocation closed it

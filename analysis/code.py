@@ -1,0 +1,173 @@
+"""Stacks and source facts: which frame is user code, the opening site, the `with` statement.
+
+"User code" is what the developer can change: not the standard library, not an installed
+package (site-packages/dist-packages), not cmtrace itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from cmtrace import schema
+from cmtrace.sources import FACTS_LINE, file_facts, read_source
+
+_STDLIB = re.compile(r"/lib(?:64)?/python\d+\.\d+t?/|^<frozen |/lib/pypy")
+_INSTALLED = re.compile(r"/(?:site|dist)-packages/")
+_CMTRACE = re.compile(r"/cmtrace/(?:analysis/|probes/)?\w+\.py$")
+GENERATOR_FLAGS = (
+    schema.CODE_GENERATOR
+    | schema.CODE_COROUTINE
+    | schema.CODE_ITERABLE_COROUTINE
+    | schema.CODE_ASYNC_GENERATOR
+)
+
+
+def is_user_file(file: str | None) -> bool:
+    if not file:
+        return False
+    if _INSTALLED.search(file) or _CMTRACE.search(file):
+        return False
+    return not _STDLIB.search(file)
+
+
+@dataclass(frozen=True)
+class Frame:
+    function: str
+    qualname: str
+    file: str
+    line: int
+    firstlineno: int
+    code_flags: int
+
+    @property
+    def is_user(self) -> bool:
+        return is_user_file(self.file)
+
+    @property
+    def is_generator(self) -> bool:
+        return bool(self.code_flags & GENERATOR_FLAGS)
+
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    def as_dict(self) -> dict:
+        return {"function": self.qualname or self.function, "file": self.file, "line": self.line}
+
+
+def frames_by_stack(stacks: pd.DataFrame) -> dict[int, list[Frame]]:
+    """Stack id -> frames, innermost first (the first pid's copy when several recorded it)."""
+    if stacks is None or stacks.empty:
+        return {}
+    table = stacks.drop_duplicates(["stack_id", "depth"]).sort_values(["stack_id", "depth"])
+    out: dict[int, list[Frame]] = {}
+    columns = ["stack_id", "function", "qualname", "file", "line", "firstlineno", "code_flags"]
+    for row in table[columns].itertuples(index=False):
+        out.setdefault(int(row.stack_id), []).append(
+            Frame(
+                function=_text(row.function),
+                qualname=_text(row.qualname) or _text(row.function),
+                file=_text(row.file),
+                line=_int(row.line),
+                firstlineno=_int(row.firstlineno),
+                code_flags=_int(row.code_flags, 0),
+            )
+        )
+    return out
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
+def _int(value, default: int = -1) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def innermost_user(frames: list[Frame]) -> Frame | None:
+    return next((f for f in frames if f.is_user), None)
+
+
+@dataclass
+class SourceIndex:
+    """Source lines and file facts: from the trace first, from the local disk as a fallback."""
+
+    lines: dict[tuple[str, int], str] = field(default_factory=dict)
+    facts: dict[str, dict] = field(default_factory=dict)
+    local_fallback: bool = True
+    read_locally: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_table(cls, sources: pd.DataFrame, local_fallback: bool = True) -> SourceIndex:
+        index = cls(local_fallback=local_fallback)
+        if sources is None or sources.empty:
+            return index
+        has_facts = sources["line"] == FACTS_LINE
+        for file, text in sources.loc[has_facts, ["file", "facts"]].itertuples(index=False):
+            try:
+                index.facts[file] = json.loads(text) if text else {}
+            except ValueError:
+                index.facts[file] = {}
+        body = sources.loc[~has_facts, ["file", "line", "text"]]
+        index.lines = {
+            (f, int(n)): (t if isinstance(t, str) else "")
+            for f, n, t in body.itertuples(index=False)
+        }
+        return index
+
+    def _load_local(self, file: str) -> None:
+        if file in self.facts or file in self.read_locally or not self.local_fallback:
+            return
+        self.read_locally.add(file)
+        text = read_source(None, file)
+        if text is None:
+            return
+        self.facts[file] = file_facts(text)
+        for number, line in enumerate(text.splitlines(), start=1):
+            self.lines[(file, number)] = line.rstrip()
+
+    def text(self, file: str, line: int) -> str | None:
+        self._load_local(file)
+        return self.lines.get((file, line))
+
+    def file_facts(self, file: str) -> dict:
+        self._load_local(file)
+        return self.facts.get(file) or {}
+
+    def with_at(self, file: str, line: int) -> list | None:
+        """The innermost with statement whose header holds `line`, as [first, header_last, ...]."""
+        found = None
+        for stmt in self.file_facts(file).get("with", []):
+            if stmt[0] <= line <= stmt[1] and (found is None or stmt[0] >= found[0]):
+                found = stmt
+        if found is None:
+            text = (self.text(file, line) or "").lstrip()
+            if text.startswith(("with ", "async with ")):  # no facts: trust the text
+                return [line, line, line, text.startswith("async")]
+        return found
+
+    def function_at(self, file: str, line: int) -> tuple[str, dict] | None:
+        """The innermost function (qualname, facts) whose lines hold `line`."""
+        best = None
+        for qualname, fn in self.file_facts(file).get("functions", {}).items():
+            if fn["first"] <= line <= fn["last"]:
+                if best is None or fn["first"] >= best[1]["first"]:
+                    best = (qualname, fn)
+        return best
+
+    def class_of(self, file: str, qualname: str) -> dict | None:
+        """The class a method belongs to (by qualname prefix), with its facts."""
+        classes = self.file_facts(file).get("classes", {})
+        owner = qualname.rsplit(".", 1)[0] if "." in qualname else ""
+        return classes.get(owner)
+
+    def is_enter_call(self, file: str, line: int) -> bool:
+        if line in self.file_facts(file).get("enter_calls", []):
+            return True
+        return bool(re.search(r"\.__a?enter__\(", self.text(file, line) or ""))

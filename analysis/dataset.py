@@ -1,0 +1,136 @@
+"""Reading a trace directory: meta.json and the Parquet tables, each possibly absent or empty.
+
+Only pyarrow and the standard library: a laptop without BPF reads a trace recorded on a server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cmtrace import schema
+from cmtrace.errors import TraceError
+
+
+@dataclass
+class RawTrace:
+    path: Path
+    meta: dict
+    events: pa.Table
+    stacks: pd.DataFrame
+    sources: pd.DataFrame
+    preexisting: pd.DataFrame
+    snapshot: dict | None  # end-of-trace thread stacks, when the recorder wrote them
+
+
+def read_trace(path: str | Path) -> RawTrace:
+    path = Path(path)
+    meta = read_meta(path)
+    return RawTrace(
+        path=path,
+        meta=meta,
+        events=read_table(path / "events", schema.EVENTS),
+        stacks=read_table(path / "stacks", schema.STACK_FRAMES).to_pandas(),
+        sources=read_table(path / "sources", schema.SOURCES).to_pandas(),
+        preexisting=read_table(path / "preexisting.parquet", schema.PREEXISTING).to_pandas(),
+        snapshot=_read_json(path / "snapshot.json"),
+    )
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json, with status "interrupted" when a recording's tracer is gone."""
+    if not path.exists():
+        raise TraceError(f"{path} does not exist: give the directory a recording wrote")
+    if not path.is_dir():
+        raise TraceError(f"{path} is not a directory: give the trace directory `cmtrace -o` wrote")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise TraceError(
+            f"{path} is not a cmtrace trace (no meta.json): give the directory a recording wrote"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise TraceError(
+            f"{path}/meta.json is unreadable ({exc}): the trace is corrupt, record it again"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise TraceError(f"{path}/meta.json is not a JSON object: the trace is corrupt")
+    if meta.get("status") == schema.STATUS_RECORDING and not tracer_alive(meta):
+        meta["status"] = schema.STATUS_INTERRUPTED
+    return meta
+
+
+def tracer_alive(meta: dict) -> bool:
+    """Is the tracer that wrote this meta.json still running (same boot, pid alive)?"""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    if meta.get("boot_id") and meta.get("boot_id") != boot:
+        return False  # recorded on another boot or another machine: nobody is writing it
+    pid = meta.get("tracer_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"cmtrace" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
+    """All parts of a table (a directory of parts or one file); the empty table when absent."""
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = []
+    tables = [_read_part(f, table_schema) for f in files]
+    tables = [t for t in tables if t.num_rows] or [table_schema.empty_table()]
+    table = pa.concat_tables(tables)
+    return table.unify_dictionaries()
+
+
+def _read_part(file: Path, table_schema: pa.Schema) -> pa.Table:
+    try:
+        table = pq.read_table(file)
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(
+            f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
+            "to analyse the rest"
+        ) from exc
+    return _conform(table, table_schema, file)
+
+
+def _conform(table: pa.Table, table_schema: pa.Schema, file: Path) -> pa.Table:
+    """Give a part exactly the contract's columns: missing ones become nulls, extra ones go."""
+    columns = []
+    for field in table_schema:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            if column.type != field.type:
+                try:
+                    column = column.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise TraceError(
+                        f"{file}: column {field.name} has type {column.type}, expected "
+                        f"{field.type}: the trace was written by an incompatible cmtrace"
+                    ) from exc
+            columns.append(column)
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=table_schema)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a snapshot is optional evidence: a broken one only removes that evidence

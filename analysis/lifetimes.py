@@ -1,0 +1,749 @@
+"""The one model of fd tables: pair the recorded events into fd lifetimes.
+
+The collector records only what the kernel saw (cmtrace.schema: birth, close, close_range,
+cloexec, addr, fork, exec, exit). This module derives everything implicit:
+
+- a `close` ends the live lifetime of (pid, fd); a close of an fd never seen born is counted as an
+  unknown close;
+- a `birth` on a live (pid, fd) first ends that lifetime, with the birth's syscall as its death
+  (this is how dup2/dup3 onto a live fd shows);
+- `close_range` ends every live fd of the pid in [fd, arg], or only marks them CLOEXEC when its
+  flags hold CLOSE_RANGE_CLOEXEC;
+- `exec` ends the live CLOEXEC fds of the pid, `exit` ends all of them (death "process-exit");
+- `fork` copies the parent's live fds into the child as inherited lifetimes;
+- pre-existing fds (the attach-time snapshot) are live from the start.
+
+It must scale to tens of millions of events, so the common events (births, closes, cloexec and
+addr updates) are paired with vectorized numpy over a (pid, fd, time) sort; only the rare
+process-wide events (fork, exec, exit, close_range) are applied one by one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from cmtrace import schema
+
+CLOSE_RANGE_CLOEXEC = 4  # linux/close_range.h: mark the range CLOEXEC instead of closing it
+DUP_SYSCALLS = frozenset({"dup", "dup2", "dup3", "fcntl"})  # births that copy src_fd's file
+STDIO_FDS = 3  # fds 0, 1, 2
+
+# Deaths that mean "nobody closed it": the fd lived until its process or interpreter went away.
+LEAK_DEATHS = ("process-exit", "interpreter-shutdown", "loop-shutdown")
+
+# Columns of the lifetimes table (one row per fd lifetime).
+LIFETIME_COLUMNS = (
+    "pid", "fd", "tid", "kind", "path", "syscall", "born_ns", "died_ns", "death",
+    "open_stack", "close_stack", "close_tid", "close_syscall", "src_fd", "cloexec",
+    "inherited", "preexisting", "finalizing",
+)  # fmt: skip
+
+
+@dataclass
+class PairingStats:
+    """What the pairing could not explain, so reports can say how complete the picture is."""
+
+    unknown_closes: int = 0  # closes of fds never seen born (pre-attach, io_uring, lost events)
+    missed_closes: int = 0  # births on a live fd by a non-dup syscall: its close was not seen
+    orphan_updates: int = 0  # cloexec/addr events of fds not live at that time
+    forks: int = 0
+    execs: int = 0
+    exits: int = 0
+    per_pid_unknown_closes: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Column access: the events arrive as a pyarrow Table (fast) or a pandas DataFrame (tests).
+
+
+def _column(events: pa.Table | pd.DataFrame, name: str) -> np.ndarray:
+    """A numeric or boolean column as numpy (object dtype when it holds nulls)."""
+    if isinstance(events, pd.DataFrame):
+        return events[name].to_numpy()
+    return events.column(name).to_numpy()
+
+
+def _dictionary_codes(events: pa.Table | pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, categories) of a low-cardinality string column; code -1 for null."""
+    if isinstance(events, pd.DataFrame):
+        cat = pd.Categorical(events[name])
+        return np.asarray(cat.codes, dtype=np.int32), np.asarray(cat.categories, dtype=object)
+    col = events.column(name)
+    if not pa.types.is_dictionary(col.type):
+        col = col.dictionary_encode()
+    col = col.unify_dictionaries() if col.num_chunks > 1 else col
+    if col.num_chunks == 0:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=object)
+    dictionary = col.chunk(0).dictionary
+    codes = pa.chunked_array(
+        [c.indices.cast(pa.int32()) for c in col.chunks], type=pa.int32()
+    ).fill_null(-1)
+    return codes.to_numpy(), np.asarray(dictionary.to_pylist(), dtype=object)
+
+
+@dataclass
+class _Events:
+    """The event columns the model needs, as numpy arrays in time order."""
+
+    t: np.ndarray
+    pid: np.ndarray
+    tid: np.ndarray
+    op: np.ndarray  # int8 codes into OP_CODES
+    syscall: np.ndarray  # int32 codes into syscall_names
+    syscall_names: np.ndarray
+    fd: np.ndarray
+    src_fd: np.ndarray
+    kind: np.ndarray  # int32 codes into kind_names
+    kind_names: np.ndarray
+    path: np.ndarray  # int32 codes into path_names
+    path_names: np.ndarray
+    flags: np.ndarray
+    cloexec: np.ndarray
+    arg: np.ndarray
+    stack: np.ndarray
+    finalizing: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Events:
+        values = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            values[name] = value if name.endswith("_names") else value[index]
+        return _Events(**values)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+OP_CODES = {op: i for i, op in enumerate(schema.OPS + (schema.OP_LOST,))}
+_BIRTH, _CLOSE = OP_CODES[schema.OP_BIRTH], OP_CODES[schema.OP_CLOSE]
+_CLOEXEC, _ADDR = OP_CODES[schema.OP_CLOEXEC], OP_CODES[schema.OP_ADDR]
+_CLOSE_RANGE, _FORK = OP_CODES[schema.OP_CLOSE_RANGE], OP_CODES[schema.OP_FORK]
+_EXEC, _EXIT = OP_CODES[schema.OP_EXEC], OP_CODES[schema.OP_EXIT]
+
+
+def _filled(values: np.ndarray, fill, dtype) -> np.ndarray:
+    if values.dtype == object:
+        values = np.where(pd.isna(values), fill, values)
+    elif np.issubdtype(values.dtype, np.floating):
+        values = np.nan_to_num(values, nan=fill)
+    return values.astype(dtype, copy=False)
+
+
+def _read_events(events: pa.Table | pd.DataFrame) -> _Events:
+    op_codes, op_names = _dictionary_codes(events, "op")
+    op_map = np.array([OP_CODES.get(name, -1) for name in op_names] + [-1], dtype=np.int8)
+    sys_codes, sys_names = _dictionary_codes(events, "syscall")
+    kind_codes, kind_names = _dictionary_codes(events, "kind")
+    path_codes, path_names = _dictionary_codes(events, "path")
+    cols = _Events(
+        t=_filled(_column(events, "t_ns"), 0, np.int64),
+        pid=_filled(_column(events, "pid"), -1, np.int64),
+        tid=_filled(_column(events, "tid"), -1, np.int64),
+        op=op_map[op_codes],
+        syscall=sys_codes,
+        syscall_names=sys_names,
+        fd=_filled(_column(events, "fd"), -1, np.int64),
+        src_fd=_filled(_column(events, "src_fd"), -1, np.int64),
+        kind=kind_codes,
+        kind_names=kind_names,
+        path=path_codes,
+        path_names=path_names,
+        flags=_filled(_column(events, "flags"), 0, np.int64),
+        cloexec=_filled(_column(events, "cloexec"), False, bool),
+        arg=_filled(_column(events, "arg"), 0, np.int64),
+        stack=_filled(_column(events, "stack_id"), 0, np.int64),
+        finalizing=_filled(_column(events, "finalizing"), False, bool),
+    )
+    if len(cols.t) > 1 and not np.all(cols.t[1:] >= cols.t[:-1]):
+        cols = cols.take(np.argsort(cols.t, kind="stable"))
+    return cols
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing: births, closes and per-fd updates of a set of processes, vectorized.
+
+
+@dataclass
+class _Lives:
+    """Lifetimes under construction, as parallel numpy arrays (one entry per lifetime)."""
+
+    pid: np.ndarray
+    fd: np.ndarray
+    tid: np.ndarray
+    kind: np.ndarray  # str objects
+    path: np.ndarray  # str objects or None
+    syscall: np.ndarray  # str objects or None
+    born: np.ndarray  # int64
+    died: np.ndarray  # int64, NO_DEATH when open at the end
+    death: np.ndarray  # str objects or None
+    open_stack: np.ndarray
+    close_stack: np.ndarray
+    close_tid: np.ndarray
+    close_syscall: np.ndarray
+    src_fd: np.ndarray
+    cloexec: np.ndarray
+    inherited: np.ndarray
+    preexisting: np.ndarray
+    finalizing: np.ndarray
+    death_is_close_event: np.ndarray  # the death came from a paired close event
+
+    @classmethod
+    def concat(cls, parts: list[_Lives]) -> _Lives:
+        return cls(
+            **{
+                name: np.concatenate([getattr(p, name) for p in parts])
+                for name in cls.__dataclass_fields__
+            }
+        )
+
+    def __len__(self) -> int:
+        return len(self.pid)
+
+
+NO_DEATH = np.iinfo(np.int64).max
+
+
+@dataclass
+class _Seed:
+    """Lifetimes that start outside the event stream: pre-existing and inherited fds."""
+
+    pid: np.ndarray
+    fd: np.ndarray
+    t: np.ndarray
+    kind: np.ndarray
+    path: np.ndarray
+    cloexec: np.ndarray
+    open_stack: np.ndarray
+    syscall: np.ndarray
+    tid: np.ndarray
+    inherited: bool
+    preexisting: bool
+
+
+def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingStats]:
+    """Pair the fd events of `ev` (births, closes, cloexec, addr) plus seed lifetimes.
+
+    Returns the lifetimes, a table of CLOEXEC changes (life index, t, value) for exec, and the
+    counts of what could not be paired.
+    """
+    stats = PairingStats()
+    fd_ops = (ev.op == _BIRTH) | (ev.op == _CLOSE) | (ev.op == _CLOEXEC) | (ev.op == _ADDR)
+    idx = np.flatnonzero(fd_ops & (ev.fd >= 0))
+    n_seed = sum(len(s.pid) for s in seeds)
+    # Row arrays: seeds first (as births), then the events. Seeds sort before events at equal t.
+    pid = np.concatenate([s.pid for s in seeds] + [ev.pid[idx]]).astype(np.int64)
+    fd = np.concatenate([s.fd for s in seeds] + [ev.fd[idx]]).astype(np.int64)
+    t = np.concatenate([s.t for s in seeds] + [ev.t[idx]]).astype(np.int64)
+    op = np.concatenate([np.full(n_seed, _BIRTH, np.int8), ev.op[idx]])
+    order = np.lexsort((np.arange(len(t)), t, fd, pid))
+    pid, fd, t, op = pid[order], fd[order], t[order], op[order]
+    n = len(order)
+    is_birth = op == _BIRTH
+    new_group = np.ones(n, dtype=bool)
+    if n:
+        new_group[1:] = (pid[1:] != pid[:-1]) | (fd[1:] != fd[:-1])
+    group = np.cumsum(new_group) - 1
+    # Each row's owner: the last birth at or before it in the same (pid, fd) group.
+    positions = np.arange(n)
+    last_birth = np.maximum.accumulate(np.where(is_birth, positions, -1)) if n else positions
+    owned = (last_birth >= 0) & (group[np.maximum(last_birth, 0)] == group)
+    owner = np.where(owned, last_birth, -1)
+
+    births = np.flatnonzero(is_birth)
+    life_of_row = np.full(n, -1, dtype=np.int64)
+    life_of_row[births] = np.arange(len(births))
+    owner_life = np.where(owned, life_of_row[np.maximum(owner, 0)], -1)
+
+    # First close after each birth (before the next birth) ends the lifetime.
+    is_close = op == _CLOSE
+    close_rows = np.flatnonzero(is_close & owned)
+    close_lives = owner_life[close_rows]
+    first_close_lives, first_pos = np.unique(close_lives, return_index=True)
+    first_close_rows = close_rows[first_pos]
+    stats.unknown_closes = int(is_close.sum() - len(first_close_rows))
+    closed_at_row = np.full(len(births), -1, dtype=np.int64)
+    closed_at_row[first_close_lives] = first_close_rows
+
+    # A lifetime without a close ends at the next birth of the same (pid, fd), if any.
+    next_birth = np.full(len(births), -1, dtype=np.int64)
+    if len(births) > 1:
+        same = group[births[1:]] == group[births[:-1]]
+        next_birth[:-1] = np.where(same, births[1:], -1)
+    replaced = (closed_at_row < 0) & (next_birth >= 0)
+
+    src = _source_rows(order, n_seed, idx)
+    lives = _lives_from_births(ev, seeds, births, src, n_seed)
+    _apply_closes(lives, ev, closed_at_row, src, t)
+    _apply_replacements(lives, ev, replaced, next_birth, src, t, stats)
+    changes = _apply_updates(lives, ev, op, owner_life, src, closed_at_row, t, stats)
+    return lives, changes, stats
+
+
+def _source_rows(order: np.ndarray, n_seed: int, idx: np.ndarray) -> np.ndarray:
+    """Map each sorted row to its event index in `ev`, or -(seed index + 1) for a seed."""
+    return np.where(order >= n_seed, idx[np.maximum(order - n_seed, 0)], -(order + 1))
+
+
+def _seed_field(seeds: list[_Seed], name: str) -> np.ndarray:
+    if not seeds:
+        return np.zeros(0, dtype=object)
+    return np.concatenate([np.asarray(getattr(s, name)) for s in seeds])
+
+
+def _seed_flag(seeds: list[_Seed], name: str) -> np.ndarray:
+    if not seeds:
+        return np.zeros(0, dtype=bool)
+    return np.concatenate([np.full(len(s.pid), getattr(s, name), dtype=bool) for s in seeds])
+
+
+def _names(codes: np.ndarray, names: np.ndarray) -> np.ndarray:
+    table = np.concatenate([names.astype(object), np.array([None], dtype=object)])
+    return table[np.where(codes < 0, len(names), codes)]
+
+
+def _lives_from_births(
+    ev: _Events, seeds: list[_Seed], births: np.ndarray, src: np.ndarray, n_seed: int
+) -> _Lives:
+    if len(ev) == 0:
+        ev = _empty_like(ev)
+    rows = src[births]
+    from_event = rows >= 0
+    ev_rows = np.maximum(rows, 0)
+    seed_rows = np.where(from_event, 0, -rows - 1)
+    seed = {
+        name: _seed_field(seeds, name)
+        for name in ("pid", "fd", "t", "kind", "path", "cloexec", "open_stack", "syscall", "tid")
+    }
+    seed_inherited = _seed_flag(seeds, "inherited")
+    seed_pre = _seed_flag(seeds, "preexisting")
+
+    def pick(event_values: np.ndarray, seed_name: str, dtype) -> np.ndarray:
+        out = np.asarray(event_values[ev_rows], dtype=dtype) if len(ev) else np.zeros(0, dtype)
+        if n_seed:
+            seed_values = np.asarray(seed[seed_name], dtype=dtype)[seed_rows]
+            out = np.where(from_event, out, seed_values) if len(out) else seed_values
+        return out.astype(dtype, copy=False)
+
+    def pick_flag(values: np.ndarray) -> np.ndarray:
+        return (
+            np.where(from_event, False, values[seed_rows]) if n_seed else np.zeros(len(rows), bool)
+        )
+
+    count = len(births)
+    return _Lives(
+        pid=pick(ev.pid, "pid", np.int64),
+        fd=pick(ev.fd, "fd", np.int64),
+        tid=pick(ev.tid, "tid", np.int64),
+        kind=pick(_names(ev.kind, ev.kind_names), "kind", object),
+        path=pick(_names(ev.path, ev.path_names), "path", object),
+        syscall=pick(_names(ev.syscall, ev.syscall_names), "syscall", object),
+        born=pick(ev.t, "t", np.int64),
+        died=np.full(count, NO_DEATH, dtype=np.int64),
+        death=np.full(count, None, dtype=object),
+        open_stack=pick(ev.stack, "open_stack", np.int64),
+        close_stack=np.zeros(count, dtype=np.int64),
+        close_tid=np.full(count, -1, dtype=np.int64),
+        close_syscall=np.full(count, None, dtype=object),
+        src_fd=np.where(from_event, ev.src_fd[ev_rows], -1).astype(np.int64),
+        cloexec=pick(ev.cloexec, "cloexec", bool),
+        inherited=pick_flag(seed_inherited),
+        preexisting=pick_flag(seed_pre),
+        finalizing=np.zeros(count, dtype=bool),
+        death_is_close_event=np.zeros(count, dtype=bool),
+    )
+
+
+def _empty_like(ev: _Events) -> _Events:
+    """A one-row dummy so fancy indexing of an empty event set works (never selected)."""
+    values = {}
+    for name in ev.__dataclass_fields__:
+        value = getattr(ev, name)
+        values[name] = value if name.endswith("_names") else np.zeros(1, dtype=value.dtype)
+    values["kind"] = values["path"] = values["syscall"] = np.full(1, -1, dtype=np.int32)
+    return _Events(**values)
+
+
+def _apply_closes(
+    lives: _Lives, ev: _Events, closed_at_row: np.ndarray, src: np.ndarray, t: np.ndarray
+) -> None:
+    closed = np.flatnonzero(closed_at_row >= 0)
+    rows = closed_at_row[closed]
+    ev_rows = src[rows]
+    lives.died[closed] = t[rows]
+    lives.death[closed] = schema.OP_CLOSE
+    lives.close_stack[closed] = ev.stack[ev_rows]
+    lives.close_tid[closed] = ev.tid[ev_rows]
+    lives.close_syscall[closed] = _names(ev.syscall[ev_rows], ev.syscall_names)
+    lives.finalizing[closed] = ev.finalizing[ev_rows]
+    lives.death_is_close_event[closed] = True
+
+
+def _apply_replacements(
+    lives: _Lives,
+    ev: _Events,
+    replaced: np.ndarray,
+    next_birth: np.ndarray,
+    src: np.ndarray,
+    t: np.ndarray,
+    stats: PairingStats,
+) -> None:
+    """A birth on a live fd ends it: dup2/dup3 replace it; any other syscall means a lost close."""
+    which = np.flatnonzero(replaced)
+    rows = next_birth[which]
+    ev_rows = src[rows]
+    from_event = ev_rows >= 0
+    which, rows, ev_rows = which[from_event], rows[from_event], ev_rows[from_event]
+    names = _names(ev.syscall[ev_rows], ev.syscall_names)
+    is_dup = np.isin(names, ["dup2", "dup3", "fcntl"])
+    lives.died[which] = t[rows]
+    lives.death[which] = np.where(is_dup, names, "unknown")
+    lives.close_stack[which] = ev.stack[ev_rows]
+    lives.close_tid[which] = ev.tid[ev_rows]
+    lives.close_syscall[which] = names
+    stats.missed_closes += int((~is_dup).sum())
+
+
+def _apply_updates(
+    lives: _Lives,
+    ev: _Events,
+    op: np.ndarray,
+    owner_life: np.ndarray,
+    src: np.ndarray,
+    closed_at_row: np.ndarray,
+    t: np.ndarray,
+    stats: PairingStats,
+) -> np.ndarray:
+    """Apply addr (socket address) and cloexec updates; return the CLOEXEC change table."""
+    is_update = (op == _CLOEXEC) | (op == _ADDR)
+    rows = np.flatnonzero(is_update)
+    life = owner_life[rows]
+    died = np.where(life >= 0, lives.died[np.maximum(life, 0)], 0)
+    live = (life >= 0) & (t[rows] < died)
+    stats.orphan_updates = int((~live).sum())
+    rows, life = rows[live], life[live]
+    ev_rows = src[rows]
+    addr = op[rows] == _ADDR
+    addr_paths = _names(ev.path[ev_rows[addr]], ev.path_names)
+    known = np.array([p is not None for p in addr_paths], dtype=bool)
+    # Rows are in time order per lifetime, so the last write wins (connect after bind).
+    lives.path[life[addr][known]] = addr_paths[known]
+    lives.kind[life[addr][known]] = np.where(
+        pd.isna(lives.kind[life[addr][known]]), "socket", lives.kind[life[addr][known]]
+    )
+    cx = ~addr
+    return np.rec.fromarrays([life[cx], t[rows[cx]], ev.cloexec[ev_rows[cx]]], names="life,t,value")
+
+
+# --------------------------------------------------------------------------------------------
+# Process-wide events: close_range, exec, exit (one by one), fork (inheritance, by generation).
+
+
+class _Table:
+    """All lifetimes built so far, with per-pid lookup and the CLOEXEC change log."""
+
+    def __init__(self) -> None:
+        self.parts: list[_Lives] = []
+        self.changes: list[np.ndarray] = []
+        self.lives: _Lives | None = None
+        self.by_pid: dict[int, np.ndarray] = {}
+        self.change_log = np.rec.fromarrays(
+            [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)],
+            names="life,t,value",
+        )
+
+    def add(self, lives: _Lives, changes: np.ndarray) -> np.ndarray:
+        """Append lifetimes; return their global indices."""
+        offset = len(self.lives) if self.lives is not None else 0
+        self.lives = lives if self.lives is None else _Lives.concat([self.lives, lives])
+        changes = np.rec.fromarrays(
+            [changes.life + offset, changes.t, changes.value], names="life,t,value"
+        )
+        self.change_log = np.rec.array(np.concatenate([self.change_log, changes]))
+        new = np.arange(offset, offset + len(lives))
+        if len(new):
+            pids = lives.pid
+            order = np.argsort(pids, kind="stable")
+            uniq, starts = np.unique(pids[order], return_index=True)
+            for pid, chunk in zip(uniq, np.split(new[order], starts[1:])):
+                old = self.by_pid.get(int(pid))
+                self.by_pid[int(pid)] = chunk if old is None else np.concatenate([old, chunk])
+        return new
+
+    def live_at(self, pid: int, t: int) -> np.ndarray:
+        """Global indices of the lifetimes of pid open at time t (born before, not yet dead)."""
+        cand = self.by_pid.get(int(pid))
+        if cand is None or self.lives is None:
+            return np.zeros(0, dtype=np.int64)
+        lv = self.lives
+        born, died = lv.born[cand], lv.died[cand]
+        # An inherited fd is born at the fork instant, so "at t" includes it.
+        started = (born < t) | ((born == t) & lv.inherited[cand])
+        return cand[started & (died > t)]
+
+    def cloexec_at(self, lives_idx: np.ndarray, t: int) -> np.ndarray:
+        """CLOEXEC state of each lifetime at time t: its last change at or before t."""
+        state = self.lives.cloexec[lives_idx].copy()
+        log = self.change_log
+        if len(log) and len(lives_idx):
+            sel = np.isin(log.life, lives_idx) & (log.t <= t)
+            position = {life: i for i, life in enumerate(lives_idx)}
+            for life, value in zip(log.life[sel], log.value[sel]):  # in time order
+                state[position[life]] = value
+        return state
+
+    def end(self, lives_idx: np.ndarray, t: int, death: str, ev: _Events, row: int) -> int:
+        """End lifetimes at t; return how many paired close events this made unknown."""
+        lives = self.lives
+        later_closes = int(lives.death_is_close_event[lives_idx].sum())
+        lives.died[lives_idx] = t
+        lives.death[lives_idx] = death
+        lives.close_stack[lives_idx] = ev.stack[row]
+        lives.close_tid[lives_idx] = ev.tid[row]
+        lives.close_syscall[lives_idx] = death if death != schema.OP_CLOSE_RANGE else death
+        lives.finalizing[lives_idx] = ev.finalizing[row]
+        lives.death_is_close_event[lives_idx] = False
+        return later_closes
+
+
+def _apply_process_events(table: _Table, ev: _Events, rows: np.ndarray, stats: PairingStats):
+    """Apply close_range, exec and exit events (rows in time order) to the lifetimes table."""
+    for row in rows:
+        pid, t, op = int(ev.pid[row]), int(ev.t[row]), ev.op[row]
+        live = table.live_at(pid, t)
+        if op == _CLOSE_RANGE:
+            lo, hi = ev.fd[row], ev.arg[row]
+            in_range = live[(table.lives.fd[live] >= lo) & (table.lives.fd[live] <= hi)]
+            if ev.flags[row] & CLOSE_RANGE_CLOEXEC:
+                marks = np.rec.fromarrays(
+                    [in_range, np.full(len(in_range), t), np.ones(len(in_range), bool)],
+                    names="life,t,value",
+                )
+                table.change_log = np.rec.array(np.concatenate([table.change_log, marks]))
+            else:
+                stats.unknown_closes += table.end(in_range, t, schema.OP_CLOSE_RANGE, ev, row)
+        elif op == _EXEC:
+            stats.execs += 1
+            doomed = live[table.cloexec_at(live, t)]
+            stats.unknown_closes += table.end(doomed, t, schema.OP_EXEC, ev, row)
+        elif op == _EXIT:
+            stats.exits += 1
+            stats.unknown_closes += table.end(live, t, "process-exit", ev, row)
+
+
+def _inherited_seed(table: _Table, parent: int, child: int, t: int) -> _Seed:
+    live = table.live_at(parent, t)
+    lv = table.lives
+    return _Seed(
+        pid=np.full(len(live), child, dtype=np.int64),
+        fd=lv.fd[live],
+        t=np.full(len(live), t, dtype=np.int64),
+        kind=lv.kind[live],
+        path=lv.path[live],
+        cloexec=table.cloexec_at(live, t),
+        open_stack=lv.open_stack[live],
+        syscall=np.full(len(live), "fork", dtype=object),
+        tid=np.full(len(live), child, dtype=np.int64),
+        inherited=True,
+        preexisting=False,
+    )
+
+
+def _copy_dup_sources(table: _Table, new: np.ndarray) -> None:
+    """dup/dup2/dup3/fcntl births refer to src_fd's file: copy its kind and path.
+
+    The source is the lifetime of (pid, src_fd) live at the dup, found with an as-of join on
+    birth time; a dup of a dup resolves over a few rounds.
+    """
+    lv = table.lives
+    dups = new[np.isin(lv.syscall[new], list(DUP_SYSCALLS)) & (lv.src_fd[new] >= 0)]
+    if not len(dups):
+        return
+    pids = np.unique(lv.pid[dups])
+    cand = np.concatenate([table.by_pid[int(p)] for p in pids if int(p) in table.by_pid])
+    sources = pd.DataFrame(
+        {"pid": lv.pid[cand], "fd": lv.fd[cand], "born": lv.born[cand], "src": cand}
+    ).sort_values("born", kind="stable")
+    wanted = pd.DataFrame(
+        {"pid": lv.pid[dups], "fd": lv.src_fd[dups], "born": lv.born[dups], "dup": dups}
+    ).sort_values("born", kind="stable")
+    match = pd.merge_asof(wanted, sources, on="born", by=["pid", "fd"], direction="backward")
+    match = match.dropna(subset=["src"])
+    dup = match["dup"].to_numpy(np.int64)
+    src = match["src"].to_numpy(np.int64)
+    alive = (lv.died[src] >= lv.born[dup]) & (src != dup)
+    dup, src = dup[alive], src[alive]
+    for _ in range(3):
+        unknown = np.array([k in (None, "unknown") for k in lv.kind[dup]], dtype=bool)
+        lv.kind[dup[unknown]] = lv.kind[src[unknown]]
+        nopath = np.array([p is None for p in lv.path[dup]], dtype=bool)
+        lv.path[dup[nopath]] = lv.path[src[nopath]]
+        if not (unknown.any() or nopath.any()):
+            break
+
+
+def _preexisting_seed(pre: pd.DataFrame | None, ev: _Events) -> _Seed | None:
+    if pre is None or len(pre) == 0:
+        return None
+    pre = pre.reset_index(drop=True)
+    pid = pre["pid"].to_numpy(np.int64)
+    fd = pre["fd"].to_numpy(np.int64)
+    snap_t = pre["t_ns"].fillna(0).to_numpy(np.int64) if "t_ns" in pre else np.zeros(len(pre))
+    births = ev.op == _BIRTH
+    if births.any():
+        # A birth of the same (pid, fd) before the snapshot: the snapshot saw that new fd.
+        born = pd.DataFrame({"pid": ev.pid[births], "fd": ev.fd[births], "t": ev.t[births]})
+        first = born.groupby(["pid", "fd"])["t"].min()
+        key = pd.MultiIndex.from_arrays([pid, fd])
+        first_birth = first.reindex(key).to_numpy(dtype=float)
+        keep = ~(first_birth < snap_t)
+        pre, pid, fd = pre[keep].reset_index(drop=True), pid[keep], fd[keep]
+    n = len(pre)
+    return _Seed(
+        pid=pid,
+        fd=fd,
+        t=np.full(n, -1, dtype=np.int64),  # live from before the trace started
+        kind=pre["kind"].astype(object).to_numpy() if "kind" in pre else np.full(n, None),
+        path=pre["path"].astype(object).to_numpy() if "path" in pre else np.full(n, None),
+        cloexec=pre["cloexec"].fillna(False).to_numpy(bool)
+        if "cloexec" in pre
+        else np.zeros(n, bool),
+        open_stack=np.zeros(n, dtype=np.int64),
+        syscall=np.full(n, None, dtype=object),
+        tid=pid,
+        inherited=False,
+        preexisting=True,
+    )
+
+
+def build_lifetimes(
+    events: pa.Table | pd.DataFrame, preexisting: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, PairingStats]:
+    """Pair the trace's events into one row per fd lifetime (LIFETIME_COLUMNS).
+
+    `died_ns` is null and `death` is null for an fd still open when the trace ended.
+    """
+    ev = _read_events(events)
+    total = PairingStats()
+    fork_rows = np.flatnonzero(ev.op == _FORK)
+    children = np.unique(ev.arg[fork_rows]) if len(fork_rows) else np.zeros(0, np.int64)
+    in_child = np.isin(ev.pid, children)
+    table = _Table()
+
+    # Generation 0: every process not created by a traced fork, paired in one vectorized pass.
+    pre_seed = _preexisting_seed(preexisting, ev)
+    root = ev.take(np.flatnonzero(~in_child))
+    seeds = [pre_seed] if pre_seed is not None else []
+    lives, changes, stats = _pair(root, seeds)
+    _merge_stats(total, stats)
+    _copy_dup_sources(table, table.add(lives, changes))
+    pending = np.flatnonzero(~in_child & np.isin(ev.op, [_CLOSE_RANGE, _EXEC, _EXIT]))
+    processed_pids = set(np.unique(root.pid).tolist())
+    _apply_process_events(table, ev, pending, total)
+
+    # Later generations: children whose parent is already modelled, all of a generation at once.
+    todo = list(fork_rows)
+    while todo:
+        ready = [
+            r for r in todo if int(ev.pid[r]) in processed_pids or int(ev.pid[r]) not in children
+        ]
+        if not ready:  # a fork cycle can only come from pid reuse: model the rest from scratch
+            ready = todo
+        todo = [r for r in todo if r not in set(ready)]
+        _add_children(table, ev, ready, in_child, total)
+        processed_pids.update(int(ev.arg[r]) for r in ready)
+    total.forks = len(fork_rows)
+    return _to_frame(table.lives), total
+
+
+def _add_children(
+    table: _Table, ev: _Events, fork_rows: list[int], in_child: np.ndarray, total: PairingStats
+) -> None:
+    seeds, windows = [], []
+    for r in sorted(fork_rows, key=lambda r: ev.t[r]):
+        parent, child, t = int(ev.pid[r]), int(ev.arg[r]), int(ev.t[r])
+        seeds.append(_inherited_seed(table, parent, child, t))
+        windows.append((child, t))
+    # Each child's own events: those of its pid from its fork on (up to a later fork of the same
+    # pid number, which would be a reused pid).
+    keep = np.zeros(len(ev), dtype=bool)
+    for child, t in windows:
+        later = [t2 for c2, t2 in windows if c2 == child and t2 > t]
+        end = min(later) if later else np.iinfo(np.int64).max
+        keep |= in_child & (ev.pid == child) & (ev.t >= t) & (ev.t < end)
+    sub = ev.take(np.flatnonzero(keep))
+    lives, changes, stats = _pair(sub, seeds)
+    _merge_stats(total, stats)
+    _copy_dup_sources(table, table.add(lives, changes))
+    pending = np.flatnonzero(keep & np.isin(ev.op, [_CLOSE_RANGE, _EXEC, _EXIT]))
+    _apply_process_events(table, ev, pending, total)
+
+
+def _merge_stats(total: PairingStats, part: PairingStats) -> None:
+    total.unknown_closes += part.unknown_closes
+    total.missed_closes += part.missed_closes
+    total.orphan_updates += part.orphan_updates
+
+
+def _to_frame(lives: _Lives | None) -> pd.DataFrame:
+    if lives is None or len(lives) == 0:
+        return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in LIFETIME_COLUMNS})
+    open_at_end = lives.died == NO_DEATH
+    died = pd.arrays.IntegerArray(np.where(open_at_end, 0, lives.died), open_at_end)
+    frame = pd.DataFrame(
+        {
+            "pid": lives.pid.astype(np.int32),
+            "fd": lives.fd.astype(np.int32),
+            "tid": lives.tid.astype(np.int32),
+            "kind": pd.Categorical(lives.kind),
+            "path": lives.path,
+            "syscall": pd.Categorical(lives.syscall),
+            "born_ns": lives.born,
+            "died_ns": died,
+            "death": lives.death,
+            "open_stack": lives.open_stack,
+            "close_stack": lives.close_stack,
+            "close_tid": lives.close_tid.astype(np.int32),
+            "close_syscall": lives.close_syscall,
+            "src_fd": lives.src_fd.astype(np.int32),
+            "cloexec": lives.cloexec,
+            "inherited": lives.inherited,
+            "preexisting": lives.preexisting,
+            "finalizing": lives.finalizing,
+        }
+    )
+    # Interpreter finalization closing an fd is a leak by definition (DESIGN: What counts).
+    shutdown = frame["finalizing"].to_numpy() & (frame["death"].to_numpy() == schema.OP_CLOSE)
+    frame.loc[shutdown, "death"] = "interpreter-shutdown"
+    frame = frame.sort_values(["born_ns", "pid", "fd"], kind="stable").reset_index(drop=True)
+    frame.index.name = "life_id"
+    return frame
+
+
+def _dtype(column: str) -> str:
+    return {
+        "pid": "int32", "fd": "int32", "tid": "int32", "born_ns": "int64", "died_ns": "Int64",
+        "open_stack": "int64", "close_stack": "int64", "close_tid": "int32", "src_fd": "int32",
+        "cloexec": "bool", "inherited": "bool", "preexisting": "bool", "finalizing": "bool",
+    }.get(column, "object")  # fmt: skip
+
+
+def is_leak(lifetimes: pd.DataFrame, child_pids: set[int] | frozenset = frozenset()) -> pd.Series:
+    """Which lifetimes are leaks (DESIGN "What counts as a leak").
+
+    Born during the trace (not pre-existing, not inherited) and either still open at the end or
+    released only by process exit, interpreter shutdown or event-loop shutdown. A child's stdio
+    fds (0-2, typically dup2'ed pipes) released by its exit are not leaks.
+    """
+    born_here = ~(lifetimes["preexisting"] | lifetimes["inherited"])
+    death = lifetimes["death"]
+    released_late = death.isin(LEAK_DEATHS) | death.isna()
+    child_stdio = (
+        lifetimes["pid"].isin(list(child_pids))
+        & (lifetimes["fd"] < STDIO_FDS)
+        & (death == "process-exit")
+    )
+    return born_here & released_late & ~child_stdio

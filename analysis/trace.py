@@ -1,0 +1,379 @@
+"""The Trace object: a recorded trace as pandas tables, its leaks, sites and timelines."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from cmtrace.analysis.causes import Context, Verdict, classify, refine_close, with_frame
+from cmtrace.analysis.code import Frame, SourceIndex, frames_by_stack, innermost_user
+from cmtrace.analysis.dataset import RawTrace, read_trace
+from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
+
+from cmtrace import schema
+
+SITE_COLUMNS = ["site_file", "site_line", "site_function"]
+WITH_COLUMNS = ["with_file", "with_line", "with_function"]
+
+
+def load(path: str | Path, local_sources: bool = True) -> Trace:
+    """Load a trace directory. `local_sources=False` uses only the source captured in the trace."""
+    return Trace(read_trace(path), local_sources=local_sources)
+
+
+class Trace:
+    """A recorded trace. Tables are built on first use and cached.
+
+    - `events`: one row per recorded event (schema.EVENTS), `stacks`: frames per stack id,
+      `sources`, `preexisting`, `meta` (meta.json).
+    - `fds`: one row per fd lifetime: pid, fd, kind, path, born_ns, died_ns, death, open_stack,
+      close_stack, inherited, preexisting, site_*, with_*, leak, closed_by, cause, fix.
+    - `leaks()`, `sites()`, `warnings()`, `live_fds(at=ns)`, `timeline(by="site", freq=...)`.
+    """
+
+    def __init__(self, raw: RawTrace, local_sources: bool = True):
+        self.raw = raw
+        self.path = raw.path
+        self.meta = raw.meta
+        self.stacks = raw.stacks
+        self.sources = raw.sources
+        self.preexisting = raw.preexisting
+        self.snapshot = raw.snapshot
+        self.src = SourceIndex.from_table(raw.sources, local_fallback=local_sources)
+        self.pairing = PairingStats()
+
+    # --- basic facts ----------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status", "unknown"))
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == schema.STATUS_INTERRUPTED
+
+    @property
+    def lost_events(self) -> int:
+        lost_rows = 0
+        if self.raw.events.num_rows:
+            ops = self.raw.events.column("op").cast("string").to_numpy(zero_copy_only=False)
+            lost = ops == schema.OP_LOST
+            if lost.any():
+                lost_rows = int(np.nansum(self.raw.events.column("arg").to_numpy()[lost]))
+        return max(int(self.meta.get("lost_events") or 0), lost_rows)
+
+    @cached_property
+    def end_ns(self) -> int:
+        """The end of the trace in ns since its start (last event, or the recorded duration)."""
+        for key in ("end_ns", "duration_ns"):
+            if isinstance(self.meta.get(key), (int, float)):
+                return int(self.meta[key])
+        start, end = self.meta.get("start_wall"), self.meta.get("end_wall")
+        last = 0
+        if self.raw.events.num_rows:
+            last = int(np.nanmax(self.raw.events.column("t_ns").to_numpy()))
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+            return max(last, int((end - start) * 1e9))
+        return last
+
+    @property
+    def duration_s(self) -> float:
+        return max(self.end_ns, 1) / 1e9
+
+    @property
+    def no_python_reason(self) -> str | None:
+        """Why the trace has no Python stacks (the target is not CPython...), if meta says so."""
+        for key in ("no_python_stacks", "no_python_reason", "python_stacks_reason"):
+            if self.meta.get(key):
+                return str(self.meta[key])
+        targets = self.meta.get("targets") or []
+        reasons = [
+            t.get("no_python") for t in targets if isinstance(t, dict) and t.get("no_python")
+        ]
+        return "; ".join(sorted(set(map(str, reasons)))) or None
+
+    @cached_property
+    def events(self) -> pd.DataFrame:
+        return self.raw.events.to_pandas()
+
+    @cached_property
+    def frames(self) -> dict[int, list[Frame]]:
+        return frames_by_stack(self.stacks)
+
+    @cached_property
+    def child_pids(self) -> set[int]:
+        table = self.raw.events
+        if not table.num_rows:
+            return set()
+        ops = table.column("op").cast("string").to_numpy(zero_copy_only=False)
+        return set(table.column("arg").to_numpy()[ops == schema.OP_FORK].astype(int).tolist())
+
+    # --- lifetimes ------------------------------------------------------------------------
+    @cached_property
+    def fds(self) -> pd.DataFrame:
+        fds, self.pairing = build_lifetimes(self.raw.events, self.preexisting)
+        self._refine_deaths(fds)
+        self._add_sites(fds)
+        fds["leak"] = is_leak(fds, self.child_pids)
+        fds["closed_by"] = fds["death"].where(fds["leak"] & fds["death"].notna(), None)
+        self._add_causes(fds)
+        return fds
+
+    def _refine_deaths(self, fds: pd.DataFrame) -> None:
+        """Split explicit closes into exit / close / finalizer / loop-shutdown by close stack."""
+        closes = fds["death"] == schema.OP_CLOSE
+        stacks = fds.loc[closes, "close_stack"].unique()
+        refined = {int(s): refine_close(self.frames.get(int(s), []), self.src) for s in stacks}
+        fds.loc[closes, "death"] = fds.loc[closes, "close_stack"].map(refined)
+
+    def _add_sites(self, fds: pd.DataFrame) -> None:
+        """Site (innermost user frame) and with statement of every open stack."""
+        rows = {}
+        for stack in fds["open_stack"].unique():
+            frames = self.frames.get(int(stack), [])
+            site = innermost_user(frames) or (frames[0] if frames else None)
+            held = with_frame(frames, self.src)
+            rows[int(stack)] = _frame_cells(site) + _frame_cells(held)
+        table = pd.DataFrame.from_dict(
+            rows, orient="index", columns=SITE_COLUMNS + WITH_COLUMNS
+        ).astype({"site_line": "Int64", "with_line": "Int64"})
+        joined = table.reindex(fds["open_stack"].to_numpy())
+        for column in SITE_COLUMNS + WITH_COLUMNS:
+            fds[column] = joined[column].to_numpy()
+
+    def _add_causes(self, fds: pd.DataFrame) -> None:
+        fds["cause"] = None
+        fds["fix"] = None
+        fds["evidence"] = None
+        leaks = fds.index[fds["leak"].to_numpy()]
+        if not len(leaks):
+            return
+        siblings = self._sibling_deaths(fds)
+        running = self._still_running()
+        verdicts: dict[tuple, Verdict] = {}
+        keys = list(
+            zip(
+                fds.loc[leaks, "open_stack"].astype(int),
+                fds.loc[leaks, "pid"].astype(int),
+                fds.loc[leaks, "died_ns"].isna(),
+            )
+        )
+        for stack, pid, open_at_end in set(keys):
+            site_key = self._site_key(stack)
+            ctx = Context(
+                still_running=running.get(pid, set()) if open_at_end else set(),
+                snapshot_taken=self.snapshot is not None,
+                sibling_deaths=siblings.get(site_key, {}),
+            )
+            verdicts[(stack, pid, open_at_end)] = classify(
+                self.frames.get(stack, []), self.src, ctx
+            )
+        fds.loc[leaks, "cause"] = [verdicts[k].cause for k in keys]
+        fds.loc[leaks, "fix"] = [verdicts[k].fix for k in keys]
+        fds.loc[leaks, "evidence"] = ["; ".join(verdicts[k].evidence) for k in keys]
+
+    def _site_key(self, stack: int) -> tuple:
+        frames = self.frames.get(stack, [])
+        site = innermost_user(frames) or (frames[0] if frames else None)
+        return (site.file, site.line) if site else (None, None)
+
+    def _sibling_deaths(self, fds: pd.DataFrame) -> dict[tuple, dict[str, int]]:
+        closed = fds[~fds["leak"] & fds["death"].notna()]
+        counts = closed.groupby(["site_file", "site_line", "death"], dropna=True).size()
+        out: dict[tuple, dict[str, int]] = {}
+        for (file, line, death), n in counts.items():
+            out.setdefault((file, int(line)), {})[death] = int(n)
+        return out
+
+    def _still_running(self) -> dict[int, set[tuple[str, str]]]:
+        """(file, function) of every frame on a thread's stack when recording stopped, by pid."""
+        out: dict[int, set[tuple[str, str]]] = {}
+        for thread in (self.snapshot or {}).get("threads", []):
+            pid = int(thread.get("pid", 0))
+            for frame in thread.get("frames", []):
+                name = frame.get("qualname") or frame.get("function")
+                out.setdefault(pid, set()).add((frame.get("file"), name))
+        return out
+
+    # --- public queries -------------------------------------------------------------------
+    def leaks(self, exclude: list[str] | None = None) -> pd.DataFrame:
+        """Leaked fd lifetimes (see DESIGN "What counts as a leak"), minus excluded sites."""
+        leaks = self.fds[self.fds["leak"]]
+        if exclude:
+            leaks = leaks[~_excluded(leaks, exclude)]
+        return leaks
+
+    def stack(self, stack_id: int) -> list[dict]:
+        return [f.as_dict() for f in self.frames.get(int(stack_id), [])]
+
+    def user_stack(self, stack_id: int) -> list[dict]:
+        """The opening stack trimmed to user code (all frames when none is user code)."""
+        frames = self.frames.get(int(stack_id), [])
+        user = [f for f in frames if f.is_user]
+        return [f.as_dict() for f in (user or frames)]
+
+    def sites(self, exclude: list[str] | None = None) -> pd.DataFrame:
+        """Per opening site: opened, closed, leaked, leak rate, most common cause, kinds, paths."""
+        fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])].copy()
+        if exclude:
+            fds = fds[~_excluded(fds, exclude)]
+        fds["site_file"] = fds["site_file"].fillna("<no Python stack>")
+        fds["site_line"] = fds["site_line"].fillna(0)
+        fds["site_function"] = fds["site_function"].fillna("")
+        keys = ["site_file", "site_line", "site_function"]
+        if fds.empty:
+            return pd.DataFrame(
+                columns=keys
+                + [
+                    "opened",
+                    "closed",
+                    "leaked",
+                    "leaks_per_s",
+                    "cause",
+                    "kind",
+                    "paths",
+                    "with_file",
+                    "with_line",
+                ]  # fmt: skip
+            )
+        grouped = fds.groupby(keys, sort=False, dropna=False)
+        table = grouped.agg(
+            opened=("fd", "size"),
+            leaked=("leak", "sum"),
+            first_ns=("born_ns", "min"),
+            last_ns=("born_ns", "max"),
+            with_file=("with_file", "first"),
+            with_line=("with_line", "first"),
+        )
+        table["closed"] = table["opened"] - table["leaked"]
+        table["leaks_per_s"] = table["leaked"] / self.duration_s
+        leak_rows = fds[fds["leak"]]
+        table["cause"] = leak_rows.groupby(keys, dropna=False)["cause"].agg(_most_common)
+        table["kind"] = grouped["kind"].agg(_most_common)
+        table["paths"] = grouped["path"].agg(_top_values)
+        table = table.reset_index()
+        table["site_line"] = table["site_line"].astype(int)
+        table = table.sort_values(["leaked", "leaks_per_s", "opened"], ascending=False)
+        return table.reset_index(drop=True)[
+            keys
+            + [
+                "opened",
+                "closed",
+                "leaked",
+                "leaks_per_s",
+                "cause",
+                "kind",
+                "paths",
+                "with_file",
+                "with_line",
+                "first_ns",
+                "last_ns",
+            ]  # fmt: skip
+        ]
+
+    def warnings(self) -> list[dict]:
+        """Finalizer closes during normal running: like ResourceWarning, with the opening line."""
+        fds = self.fds
+        finalized = fds[(fds["death"] == "finalizer") & ~fds["leak"]]
+        out = []
+        keys = ["site_file", "site_line", "site_function"]
+        for (file, line, function), group in finalized.groupby(keys, dropna=False):
+            out.append(
+                {
+                    "kind": "finalizer-close",
+                    "site": _site_dict(file, line, function),
+                    "count": int(len(group)),
+                }
+            )
+        return sorted(out, key=lambda w: -w["count"])
+
+    def live_fds(self, at: int) -> pd.DataFrame:
+        """The fd table at `at` ns since trace start: lifetimes born at or before it, not dead."""
+        fds = self.fds
+        died = fds["died_ns"].astype("float64")
+        alive = (fds["born_ns"] <= at) & (died.isna() | (died > at))
+        return fds[alive.to_numpy()]
+
+    def timeline(self, by: str = "site", freq: str = "100ms", leaks_only: bool = False):
+        """Live fd counts over time, one column per site (or kind/pid/path), one row per bin."""
+        fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])]
+        if leaks_only:
+            fds = fds[fds["leak"]]
+        labels = _labels(fds, by)
+        step = pd.Timedelta(freq).value
+        bins = int(self.end_ns // step) + 1
+        born_bin = np.clip(fds["born_ns"].to_numpy() // step, 0, bins - 1)
+        died = fds["died_ns"].astype("float64").to_numpy()
+        died_bin = np.where(np.isnan(died), bins, np.ceil(np.nan_to_num(died) / step))
+        codes, names = pd.factorize(labels, sort=True)
+        delta = np.zeros((bins + 1, max(len(names), 1)), dtype=np.int64)
+        np.add.at(delta, (born_bin.astype(int), codes), 1)
+        np.add.at(delta, (np.clip(died_bin.astype(int), 0, bins), codes), -1)
+        live = np.cumsum(delta, axis=0)[:bins]
+        index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
+        return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
+
+
+def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
+    if by == "site":
+        file = fds["site_file"].fillna("<no stack>").astype(str)
+        return file + ":" + fds["site_line"].fillna(0).astype(int).astype(str)
+    return fds[by].astype(str)
+
+
+def _frame_cells(frame: Frame | None) -> list:
+    if frame is None:
+        return [None, None, None]
+    return [frame.file, frame.line, frame.qualname or frame.function]
+
+
+def _site_dict(file, line, function) -> dict | None:
+    if file is None or (isinstance(file, float) and np.isnan(file)):
+        return None
+    return {"function": function, "file": file, "line": int(line)}
+
+
+def _most_common(values: pd.Series):
+    values = values.dropna()
+    return Counter(values).most_common(1)[0][0] if len(values) else None
+
+
+def _top_values(values: pd.Series, n: int = 3) -> list[str]:
+    return [v for v, _ in Counter(values.dropna()).most_common(n)]
+
+
+def read_exclude_file(path: str | Path) -> list[str]:
+    """Site patterns, one a line (`myapp/db.py:Pool.*`, `*/logging/*`, `app.py:42`); # comments."""
+    from cmtrace.errors import UsageError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read exclude file {path} ({exc.strerror}): check the path")
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def site_matches(pattern: str, file: str | None, line, function: str | None) -> bool:
+    """Does a site match an exclude pattern `FILE[:FUNCTION_OR_LINE]` (shell-style globs)?"""
+    file_pat, _, rest = pattern.partition(":")
+    file = file or ""
+    if not (fnmatch.fnmatch(file, file_pat) or fnmatch.fnmatch(file, "*/" + file_pat)):
+        return False
+    if not rest:
+        return True
+    if rest.isdigit():
+        return line is not None and not pd.isna(line) and int(line) == int(rest)
+    return fnmatch.fnmatch(function or "", rest)
+
+
+def _excluded(fds: pd.DataFrame, patterns: list[str]) -> pd.Series:
+    sites = fds[SITE_COLUMNS].drop_duplicates()
+    hit = {
+        (f, ln, fn): any(site_matches(p, f, ln, fn) for p in patterns)
+        for f, ln, fn in sites.itertuples(index=False)
+    }
+    keys = list(zip(fds["site_file"], fds["site_line"], fds["site_function"]))
+    return pd.Series([hit[k] for k in keys], index=fds.index, dtype=bool)

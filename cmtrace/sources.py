@@ -1,0 +1,206 @@
+"""Record-time capture of the target's source: lines and the per-function facts causes need.
+
+The collector calls `capture_sources(pid, files)` at the end of recording with the files seen in
+stacks. The rows (schema.SOURCES) go into the trace, so a laptop analysing the trace later, with
+none of the target's files, gives the same answer as the server that recorded it.
+
+For each file there is one row per source line (text, enclosing function) and one row with
+`line == 0` whose `facts` holds the file's facts as JSON (see `file_facts`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+MAX_SOURCE_BYTES = 4 << 20  # a generated multi-megabyte module is not worth its space
+FACTS_LINE = 0  # the row holding a file's facts
+CONTEXTMANAGER_DECORATORS = {"contextmanager", "asynccontextmanager"}
+
+
+def capture_sources(pid: int | None, files: Iterable[str]) -> list[dict]:
+    """SOURCES rows for `files` (paths as the target saw them), read through its mount namespace."""
+    rows: list[dict] = []
+    for file in sorted(set(files)):
+        text = read_source(pid, file)
+        if text is not None:
+            rows.extend(source_rows(file, text))
+    return rows
+
+
+def read_source(pid: int | None, file: str) -> str | None:
+    """The text of `file` as process `pid` sees it (its root may be a container's)."""
+    if not file or file.startswith("<") or not file.endswith((".py", ".pyw")):
+        return None
+    candidates = [f"/proc/{pid}/root{file}"] if pid and file.startswith("/") else []
+    candidates.append(file)
+    for candidate in candidates:
+        try:
+            if os.path.getsize(candidate) > MAX_SOURCE_BYTES:
+                return None
+            return Path(candidate).read_bytes().decode("utf-8", errors="replace")
+        except OSError:
+            continue
+    return None
+
+
+def source_rows(file: str, text: str) -> list[dict]:
+    facts = file_facts(text)
+    owner = _line_owners(facts, text.count("\n") + 1)
+    rows = [{"file": file, "line": FACTS_LINE, "text": None, "function": None,
+             "facts": json.dumps(facts, separators=(",", ":"))}]  # fmt: skip
+    for number, line in enumerate(text.splitlines(), start=1):
+        rows.append(
+            {
+                "file": file,
+                "line": number,
+                "text": line.rstrip(),
+                "function": owner.get(number),
+                "facts": None,
+            }  # fmt: skip
+        )
+    return rows
+
+
+def _line_owners(facts: dict, n_lines: int) -> dict[int, str]:
+    """Innermost function qualname of each line (functions listed outer before inner)."""
+    owner: dict[int, str] = {}
+    spans = sorted(facts["functions"].items(), key=lambda kv: (kv[1]["first"], -kv[1]["last"]))
+    for qualname, fn in spans:
+        for line in range(fn["first"], min(fn["last"], n_lines) + 1):
+            owner[line] = qualname
+    return owner
+
+
+def file_facts(text: str) -> dict:
+    """Facts of one module, as plain JSON-able data.
+
+    - "with": [[first_line, header_last_line, body_last_line, is_async], ...] for every with
+      statement (a frame executing a line in the header is evaluating the manager or entering it);
+    - "functions": {qualname: {first, last, generator, async, contextmanager, yields,
+      unprotected_yields, del_class}} where an unprotected yield is one outside any try/finally
+      and any with block, so cleanup after it is skipped when the caller's block raises;
+    - "classes": {qualname: {first, last, methods}};
+    - "enter_calls": lines that call `__enter__`/`__aenter__` by hand;
+    - "error": the syntax error, when the file does not parse.
+    """
+    facts: dict = {"with": [], "functions": {}, "classes": {}, "enter_calls": []}
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError) as exc:
+        facts["error"] = str(exc)
+        return facts
+    _FactVisitor(facts).visit(tree)
+    return facts
+
+
+def _decorator_name(node: ast.expr) -> str:
+    if isinstance(node, ast.Call):
+        node = node.func
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    return ""
+
+
+class _FactVisitor(ast.NodeVisitor):
+    def __init__(self, facts: dict):
+        self.facts = facts
+        self.scope: list[str] = []  # qualname parts
+        self.function: list[dict] = []  # facts of the enclosing functions
+        self.protection: list[int] = [0]  # try/finally + with depth, per function
+
+    def _qualname(self, name: str) -> str:
+        return ".".join(self.scope + [name])
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        methods = [
+            n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        self.facts["classes"][self._qualname(node.name)] = {
+            "first": first, "last": node.end_lineno, "methods": methods,
+        }  # fmt: skip
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    def _visit_function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        decorators = {_decorator_name(d) for d in node.decorator_list}
+        qualname = self._qualname(node.name)
+        fn = {
+            "first": min([node.lineno] + [d.lineno for d in node.decorator_list]),
+            "def": node.lineno,
+            "last": node.end_lineno,
+            "generator": False,
+            "async": isinstance(node, ast.AsyncFunctionDef),
+            "contextmanager": bool(decorators & CONTEXTMANAGER_DECORATORS),
+            "yields": [],
+            "unprotected_yields": [],
+        }
+        self.facts["functions"][qualname] = fn
+        self.scope.extend([node.name, "<locals>"])
+        self.function.append(fn)
+        self.protection.append(0)
+        for child in node.body:
+            self.visit(child)
+        self.protection.pop()
+        self.function.pop()
+        del self.scope[-2:]
+
+    visit_FunctionDef = _visit_function
+    visit_AsyncFunctionDef = _visit_function
+
+    def visit_Lambda(self, node: ast.Lambda) -> None:
+        return  # a lambda's yields are its own; it holds no with statements
+
+    def _visit_with(self, node: ast.With | ast.AsyncWith) -> None:
+        header_last = max(
+            (item.optional_vars or item.context_expr).end_lineno or node.lineno
+            for item in node.items
+        )
+        self.facts["with"].append(
+            [node.lineno, header_last, node.end_lineno, isinstance(node, ast.AsyncWith)]
+        )
+        for item in node.items:
+            self.visit(item)
+        self.protection[-1] += 1
+        for child in node.body:
+            self.visit(child)
+        self.protection[-1] -= 1
+
+    visit_With = _visit_with
+    visit_AsyncWith = _visit_with
+
+    def _visit_try(self, node) -> None:
+        protected = bool(node.finalbody)
+        self.protection[-1] += protected
+        for child in node.body + node.handlers + node.orelse:
+            self.visit(child)
+        self.protection[-1] -= protected
+        for child in node.finalbody:
+            self.visit(child)
+
+    visit_Try = _visit_try
+    visit_TryStar = _visit_try
+
+    def _visit_yield(self, node: ast.Yield | ast.YieldFrom) -> None:
+        if self.function:
+            fn = self.function[-1]
+            fn["generator"] = True
+            fn["yields"].append(node.lineno)
+            if self.protection[-1] == 0:
+                fn["unprotected_yields"].append(node.lineno)
+        self.generic_visit(node)
+
+    visit_Yield = _visit_yield
+    visit_YieldFrom = _visit_yield
+
+    def visit_Call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Attribute) and node.func.attr in ("__enter__", "__aenter__"):
+            self.facts["enter_calls"].append(node.lineno)
+        self.generic_visit(node)
