@@ -86,14 +86,11 @@ class Trace:
     @property
     def no_python_reason(self) -> str | None:
         """Why the trace has no Python stacks (the target is not CPython...), if meta says so."""
-        for key in ("no_python_stacks", "no_python_reason", "python_stacks_reason"):
-            if self.meta.get(key):
-                return str(self.meta[key])
-        targets = self.meta.get("targets") or []
-        reasons = [
-            t.get("no_python") for t in targets if isinstance(t, dict) and t.get("no_python")
-        ]
-        return "; ".join(sorted(set(map(str, reasons)))) or None
+        reasons = (self.meta.get("degraded") or {}).get("no_python_stacks") or {}
+        if isinstance(reasons, str):
+            return reasons
+        texts = sorted({str(r) for r in reasons.values() if r})
+        return "; ".join(texts) or None
 
     @cached_property
     def events(self) -> pd.DataFrame:
@@ -352,7 +349,9 @@ def read_exclude_file(path: str | Path) -> list[str]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise UsageError(f"cannot read exclude file {path} ({exc.strerror}): check the path")
+        raise UsageError(
+            f"cannot read exclude file {path} ({exc.strerror}): check the path"
+        ) from None
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
