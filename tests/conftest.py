@@ -333,7 +333,7 @@ def leaks_of(report: dict, pid: int) -> list[dict]:
     return [leak for leak in report["leaks"] if leak["pid"] == pid]
 
 
-LOST_ZERO = re.compile(r"lost[^\n\d]*\b0\b", re.IGNORECASE)
+LOST_ZERO = re.compile(r"\b0 lost|lost[^\n\d]*\b0\b", re.IGNORECASE)
 
 
 def assert_complete_and_lossless(trace: Path, summary: str | None = None) -> dict:

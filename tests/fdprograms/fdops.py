@@ -90,9 +90,12 @@ def inet_births(log: BirthLog) -> None:
     listener = log.born("socket", syscall("socket", sysfd.AF_INET, sysfd.SOCK_STREAM, 0))
     must(syscall("bind", listener, ctypes.byref(sysfd.loopback(0)), 16), "bind")
     must(syscall("listen", listener, 8), "listen")
-    address = f"127.0.0.1:{sysfd.bound_port(listener)}"
-    log.addresses.append({"fd": listener, "call": "bind", "address": address})
     port = sysfd.bound_port(listener)
+    address = f"127.0.0.1:{port}"
+    # bound to port 0: the syscall's argument says 127.0.0.1:0, the kernel chose `port`
+    log.addresses.append(
+        {"fd": listener, "call": "bind", "address": address, "given": "127.0.0.1:0"}
+    )
     for accept_call in ("accept", "accept4"):
         client_type = sysfd.SOCK_STREAM | sysfd.SOCK_CLOEXEC
         client = log.born("socket", syscall("socket", sysfd.AF_INET, client_type, 0))

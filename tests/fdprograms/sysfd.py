@@ -8,9 +8,9 @@ report the ground truth (fd numbers and errnos) the kernel gave it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Not ctypes.util.find_library: it runs ldconfig in a subprocess, fds the tests do not expect.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 # x86_64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl).
