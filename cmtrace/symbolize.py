@@ -1,0 +1,352 @@
+"""Python stacks from the kernel walker (probes/pystack.h) -> rows of schema.STACK_FRAMES.
+
+The collector uses two things from here:
+
+``install_python_target(bpf, pid) -> PythonTarget``
+    At attach, for every followed child at fork, and at exec. Finds CPython in `pid`
+    (cmtrace.interpreter), takes its layout (cmtrace.layouts), validates it by walking the live
+    stacks from /proc/PID/mem (cmtrace.pyframes) and writes the per-pid config into the BPF map
+    `py_targets`. Returns what it found: `status` "ok" (version, layout source), "pending"
+    (right after exec libpython is not mapped / the runtime not started yet: a background
+    thread finishes the job within a few ms of it appearing) or "none" with `reason` ("not
+    CPython", "layout mismatch: ..."). Without a config the kernel records fds without stacks.
+    A layout that fails validation later is removed, so no garbage frames are ever recorded.
+
+``Symbolizer``
+    `on_record(raw)` takes every ring-buffer record of type >= 100 (stack and code records);
+    `take_frames()` returns the STACK_FRAMES rows of the stacks completed since the last call.
+    Code records precede the stacks that use them; a stack whose code objects were sent by a
+    concurrent event on another CPU waits for them (or is read from /proc/PID/mem).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmtrace import btf, pyframes
+from cmtrace.interpreter import Interpreter, NotPython, NotReady, find_interpreter
+from cmtrace.layouts import FRAMES_HEAP, NO_OFFSET, Layout, LayoutError
+
+REC_STACK = 100
+REC_CODE = 101
+STACK_FINALIZING = 8
+
+# Sizes inside probes/pystack.h (PY_TSTATE_READ, PY_FRAME_READ, PY_CODE_READ, PY_STR_HEAD):
+# every offset the kernel reads must fall inside them.
+_READ_LIMITS = {"ts": 312, "frame": 104, "code": 152, "str": 32}
+_NO = 0xFFFF
+_STACK_HEAD = struct.Struct("<QIIHHIQII")
+_FRAME = struct.Struct("<QQ")
+_CODE_HEAD = struct.Struct("<QIIHHHHQIIiIIIIIII")
+_NAME_AT, _QUALNAME_AT, _FILE_AT, _LINETABLE_AT = 72, 328, 584, 1608
+PENDING_POLL_S = 0.002
+PENDING_GIVE_UP_S = 10.0
+UNRESOLVED_AFTER_S = 2.0
+
+_INCLUDE_LINE = '#include "pystack.h"'
+
+_generations = itertools.count(1)
+# (pid, generation) -> Interpreter, shared by install_python_target and the Symbolizer.
+_installed: dict[tuple[int, int], Interpreter] = {}
+
+
+@dataclass
+class PythonTarget:
+    pid: int
+    status: str  # "ok" | "pending" | "none"
+    version: str | None = None
+    layout_source: str | None = None
+    reason: str | None = None
+    generation: int = 0
+    validated_frames: int = 0
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+
+def inline_pystack(source: str, header: Path | None = None) -> str:
+    """`source` with its `#include "pystack.h"` line replaced by the walker itself.
+
+    bcc rewrites map method calls only in the main file, so the walker must be pasted in."""
+    text = (header or _pystack_header()).read_text()
+    return source.replace(_INCLUDE_LINE, "#define CMTRACE_PYSTACK_INLINED 1\n" + text, 1)
+
+
+def _pystack_header() -> Path:
+    from cmtrace import probes  # the installed package's copy (editable or not)
+
+    return Path(probes.__file__).parent / "pystack.h"
+
+
+def _u16(value: int) -> int:
+    return _NO if value == NO_OFFSET else value
+
+
+def _check_reach(layout: Layout) -> None:
+    groups = {
+        "ts": (layout.tstate_next, layout.tstate_thread_id, layout.tstate_native_thread_id,
+               layout.tstate_frame, layout.tstate_datastack_chunk, layout.tstate_datastack_top),
+        "frame": (layout.frame_code, layout.frame_previous, layout.frame_instr, layout.frame_owner),
+        "code": (layout.ob_type, layout.code_flags, layout.code_firstlineno, layout.code_argcount,
+                 layout.code_filename, layout.code_name, layout.code_qualname, layout.code_linetable),
+        "str": (layout.unicode_length, layout.unicode_state),
+    }  # fmt: skip
+    for group, offsets in groups.items():
+        if max(offsets) > _READ_LIMITS[group]:
+            raise LayoutError(f"{group} offset {max(offsets)} beyond what the kernel walker reads")
+
+
+def _fill_config(leaf, interp: Interpreter, generation: int) -> None:
+    lay = interp.layout
+    ns = os.stat(f"/proc/{interp.pid}/ns/pid")
+    values = {
+        "interp_head_addr": interp.interpreters_head_addr,
+        "finalizing_addr": interp.finalizing_addr,
+        "code_type": interp.code_type,
+        "none_addr": interp.none or 1,
+        "pidns_dev": ns.st_dev,
+        "pidns_ino": ns.st_ino,
+        "code_tag_mask": lay.code_tag_mask,
+        "generation": generation,
+        "frames": 1 if lay.frames == FRAMES_HEAP else 2,
+        "match_native_tid": int(lay.tstate_native_thread_id != NO_OFFSET),
+        "owner_not_python": min(lay.owner_not_python, 255),
+        "interp_next": lay.interp_next,
+        "interp_threads_head": lay.interp_threads_head,
+        "ts_next": lay.tstate_next,
+        "ts_thread_id": lay.tstate_thread_id,
+        "ts_native_thread_id": _u16(lay.tstate_native_thread_id),
+        "ts_frame": lay.tstate_frame,
+        "cframe_current_frame": _u16(lay.cframe_current_frame),
+        "ts_chunk": _u16(lay.tstate_datastack_chunk),
+        "ts_top": _u16(lay.tstate_datastack_top),
+        "chunk_data": max(lay.chunk_data, 0),
+        "fr_code": lay.frame_code,
+        "fr_previous": lay.frame_previous,
+        "fr_instr": lay.frame_instr,
+        "fr_owner": max(lay.frame_owner, 0),
+        "co_flags": lay.code_flags,
+        "co_firstlineno": lay.code_firstlineno,
+        "co_argcount": lay.code_argcount,
+        "co_filename": lay.code_filename,
+        "co_name": lay.code_name,
+        "co_qualname": _u16(lay.code_qualname),
+        "co_linetable": lay.code_linetable,
+        "ob_type": lay.ob_type,
+        "bytes_size": lay.bytes_size,
+        "bytes_data": lay.bytes_data,
+        "str_length": lay.unicode_length,
+        "str_state": lay.unicode_state,
+        "str_ascii": lay.unicode_ascii_size,
+        "str_compact": lay.unicode_compact_size,
+    }
+    for name, value in values.items():
+        setattr(leaf, name, value)
+
+
+def _write_config(bpf, interp: Interpreter, generation: int) -> None:
+    _check_reach(interp.layout)
+    if interp.layout.tstate_native_thread_id == NO_OFFSET:
+        kconfig = bpf["py_kconfig"]
+        kconfig[kconfig.Key(0)] = kconfig.Leaf(btf.task_fsbase_offset())
+    table = bpf["py_targets"]
+    leaf = table.Leaf()
+    _fill_config(leaf, interp, generation)
+    table[table.Key(interp.pid)] = leaf
+
+
+def _remove_config(bpf, pid: int) -> None:
+    table = bpf["py_targets"]
+    try:
+        del table[table.Key(pid)]
+    except KeyError:
+        pass
+
+
+def install_python_target(bpf, pid: int) -> PythonTarget:
+    """Configure the kernel walker for `pid` (see the module docstring)."""
+    target = PythonTarget(pid=pid, status="pending", generation=next(_generations))
+    try:
+        _install(bpf, target)
+    except NotReady:
+        threading.Thread(target=_finish_later, args=(bpf, target), daemon=True).start()
+    return target
+
+
+def _install(bpf, target: PythonTarget) -> None:
+    """Find, configure, validate; NotReady propagates when it is too early to tell."""
+    try:
+        interp = find_interpreter(target.pid)
+        target.version, target.layout_source = interp.version, interp.layout.source
+        _write_config(bpf, interp, target.generation)
+        _installed[(target.pid, target.generation)] = interp
+        target.validated_frames = pyframes.validate(interp)
+    except NotReady:
+        raise
+    except (NotPython, LayoutError, OSError) as exc:
+        _remove_config(bpf, target.pid)
+        reason = str(exc)
+        if isinstance(exc, LayoutError):
+            reason = f"layout mismatch: {exc}"
+        target.status, target.reason = "none", reason
+        target.done.set()
+        return
+    target.status = "ok"
+    if target.validated_frames:
+        target.done.set()
+    else:  # the runtime has not started Python code yet: check once it has
+        threading.Thread(target=_finish_later, args=(bpf, target), daemon=True).start()
+
+
+def _finish_later(bpf, target: PythonTarget) -> None:
+    """Retry until the interpreter is mapped and has run Python code, or the process is gone."""
+    deadline = time.monotonic() + PENDING_GIVE_UP_S
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{target.pid}"):
+        try:
+            if target.status == "pending":
+                _install(bpf, target)
+            elif target.status == "ok":
+                interp = _installed[(target.pid, target.generation)]
+                target.validated_frames = pyframes.validate(interp)
+        except NotReady:
+            pass
+        except LayoutError as exc:
+            _remove_config(bpf, target.pid)
+            target.status, target.reason = "none", f"layout mismatch: {exc}"
+        if target.status == "none" or target.validated_frames:
+            break
+        time.sleep(PENDING_POLL_S)
+    if target.status == "pending":
+        target.status, target.reason = "none", "no CPython runtime appeared"
+    target.done.set()
+
+
+# --- records -> frames ---------------------------------------------------------------------
+
+
+@dataclass
+class _Stack:
+    pid: int
+    generation: int
+    stack_id: int
+    frames: list[tuple[int, int]]
+    received: float
+
+
+def _decode_text(interp: Interpreter | None, state: int, data: bytes) -> str:
+    kind = (state >> 2) & 7
+    if interp is None or kind not in (1, 2, 4):
+        return data.decode("utf-8", errors="replace")
+    return pyframes.decode_str(interp.layout, state, data)
+
+
+class Symbolizer:
+    """Turns stack and code records into STACK_FRAMES rows (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._codes: dict[tuple[int, int, int], pyframes.CodeInfo] = {}
+        self._truncated_tables: set[tuple[int, int, int]] = set()
+        self._pending: list[_Stack] = []
+        self._done: set[tuple[int, int]] = set()
+        self._rows: list[dict] = []
+
+    def on_record(self, raw: bytes) -> None:
+        rtype = struct.unpack_from("<H", raw, 16)[0]
+        if rtype == REC_CODE:
+            self._on_code(raw)
+        elif rtype == REC_STACK:
+            self._on_stack(raw)
+
+    def _on_code(self, raw: bytes) -> None:
+        (_ts, pid, _tid, _type, name_len, qual_len, file_len, code, gen, _ck, first, flags,
+         _argc, name_st, qual_st, file_st, lt_len, lt_total) = _CODE_HEAD.unpack_from(raw)  # fmt: skip
+        interp = _installed.get((pid, gen))
+        name = _decode_text(interp, name_st, raw[_NAME_AT : _NAME_AT + name_len])
+        qualname = (
+            _decode_text(interp, qual_st, raw[_QUALNAME_AT : _QUALNAME_AT + qual_len]) or name
+        )
+        key = (pid, gen, code)
+        self._codes[key] = pyframes.CodeInfo(
+            name=name,
+            qualname=qualname,
+            filename=_decode_text(interp, file_st, raw[_FILE_AT : _FILE_AT + file_len]),
+            firstlineno=first,
+            flags=flags,
+            linetable=raw[_LINETABLE_AT : _LINETABLE_AT + lt_len],
+        )
+        if lt_len < lt_total:
+            self._truncated_tables.add(key)
+        else:
+            self._truncated_tables.discard(key)
+
+    def _on_stack(self, raw: bytes) -> None:
+        _ts, pid, _tid, _type, nframes, _flags, stack_id, gen, _pad = _STACK_HEAD.unpack_from(raw)
+        if (pid, stack_id) in self._done:
+            return
+        frames = [_FRAME.unpack_from(raw, _STACK_HEAD.size + 16 * i) for i in range(nframes)]
+        self._pending.append(_Stack(pid, gen, stack_id, frames, time.monotonic()))
+
+    def _code(self, stack: _Stack, code: int, force: bool) -> pyframes.CodeInfo | None:
+        key = (stack.pid, stack.generation, code)
+        info = self._codes.get(key)
+        if (info is None and force) or key in self._truncated_tables:
+            info = self._read_live(stack, code) or info
+        return info
+
+    def _read_live(self, stack: _Stack, code: int) -> pyframes.CodeInfo | None:
+        """Fallback while the target lives: read the code object from /proc/PID/mem."""
+        interp = _installed.get((stack.pid, stack.generation))
+        if interp is None:
+            return None
+        try:
+            with pyframes.Memory(stack.pid) as mem:
+                info = pyframes.read_code(mem, interp, code)
+        except (OSError, LayoutError, struct.error):
+            return None
+        key = (stack.pid, stack.generation, code)
+        self._codes[key] = info
+        self._truncated_tables.discard(key)
+        return info
+
+    def _resolve(self, stack: _Stack, force: bool) -> bool:
+        infos = [self._code(stack, code, force) for code, _ in stack.frames]
+        if any(info is None for info in infos) and not force:
+            return False
+        interp = _installed.get((stack.pid, stack.generation))
+        for depth, ((code, instr), info) in enumerate(zip(stack.frames, infos)):
+            self._rows.append(self._row(stack, depth, interp, code, instr, info))
+        self._done.add((stack.pid, stack.stack_id))
+        return True
+
+    @staticmethod
+    def _row(stack: _Stack, depth: int, interp, code: int, instr: int, info) -> dict:
+        base = {"stack_id": stack.stack_id, "pid": stack.pid, "depth": depth}
+        if info is None or interp is None:
+            return base | {"function": f"<unknown code {code:#x}>", "qualname": None, "file": None,
+                           "line": -1, "firstlineno": -1, "code_flags": 0, "lasti": -1}  # fmt: skip
+        return base | pyframes.frame_dict(interp.layout, info, code, instr)
+
+    def take_frames(self) -> list[dict]:
+        """STACK_FRAMES rows of every stack completed since the previous call."""
+        now, waiting = time.monotonic(), []
+        for stack in self._pending:
+            if (stack.pid, stack.stack_id) in self._done:
+                continue
+            if not self._resolve(stack, force=now - stack.received > UNRESOLVED_AFTER_S):
+                waiting.append(stack)
+        self._pending = waiting
+        rows, self._rows = self._rows, []
+        return rows
+
+    def flush(self) -> list[dict]:
+        """Like take_frames, resolving everything still waiting (end of trace)."""
+        for stack in self._pending:
+            if (stack.pid, stack.stack_id) not in self._done:
+                self._resolve(stack, force=True)
+        self._pending = []
+        rows, self._rows = self._rows, []
+        return rows

@@ -1,0 +1,473 @@
+// cmtrace: the Python stack of the thread making a syscall, walked in the kernel.
+//
+// Included by probes/fdtrace.bpf.c after it declares the ring buffer `events`. Entry points:
+//   u64  capture_python_stack(ctx, pid_tgid, &stack_flags)  interned stack id, 0 = none
+//   void python_forget_thread(tid) / python_forget_process(tgid)
+// Per-process configuration (struct py_config) is written into `py_targets` by user space
+// (cmtrace/symbolize.py install_python_target) from cmtrace/layouts.py, the one source of
+// offsets shared with the user-space walker (cmtrace/pyframes.py).
+//
+// Cost model (bpf_probe_read_user is ~90 ns here, so reads are what we count):
+//   finalizing flag 1 + thread state 1 (+1 cframe on 3.11-3.12) + frames. On 3.11+ the frames
+//   of a thread live on its data stack: one read of up to PY_WINDOW bytes below the stack top
+//   covers them all; only frames outside it (generators, C-stack shim frames, older chunks)
+//   cost a read each. <= 3.10 frames are heap objects: one read per frame.
+//   A stack seen before (same frames, same process) costs one hash lookup; a new one emits
+//   code records (once per code object per process) and a stack record before the fd event.
+//
+// Thread -> thread state, correct while the GIL is released (the GIL holder / current-tstate
+// pointers are NULL or another thread's then): cache tid -> tstate, validated on every hit;
+// on a miss walk interpreters -> threads and match native_thread_id against the tid in the
+// target's pid namespace (3.11+), or thread_id (pthread_self) against the task's fsbase
+// (<= 3.10; offset from BTF). Candidates without frames are skipped: a thread state created
+// for a thread that has not started yet still carries its creator's ids.
+
+// bcc rewrites map calls (`m.lookup()`) only in the main source file, not in headers it
+// #includes: the collector therefore pastes this file in place of its #include line with
+// CMTRACE_PYSTACK_INLINED defined (cmtrace.symbolize.inline_pystack). A plain #include gets
+// the stub below, which records fds without stacks.
+#ifndef CMTRACE_PYSTACK_INLINED
+static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+    *stack_flags |= 2;   // STACK_NO_PYTHON
+    return 0;
+}
+static __always_inline void python_forget_thread(u32 tid) {}
+static __always_inline void python_forget_process(u32 tgid) {}
+#else
+
+#define PY_MAX_FRAMES 256       // frames kept per stack (power of two)
+#define PY_MAX_STEPS 320        // frames visited per walk, shim frames included
+#define PY_WINDOW 8192          // bytes of data stack read at once (power of two)
+#define PY_FRAME_READ 112       // bytes of one frame header read
+#define PY_TSTATE_READ 320      // bytes of one PyThreadState read
+#define PY_CODE_READ 160        // bytes of one PyCodeObject header read
+#define PY_MAX_INTERPRETERS 4
+#define PY_MAX_THREADS 128
+#define PY_CODES_PER_EVENT 16   // code records one event may emit
+#define PY_NAME_MAX 256
+#define PY_FILE_MAX 1024
+#define PY_LINETABLE_MAX 4096
+#define PY_STR_HEAD 40
+
+#define PY_REC_STACK 100
+#define PY_REC_CODE 101
+
+#define PY_STACK_TRUNCATED 1
+#define PY_STACK_NO_PYTHON 2
+#define PY_STACK_ERROR 4
+#define PY_STACK_FINALIZING 8
+
+#define PY_FRAMES_HEAP 1
+#define PY_FRAMES_INTERP 2
+#define PY_NO_OFFSET 0xffff
+
+struct py_config {
+    u64 interp_head_addr;   // &_PyRuntime.interpreters.head
+    u64 finalizing_addr;    // &_PyRuntime._finalizing
+    u64 code_type;          // &PyCode_Type
+    u64 none_addr;          // &_Py_NoneStruct (3.13 entry frames execute None)
+    u64 pidns_dev;
+    u64 pidns_ino;
+    u64 code_tag_mask;      // tag bits of a _PyStackRef f_executable (3.14+)
+    u32 generation;         // bumped at every install (exec): old code records stop counting
+    u8 frames;              // PY_FRAMES_*
+    u8 match_native_tid;    // 1: native_thread_id == ns tid; 0: thread_id == fsbase
+    u8 owner_not_python;    // frame owners >= this are not Python frames
+    u8 pad;
+    u16 interp_next, interp_threads_head;
+    u16 ts_next, ts_thread_id, ts_native_thread_id, ts_frame, cframe_current_frame;
+    u16 ts_chunk, ts_top, chunk_data;
+    u16 fr_code, fr_previous, fr_instr, fr_owner;
+    u16 co_flags, co_firstlineno, co_argcount, co_filename, co_name, co_qualname, co_linetable;
+    u16 ob_type, bytes_size, bytes_data, str_length, str_state, str_ascii, str_compact;
+};
+
+struct py_frame {
+    u64 code;
+    u64 instr;   // f_lasti (heap frames) or the instruction pointer (3.11+)
+};
+
+struct py_code_key {
+    u64 code;
+    u32 tgid;
+    u32 generation;
+};
+
+struct py_scratch {
+    u8 window[PY_WINDOW + 136];
+    u8 frame[136];
+    u8 tstate[528];
+    u8 code[264];
+    u8 str[72];
+    struct py_frame frames[PY_MAX_FRAMES];
+    u16 todo[PY_CODES_PER_EVENT];
+    u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
+    u32 ntodo;
+};
+
+struct py_stack_rec {
+    u64 ts;
+    u32 pid;
+    u32 tid;
+    u16 type;
+    u16 nframes;
+    u32 flags;
+    u64 stack_id;
+    u32 generation;
+    u32 pad;
+    struct py_frame frames[PY_MAX_FRAMES];
+};
+
+struct py_code_rec {
+    u64 ts;
+    u32 pid;
+    u32 tid;
+    u16 type;
+    u16 name_len;      // bytes copied
+    u16 qualname_len;
+    u16 file_len;
+    u64 code;
+    u32 generation;
+    u32 checksum;
+    s32 firstlineno;
+    u32 flags;
+    u32 argcount;
+    u32 name_state;    // PyASCIIObject.state: kind tells how to decode the bytes
+    u32 qualname_state;
+    u32 file_state;
+    u32 linetable_len;
+    u32 linetable_total;
+    u8 name[PY_NAME_MAX];
+    u8 qualname[PY_NAME_MAX];
+    u8 file[PY_FILE_MAX];
+    u8 linetable[PY_LINETABLE_MAX];
+};
+
+BPF_HASH(py_targets, u32, struct py_config, 4096);                       // tgid -> layout
+BPF_ARRAY(py_kconfig, u64, 1);                                            // [0] task fsbase offset
+BPF_TABLE("lru_hash", u32, u64, py_tstates, 16384);                       // tid -> PyThreadState*
+BPF_TABLE("lru_hash", u64, u32, py_stacks, 65536);                        // interned stack ids
+BPF_TABLE("lru_hash", struct py_code_key, u32, py_codes, 65536);          // code objects sent
+BPF_PERCPU_ARRAY(py_scratch_map, struct py_scratch, 1);
+
+static __always_inline u64 py_u64(const u8 *buf, u32 off) {
+    return *(const u64 *)(buf + off);
+}
+
+static __always_inline u64 py_mix(u64 h, u64 v) {
+    h ^= v;
+    h *= 0x100000001b3ULL;
+    return h ^ (h >> 29);
+}
+
+// The id by which user space knows this thread's state: ns tid (3.11+) or pthread_self.
+static __always_inline int py_thread_key(struct py_config *cfg, u64 *key) {
+    if (cfg->match_native_tid) {
+        struct bpf_pidns_info ns = {};
+        if (bpf_get_ns_current_pid_tgid(cfg->pidns_dev, cfg->pidns_ino, &ns, sizeof(ns)))
+            return -1;
+        *key = ns.pid;
+        return 0;
+    }
+    u32 zero = 0;
+    u64 *off = py_kconfig.lookup(&zero);
+    if (!off || !*off)
+        return -1;
+    void *task = (void *)bpf_get_current_task();
+    return bpf_probe_read_kernel(key, sizeof(*key), task + *off);
+}
+
+static __always_inline u64 py_tstate_id(struct py_config *cfg, struct py_scratch *s) {
+    u32 off = cfg->match_native_tid ? cfg->ts_native_thread_id : cfg->ts_thread_id;
+    return py_u64(s->tstate, off & 0x1ff);
+}
+
+// The top frame of the thread state in s->tstate (0 when it runs no Python code).
+static __always_inline u64 py_top_frame(struct py_config *cfg, struct py_scratch *s) {
+    u64 frame = py_u64(s->tstate, cfg->ts_frame & 0x1ff);
+    if (frame && cfg->cframe_current_frame != PY_NO_OFFSET) {
+        u64 cframe = frame;
+        frame = 0;
+        bpf_probe_read_user(&frame, sizeof(frame), (void *)(cframe + cfg->cframe_current_frame));
+    }
+    return frame;
+}
+
+// Find this thread's PyThreadState, leave its head in s->tstate; returns its top frame.
+static __always_inline u64 py_find_thread(struct py_config *cfg, struct py_scratch *s, u32 tid) {
+    u64 key = 0;
+    if (py_thread_key(cfg, &key))
+        return 0;
+    u64 *cached = py_tstates.lookup(&tid);
+    if (cached) {
+        u64 tstate = *cached;
+        if (!bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)tstate) &&
+            py_tstate_id(cfg, s) == key) {
+            u64 frame = py_top_frame(cfg, s);
+            if (frame)
+                return frame;
+        }
+        py_tstates.delete(&tid);
+    }
+    u64 interp = 0;
+    bpf_probe_read_user(&interp, sizeof(interp), (void *)cfg->interp_head_addr);
+    for (int i = 0; i < PY_MAX_INTERPRETERS && interp; i++) {
+        u64 tstate = 0;
+        bpf_probe_read_user(&tstate, sizeof(tstate), (void *)(interp + cfg->interp_threads_head));
+        for (int j = 0; j < PY_MAX_THREADS && tstate; j++) {
+            if (bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)tstate))
+                return 0;
+            if (py_tstate_id(cfg, s) == key) {
+                u64 frame = py_top_frame(cfg, s);
+                if (frame) {
+                    py_tstates.update(&tid, &tstate);
+                    return frame;
+                }
+            }
+            tstate = py_u64(s->tstate, cfg->ts_next & 0x1ff);
+        }
+        u64 next = 0;
+        bpf_probe_read_user(&next, sizeof(next), (void *)(interp + cfg->interp_next));
+        interp = next;
+    }
+    return 0;
+}
+
+// One read of the data stack below its top (3.11+); returns the window's start address.
+static __always_inline u64 py_read_window(struct py_config *cfg, struct py_scratch *s, u32 *len) {
+    *len = 0;
+    if (cfg->frames != PY_FRAMES_INTERP)
+        return 0;
+    u64 chunk = py_u64(s->tstate, cfg->ts_chunk & 0x1ff);
+    u64 top = py_u64(s->tstate, cfg->ts_top & 0x1ff);
+    u64 lo = chunk + cfg->chunk_data;
+    if (!chunk || top <= lo || top - lo > (1 << 24))
+        return 0;
+    u64 start = top - lo > PY_WINDOW - 8 ? top - (PY_WINDOW - 8) : lo;
+    u32 size = (u32)(top - start) & (PY_WINDOW - 1);
+    if (!size || bpf_probe_read_user(s->window, size, (void *)start))
+        return 0;
+    *len = size;
+    return start;
+}
+
+// Walk the frame chain into s->frames; returns the stack hash (0: nothing usable).
+static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, u64 frame,
+                                   u32 tgid, u32 *flags) {
+    u32 win_len = 0;
+    u64 win = py_read_window(cfg, s, &win_len);
+    u64 hash = py_mix(0xcbf29ce484222325ULL, ((u64)tgid << 32) | cfg->generation);
+    s->nframes = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < PY_MAX_STEPS; i++) {
+        if (!frame)
+            return hash;
+        const u8 *fb = s->frame;
+        if (frame >= win && frame + PY_FRAME_READ <= win + win_len) {
+            fb = s->window + ((frame - win) & (PY_WINDOW - 1));
+        } else if (bpf_probe_read_user(s->frame, PY_FRAME_READ, (void *)frame)) {
+            *flags |= PY_STACK_ERROR;
+            return hash;
+        }
+        u64 code = py_u64(fb, cfg->fr_code & 0x7f) & ~cfg->code_tag_mask;
+        u64 instr;
+        if (cfg->frames == PY_FRAMES_HEAP) {
+            instr = (u64)(s64)*(const s32 *)(fb + (cfg->fr_instr & 0x7f));
+        } else {
+            instr = py_u64(fb, cfg->fr_instr & 0x7f);
+            if (fb[cfg->fr_owner & 0x7f] >= cfg->owner_not_python || code == cfg->none_addr)
+                code = 0;   // C-stack shim / entry frame: not Python code
+        }
+        frame = py_u64(fb, cfg->fr_previous & 0x7f);
+        if (!code)
+            continue;
+        u32 n = s->nframes;
+        if (n >= PY_MAX_FRAMES) {
+            *flags |= PY_STACK_TRUNCATED;
+            return hash;
+        }
+        s->frames[n & (PY_MAX_FRAMES - 1)].code = code;
+        s->frames[n & (PY_MAX_FRAMES - 1)].instr = instr;
+        s->nframes = n + 1;
+        hash = py_mix(py_mix(hash, code), instr);
+    }
+    if (frame)
+        *flags |= PY_STACK_TRUNCATED;
+    return hash;
+}
+
+static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
+    u32 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
+    u32 cflags = *(const u32 *)(code + (cfg->co_flags & 0xff));
+    u32 argc = *(const u32 *)(code + (cfg->co_argcount & 0xff));
+    return first ^ (cflags << 16) ^ (argc << 26);
+}
+
+// Phase 1 of a new stack: every frame's code object must be a code object; list those this
+// process has not been sent yet (at most PY_CODES_PER_EVENT). Returns -1 on garbage.
+static __always_inline int py_check_codes(struct py_config *cfg, struct py_scratch *s, u32 tgid) {
+    s->ntodo = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < PY_MAX_FRAMES; i++) {
+        if (i >= s->nframes)
+            break;
+        u64 code = s->frames[i & (PY_MAX_FRAMES - 1)].code;
+        if (bpf_probe_read_user(s->code, PY_CODE_READ, (void *)code))
+            return -1;
+        if (py_u64(s->code, cfg->ob_type & 0xff) != cfg->code_type)
+            return -1;
+        struct py_code_key key = {.code = code, .tgid = tgid, .generation = cfg->generation};
+        u32 *seen = py_codes.lookup(&key);
+        if (seen && *seen == py_checksum(cfg, s->code))
+            continue;
+        u32 t = s->ntodo;
+        if (t < PY_CODES_PER_EVENT) {
+            s->todo[t & (PY_CODES_PER_EVENT - 1)] = i;
+            s->ntodo = t + 1;
+        }
+    }
+    return 0;
+}
+
+// Copy a compact str's bytes; returns the number of bytes copied.
+static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch *s, u64 obj,
+                                       u8 *dst, u32 cap, u32 *state) {
+    if (!obj || bpf_probe_read_user(s->str, PY_STR_HEAD, (void *)obj))
+        return 0;
+    u64 length = py_u64(s->str, cfg->str_length & 0x3f);
+    u32 st = *(const u32 *)(s->str + (cfg->str_state & 0x3f));
+    *state = st;
+    u32 kind = (st >> 2) & 7;
+    u32 off = ((st >> 5) & 3) == 3 ? cfg->str_ascii : cfg->str_compact;
+    u64 size = length * (kind ? kind : 1);
+    if (size > cap - 1)
+        size = cap - 1;
+    size &= cap - 1;
+    if (!size || bpf_probe_read_user(dst, size, (void *)(obj + off)))
+        return 0;
+    return size;
+}
+
+// Phase 2: one code record per listed code object, then remember it was sent.
+static __always_inline int py_emit_codes(struct py_config *cfg, struct py_scratch *s,
+                                         u64 pid_tgid) {
+    u32 tgid = pid_tgid >> 32;
+#pragma clang loop unroll(disable)
+    for (int j = 0; j < PY_CODES_PER_EVENT; j++) {
+        if (j >= s->ntodo)
+            break;
+        u16 i = s->todo[j & (PY_CODES_PER_EVENT - 1)];
+        u64 code = s->frames[i & (PY_MAX_FRAMES - 1)].code;
+        if (bpf_probe_read_user(s->code, PY_CODE_READ, (void *)code))
+            return -1;
+        struct py_code_rec *r = events.ringbuf_reserve(sizeof(struct py_code_rec));
+        if (!r)
+            return -1;
+        r->ts = bpf_ktime_get_ns();
+        r->pid = tgid;
+        r->tid = (u32)pid_tgid;
+        r->type = PY_REC_CODE;
+        r->code = code;
+        r->generation = cfg->generation;
+        r->checksum = py_checksum(cfg, s->code);
+        r->firstlineno = *(const s32 *)(s->code + (cfg->co_firstlineno & 0xff));
+        r->flags = *(const u32 *)(s->code + (cfg->co_flags & 0xff));
+        r->argcount = *(const u32 *)(s->code + (cfg->co_argcount & 0xff));
+        r->name_state = r->qualname_state = r->file_state = 0;
+        r->name_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_name & 0xff), r->name,
+                                  PY_NAME_MAX, &r->name_state);
+        r->qualname_len = 0;
+        if (cfg->co_qualname != PY_NO_OFFSET)
+            r->qualname_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_qualname & 0xff),
+                                          r->qualname, PY_NAME_MAX, &r->qualname_state);
+        r->file_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_filename & 0xff), r->file,
+                                  PY_FILE_MAX, &r->file_state);
+        u64 table = py_u64(s->code, cfg->co_linetable & 0xff);
+        u64 total = 0;
+        r->linetable_len = 0;
+        if (table && !bpf_probe_read_user(&total, sizeof(total), (void *)(table + cfg->bytes_size))) {
+            u64 size = total > PY_LINETABLE_MAX - 1 ? PY_LINETABLE_MAX - 1 : total;
+            size &= PY_LINETABLE_MAX - 1;
+            if (size && !bpf_probe_read_user(r->linetable, size, (void *)(table + cfg->bytes_data)))
+                r->linetable_len = size;
+        }
+        r->linetable_total = total;
+        u32 ck = r->checksum;
+        events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+        struct py_code_key key = {.code = code, .tgid = tgid, .generation = cfg->generation};
+        py_codes.update(&key, &ck);
+    }
+    return 0;
+}
+
+static __always_inline int py_emit_stack(struct py_config *cfg, struct py_scratch *s,
+                                         u64 pid_tgid, u64 id, u32 flags) {
+    struct py_stack_rec *r = events.ringbuf_reserve(sizeof(struct py_stack_rec));
+    if (!r)
+        return -1;
+    r->ts = bpf_ktime_get_ns();
+    r->pid = pid_tgid >> 32;
+    r->tid = (u32)pid_tgid;
+    r->type = PY_REC_STACK;
+    r->nframes = s->nframes;
+    r->flags = flags;
+    r->stack_id = id;
+    r->generation = cfg->generation;
+    r->pad = 0;
+    bpf_probe_read_kernel(r->frames, sizeof(r->frames), s->frames);
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    return 0;
+}
+
+static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+    u32 tgid = pid_tgid >> 32;
+    struct py_config *cfg = py_targets.lookup(&tgid);
+    if (!cfg) {
+        *stack_flags |= PY_STACK_NO_PYTHON;
+        return 0;
+    }
+    u32 zero = 0;
+    struct py_scratch *s = py_scratch_map.lookup(&zero);
+    if (!s)
+        return 0;
+    u64 finalizing = 0;
+    bpf_probe_read_user(&finalizing, sizeof(finalizing), (void *)cfg->finalizing_addr);
+    if (finalizing)
+        *stack_flags |= PY_STACK_FINALIZING;
+    u64 frame = py_find_thread(cfg, s, (u32)pid_tgid);
+    if (!frame) {
+        *stack_flags |= PY_STACK_NO_PYTHON;
+        return 0;
+    }
+    u32 flags = 0;
+    u64 id = py_walk(cfg, s, frame, tgid, &flags) | 1;   // never 0
+    *stack_flags |= flags;
+    if (!s->nframes) {
+        *stack_flags |= PY_STACK_NO_PYTHON;
+        return 0;
+    }
+    if (py_stacks.lookup(&id))
+        return id;
+    if (py_check_codes(cfg, s, tgid)) {
+        *stack_flags |= PY_STACK_ERROR;
+        return 0;
+    }
+    u32 more = s->ntodo >= PY_CODES_PER_EVENT;
+    if (py_emit_codes(cfg, s, pid_tgid) || py_emit_stack(cfg, s, pid_tgid, id, flags))
+        return 0;   // ring buffer full: the collector counts the loss
+    if (!more) {    // else a later event sends the remaining code records, then interns it
+        u32 one = 1;
+        py_stacks.update(&id, &one);
+    }
+    return id;
+}
+
+static __always_inline void python_forget_thread(u32 tid) {
+    py_tstates.delete(&tid);
+}
+
+static __always_inline void python_forget_process(u32 tgid) {
+    py_targets.delete(&tgid);
+}
+
+#endif  // CMTRACE_PYSTACK_INLINED

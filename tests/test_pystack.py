@@ -1,0 +1,158 @@
+"""The kernel stack walker (probes/pystack.h) on every interpreter found here.
+
+A tiny bcc program of the test's own attaches to sys_enter_openat, calls
+capture_python_stack for the target's opens, and sends (path, stack id, flags) through the
+same ring buffer as the walker's stack and code records. The target
+(tests/pyprograms/open_sites.py) opens marker paths at known lines; every stack must
+symbolize to the expected function, file and `# MARK` line, innermost first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from pyprograms import targets
+
+from cmtrace import schema
+from cmtrace.symbolize import STACK_FINALIZING, Symbolizer, inline_pystack, install_python_target
+
+bcc = pytest.importorskip("bcc", reason="bcc is not importable (run under /opt/cmtrace/venv)")
+PROBES = Path(__file__).resolve().parents[1] / "probes"
+FOUND, MISSING = targets.discover()
+print("\nkernel walker targets:", ", ".join(t.name for t in FOUND) or "none")
+for reason in MISSING:
+    print("kernel walker target not run:", reason)
+
+HARNESS = r"""
+BPF_RINGBUF_OUTPUT(events, 1024);
+#include "pystack.h"
+struct open_ev {
+    u64 ts; u32 pid; u32 tid; u16 type; u16 pad; u32 flags; u64 stack_id; char path[64];
+};
+TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!py_targets.lookup(&tgid))
+        return 0;
+    u32 flags = 0;
+    u64 id = capture_python_stack(args, pid_tgid, &flags);
+    struct open_ev *e = events.ringbuf_reserve(sizeof(struct open_ev));
+    if (!e)
+        return 0;
+    e->ts = bpf_ktime_get_ns();
+    e->pid = tgid;
+    e->tid = (u32)pid_tgid;
+    e->type = 1;
+    e->flags = flags;
+    e->stack_id = id;
+    bpf_probe_read_user_str(e->path, sizeof(e->path), args->filename);
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+"""
+MARK_PREFIX = "/nonexistent/cmtrace-mark-"
+
+
+class OpenEv(ctypes.Structure):
+    _fields_ = [("ts", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
+                ("type", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("flags", ctypes.c_uint32),
+                ("stack_id", ctypes.c_uint64), ("path", ctypes.c_char * 64)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def harness():
+    if os.geteuid() != 0:
+        pytest.skip("loading BPF programs needs root")
+    bpf = bcc.BPF(text=inline_pystack(HARNESS), cflags=[f"-I{PROBES}", "-Wno-unused-function"])
+    bpf.handlers = []  # the ring buffer opens once per BPF object: records go to the last handler
+    bpf["events"].open_ring_buffer(lambda ctx, data, size: bpf.handlers[-1](ctx, data, size))
+    return bpf
+
+
+def trace_open_sites(bpf, target):
+    """Run open_sites.py under the walker; return ({label: [event...]}, {stack_id: [rows]}, target)."""
+    symbolizer, opens = Symbolizer(), defaultdict(list)
+
+    def on_record(_ctx, data, size):
+        raw = ctypes.string_at(data, size)
+        if int.from_bytes(raw[16:18], "little") >= 100:
+            symbolizer.on_record(raw)
+        else:
+            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
+            path = ev.path.decode()
+            if path.startswith(MARK_PREFIX):
+                opens[path[len(MARK_PREFIX) :]].append(ev)
+
+    bpf.handlers.append(on_record)
+    proc = subprocess.Popen(
+        [target.command, target.program("open_sites.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        found = install_python_target(bpf, proc.pid)
+        assert found.status == "ok", found.reason
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    bpf.ring_buffer_consume()
+    stacks = defaultdict(list)
+    for row in symbolizer.flush():
+        stacks[row["stack_id"]].append(row)
+    return opens, stacks, found, proc.pid
+
+
+@pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
+def test_kernel_stacks_name_every_site(harness, target):
+    opens, stacks, found, pid = trace_open_sites(harness, target)
+    mark = targets.marks("open_sites.py")
+    program = target.program("open_sites.py")
+    print(target.name, found.version, found.layout_source)
+
+    def frames(label):
+        (ev,) = opens[label]
+        assert ev.stack_id, f"{label}: no stack (flags {ev.flags})"
+        rows = sorted(stacks[ev.stack_id], key=lambda r: r["depth"])
+        assert rows, f"{label}: stack {ev.stack_id:#x} never symbolized"
+        return ev, [(r["function"], r["file"], r["line"]) for r in rows], rows
+
+    ev, got, _ = frames("nested")
+    assert got == [("mark", program, mark["mark"]), ("inner", program, mark["nested-inner"]),
+                   ("middle", program, mark["nested-middle"]), ("<module>", program, mark["nested-module"])]  # fmt: skip
+    assert ev.tid == pid and not ev.flags & (
+        schema.STACK_TRUNCATED | schema.STACK_ERROR | STACK_FINALIZING
+    )
+
+    _, got, rows = frames("generator")
+    assert got[1:] == [
+        ("gen", program, mark["generator"]),
+        ("<module>", program, mark["generator-loop"]),
+    ]
+    assert (
+        rows[1]["code_flags"] & schema.CODE_GENERATOR
+        and not rows[2]["code_flags"] & schema.CODE_GENERATOR
+    )
+
+    ev, got, _ = frames("thread")  # a thread started after attach: its own stack, not main's
+    assert ev.tid != pid
+    assert got[1] == ("thread_body", program, mark["thread"])
+    assert "<module>" not in [f for f, _, _ in got] and got[-1][0] == "_bootstrap"
+
+    ev, got, _ = frames("deep")  # 150 recursive frames + mark + recurse(0) + <module>
+    assert not ev.flags & schema.STACK_TRUNCATED
+    assert got[1] == ("recurse", program, mark["deep"])
+    assert got[2:152] == [("recurse", program, mark["recurse"])] * 150
+    assert got[152:] == [("<module>", program, mark["deep-module"])]
+
+    ev, got, _ = frames("final")  # __del__ run while the interpreter finalizes
+    assert ev.flags & STACK_FINALIZING
+    assert got[1] == ("__del__", program, mark["final"])
