@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-from collections import Counter
 from functools import cached_property
 from pathlib import Path
 
@@ -115,7 +114,8 @@ class Trace:
         self._refine_deaths(fds)
         self._add_sites(fds)
         fds["leak"] = is_leak(fds, self.child_pids)
-        fds["closed_by"] = fds["death"].where(fds["leak"] & fds["death"].notna(), None)
+        death = fds["death"].astype(object)
+        fds["closed_by"] = death.where(fds["leak"] & death.notna(), None)
         self._add_causes(fds)
         return fds
 
@@ -179,7 +179,7 @@ class Trace:
 
     def _sibling_deaths(self, fds: pd.DataFrame) -> dict[tuple, dict[str, int]]:
         closed = fds[~fds["leak"] & fds["death"].notna()]
-        counts = closed.groupby(["site_file", "site_line", "death"], dropna=True).size()
+        counts = closed.groupby(["site_file", "site_line", "death"], observed=True).size()
         out: dict[tuple, dict[str, int]] = {}
         for (file, line, death), n in counts.items():
             out.setdefault((file, int(line)), {})[death] = int(n)
@@ -248,9 +248,9 @@ class Trace:
         table["closed"] = table["opened"] - table["leaked"]
         table["leaks_per_s"] = table["leaked"] / self.duration_s
         leak_rows = fds[fds["leak"]]
-        table["cause"] = leak_rows.groupby(keys, dropna=False)["cause"].agg(_most_common)
-        table["kind"] = grouped["kind"].agg(_most_common)
-        table["paths"] = grouped["path"].agg(_top_values)
+        table["cause"] = _top_per_group(leak_rows, keys, "cause", 1).map(_first)
+        table["kind"] = _top_per_group(fds, keys, "kind", 1).map(_first)
+        table["paths"] = _top_per_group(fds, keys, "path", 3)
         table = table.reset_index()
         table["site_line"] = table["site_line"].astype(int)
         table = table.sort_values(["leaked", "leaks_per_s", "opened"], ascending=False)
@@ -333,13 +333,19 @@ def _site_dict(file, line, function) -> dict | None:
     return {"function": function, "file": file, "line": int(line)}
 
 
-def _most_common(values: pd.Series):
-    values = values.dropna()
-    return Counter(values).most_common(1)[0][0] if len(values) else None
+def _top_per_group(fds: pd.DataFrame, keys: list[str], column: str, n: int) -> pd.Series:
+    """The n most common values of `column` per group of `keys`, as lists (vectorized)."""
+    values = fds[keys + [column]].dropna(subset=[column])
+    values = values.astype({column: str})
+    counts = values.groupby(keys + [column], dropna=False, observed=True).size()
+    counts = counts.sort_values(ascending=False, kind="stable")
+    top = counts.groupby(level=list(range(len(keys))), dropna=False, sort=False).head(n)
+    frame = top.reset_index()
+    return frame.groupby(keys, dropna=False, sort=False)[column].agg(list)
 
 
-def _top_values(values: pd.Series, n: int = 3) -> list[str]:
-    return [v for v, _ in Counter(values.dropna()).most_common(n)]
+def _first(values):
+    return values[0] if isinstance(values, list) and values else None
 
 
 def read_exclude_file(path: str | Path) -> list[str]:
