@@ -66,6 +66,22 @@ class PythonTarget:
     generation: int = 0
     validated_frames: int = 0
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _view: dict = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict for meta.json, kept current as a pending target settles."""
+        self._view.update(
+            pid=self.pid,
+            status=self.status,
+            python=self.version if self.status == "ok" else None,
+            layout=self.layout_source,
+            reason=self.reason,
+        )
+        return self._view
+
+    def settle(self, status: str, reason: str | None = None) -> None:
+        self.status, self.reason = status, reason
+        self.as_dict()
 
 
 def inline_pystack(source: str, header: Path | None = None) -> str:
@@ -192,10 +208,10 @@ def _install(bpf, target: PythonTarget) -> None:
         reason = str(exc)
         if isinstance(exc, LayoutError):
             reason = f"layout mismatch: {exc}"
-        target.status, target.reason = "none", reason
+        target.settle("none", reason)
         target.done.set()
         return
-    target.status = "ok"
+    target.settle("ok")
     if target.validated_frames:
         target.done.set()
     else:  # the runtime has not started Python code yet: check once it has
@@ -216,12 +232,12 @@ def _finish_later(bpf, target: PythonTarget) -> None:
             pass
         except LayoutError as exc:
             _remove_config(bpf, target.pid)
-            target.status, target.reason = "none", f"layout mismatch: {exc}"
+            target.settle("none", f"layout mismatch: {exc}")
         if target.status == "none" or target.validated_frames:
             break
         time.sleep(PENDING_POLL_S)
     if target.status == "pending":
-        target.status, target.reason = "none", "no CPython runtime appeared"
+        target.settle("none", "no CPython runtime appeared")
     target.done.set()
 
 
@@ -329,6 +345,10 @@ class Symbolizer:
             return base | {"function": f"<unknown code {code:#x}>", "qualname": None, "file": None,
                            "line": -1, "firstlineno": -1, "code_flags": 0, "lasti": -1}  # fmt: skip
         return base | pyframes.frame_dict(interp.layout, info, code, instr)
+
+    def files_seen(self) -> set[str]:
+        """co_filename of every code object received (for record-time source capture)."""
+        return {info.filename for info in self._codes.values() if info.filename}
 
     def take_frames(self) -> list[dict]:
         """STACK_FRAMES rows of every stack completed since the previous call."""
