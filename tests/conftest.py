@@ -89,11 +89,14 @@ def run_cmtrace(
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
-    """The one-line error a bad input must produce; fails when stderr has more than one line."""
+    """The one-line error a bad input must produce (progress lines may precede it; a traceback
+    or a multi-line message fails)."""
+    assert "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected a one-line error, got stderr:\n{result.stderr}"
-    assert lines[0].startswith("cmtrace:"), lines[0]
-    return lines[0]
+    errors = [line for line in lines if line.startswith("cmtrace: error")]
+    assert len(errors) == 1, f"expected one error line, got stderr:\n{result.stderr}"
+    assert lines[-1] == errors[0], f"the error must be the last line:\n{result.stderr}"
+    return errors[0]
 
 
 # --- processes with a line protocol ---------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_sigkilled_tracer_leaves_a_readable_trace_missing_at_most_a_second(workd
     import duckdb
 
     parts = str(trace / "events" / "part-*.parquet")
-    (count,) = duckdb.sql(f"SELECT count(*) FROM read_parquet('{parts}')").fetchone()
+    (count,) = duckdb.connect().execute(f"SELECT count(*) FROM read_parquet('{parts}')").fetchone()
     assert count == len(events)
 
     assert read_meta(trace)["status"] == "recording"  # a killed tracer could write nothing

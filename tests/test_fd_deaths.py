@@ -83,7 +83,7 @@ def test_close_range_over_a_range(deaths: DeathsRun):
     calls = deaths.ops("close_range")
     plain = calls[(calls.fd == 400) & (calls.arg == 410)]
     assert len(plain) == 1, calls
-    assert not plain.iloc[0].flags & CLOSE_RANGE_CLOEXEC
+    assert not plain.iloc[0]["flags"] & CLOSE_RANGE_CLOEXEC
     assert deaths.done["paths"]["ranged"] not in deaths.leak_paths()
 
 
@@ -125,7 +125,7 @@ def test_cloexec_changes_are_recorded(deaths: DeathsRun, name: str, syscall: str
 def test_close_range_cloexec_only_marks(deaths: DeathsRun):
     calls = deaths.ops("close_range")
     marking = calls[(calls.fd == 500) & (calls.arg == 502)]
-    assert len(marking) == 1 and marking.iloc[0].flags & CLOSE_RANGE_CLOEXEC, calls
+    assert len(marking) == 1 and marking.iloc[0]["flags"] & CLOSE_RANGE_CLOEXEC, calls
     for name in ("G_range_cloexec", "H_range_cloexec", "I_range_cloexec"):
         fd = deaths.done["cloexec"][name]["fd"]
         assert fd in deaths.before_exec and deaths.cloexec_before[fd], "still open, marked"

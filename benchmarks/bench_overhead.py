@@ -1,0 +1,310 @@
+"""What tracing costs the traced program: cmtrace vs strace vs tracemalloc, side by side.
+
+    sudo /opt/cmtrace/venv/bin/python benchmarks/bench_overhead.py [--rounds 3] [--json FILE]
+
+Workloads (each run in a fresh target process, Debian's /usr/bin/python3 by default):
+  open@3    200,000 x `with open('/dev/null', 'rb'): pass`, 3 Python frames on the stack
+  open@48   the same loop with 48 Python frames on the stack
+  calls@3   2,000,000 Python function calls, no fd syscall at all (3 frames)
+  calls@48  the same with 48 frames
+Ways to run each workload:
+  bare              nothing attached
+  cmtrace           `cmtrace -p PID` attached before the loop starts (defaults: Python stacks on)
+  cmtrace-nostacks  `cmtrace -p PID --no-python-stacks` (the fd lifecycle alone)
+  strace            `strace -f -e trace=openat,close -p PID` (open@3 only; fewer iterations,
+                    because each one costs ~90x: per-iteration times stay comparable)
+  tracemalloc       `python -X dev -X tracemalloc=25`
+Rounds are interleaved (every workload and mode once per round, in turn) and the median of the
+rounds is reported, because absolute times drift on a shared 2-core machine. Ratios are to bare
+in the same run. For cmtrace runs, lost events come from the trace's meta.json, and the number of
+fd births recorded for the target is checked against the loop count (a tracer that records
+nothing would look very cheap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+DEFAULT_TARGET_PYTHON = "/usr/bin/python3"
+DEFAULT_CMTRACE_PYTHON = "/opt/cmtrace/venv/bin/python"
+WORKLOADS = {  # name -> (loop, frames)
+    "open@3": ("open", 3),
+    "open@48": ("open", 48),
+    "calls@3": ("calls", 3),
+    "calls@48": ("calls", 48),
+}
+MODES = ("bare", "cmtrace", "cmtrace-nostacks", "strace", "tracemalloc")
+CALLS_PER_OPEN = 10  # the call loop runs 10x the iterations: each call is ~60 ns
+
+
+# ---- the target side (runs inside the traced process) ----------------------------------------
+def open_loop(n: int) -> None:
+    for _ in range(n):
+        with open("/dev/null", "rb"):
+            pass
+
+
+def add_one(x: int) -> int:
+    return x + 1
+
+
+def call_loop(n: int) -> None:
+    x = 0
+    for _ in range(n):
+        x = add_one(x)
+
+
+def nest(levels: int, loop, n: int) -> float:
+    """Run loop(n) with `levels` more frames of this function below it; return its seconds."""
+    if levels > 0:
+        return nest(levels - 1, loop, n)
+    start = time.perf_counter()
+    loop(n)
+    return time.perf_counter() - start
+
+
+def child_main(kind: str, frames: int, n: int) -> None:
+    """<module> -> child_main -> nest x (frames - 3) -> loop: `frames` frames at the syscall."""
+    loop = open_loop if kind == "open" else call_loop
+    print("ready", flush=True)
+    sys.stdin.readline()  # the tracer is attached
+    seconds = nest(frames - 3, loop, n)
+    print(json.dumps({"seconds": seconds, "iterations": n}), flush=True)
+
+
+# ---- the driver --------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    per_iteration_ns: float
+    lost_events: int | None = None
+    births_recorded: int | None = None
+
+
+@dataclass
+class Config:
+    target_python: str
+    cmtrace_python: str
+    iterations: int
+    strace_iterations: int
+    workdir: Path
+    results: dict = field(default_factory=dict)  # (workload, mode) -> [Sample]
+
+
+def iterations_for(config: Config, workload: str, mode: str) -> int:
+    n = config.strace_iterations if mode == "strace" else config.iterations
+    return n * CALLS_PER_OPEN if WORKLOADS[workload][0] == "calls" else n
+
+
+def start_target(config: Config, workload: str, mode: str, n: int) -> subprocess.Popen:
+    kind, frames = WORKLOADS[workload]
+    flags = ["-X", "dev", "-X", "tracemalloc=25"] if mode == "tracemalloc" else []
+    argv = [config.target_python, *flags, str(HERE), "--child", kind, str(frames), str(n)]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"target {argv} did not start")
+    return proc
+
+
+def wait_for_line(stream, needle: str, timeout: float) -> list[str]:
+    """Read `stream` on a thread until a line contains `needle`; keep reading it afterwards
+    (so the writer never blocks on a full pipe). Returns the list the lines go into."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump() -> None:
+        for line in stream:
+            lines.append(line)
+            if needle in line:
+                seen.set()
+        seen.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not seen.wait(timeout) or not any(needle in line for line in lines):
+        raise RuntimeError(f"no {needle!r} within {timeout} s: {''.join(lines)[-2000:]}")
+    return lines
+
+
+def attach(config: Config, mode: str, pid: int, trace: Path) -> subprocess.Popen:
+    if mode == "strace":
+        argv = ["strace", "-f", "-e", "trace=openat,close", "-o", str(trace), "-p", str(pid)]
+        needle = "attached"
+    else:
+        argv = [config.cmtrace_python, "-m", "cmtrace", "-p", str(pid), "-o", str(trace), "-q"]
+        if mode == "cmtrace-nostacks":
+            argv.append("--no-python-stacks")
+        needle = "cmtrace: attached to"
+    tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tracer.lines = wait_for_line(tracer.stderr, needle, timeout=180)
+    return tracer
+
+
+def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
+    n = iterations_for(config, workload, mode)
+    target = start_target(config, workload, mode, n)
+    trace = config.workdir / f"{workload.replace('@', '-')}-{mode}-{seq}"
+    tracer = None
+    try:
+        if mode in ("cmtrace", "cmtrace-nostacks", "strace"):
+            tracer = attach(config, mode, target.pid, trace)
+        target.stdin.write("go\n")
+        target.stdin.flush()
+        result = json.loads(target.stdout.readline())
+        target.wait(timeout=60)
+        if tracer is not None and tracer.wait(timeout=120) != 0:
+            raise RuntimeError(f"{mode} exited {tracer.returncode}: {''.join(tracer.lines)}")
+    finally:
+        for proc in (target, tracer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    sample = Sample(result["seconds"] / result["iterations"] * 1e9)
+    if mode.startswith("cmtrace"):
+        sample.lost_events, sample.births_recorded = trace_counts(trace, target.pid)
+        shutil.rmtree(trace, ignore_errors=True)
+    return sample
+
+
+def trace_counts(trace: Path, pid: int) -> tuple[int, int]:
+    """(lost events from meta.json, fd births of pid recorded in the trace)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    meta = json.loads((trace / "meta.json").read_text())
+    events = ds.dataset(trace / "events", format="parquet").to_table(columns=["pid", "op"])
+    births = pc.and_(pc.equal(events["pid"], pid), pc.equal(events["op"].cast("string"), "birth"))
+    return int(meta["lost_events"]), int(pc.sum(births).as_py() or 0)
+
+
+def applicable(workload: str, mode: str) -> bool:
+    return mode != "strace" or workload == "open@3"
+
+
+def run_rounds(config: Config, workloads: list[str], modes: list[str], rounds: int) -> None:
+    for round_no in range(rounds):
+        for workload in workloads:
+            for mode in modes:
+                if not applicable(workload, mode):
+                    continue
+                sample = run_once(config, workload, mode, round_no)
+                config.results.setdefault((workload, mode), []).append(sample)
+                print(
+                    f"  round {round_no + 1}/{rounds} {workload:9} {mode:17} "
+                    f"{sample.per_iteration_ns:10.1f} ns/iter"
+                    + (f"  lost {sample.lost_events}" if sample.lost_events is not None else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+def summarize(config: Config, workloads: list[str], modes: list[str]) -> list[dict]:
+    rows = []
+    for workload in workloads:
+        bare = statistics.median(s.per_iteration_ns for s in config.results[(workload, "bare")])
+        for mode in modes:
+            samples = config.results.get((workload, mode))
+            if not samples:
+                continue
+            median = statistics.median(s.per_iteration_ns for s in samples)
+            lost = [s.lost_events for s in samples if s.lost_events is not None]
+            births = [s.births_recorded for s in samples if s.births_recorded is not None]
+            rows.append(
+                {
+                    "workload": workload,
+                    "mode": mode,
+                    "iterations": iterations_for(config, workload, mode),
+                    "per_iteration_ns": round(median, 1),
+                    "ratio_to_bare": round(median / bare, 2),
+                    "rounds_ns": [round(s.per_iteration_ns, 1) for s in samples],
+                    "lost_events_max": max(lost) if lost else None,
+                    "births_recorded_min": min(births) if births else None,
+                }
+            )
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'workload':10} {'mode':17} {'iterations':>10} {'per iter':>11} {'x bare':>7}  lost")
+    for row in rows:
+        unit = "us" if row["per_iteration_ns"] >= 1000 else "ns"
+        value = row["per_iteration_ns"] / (1000 if unit == "us" else 1)
+        lost = "" if row["lost_events_max"] is None else str(row["lost_events_max"])
+        print(
+            f"{row['workload']:10} {row['mode']:17} {row['iterations']:>10} "
+            f"{value:8.2f} {unit} {row['ratio_to_bare']:6.2f}x  {lost}"
+        )
+
+
+def check_recorded(rows: list[dict]) -> list[str]:
+    """cmtrace runs of the open loop must have recorded (at least) one birth per iteration."""
+    problems = []
+    for row in rows:
+        if row["births_recorded_min"] is not None and row["workload"].startswith("open"):
+            if row["births_recorded_min"] < row["iterations"]:
+                problems.append(
+                    f"{row['workload']} {row['mode']}: only {row['births_recorded_min']} births "
+                    f"recorded for {row['iterations']} opens"
+                )
+    return problems
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--iterations", type=int, default=200_000)
+    parser.add_argument("--strace-iterations", type=int, default=20_000)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--python", default=DEFAULT_TARGET_PYTHON, help="target interpreter")
+    parser.add_argument("--cmtrace-python", default=DEFAULT_CMTRACE_PYTHON)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--child"]:
+        child_main(argv[1], int(argv[2]), int(argv[3]))
+        return 0
+    args = parse_args(argv)
+    workloads, modes = args.workloads.split(","), args.modes.split(",")
+    if "bare" not in modes:
+        modes.insert(0, "bare")
+    if os.geteuid() != 0 and any(m.startswith("cmtrace") or m == "strace" for m in modes):
+        print("bench_overhead: attaching tracers needs root: run it with sudo", file=sys.stderr)
+        return 2
+    if "strace" in modes and shutil.which("strace") is None:
+        print("bench_overhead: strace is missing: apt-get install strace", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="cmtrace-bench-") as tmp:
+        config = Config(
+            args.python,
+            args.cmtrace_python,
+            args.iterations,
+            args.strace_iterations,
+            Path(tmp),
+        )
+        run_rounds(config, workloads, modes, args.rounds)
+    rows = summarize(config, workloads, modes)
+    print(f"python {args.python}, {args.rounds} rounds interleaved, median per iteration")
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    problems = check_recorded(rows)
+    for problem in problems:
+        print(f"bench_overhead: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
