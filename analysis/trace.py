@@ -15,6 +15,7 @@ from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
 
 from cmtrace import schema
 
+NO_STACK = "<no Python stack>"  # the site of fds opened without a captured Python stack
 SITE_COLUMNS = ["site_file", "site_line", "site_function"]
 WITH_COLUMNS = ["with_file", "with_line", "with_function"]
 
@@ -217,7 +218,7 @@ class Trace:
         fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])].copy()
         if exclude:
             fds = fds[~_excluded(fds, exclude)]
-        fds["site_file"] = fds["site_file"].fillna("<no Python stack>")
+        fds["site_file"] = fds["site_file"].fillna(NO_STACK)
         fds["site_line"] = fds["site_line"].fillna(0)
         fds["site_function"] = fds["site_function"].fillna("")
         keys = ["site_file", "site_line", "site_function"]
@@ -316,7 +317,7 @@ class Trace:
 
 def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
     if by == "site":
-        file = fds["site_file"].fillna("<no stack>").astype(str)
+        file = fds["site_file"].fillna(NO_STACK).astype(str)
         return file + ":" + fds["site_line"].fillna(0).astype(int).astype(str)
     return fds[by].astype(str)
 

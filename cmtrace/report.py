@@ -11,6 +11,7 @@ from typing import TextIO
 import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
+from cmtrace.analysis.trace import NO_STACK
 from cmtrace.errors import EXIT_LEAKS, EXIT_OK, UsageError
 
 REPORT_SCHEMA = 1
@@ -203,7 +204,7 @@ def _caveats(trace: Trace) -> list[str]:
 
 def _site_block(trace: Trace, leaks: pd.DataFrame, site, rank: int) -> list[str]:
     rows = leaks[
-        (leaks["site_file"].fillna("<no Python stack>") == site.site_file)
+        (leaks["site_file"].fillna(NO_STACK) == site.site_file)
         & (leaks["site_line"].fillna(0).astype(int) == int(site.site_line))
     ]
     where = f"{site.site_file}:{site.site_line}"
@@ -350,9 +351,9 @@ def _html_site_row(trace: Trace, leaks, site, curves, strip_source: bool) -> str
     detail = [f"<code>{escape(where)}</code>"]
     text = None if strip_source else trace.src.text(site.site_file, int(site.site_line))
     if text:
-        detail.append(f"<pre>{int(site.site_line):>5} | {escape(text.strip())}</pre>")
+        detail.append(f"<pre class='src'>{int(site.site_line):>5} | {escape(text.strip())}</pre>")
     rows = leaks[
-        (leaks["site_file"].fillna("<no Python stack>") == site.site_file)
+        (leaks["site_file"].fillna(NO_STACK) == site.site_file)
         & (leaks["site_line"].fillna(0).astype(int) == int(site.site_line))
     ]
     if not rows.empty:
@@ -362,10 +363,14 @@ def _html_site_row(trace: Trace, leaks, site, curves, strip_source: bool) -> str
         for frame in stack:
             line = f"{frame['file']}:{frame['line']} in {frame['function']}"
             src = None if strip_source else trace.src.text(frame["file"], frame["line"])
-            lines.append(escape(line) + (f"\n      {escape(src.strip())}" if src else ""))
-        detail.append(
-            "<details><summary>opening stack</summary><pre>" + "\n".join(lines) + "</pre></details>"
-        )
+            code = f"\n      <span class='src'>{escape(src.strip())}</span>" if src else ""
+            lines.append(escape(line) + code)
+        if lines:
+            detail.append(
+                "<details><summary>opening stack</summary><pre>"
+                + "\n".join(lines)
+                + "</pre></details>"
+            )
         if first["fix"]:
             detail.append(f"<div>fix: {escape(str(first['fix']))}</div>")
         paths = ", ".join(p for p in site.paths if p)
