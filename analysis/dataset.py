@@ -16,12 +16,17 @@ import pyarrow.parquet as pq
 from cmtrace import schema
 from cmtrace.errors import TraceError
 
+# The event columns the lifetimes model reads (errno and stack_flags are left on disk).
+CORE_EVENT_COLUMNS = (
+    "t_ns", "pid", "tid", "op", "syscall", "fd", "src_fd", "kind", "path", "flags", "cloexec",
+    "arg", "stack_id", "finalizing",
+)  # fmt: skip
+
 
 @dataclass
 class RawTrace:
     path: Path
     meta: dict
-    events: pa.Table
     stacks: pd.DataFrame
     sources: pd.DataFrame
     preexisting: pd.DataFrame
@@ -31,10 +36,10 @@ class RawTrace:
 def read_trace(path: str | Path) -> RawTrace:
     path = Path(path)
     meta = read_meta(path)
+    read_table(path / "events", _subset(schema.EVENTS, ("t_ns",)))  # fail early if corrupt
     return RawTrace(
         path=path,
         meta=meta,
-        events=read_table(path / "events", schema.EVENTS),
         stacks=read_table(path / "stacks", schema.STACK_FRAMES).to_pandas(),
         sources=read_table(path / "sources", schema.SOURCES).to_pandas(),
         preexisting=read_table(path / "preexisting.parquet", schema.PREEXISTING).to_pandas(),
@@ -82,6 +87,16 @@ def tracer_alive(meta: dict) -> bool:
         return False
 
 
+def _subset(table_schema: pa.Schema, names) -> pa.Schema:
+    return pa.schema([table_schema.field(name) for name in names])
+
+
+def read_events(path: Path, columns=CORE_EVENT_COLUMNS) -> pa.Table:
+    """The events table (all parts), only `columns` (None: all of them)."""
+    names = columns or schema.EVENTS.names
+    return read_table(path / "events", _subset(schema.EVENTS, names))
+
+
 def read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
     """All parts of a table (a directory of parts or one file); the empty table when absent."""
     if path.is_dir():
@@ -98,7 +113,8 @@ def read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
 
 def _read_part(file: Path, table_schema: pa.Schema) -> pa.Table:
     try:
-        table = pq.read_table(file)
+        present = pq.read_schema(file).names
+        table = pq.read_table(file, columns=[n for n in table_schema.names if n in present])
     except (OSError, pa.ArrowException) as exc:
         raise TraceError(
             f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "

@@ -332,12 +332,13 @@ def _lives_from_births(
     seed_inherited = _seed_flag(seeds, "inherited")
     seed_pre = _seed_flag(seeds, "preexisting")
 
+    from_seed = np.flatnonzero(~from_event)
+
     def pick(event_values: np.ndarray, seed_name: str, dtype) -> np.ndarray:
-        out = np.asarray(event_values[ev_rows], dtype=dtype) if len(ev) else np.zeros(0, dtype)
-        if n_seed:
-            seed_values = np.asarray(seed[seed_name], dtype=dtype)[seed_rows]
-            out = np.where(from_event, out, seed_values) if len(out) else seed_values
-        return out.astype(dtype, copy=False)
+        out = np.asarray(event_values[ev_rows], dtype=dtype)
+        if len(from_seed):  # few rows: assign them rather than a where() over all rows
+            out[from_seed] = np.asarray(seed[seed_name], dtype=dtype)[seed_rows[from_seed]]
+        return out
 
     def pick_flag(values: np.ndarray) -> np.ndarray:
         return (
@@ -646,7 +647,7 @@ def build_lifetimes(
 
     # Generation 0: every process not created by a traced fork, paired in one vectorized pass.
     pre_seed = _preexisting_seed(preexisting, ev)
-    root = ev.take(np.flatnonzero(~in_child))
+    root = ev.take(np.flatnonzero(~in_child)) if in_child.any() else ev
     seeds = [pre_seed] if pre_seed is not None else []
     lives, changes, stats = _pair(root, seeds)
     _merge_stats(total, stats)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from cmtrace.analysis.causes import Context, Verdict, classify, refine_close, with_frame
 from cmtrace.analysis.code import Frame, SourceIndex, frames_by_stack, innermost_user
-from cmtrace.analysis.dataset import RawTrace, read_trace
+from cmtrace.analysis.dataset import RawTrace, read_events, read_trace
 from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
 
 from cmtrace import schema
@@ -55,15 +56,29 @@ class Trace:
     def interrupted(self) -> bool:
         return self.status == schema.STATUS_INTERRUPTED
 
+    @cached_property
+    def _summary(self) -> dict:
+        """Facts of the event stream needed before (and beside) the lifetimes."""
+        table = self._core_events
+        codes, names = _op_codes(table)
+        arg = table.column("arg").to_numpy(zero_copy_only=False)
+        t = table.column("t_ns").to_numpy(zero_copy_only=False)
+        lost = codes == _index_of(names, schema.OP_LOST)
+        forks = codes == _index_of(names, schema.OP_FORK)
+        return {
+            "rows": table.num_rows,
+            "last_ns": int(np.nanmax(t)) if len(t) else 0,
+            "lost": int(np.nansum(arg[lost])) if lost.any() else 0,
+            "children": set(arg[forks].astype(int).tolist()),
+        }
+
+    @cached_property
+    def _core_events(self) -> pa.Table:
+        return read_events(self.path)
+
     @property
     def lost_events(self) -> int:
-        lost_rows = 0
-        if self.raw.events.num_rows:
-            ops = self.raw.events.column("op").cast("string").to_numpy(zero_copy_only=False)
-            lost = ops == schema.OP_LOST
-            if lost.any():
-                lost_rows = int(np.nansum(self.raw.events.column("arg").to_numpy()[lost]))
-        return max(int(self.meta.get("lost_events") or 0), lost_rows)
+        return max(int(self.meta.get("lost_events") or 0), self._summary["lost"])
 
     @cached_property
     def end_ns(self) -> int:
@@ -72,9 +87,7 @@ class Trace:
             if isinstance(self.meta.get(key), (int, float)):
                 return int(self.meta[key])
         start, end = self.meta.get("start_wall"), self.meta.get("end_wall")
-        last = 0
-        if self.raw.events.num_rows:
-            last = int(np.nanmax(self.raw.events.column("t_ns").to_numpy()))
+        last = self._summary["last_ns"]
         if isinstance(start, (int, float)) and isinstance(end, (int, float)):
             return max(last, int((end - start) * 1e9))
         return last
@@ -94,24 +107,23 @@ class Trace:
 
     @cached_property
     def events(self) -> pd.DataFrame:
-        return self.raw.events.to_pandas()
+        """Every recorded event (schema.EVENTS), read from disk on first use."""
+        return read_events(self.path, columns=None).to_pandas()
 
     @cached_property
     def frames(self) -> dict[int, list[Frame]]:
         return frames_by_stack(self.stacks)
 
-    @cached_property
+    @property
     def child_pids(self) -> set[int]:
-        table = self.raw.events
-        if not table.num_rows:
-            return set()
-        ops = table.column("op").cast("string").to_numpy(zero_copy_only=False)
-        return set(table.column("arg").to_numpy()[ops == schema.OP_FORK].astype(int).tolist())
+        return self._summary["children"]
 
     # --- lifetimes ------------------------------------------------------------------------
     @cached_property
     def fds(self) -> pd.DataFrame:
-        fds, self.pairing = build_lifetimes(self.raw.events, self.preexisting)
+        self._summary  # noqa: B018 - needs the table, which is released below
+        fds, self.pairing = build_lifetimes(self._core_events, self.preexisting)
+        del self.__dict__["_core_events"]  # the lifetimes hold what is needed from here on
         self._refine_deaths(fds)
         self._add_sites(fds)
         fds["leak"] = is_leak(fds, self.child_pids)
@@ -128,24 +140,33 @@ class Trace:
         fds.loc[closes, "death"] = fds.loc[closes, "close_stack"].map(refined)
 
     def _add_sites(self, fds: pd.DataFrame) -> None:
-        """Site (innermost user frame) and with statement of every open stack."""
-        rows = {}
-        for stack in fds["open_stack"].unique():
+        """Site (innermost user frame) and with statement of every open stack.
+
+        Computed once per distinct stack and spread with categorical codes: millions of rows
+        share a handful of stacks, and categoricals keep filtering cheap.
+        """
+        open_stack = fds["open_stack"].to_numpy()
+        stacks = pd.unique(open_stack)
+        position = pd.Index(stacks).get_indexer(open_stack)
+        cells = []
+        for stack in stacks:
             frames = self.frames.get(int(stack), [])
             site = innermost_user(frames) or (frames[0] if frames else None)
-            held = with_frame(frames, self.src)
-            rows[int(stack)] = _frame_cells(site) + _frame_cells(held)
-        table = pd.DataFrame.from_dict(
-            rows, orient="index", columns=SITE_COLUMNS + WITH_COLUMNS
-        ).astype({"site_line": "Int64", "with_line": "Int64"})
-        joined = table.reindex(fds["open_stack"].to_numpy())
-        for column in SITE_COLUMNS + WITH_COLUMNS:
-            fds[column] = joined[column].to_numpy()
+            cells.append(_frame_cells(site) + _frame_cells(with_frame(frames, self.src)))
+        for i, column in enumerate(SITE_COLUMNS + WITH_COLUMNS):
+            per_stack = [row[i] for row in cells]
+            if column.endswith("_line"):
+                values = np.array([np.nan if v is None else v for v in per_stack], dtype=float)
+                fds[column] = pd.array(values[position], dtype="Int64")
+            else:
+                categories = pd.Categorical(per_stack)
+                fds[column] = pd.Categorical.from_codes(
+                    categories.codes[position], categories=categories.categories
+                )
 
     def _add_causes(self, fds: pd.DataFrame) -> None:
-        fds["cause"] = None
-        fds["fix"] = None
-        fds["evidence"] = None
+        for column in ("cause", "fix", "evidence"):
+            fds[column] = pd.Series(None, index=fds.index, dtype=object)
         leaks = fds.index[fds["leak"].to_numpy()]
         if not len(leaks):
             return
@@ -313,6 +334,21 @@ class Trace:
         live = np.cumsum(delta, axis=0)[:bins]
         index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
         return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
+
+
+def _op_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
+    column = table.column("op")
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    if column.num_chunks == 0:
+        return np.zeros(0, dtype=np.int32), []
+    names = column.chunk(0).dictionary.to_pylist()
+    codes = pa.chunked_array([c.indices.cast(pa.int32()) for c in column.chunks], pa.int32())
+    return codes.fill_null(-1).to_numpy(), names
+
+
+def _index_of(names: list[str], value: str) -> int:
+    return names.index(value) if value in names else -2
 
 
 def _labels(fds: pd.DataFrame, by: str) -> pd.Series:

@@ -108,7 +108,7 @@ def measure(path: Path) -> dict:
     elapsed = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
-        "events": int(trace.raw.events.num_rows),
+        "events": int(trace._summary["rows"]),
         "lifetimes": int(len(trace.fds)),
         "leaks": int(len(leaks)),
         "sites": int(len(sites)),
