@@ -239,9 +239,9 @@ class Trace:
         fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])].copy()
         if exclude:
             fds = fds[~_excluded(fds, exclude)]
-        fds["site_file"] = fds["site_file"].fillna(NO_STACK)
+        fds["site_file"] = fill_text(fds["site_file"], NO_STACK)
         fds["site_line"] = fds["site_line"].fillna(0)
-        fds["site_function"] = fds["site_function"].fillna("")
+        fds["site_function"] = fill_text(fds["site_function"], "")
         keys = ["site_file", "site_line", "site_function"]
         if fds.empty:
             return pd.DataFrame(
@@ -336,6 +336,13 @@ class Trace:
         return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
 
 
+def fill_text(series: pd.Series, value: str) -> pd.Series:
+    """fillna for text columns, categorical or not."""
+    if isinstance(series.dtype, pd.CategoricalDtype) and value not in series.cat.categories:
+        series = series.cat.add_categories([value])
+    return series.fillna(value)
+
+
 def _op_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
     column = table.column("op")
     if not pa.types.is_dictionary(column.type):
@@ -353,7 +360,7 @@ def _index_of(names: list[str], value: str) -> int:
 
 def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
     if by == "site":
-        file = fds["site_file"].fillna(NO_STACK).astype(str)
+        file = fill_text(fds["site_file"], NO_STACK).astype(str)
         return file + ":" + fds["site_line"].fillna(0).astype(int).astype(str)
     return fds[by].astype(str)
 

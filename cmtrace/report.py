@@ -11,7 +11,7 @@ from typing import TextIO
 import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
-from cmtrace.analysis.trace import NO_STACK
+from cmtrace.analysis.trace import NO_STACK, fill_text
 from cmtrace.errors import EXIT_LEAKS, EXIT_OK, UsageError
 
 REPORT_SCHEMA = 1
@@ -204,7 +204,7 @@ def _caveats(trace: Trace) -> list[str]:
 
 def _site_block(trace: Trace, leaks: pd.DataFrame, site, rank: int) -> list[str]:
     rows = leaks[
-        (leaks["site_file"].fillna(NO_STACK) == site.site_file)
+        (fill_text(leaks["site_file"], NO_STACK) == site.site_file)
         & (leaks["site_line"].fillna(0).astype(int) == int(site.site_line))
     ]
     where = f"{site.site_file}:{site.site_line}"
@@ -353,7 +353,7 @@ def _html_site_row(trace: Trace, leaks, site, curves, strip_source: bool) -> str
     if text:
         detail.append(f"<pre class='src'>{int(site.site_line):>5} | {escape(text.strip())}</pre>")
     rows = leaks[
-        (leaks["site_file"].fillna(NO_STACK) == site.site_file)
+        (fill_text(leaks["site_file"], NO_STACK) == site.site_file)
         & (leaks["site_line"].fillna(0).astype(int) == int(site.site_line))
     ]
     if not rows.empty:
