@@ -375,13 +375,16 @@ def scenario_steady(_workdir: str) -> None:
 
 
 def scenario_noisy(workdir: str) -> None:
-    """Create, close and unlink files with long random names as fast as possible, forever: a
-    stream of births whose paths do not compress, to fill a small disk under the tracer."""
+    """Create, close and unlink files with long random names, forever: a stream of births whose
+    paths do not compress, to fill a small disk under the tracer. Paced (~2000 a second) so that
+    several parts get written before the disk is full."""
     say("ready")
     while True:
-        name = os.path.join(workdir, os.urandom(100).hex())
-        os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
-        os.unlink(name)
+        for _ in range(10):
+            name = os.path.join(workdir, os.urandom(100).hex())
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
+            os.unlink(name)
+        time.sleep(0.005)
 
 
 SCENARIOS = {
