@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
 
 TEST_USER = "cmtrace-test"
 NO_PYTHON = re.compile(r"no python", re.IGNORECASE)
+DEFAULT_OUTPUT = re.compile(r"cmtrace-\d+-\d{8}-\d{6}")  # ./cmtrace-PID-YYYYmmdd-HHMMSS
 
 ECHO_AND_LEAK = textwrap.dedent(
     """
@@ -82,10 +83,11 @@ def test_run_passes_stdio_through_and_returns_the_child_status(workdir):
 
 def test_run_returns_128_plus_signal_and_traces_a_shell(workdir):
     """A child killed by SIGTERM gives 143; /bin/sh is no CPython and is traced all the same."""
-    trace, held = workdir / "trace", workdir / "held.txt"
+    held = workdir / "held.txt"
     script = f"exec 3>{held}; kill -TERM $$"
-    result = run_cmtrace("run", "-o", str(trace), "--", "/bin/sh", "-c", script)
+    result = run_cmtrace("run", "--", "/bin/sh", "-c", script, cwd=workdir)  # no -o
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    (trace,) = [p for p in workdir.iterdir() if DEFAULT_OUTPUT.fullmatch(p.name)]
     assert_complete_and_lossless(trace, result.stderr)
     assert NO_PYTHON.search(result.stderr), (
         f"summary must say there are no Python stacks:\n{result.stderr}"
@@ -108,8 +110,8 @@ def test_run_traces_a_c_program(workdir):
     assert compiled.returncode == 0, compiled.stderr
     files = [str(workdir / "a.out.txt"), str(workdir / "b.out.txt")]
     trace = workdir / "trace"
-    result = run_cmtrace("run", "-o", str(trace), "--", str(binary), *files)
-    assert result.returncode == 0, result.stderr
+    result = run_cmtrace("run", "--fail-on-leak", "-o", str(trace), "--", str(binary), *files)
+    assert result.returncode == 3, "the program exits 0 but leaks: --fail-on-leak exits 3"
     truth = {line.split()[1]: int(line.split()[0]) for line in result.stdout.splitlines()}
     assert set(truth) == set(files)
     assert_complete_and_lossless(trace, result.stderr)
@@ -121,6 +123,8 @@ def test_run_traces_a_c_program(workdir):
     leaks = leaks_of(report_json(trace), pid)
     assert {x["path"]: x["fd"] for x in leaks} == truth
     assert {x["closed_by"] for x in leaks} == {"process-exit"}
+    assert run_cmtrace("report", str(trace)).returncode == 0
+    assert run_cmtrace("report", "--fail-on-leak", str(trace)).returncode == 3
 
 
 def test_run_forwards_sigint_and_records_until_the_child_exits(workdir):

@@ -177,3 +177,15 @@ def test_report_lists_exactly_the_fds_left_open(births: BirthsRun):
 def test_summary_groups_leaks_by_kind(births: BirthsRun):
     for kind in ("socket", "pipe", "eventfd", "file"):
         assert kind in births.summary, births.summary
+
+
+def test_report_json_follows_the_contract(births: BirthsRun):
+    report = births.report
+    assert report["schema"] == 1 and report["trace"]["status"] == "complete"
+    assert {"leaks", "warnings", "sites", "lost_events"} <= set(report)
+    contract = {"pid", "tid", "fd", "kind", "path", "opened_ns", "closed_by", "stack", "site"}
+    contract |= {"with", "cause"}
+    for leak in leaks_of(report, births.pid):
+        assert contract <= set(leak), sorted(contract - set(leak))
+        assert leak["tid"] == births.pid  # the target is single-threaded
+        assert isinstance(leak["opened_ns"], int) and leak["opened_ns"] >= 0
