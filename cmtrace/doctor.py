@@ -462,23 +462,25 @@ def layout_source(major: int, minor: int) -> str:
 
 
 def discover_with_interpreter_module(pid: int) -> dict[str, Any] | None:
-    """cmtrace.interpreter.discover(pid), when that module exists, as a plain dict."""
+    """What cmtrace.interpreter (the recorder's own discovery) finds: the exact version, the
+    runtime address and a checked layout, or why stacks would be unavailable."""
     try:
-        from cmtrace import interpreter  # written by another stage; may be absent
+        from cmtrace import interpreter  # the shared discovery module; doctor works without it
     except ImportError:
         return None
-    discover = getattr(interpreter, "discover", None)
-    if discover is None:
+    find = getattr(interpreter, "find_interpreter", None) or getattr(interpreter, "discover", None)
+    if find is None:
         return None
     try:
-        found = discover(pid)
-    except Exception as exc:  # report, never crash: doctor runs on broken setups
-        return {"error": f"{type(exc).__name__}: {exc}"}
-    if found is None:
-        return {}
-    if dataclasses.is_dataclass(found):
-        return {k: jsonable(v) for k, v in dataclasses.asdict(found).items()}
-    return {k: jsonable(v) for k, v in vars(found).items() if not k.startswith("_")}
+        found = find(pid)
+    except Exception as exc:  # NotPython/NotReady say why; anything else is reported, not raised
+        return {"stacks": f"unavailable: {exc}"}
+    return {
+        "stacks": "available",
+        "full_version": str(getattr(found, "version", "")),
+        "runtime_address": hex(getattr(found, "runtime", 0)),
+        "elf": str(getattr(found, "path", "")),
+    }
 
 
 def jsonable(value: Any) -> Any:
@@ -549,9 +551,7 @@ def describe_python(pid: int, mappings: list[tuple[str, str]], info: dict[str, A
     info["usdt_function_entry"] = "python:function__entry" in info["usdt_probes"]
     discovered = discover_with_interpreter_module(pid)
     if discovered is not None:
-        info["discovery"] = discovered
-        if isinstance(discovered.get("version"), str):
-            info["version"] = discovered["version"]
+        info.update(discovered)
 
 
 def add_process_checks(diag: Diagnosis, info: dict[str, Any]) -> None:
@@ -573,8 +573,12 @@ def add_process_checks(diag: Diagnosis, info: dict[str, Any]) -> None:
     probes = info["usdt_probes"]
     usdt = (f"{len(probes)} USDT probes, function__entry "
             f"{'present' if info['usdt_function_entry'] else 'absent'}") if probes else "no USDT probes"  # fmt: skip
-    diag.add(name, OK, f"CPython {info['version']} ({info['interpreter_elf']}); layout: "
-             f"{info['layout_source']}; {usdt}{context}")  # fmt: skip
+    version = info.get("full_version") or info["version"]
+    stacks = info.get("stacks", "available")
+    status = OK if stacks == "available" else WARN
+    fix = "" if status == OK else "fds are still recorded, without Python stacks"
+    diag.add(name, status, f"CPython {version} ({info['interpreter_elf']}); layout: "
+             f"{info['layout_source']}; Python stacks {stacks}; {usdt}{context}", fix)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ output
