@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import mmap
 import socket
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cmtrace import schema, syscalls
 from cmtrace.errors import EnvironmentProblem
@@ -69,6 +72,69 @@ def available_syscall_tracepoints() -> set[str]:
     return {p.name for p in root.iterdir()} if root.is_dir() else set()
 
 
+class RingReader:
+    """Consumer of a BPF ring buffer through its mmap'ed pages, without a callback per record.
+
+    The kernel maps the data area twice in a row, so a record that wraps around the end reads
+    as one contiguous slice. A drain copies everything between the consumer and producer
+    positions in one go, walks the 8-byte record headers (length with BUSY/DISCARD bits), stops
+    at the first record still being written, and only then advances the consumer position.
+    """
+
+    BUSY = 1 << 31
+    DISCARD = 1 << 30
+    _HEAD = struct.Struct("<I20xH")  # record length, then the payload's `type` field
+
+    def __init__(self, map_fd: int, size: int):
+        page = mmap.PAGESIZE
+        self.size = size
+        self.mask = size - 1
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._producer = mmap.mmap(
+            map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+        )
+        self._page = page
+
+    def read(self) -> tuple[bytes, list[int], list[bytes]]:
+        """(copy of the new bytes, payload offsets of fd records in it, Python records)."""
+        consumer = int.from_bytes(self._consumer[0:8], "little")
+        producer = int.from_bytes(self._producer[0:8], "little")
+        if producer == consumer:
+            return b"", [], []
+        start = self._page + (consumer & self.mask)
+        buf = self._producer[start : start + (producer - consumer)]
+        pos, end, fd_offsets, python_records = 0, len(buf), [], []
+        busy, discard, unpack = self.BUSY, self.DISCARD, self._HEAD.unpack_from
+        while pos < end:
+            header, rtype = unpack(buf, pos)
+            if header & busy:
+                break
+            length = header & ~(busy | discard)
+            if not header & discard:
+                if rtype >= PYTHON_RECORD_MIN_TYPE:
+                    python_records.append(buf[pos + 8 : pos + 8 + length])
+                else:
+                    fd_offsets.append(pos + 8)
+            pos += (length + 15) & ~7  # 8-byte header, payload rounded up to 8
+        self._consumer[0:8] = (consumer + pos).to_bytes(8, "little")
+        return buf, fd_offsets, python_records
+
+    def close(self) -> None:
+        self._consumer.close()
+        self._producer.close()
+
+
+@dataclass
+class Batch:
+    """fd records drained together: payloads start at `offsets` inside `buf`."""
+
+    buf: bytes
+    offsets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
 @dataclass
 class Collector:
     """Owns the loaded BPF program; `drain()` returns what arrived since the last call."""
@@ -79,8 +145,6 @@ class Collector:
     on_python_record: Callable[[bytes], None] | None = None
     boot_ns: int = field(default_factory=time.monotonic_ns)  # trace start, monotonic clock
     missing_tracepoints: list[str] = field(default_factory=list)
-    _chunks: list[bytes] = field(default_factory=list)
-    _lost_seen: int = 0
 
     def load(self) -> None:
         bcc = import_bcc()
@@ -102,7 +166,7 @@ class Collector:
             ) from exc
         if self.follow:
             self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
-        self.bpf["events"].open_ring_buffer(self._on_record)
+        self.ring = RingReader(self.bpf["events"].map_fd, self.ring_pages * 4096)
 
     def _attach_syscalls(self) -> None:
         have = available_syscall_tracepoints()
@@ -123,35 +187,33 @@ class Collector:
         except KeyError:
             pass
 
-    def _on_record(self, _ctx, data, size) -> None:
-        self._chunks.append(ctypes.string_at(data, size))
-
-    def drain(self) -> list[bytes]:
-        """Consume everything the kernel has submitted; return the raw fd records."""
-        self.bpf.ring_buffer_consume()
-        chunks, self._chunks = self._chunks, []
-        if self.on_python_record is None:
-            return [c for c in chunks if _record_type(c) < PYTHON_RECORD_MIN_TYPE]
-        fd_records = []
-        for chunk in chunks:
-            if _record_type(chunk) >= PYTHON_RECORD_MIN_TYPE:
-                self.on_python_record(chunk)
-            else:
-                fd_records.append(chunk)
-        return fd_records
+    def drain(self) -> Batch:
+        """Consume everything the kernel has submitted; Python records go to the symbolizer."""
+        buf, offsets, python_records = self.ring.read()
+        if self.on_python_record is not None:
+            for record in python_records:
+                self.on_python_record(record)
+        return Batch(buf, offsets)
 
     def lost_events(self) -> int:
         return int(sum(self.bpf["lost"][ctypes.c_int(0)]))
 
+    def stop(self) -> None:
+        """Stop new events at once (the filter empties) while the probes stay attached."""
+        self.bpf["traced"].clear()
+
     def close(self) -> None:
+        """Detach every probe. Each detach waits for an RCU grace period (~80 ms here), so
+        they run in parallel threads (the ctypes calls release the GIL) and share them."""
         bpf = getattr(self, "bpf", None)
-        if bpf is not None:
-            bpf.cleanup()
-            self.bpf = None
-
-
-def _record_type(chunk: bytes) -> int:
-    return chunk[16] | (chunk[17] << 8)
+        if bpf is None:
+            return
+        self.ring.close()
+        attached = list(bpf.tracepoint_fds)
+        with ThreadPoolExecutor(max_workers=max(1, len(attached))) as pool:
+            list(pool.map(bpf.detach_tracepoint, attached))
+        bpf.cleanup()
+        self.bpf = None
 
 
 # ---- decoding ---------------------------------------------------------------------------------
@@ -177,11 +239,26 @@ _FCNTL_NR = syscalls.BY_NAME["fcntl"].nr
 _DUP2_NR = syscalls.BY_NAME["dup2"].nr
 
 
-def decode(records: list[bytes], boot_ns: int) -> pa.Table:
-    """Turn raw fd records into an Arrow table with the EVENTS schema (sorted by time)."""
-    if not records:
+_HEADER_COLUMNS = np.arange(HEADER_SIZE)
+# Dictionary-encoded columns are built straight from integer codes, never from Python strings.
+_OP_VOCAB = pa.array([OP_BY_TYPE.get(t, "unknown") for t in range(PYTHON_RECORD_MIN_TYPE)])
+_SYSCALL_VOCAB = pa.array(list(_SYSCALL_NAMES) + list(PROCESS_SYSCALL.values()))
+_PROCESS_SYSCALL_CODE = {ev: _NR_SPACE + i for i, ev in enumerate(PROCESS_SYSCALL)}
+_KIND_VOCAB = pa.array(list(schema.KINDS))
+_KIND_CODE_BY_NR = np.array(
+    [schema.KINDS.index(syscalls.birth_kind(nr)) for nr in range(_NR_SPACE)], np.int8
+)
+_SOCKET_KIND = schema.KINDS.index("socket")
+_TEXT_TAIL_NRS = np.array(sorted(_TEXT_NRS | {_MEMFD_NR}))
+
+
+def decode(batch: Batch, boot_ns: int) -> pa.Table:
+    """Turn drained fd records into an Arrow table with the EVENTS schema (sorted by time)."""
+    if not len(batch):
         return schema.EVENTS.empty_table()
-    head = np.frombuffer(b"".join(r[:HEADER_SIZE] for r in records), dtype=RECORD_HEADER)
+    raw = np.frombuffer(batch.buf, dtype=np.uint8)
+    offsets = np.asarray(batch.offsets, dtype=np.int64)
+    head = raw[offsets[:, None] + _HEADER_COLUMNS].reshape(-1).view(RECORD_HEADER)
     etype = head["type"].astype(np.int64)
     nr = np.minimum(head["nr"].astype(np.int64), _NR_SPACE - 1)
     flags = head["flags"]
@@ -190,31 +267,27 @@ def decode(records: list[bytes], boot_ns: int) -> pa.Table:
     noop_dup2 = is_birth & (nr == _DUP2_NR) & (head["fd"] == head["fd2"])
     keep = ~(multi | noop_dup2)
 
-    syscall = _SYSCALL_NAMES[nr]
-    for ev, name in PROCESS_SYSCALL.items():
-        syscall[etype == ev] = name
-    kind = np.where(is_birth | (etype == EV_FAIL), _KIND_BY_NR[nr], None)
-    kind[etype == EV_ADDR] = "socket"
+    syscall_code = nr.copy()
+    for ev, code in _PROCESS_SYSCALL_CODE.items():
+        syscall_code[etype == ev] = code
+    kind_code = np.where(etype == EV_ADDR, _SOCKET_KIND, _KIND_CODE_BY_NR[nr])
+    kind_valid = is_birth | (etype == EV_FAIL) | (etype == EV_ADDR)
     cloexec = _ALWAYS_CLOEXEC[nr] | ((flags & _CLOEXEC_BIT[nr]) != 0)
     cloexec |= (nr == _FCNTL_NR) & (flags == syscalls.F_DUPFD_CLOEXEC)
-    cloexec_valid = is_birth | (etype == EV_CLOEXEC)
     cloexec = np.where(etype == EV_CLOEXEC, head["arg"] != 0, cloexec)
-    paths = np.full(len(head), None, dtype=object)
-    for i in np.flatnonzero(head["datalen"] > 0):
-        paths[i] = _decode_tail(int(etype[i]), int(nr[i]), records[i], int(head["datalen"][i]))
-
+    cloexec_valid = is_birth | (etype == EV_CLOEXEC)
     stack_flags = head["stack_flags"].astype(np.int64)
     columns = {
         "t_ns": head["ts"].astype(np.int64) - boot_ns,
         "pid": head["pid"].astype(np.int32),
         "tid": head["tid"].astype(np.int32),
-        "op": _OP_NAMES[np.minimum(etype, PYTHON_RECORD_MIN_TYPE - 1)],
-        "syscall": syscall,
+        "op": np.minimum(etype, PYTHON_RECORD_MIN_TYPE - 1),
+        "syscall": syscall_code,
         "fd": head["fd"],
         "src_fd": head["fd2"],
         "errno": head["err"],
-        "kind": kind,
-        "path": paths,
+        "kind": kind_code,
+        "path": np.arange(len(head)),  # row numbers: paths are decoded from the tails below
         "flags": flags.view(np.int64),
         "cloexec": cloexec,
         "arg": head["arg"].view(np.int64),
@@ -222,47 +295,89 @@ def decode(records: list[bytes], boot_ns: int) -> pa.Table:
         "stack_flags": (stack_flags & ~STACK_FINALIZING).astype(np.int32),
         "finalizing": (stack_flags & STACK_FINALIZING) != 0,
     }
-    masks = {"cloexec": ~cloexec_valid}
-    table = _to_table(
-        {k: v[keep] for k, v in columns.items()}, {k: m[keep] for k, m in masks.items()}
+    masks = {"cloexec": ~cloexec_valid, "kind": ~kind_valid}
+    paths = _decode_paths(batch, offsets, head, etype, nr)
+    table = _to_table(columns, masks, paths, keep)
+    rows = np.flatnonzero(multi)
+    if len(rows):
+        extra = _expand_multi_fd(columns, rows, batch, offsets, head)
+        table = pa.concat_tables([table, _to_table(*extra)])
+    return table.sort_by([("t_ns", "ascending")]) if len(table) > 1 else table
+
+
+def _decode_paths(batch: Batch, offsets, head, etype, nr) -> pa.Array:
+    """Paths as one Arrow string array: plain-text tails (file names) are sliced out of the
+    batch in one gather; the few tails that need formatting (addresses, exec) go through
+    Python."""
+    datalen = head["datalen"].astype(np.int64)
+    text = (datalen > 0) & np.isin(nr, _TEXT_TAIL_NRS) & ((etype == EV_BIRTH) | (etype == EV_FAIL))
+    lengths = np.where(text, datalen, 0)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    total = int(ends[-1]) if len(ends) else 0
+    source = np.repeat(offsets + HEADER_SIZE - starts, lengths) + np.arange(total)
+    data = np.frombuffer(batch.buf, dtype=np.uint8)[source]
+    value_offsets = np.concatenate([[0], ends]).astype(np.int32)
+    binary = pa.Array.from_buffers(
+        pa.binary(), len(head), [None, pa.py_buffer(value_offsets), pa.py_buffer(data.tobytes())]
     )
-    extra = _expand_multi_fd(columns, np.flatnonzero(multi), records, head)
-    if extra is not None:
-        table = pa.concat_tables([table, extra]).sort_by([("t_ns", "ascending")])
-    elif len(table) > 1:
-        table = table.sort_by([("t_ns", "ascending")])
-    return table
+    try:
+        paths = binary.cast(pa.string())
+    except pa.ArrowInvalid:  # a name that is not UTF-8: escape its bytes instead
+        paths = pa.array([_text(v) for v in binary.to_pylist()], pa.string())
+    paths = pc.if_else(pa.array(text), paths, pa.scalar(None, pa.string()))
+    memfd = np.flatnonzero(text & (nr == _MEMFD_NR))
+    other = np.flatnonzero((datalen > 0) & ~text)
+    if len(memfd) or len(other):
+        values = paths.to_pylist()
+        for i in memfd:
+            values[i] = "memfd:" + values[i]
+        for i in other:
+            tail_at = int(offsets[i]) + HEADER_SIZE
+            tail = batch.buf[tail_at : tail_at + int(datalen[i])]
+            values[i] = _decode_tail(int(etype[i]), int(nr[i]), tail)
+        paths = pa.array(values, pa.string())
+    return paths
 
 
-def _to_table(columns: dict, masks: dict) -> pa.Table:
+_VOCABS = {"op": _OP_VOCAB, "syscall": _SYSCALL_VOCAB, "kind": _KIND_VOCAB}
+
+
+def _to_table(columns: dict, masks: dict, paths: pa.Array, keep: np.ndarray) -> pa.Table:
     arrays = []
     for fld in schema.EVENTS:
-        values = columns[fld.name]
+        if fld.name == "path":
+            arrays.append(paths.filter(pa.array(keep)))
+            continue
+        values = columns[fld.name][keep]
+        mask = masks[fld.name][keep] if fld.name in masks else None
         if pa.types.is_dictionary(fld.type):
-            arr = pa.array(values, pa.string()).dictionary_encode()
-            arrays.append(arr.cast(fld.type))
-        elif fld.name in masks:
-            arrays.append(pa.array(values, fld.type, mask=masks[fld.name]))
-        elif values.dtype == object:
-            arrays.append(pa.array(values, fld.type))
+            arrays.append(_dictionary_column(fld.type, values, mask, _VOCABS[fld.name]))
         else:
-            arrays.append(pa.array(values.astype(fld.type.to_pandas_dtype(), copy=False)))
+            numpy_type = fld.type.to_pandas_dtype()
+            arrays.append(pa.array(values.astype(numpy_type, copy=False), fld.type, mask=mask))
     return pa.Table.from_arrays(arrays, schema=schema.EVENTS)
 
 
-def _expand_multi_fd(
-    columns: dict, rows: np.ndarray, records: list[bytes], head
-) -> pa.Table | None:
-    """pipe/pipe2/socketpair: one row per end naming its peer; recvmsg: one row per fd received."""
-    if len(rows) == 0:
-        return None
+def _dictionary_column(arrow_type, codes: np.ndarray, mask, vocab: pa.Array) -> pa.Array:
+    """Codes into a vocabulary, re-coded to the values present (small per-part dictionaries)."""
+    present, compact = np.unique(codes, return_inverse=True)
+    indices = pa.array(compact.astype(arrow_type.index_type.to_pandas_dtype()), mask=mask)
+    return pa.DictionaryArray.from_arrays(indices, vocab.take(pa.array(present)))
+
+
+def _expand_multi_fd(columns: dict, rows: np.ndarray, batch: Batch, offsets: np.ndarray, head):
+    """pipe/pipe2/socketpair: one row per end naming its peer; recvmsg: one row per fd received.
+    Returns _to_table's arguments for the new rows."""
     out: dict[str, list] = {name: [] for name in columns}
+    unknown_kind = schema.KINDS.index("unknown")
     for i in rows:
         base = {name: col[i] for name, col in columns.items()}
-        if base["syscall"] == "recvmsg":
-            tail = records[i][HEADER_SIZE : HEADER_SIZE + int(head["datalen"][i])]
+        if int(head["nr"][i]) == syscalls.BY_NAME["recvmsg"].nr:
+            tail_at = int(offsets[i]) + HEADER_SIZE
+            tail = batch.buf[tail_at : tail_at + int(head["datalen"][i])]
             fds = [fd for (fd,) in struct.iter_unpack("<i", tail[: len(tail) // 4 * 4])]
-            variants = [{"fd": fd, "kind": "unknown"} for fd in fds]
+            variants = [{"fd": fd, "kind": unknown_kind} for fd in fds]
         else:
             first, second = int(base["fd"]), int(base["src_fd"])
             variants = [{"fd": first, "src_fd": second}, {"fd": second, "src_fd": first}]
@@ -270,11 +385,13 @@ def _expand_multi_fd(
             for name in columns:
                 out[name].append(variant.get(name, base[name]))
     arrays = {name: np.array(values, dtype=columns[name].dtype) for name, values in out.items()}
-    return _to_table(arrays, {})
+    count = len(arrays["fd"])
+    nothing = np.zeros(count, bool)
+    paths = pa.nulls(count, pa.string())
+    return arrays, {"cloexec": nothing, "kind": nothing}, paths, ~nothing
 
 
-def _decode_tail(etype: int, nr: int, record: bytes, datalen: int) -> str | None:
-    tail = record[HEADER_SIZE : HEADER_SIZE + datalen]
+def _decode_tail(etype: int, nr: int, tail: bytes) -> str | None:
     if etype in (EV_ADDR, EV_BIRTH) and nr in (42, 49, 43, 288):  # connect, bind, accept*
         return format_sockaddr(tail)
     if etype == EV_EXIT:

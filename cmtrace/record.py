@@ -267,10 +267,10 @@ class Recording:
                 self.request_stop("target exited")
 
     def _drain(self) -> None:
-        records = self.collector.drain()
-        if not records:
+        batch = self.collector.drain()
+        if not len(batch):
             return
-        table = decode(records, self.collector.boot_ns)
+        table = decode(batch, self.collector.boot_ns)
         self.pending.append(table)
         self._react_to_processes(table)
 
@@ -310,7 +310,8 @@ class Recording:
         if self.failure is not None:
             self.abandon()
             raise self.failure
-        time.sleep(DRAIN_INTERVAL)
+        self.collector.stop()
+        time.sleep(DRAIN_INTERVAL)  # let records reserved before the stop be committed
         self._drain()
         self.flush()
         self._capture_sources()
@@ -321,7 +322,6 @@ class Recording:
             python=list(self.python_targets.values()),
             degraded=self._degraded(),
         )
-        self.collector.close()
 
     def _capture_sources(self) -> None:
         if self.symbolizer is None:
@@ -388,6 +388,7 @@ def _finish_with_summary(rec: Recording, path: Path, out) -> int:
     rec.finish()
     leaks = print_summary(path, rec.args, out)
     rec.progress(f"trace written to {path}")
+    rec.collector.close()
     return leaks
 
 
