@@ -153,9 +153,12 @@ class Collector:
             "-DMAX_TRACED=8192",
             f"-I{probes_dir()}",
         ]
-        if self.python_stacks and (probes_dir() / "pystack.h").exists():
-            cflags.append("-DCMTRACE_PYSTACK")
         source = (probes_dir() / "fdtrace.bpf.c").read_text()
+        if self.python_stacks:
+            from cmtrace.symbolize import inline_pystack  # noqa: PLC0415 (bcc quirk, see there)
+
+            cflags.append("-DCMTRACE_PYSTACK")
+            source = inline_pystack(source, probes_dir() / "pystack.h")
         try:
             self.bpf = bcc.BPF(text=source, cflags=cflags)
             self._attach_syscalls()
@@ -167,6 +170,7 @@ class Collector:
         if self.follow:
             self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         self.ring = RingReader(self.bpf["events"].map_fd, self.ring_pages * 4096)
+        self.boot_ns = time.monotonic_ns()  # the trace starts when the probes are live
 
     def _attach_syscalls(self) -> None:
         have = available_syscall_tracepoints()
@@ -180,6 +184,10 @@ class Collector:
 
     def trace_pid(self, pid: int) -> None:
         self.bpf["traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+
+    def hold_at_exec(self, pid: int) -> None:
+        """Have the kernel stop pid (SIGSTOP) right after each of its execs; see resume()."""
+        self.bpf["settings"][ctypes.c_int(1)] = ctypes.c_uint32(pid)
 
     def untrace_pid(self, pid: int) -> None:
         try:

@@ -185,6 +185,7 @@ class Recording:
         self.root_pids: set[int] = set()
         self.events_written = 0
         self.failure: CmtraceError | None = None  # what stopped the recording, if it failed
+        self.held_pid = 0  # `run`: the kernel stops this pid after each exec until resumed
 
     # -- setup
     def load(self) -> None:
@@ -234,7 +235,8 @@ class Recording:
         try:
             target = symbolize.install_python_target(self.collector.bpf, pid)
         except Exception as exc:  # never let stack support stop fd recording
-            target = {"pid": pid, "python": None, "reason": f"stack support failed: {exc}"}
+            reason = f"stack support failed: {type(exc).__name__}: {exc}"
+            target = {"pid": pid, "python": None, "reason": reason}
         self.python_targets[pid] = _as_dict(target)
 
     def snapshot_preexisting(self, pids: list[int]) -> None:
@@ -285,6 +287,8 @@ class Recording:
                 self.install_python(int(row["arg"]))
             elif row["op"] == schema.OP_EXEC:
                 self.install_python(int(row["pid"]))
+                if int(row["pid"]) == self.held_pid:
+                    _resume(self.held_pid)
 
     def flush(self) -> None:
         lost = self.collector.lost_events()
@@ -355,6 +359,13 @@ class Recording:
     def progress(self, text: str) -> None:
         if not self.quiet:
             print(f"cmtrace: {text}", file=sys.stderr, flush=True)
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
 
 
 def _as_dict(target) -> dict:
@@ -477,6 +488,9 @@ def run_command(args: argparse.Namespace) -> int:
     rec.root_pids = {child}
     rec.open_writer(output, [child], {"mode": "run", "command": command}, cmdline=command)
     rec.collector.trace_pid(child)
+    if rec.symbolizer is not None:
+        rec.held_pid = child
+        rec.collector.hold_at_exec(child)
     rec.snapshot_preexisting([child])
     _install_stop_signals(rec, forward_to=child)
     release()  # the child execs CMD now, already traced

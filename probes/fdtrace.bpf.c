@@ -92,7 +92,7 @@ struct stash_t {
 };
 
 BPF_HASH(traced, u32, u8, MAX_TRACED);
-BPF_ARRAY(settings, u32, 1);                         // [0] = follow children
+BPF_ARRAY(settings, u32, 2);  // [0] follow children, [1] pid to stop at each exec (see exec)
 BPF_TABLE("lru_hash", u32, struct stash_t, stash, 65536);  // tid -> args of a syscall in flight
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -135,11 +135,24 @@ static __always_inline void fill(struct fd_event *e, u64 pid_tgid, u16 type, u16
     e->datalen = 0;
 }
 
-// The Python stack is captured before the record is reserved, so that the stack and code
-// records it may emit precede this event in the ring.
-static __always_inline struct fd_event *reserve_small(void *ctx, u64 pid_tgid, u16 type, u16 nr) {
-    u32 sflags = 0;
-    u64 sid = capture_python_stack(ctx, pid_tgid, &sflags);
+// The Python stack is captured (once per program: the walker is large and the verifier checks
+// every inlined copy) before the record is reserved, so that the stack and code records it may
+// emit precede this event in the ring.
+struct stack_ref {
+    u64 id;
+    u32 flags;
+};
+
+static __always_inline struct stack_ref python_stack(void *ctx, u64 pid_tgid) {
+    struct stack_ref st = {};
+    st.id = capture_python_stack(ctx, pid_tgid, &st.flags);
+    return st;
+}
+
+static __always_inline struct fd_event *reserve_small(struct stack_ref *st, u64 pid_tgid, u16 type,
+                                                      u16 nr) {
+    u64 sid = st->id;
+    u32 sflags = st->flags;
     struct fd_event *e = events.ringbuf_reserve(sizeof(struct fd_event));
     if (!e) {
         count_lost();
@@ -149,12 +162,10 @@ static __always_inline struct fd_event *reserve_small(void *ctx, u64 pid_tgid, u
     return e;
 }
 
-static __always_inline struct fd_event_data *reserve_data(void *ctx, u64 pid_tgid, u16 type,
-                                                          u16 nr, int with_stack) {
-    u32 sflags = 0;
-    u64 sid = 0;
-    if (with_stack)
-        sid = capture_python_stack(ctx, pid_tgid, &sflags);
+static __always_inline struct fd_event_data *reserve_data(struct stack_ref *st, u64 pid_tgid,
+                                                          u16 type, u16 nr) {
+    u64 sid = st->id;
+    u32 sflags = st->flags;
     struct fd_event_data *d = events.ringbuf_reserve(sizeof(struct fd_event_data));
     if (!d) {
         count_lost();
@@ -201,17 +212,26 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
     struct stash_t s = {};
     s.nr = nr;
     bpf_probe_read_kernel(s.args, sizeof(s.args), (void *)ctx + 16);
+    u64 cmd = s.args[1] & 0xffffffff;
+    int emits_now = nr == NR_close || nr == NR_close_range || nr == NR_connect || nr == NR_bind ||
+                    (nr == NR_ioctl && (cmd == FIOCLEX_ || cmd == FIONCLEX_)) ||
+                    (nr == NR_fcntl && cmd == F_SETFD_);
+    if (nr == NR_ioctl && !emits_now)
+        return 0;
+    struct stack_ref st = {};
+    if (emits_now)
+        st = python_stack(ctx, pid_tgid);
 
     switch (nr) {
     case NR_close:
-        e = reserve_small(ctx, pid_tgid, EV_CLOSE, nr);
+        e = reserve_small(&st, pid_tgid, EV_CLOSE, nr);
         if (e) {
             e->fd = (s32)s.args[0];
             submit_small(e);
         }
         return 0;
     case NR_close_range:
-        e = reserve_small(ctx, pid_tgid, EV_CLOSE_RANGE, nr);
+        e = reserve_small(&st, pid_tgid, EV_CLOSE_RANGE, nr);
         if (e) {
             e->fd = (s32)s.args[0];
             e->arg = s.args[1];
@@ -220,10 +240,7 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
         }
         return 0;
     case NR_ioctl: {
-        u64 cmd = s.args[1] & 0xffffffff;
-        if (cmd != FIOCLEX_ && cmd != FIONCLEX_)
-            return 0;
-        e = reserve_small(ctx, pid_tgid, EV_CLOEXEC, nr);
+        e = reserve_small(&st, pid_tgid, EV_CLOEXEC, nr);
         if (e) {
             e->fd = (s32)s.args[0];
             e->arg = cmd == FIOCLEX_;
@@ -234,7 +251,7 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
     }
     case NR_connect:
     case NR_bind:
-        d = reserve_data(ctx, pid_tgid, EV_ADDR, nr, 1);
+        d = reserve_data(&st, pid_tgid, EV_ADDR, nr);
         if (d) {
             d->e.fd = (s32)s.args[0];
             copy_sockaddr(d, (const void *)s.args[1], s.args[2]);
@@ -242,9 +259,8 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
         }
         return 0;
     case NR_fcntl: {
-        u64 cmd = s.args[1] & 0xffffffff;
         if (cmd == F_SETFD_) {
-            e = reserve_small(ctx, pid_tgid, EV_CLOEXEC, nr);
+            e = reserve_small(&st, pid_tgid, EV_CLOEXEC, nr);
             if (e) {
                 e->fd = (s32)s.args[0];
                 e->arg = s.args[2] & 1;  // FD_CLOEXEC
@@ -283,10 +299,10 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
 // ---------------------------------------------------------------------------------------------
 // Exit: births (the fd is the return value) and failures.
 
-static __always_inline void emit_path_birth(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret,
+static __always_inline void emit_path_birth(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret,
                                             const void *path, u64 flags) {
     u16 type = ret < 0 ? EV_FAIL : EV_BIRTH;
-    struct fd_event_data *d = reserve_data(ctx, pid_tgid, type, s->nr, 1);
+    struct fd_event_data *d = reserve_data(st, pid_tgid, type, s->nr);
     if (!d)
         return;
     if (ret < 0)
@@ -300,9 +316,9 @@ static __always_inline void emit_path_birth(void *ctx, u64 pid_tgid, struct stas
     submit_data(d);
 }
 
-static __always_inline void emit_pair_birth(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret,
+static __always_inline void emit_pair_birth(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret,
                                             const void *fds_ptr, u64 flags, u64 arg) {
-    struct fd_event *e = reserve_small(ctx, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
+    struct fd_event *e = reserve_small(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
     if (!e)
         return;
     if (ret < 0) {
@@ -318,9 +334,9 @@ static __always_inline void emit_pair_birth(void *ctx, u64 pid_tgid, struct stas
     submit_small(e);
 }
 
-static __always_inline void emit_simple_birth(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret,
+static __always_inline void emit_simple_birth(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret,
                                               s32 src, u64 flags, u64 arg) {
-    struct fd_event *e = reserve_small(ctx, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
+    struct fd_event *e = reserve_small(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
     if (!e)
         return;
     if (ret < 0)
@@ -333,8 +349,8 @@ static __always_inline void emit_simple_birth(void *ctx, u64 pid_tgid, struct st
     submit_small(e);
 }
 
-static __always_inline void emit_accept(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret) {
-    struct fd_event_data *d = reserve_data(ctx, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr, 1);
+static __always_inline void emit_accept(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret) {
+    struct fd_event_data *d = reserve_data(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
     if (!d)
         return;
     if (ret < 0)
@@ -369,29 +385,36 @@ struct cmsghdr_ {
     s32 type;
 };
 
-static __always_inline void emit_scm_rights(void *ctx, u64 pid_tgid, struct stash_t *s, s64 ret) {
+// Parses the first control message of a successful recvmsg; when it passes descriptors
+// (SCM_RIGHTS), keeps their address and count in the stash's unused argument slots 4 and 5.
+static __always_inline int carries_scm_rights(struct stash_t *s, s64 ret) {
     if (ret < 0)
-        return;
+        return 0;
     struct user_msghdr_ msg = {};
     if (bpf_probe_read_user(&msg, sizeof(msg), (void *)s->args[1]) != 0)
-        return;
+        return 0;
     if (!msg.control || msg.controllen < sizeof(struct cmsghdr_) + 4)
-        return;
+        return 0;
     struct cmsghdr_ cm = {};
     if (bpf_probe_read_user(&cm, sizeof(cm), (void *)msg.control) != 0)
-        return;
+        return 0;
     if (cm.level != 1 || cm.type != 1)  // SOL_SOCKET, SCM_RIGHTS
-        return;
+        return 0;
     u64 n = (cm.len - sizeof(cm)) / 4;
     if (n == 0)
-        return;
-    if (n > 16)
-        n = 16;
-    struct fd_event_data *d = reserve_data(ctx, pid_tgid, EV_BIRTH, s->nr, 1);
+        return 0;
+    s->args[4] = msg.control + sizeof(cm);
+    s->args[5] = n > 16 ? 16 : n;
+    return 1;
+}
+
+static __always_inline void emit_scm_rights(struct stack_ref *st, u64 pid_tgid, struct stash_t *s,
+                                            s64 ret) {
+    struct fd_event_data *d = reserve_data(st, pid_tgid, EV_BIRTH, s->nr);
     if (!d)
         return;
-    u32 bytes = (n * 4) & 0x7f;
-    if (bytes && bpf_probe_read_user(d->data, bytes, (void *)(msg.control + sizeof(cm))) == 0)
+    u32 bytes = (s->args[5] * 4) & 0x7f;
+    if (bytes && bpf_probe_read_user(d->data, bytes, (void *)s->args[4]) == 0)
         d->e.datalen = bytes;
     d->e.fd = -1;
     d->e.fd2 = (s32)s->args[0];
@@ -411,82 +434,87 @@ int on_sys_exit(struct sys_exit_ctx *ctx) {
     stash.delete(&tid);
     s64 ret = ctx->ret;
     u32 nr = s.nr;
+    if (nr == NR_clone || nr == NR_clone3 || nr == NR_fork || nr == NR_vfork)
+        return 0;  // handled at sched_process_fork; the stash only had to be cleaned up
+    if (nr == NR_recvmsg && !carries_scm_rights(&s, ret))
+        return 0;  // most recvmsg calls pass no descriptors: no stack walk for them
+    struct stack_ref st = python_stack(ctx, pid_tgid);
 
     switch (nr) {
     case NR_open:
-        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
+        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
         break;
     case NR_openat:
-        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[1], s.args[2]);
+        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[1], s.args[2]);
         break;
     case NR_openat2: {
         u64 how_flags = 0;
         bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)s.args[2]);
-        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[1], how_flags);
+        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[1], how_flags);
         break;
     }
     case NR_creat:
-        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], 0);
+        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], 0);
         break;
     case NR_memfd_create:
-        emit_path_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
+        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
         break;
     case NR_socket:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
         break;
     case NR_socketpair:
-        emit_pair_birth(ctx, pid_tgid, &s, ret, (void *)s.args[3], s.args[1], s.args[0]);
+        emit_pair_birth(&st, pid_tgid, &s, ret, (void *)s.args[3], s.args[1], s.args[0]);
         break;
     case NR_pipe:
-        emit_pair_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], 0, 0);
+        emit_pair_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], 0, 0);
         break;
     case NR_pipe2:
-        emit_pair_birth(ctx, pid_tgid, &s, ret, (void *)s.args[0], s.args[1], 0);
+        emit_pair_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], s.args[1], 0);
         break;
     case NR_accept:
     case NR_accept4:
-        emit_accept(ctx, pid_tgid, &s, ret);
+        emit_accept(&st, pid_tgid, &s, ret);
         break;
     case NR_dup:
     case NR_dup2:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[0], 0, 0);
+        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[0], 0, 0);
         break;
     case NR_dup3:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[0], s.args[2], 0);
+        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[0], s.args[2], 0);
         break;
     case NR_fcntl:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[0], s.args[1], s.args[2]);
+        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[0], s.args[1], s.args[2]);
         break;
     case NR_eventfd:
     case NR_epoll_create:
     case NR_inotify_init:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, 0, s.args[0]);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, 0, s.args[0]);
         break;
     case NR_eventfd2:
     case NR_timerfd_create:
     case NR_pidfd_open:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
         break;
     case NR_epoll_create1:
     case NR_inotify_init1:
     case NR_fanotify_init:
     case NR_userfaultfd:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[0], 0);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[0], 0);
         break;
     case NR_signalfd:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, 0, 0);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, 0, 0);
         break;
     case NR_signalfd4:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[3], 0);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[3], 0);
         break;
     case NR_pidfd_getfd:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, (s32)s.args[1], s.args[2], s.args[0]);
+        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[1], s.args[2], s.args[0]);
         break;
     case NR_perf_event_open:
-        emit_simple_birth(ctx, pid_tgid, &s, ret, -1, s.args[4], s.args[2]);
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[4], s.args[2]);
         break;
     case NR_recvmsg:
-        emit_scm_rights(ctx, pid_tgid, &s, ret);
+        emit_scm_rights(&st, pid_tgid, &s, ret);
         break;
     default:
         break;  // clone family: handled at sched_process_fork, stash only cleaned up here
@@ -514,7 +542,8 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         u8 one = 1;
         traced.update(&child, &one);
     }
-    struct fd_event *e = reserve_small(args, pid_tgid, EV_FORK, 0);
+    struct stack_ref st = python_stack(args, pid_tgid);
+    struct fd_event *e = reserve_small(&st, pid_tgid, EV_FORK, 0);
     if (e) {
         e->arg = child;
         e->flags = flags;
@@ -529,7 +558,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     if (!is_traced(tgid))
         return 0;
     python_forget_process(tgid);
-    struct fd_event_data *d = reserve_data(args, pid_tgid, EV_EXEC, 59, 0);
+    // `cmtrace run` stops its command right after each exec until user space has loaded the new
+    // image's Python layout: a short-lived `python -c ...` would otherwise be gone before.
+    u32 hold_key = 1;
+    u32 *hold = settings.lookup(&hold_key);
+    if (hold && *hold == tgid)
+        bpf_send_signal(19);  // SIGSTOP; the collector sends SIGCONT
+    struct stack_ref none = {};
+    struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXEC, 59);
     if (!d)
         return 0;
     unsigned short off = args->data_loc_filename & 0xffff;
@@ -551,7 +587,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     if (tid != tgid)
         return 0;  // a thread ended; the table lives on
     python_forget_process(tgid);
-    struct fd_event_data *d = reserve_data(args, pid_tgid, EV_EXIT, 60, 0);
+    struct stack_ref none = {};
+    struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXIT, 60);
     if (d) {
         __builtin_memcpy(d->data, args->comm, 16);
         d->e.datalen = 16;
