@@ -29,6 +29,7 @@ from cmtrace.errors import (
     CmtraceError,
     EnvironmentProblem,
     TargetError,
+    TraceError,
     UsageError,
 )
 from cmtrace.trace import DiskFull, TraceWriter, prepare_output_dir
@@ -318,6 +319,7 @@ class Recording:
         time.sleep(DRAIN_INTERVAL)  # let records reserved before the stop be committed
         self._drain()
         self.flush()
+        self._snapshot_threads()
         self._capture_sources()
         self.writer.finish(
             lost_events=self.collector.lost_events(),
@@ -326,6 +328,28 @@ class Recording:
             python=list(self.python_targets.values()),
             degraded=self._degraded(),
         )
+
+    def _snapshot_threads(self) -> None:
+        """Every live target's thread stacks as recording stops: the analysis reads from them
+        whether a `with` block is still active (see cmtrace.analysis.causes)."""
+        if self.symbolizer is None:
+            return
+        from cmtrace import pyframes  # noqa: PLC0415
+
+        threads = []
+        for pid, target in self.python_targets.items():
+            if not target.get("python") or not procfs.is_alive(pid):
+                continue
+            try:
+                stacks = pyframes.snapshot_threads(pid)
+            except Exception as exc:  # evidence only: never lose the trace over it
+                self.writer.meta.setdefault("warnings", []).append(f"snapshot of {pid}: {exc}")
+                continue
+            threads += [
+                {"pid": pid, "tid": tid, "frames": frames} for tid, frames in stacks.items()
+            ]
+        if threads:
+            self.writer.write_json("snapshot.json", {"threads": threads})
 
     def _capture_sources(self) -> None:
         if self.symbolizer is None:
@@ -392,7 +416,15 @@ def print_summary(path: Path, args: argparse.Namespace, out) -> int:
     except ImportError:
         print(f"trace written to {path}", file=out)
         return 0
-    return report.print_summary(path, file=out, top=args.top)
+    try:
+        return report.print_summary(path, file=out, top=args.top)
+    except CmtraceError:
+        raise
+    except Exception as exc:  # the trace is complete on disk whatever the analysis does
+        raise TraceError(
+            f"the trace in {path} is complete but could not be summarised "
+            f"({type(exc).__name__}: {exc}); please report this bug with the trace attached"
+        ) from exc
 
 
 def _finish_with_summary(rec: Recording, path: Path, out) -> int:
