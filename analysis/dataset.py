@@ -36,7 +36,7 @@ class RawTrace:
 def read_trace(path: str | Path) -> RawTrace:
     path = Path(path)
     meta = read_meta(path)
-    read_table(path / "events", _subset(schema.EVENTS, ("t_ns",)))  # fail early if corrupt
+    check_parts(path / "events")  # a corrupt part fails now, with the trace's other errors
     return RawTrace(
         path=path,
         meta=meta,
@@ -85,6 +85,60 @@ def tracer_alive(meta: dict) -> bool:
         return b"cmtrace" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def check_parts(path: Path) -> None:
+    """Read every part's footer (cheap): a truncated or foreign file is reported at load."""
+    for file in sorted(path.glob("*.parquet")) if path.is_dir() else []:
+        if file.name.startswith("."):
+            continue
+        try:
+            pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceError(
+                f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that "
+                "part to analyse the rest"
+            ) from exc
+
+
+def read_event_column(path: Path, name: str) -> pa.ChunkedArray:
+    """One events column over all parts, strings dictionary-encoded as read (no decoding).
+
+    The lifetimes model reads a trace column by column, so peak memory holds one Arrow column,
+    not the whole table, next to its numpy arrays.
+    """
+    field = schema.EVENTS.field(name)
+    textual = pa.types.is_string(field.type) or pa.types.is_dictionary(field.type)
+    chunks = []
+    for file in _part_files(path / "events"):
+        try:
+            present = pq.read_schema(file).names
+            if name not in present:
+                continue
+            table = pq.read_table(file, columns=[name], read_dictionary=[name] if textual else None)
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceError(
+                f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
+                "to analyse the rest"
+            ) from exc
+        column = table.column(name)
+        if not textual and column.type != field.type:
+            column = column.cast(field.type)
+        chunks.extend(column.chunks)
+    if not chunks:
+        kind = pa.dictionary(pa.int32(), pa.string()) if textual else field.type
+        return pa.chunked_array([], type=kind)
+    if textual:
+        dict_type = pa.dictionary(pa.int32(), pa.string())
+        chunks = [c.cast(dict_type) if c.type != dict_type else c for c in chunks]
+        return pa.chunked_array(chunks, type=dict_type).unify_dictionaries()
+    return pa.chunked_array(chunks, type=field.type)
+
+
+def _part_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
 
 
 def _subset(table_schema: pa.Schema, names) -> pa.Schema:

@@ -21,10 +21,13 @@ process-wide events (fork, exec, exit, close_range) are applied one by one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from cmtrace.analysis.dataset import read_event_column
 
 from cmtrace import schema
 
@@ -66,19 +69,31 @@ class PairingStats:
 # Column access: the events arrive as a pyarrow Table (fast) or a pandas DataFrame (tests).
 
 
-def _column(events: pa.Table | pd.DataFrame, name: str) -> np.ndarray:
+EventSource = Union[pa.Table, pd.DataFrame, Path]
+
+
+def _raw_column(events: EventSource, name: str):
+    if isinstance(events, pd.DataFrame):
+        return events[name]
+    if isinstance(events, Path):
+        return read_event_column(events, name)
+    return events.column(name)
+
+
+def _column(events: EventSource, name: str) -> np.ndarray:
     """A numeric or boolean column as numpy (object dtype when it holds nulls)."""
-    if isinstance(events, pd.DataFrame):
-        return events[name].to_numpy()
-    return events.column(name).to_numpy()
+    column = _raw_column(events, name)
+    if isinstance(column, pd.Series):
+        return column.to_numpy()
+    return column.to_numpy()
 
 
-def _dictionary_codes(events: pa.Table | pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _dictionary_codes(events: EventSource, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(codes, categories) of a low-cardinality string column; code -1 for null."""
-    if isinstance(events, pd.DataFrame):
-        cat = pd.Categorical(events[name])
+    col = _raw_column(events, name)
+    if isinstance(col, pd.Series):
+        cat = pd.Categorical(col)
         return np.asarray(cat.codes, dtype=np.int32), np.asarray(cat.categories, dtype=object)
-    col = events.column(name)
     if not pa.types.is_dictionary(col.type):
         col = col.dictionary_encode()
     col = col.unify_dictionaries() if col.num_chunks > 1 else col
@@ -91,6 +106,35 @@ def _dictionary_codes(events: pa.Table | pd.DataFrame, name: str) -> tuple[np.nd
     return codes.to_numpy(), np.asarray(dictionary.to_pylist(), dtype=object)
 
 
+class _Vocab:
+    """Strings as int32 codes (-1 = null): millions of lifetimes share a few kinds and paths."""
+
+    def __init__(self, names) -> None:
+        self.names: list[str] = [str(n) for n in names]
+        self.index = {name: i for i, name in enumerate(self.names)}
+
+    def code(self, name) -> int:
+        if name is None or (isinstance(name, float) and name != name):
+            return -1
+        name = str(name)
+        if name not in self.index:
+            self.index[name] = len(self.names)
+            self.names.append(name)
+        return self.index[name]
+
+    def encode(self, values) -> np.ndarray:
+        return np.array([self.code(v) for v in values], dtype=np.int32)
+
+    def categorical(self, codes: np.ndarray) -> pd.Categorical:
+        categories = pd.Index(self.names, dtype=object)
+        return pd.Categorical.from_codes(codes.astype(np.int32), categories=categories)
+
+
+DEATH_VOCAB = _Vocab(DEATHS)
+DEATH_CODE = {name: i for i, name in enumerate(DEATHS)}
+REPLACING = frozenset({"dup2", "dup3", "fcntl"})  # births that may land on a live fd
+
+
 @dataclass
 class _Events:
     """The event columns the model needs, as numpy arrays in time order."""
@@ -100,13 +144,13 @@ class _Events:
     tid: np.ndarray
     op: np.ndarray  # int8 codes into OP_CODES
     syscall: np.ndarray  # int32 codes into syscall_names
-    syscall_names: np.ndarray
+    syscall_names: _Vocab
     fd: np.ndarray
     src_fd: np.ndarray
     kind: np.ndarray  # int32 codes into kind_names
-    kind_names: np.ndarray
+    kind_names: _Vocab
     path: np.ndarray  # int32 codes into path_names
-    path_names: np.ndarray
+    path_names: _Vocab
     flags: np.ndarray
     cloexec: np.ndarray
     arg: np.ndarray
@@ -139,7 +183,7 @@ def _filled(values: np.ndarray, fill, dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def _read_events(events: pa.Table | pd.DataFrame) -> _Events:
+def _read_events(events: EventSource) -> _Events:
     op_codes, op_names = _dictionary_codes(events, "op")
     op_map = np.array([OP_CODES.get(name, -1) for name in op_names] + [-1], dtype=np.int8)
     sys_codes, sys_names = _dictionary_codes(events, "syscall")
@@ -147,17 +191,17 @@ def _read_events(events: pa.Table | pd.DataFrame) -> _Events:
     path_codes, path_names = _dictionary_codes(events, "path")
     cols = _Events(
         t=_filled(_column(events, "t_ns"), 0, np.int64),
-        pid=_filled(_column(events, "pid"), -1, np.int64),
-        tid=_filled(_column(events, "tid"), -1, np.int64),
+        pid=_filled(_column(events, "pid"), -1, np.int32),
+        tid=_filled(_column(events, "tid"), -1, np.int32),
         op=op_map[op_codes],
         syscall=sys_codes,
-        syscall_names=sys_names,
-        fd=_filled(_column(events, "fd"), -1, np.int64),
-        src_fd=_filled(_column(events, "src_fd"), -1, np.int64),
+        syscall_names=_Vocab(sys_names),
+        fd=_filled(_column(events, "fd"), -1, np.int32),
+        src_fd=_filled(_column(events, "src_fd"), -1, np.int32),
         kind=kind_codes,
-        kind_names=kind_names,
+        kind_names=_Vocab(kind_names),
         path=path_codes,
-        path_names=path_names,
+        path_names=_Vocab(path_names),
         flags=_filled(_column(events, "flags"), 0, np.int64),
         cloexec=_filled(_column(events, "cloexec"), False, bool),
         arg=_filled(_column(events, "arg"), 0, np.int64),
@@ -180,16 +224,16 @@ class _Lives:
     pid: np.ndarray
     fd: np.ndarray
     tid: np.ndarray
-    kind: np.ndarray  # str objects
-    path: np.ndarray  # str objects or None
-    syscall: np.ndarray  # str objects or None
+    kind: np.ndarray  # int32 codes (ev.kind_names)
+    path: np.ndarray  # int32 codes (ev.path_names)
+    syscall: np.ndarray  # int32 codes (ev.syscall_names)
     born: np.ndarray  # int64
     died: np.ndarray  # int64, NO_DEATH when open at the end
-    death: np.ndarray  # str objects or None
+    death: np.ndarray  # int8 codes into DEATHS, -1 while open
     open_stack: np.ndarray
     close_stack: np.ndarray
     close_tid: np.ndarray
-    close_syscall: np.ndarray
+    close_syscall: np.ndarray  # int32 codes (ev.syscall_names)
     src_fd: np.ndarray
     cloexec: np.ndarray
     inherited: np.ndarray
@@ -238,36 +282,36 @@ def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingS
     """
     stats = PairingStats()
     fd_ops = (ev.op == _BIRTH) | (ev.op == _CLOSE) | (ev.op == _CLOEXEC) | (ev.op == _ADDR)
-    idx = np.flatnonzero(fd_ops & (ev.fd >= 0))
+    small = len(ev) < 2**31 - 2**20  # int32 row numbers halve the pairing's temporaries
+    index_type = np.int32 if small else np.int64
+    idx = np.flatnonzero(fd_ops & (ev.fd >= 0)).astype(index_type)
     n_seed = sum(len(s.pid) for s in seeds)
-    # Row arrays: seeds first (as births), then the events. Seeds sort before events at equal t.
+    # Row arrays: seeds first (as births), then the events (in time order). One stable sort on
+    # (pid, fd) keeps time order inside each fd's rows, and seeds first: they start before.
     pid = np.concatenate([s.pid for s in seeds] + [ev.pid[idx]]).astype(np.int64)
-    fd = np.concatenate([s.fd for s in seeds] + [ev.fd[idx]]).astype(np.int64)
-    t = np.concatenate([s.t for s in seeds] + [ev.t[idx]]).astype(np.int64)
-    op = np.concatenate([np.full(n_seed, _BIRTH, np.int8), ev.op[idx]])
-    # One stable sort on (pid, fd) of rows already in time order (seeds first): cheaper than a
-    # three-key lexsort on tens of millions of rows.
-    time_order = np.argsort(t, kind="stable")
-    key = (pid[time_order] << 32) | (fd[time_order] & 0xFFFFFFFF)
-    order = time_order[np.argsort(key, kind="stable")]
-    del key, time_order
-    pid, fd, t, op = pid[order], fd[order], t[order], op[order]
+    key = pid << 32
+    del pid
+    key |= np.concatenate([s.fd for s in seeds] + [ev.fd[idx]]).astype(np.int64) & 0xFFFFFFFF
+    order = np.argsort(key, kind="stable").astype(index_type)
+    key = key[order]
+    t = np.concatenate([s.t for s in seeds] + [ev.t[idx]]).astype(np.int64)[order]
+    op = np.concatenate([np.full(n_seed, _BIRTH, np.int8), ev.op[idx]])[order]
     n = len(order)
     is_birth = op == _BIRTH
     new_group = np.ones(n, dtype=bool)
     if n:
-        new_group[1:] = (pid[1:] != pid[:-1]) | (fd[1:] != fd[:-1])
-    group = np.cumsum(new_group) - 1
-    # Each row's owner: the last birth at or before it in the same (pid, fd) group.
-    positions = np.arange(n)
-    last_birth = np.maximum.accumulate(np.where(is_birth, positions, -1)) if n else positions
-    owned = (last_birth >= 0) & (group[np.maximum(last_birth, 0)] == group)
-    owner = np.where(owned, last_birth, -1)
-
+        new_group[1:] = key[1:] != key[:-1]
+    del key
+    # births_so_far[row] - 1 is the lifetime index of the last birth at or before the row; the
+    # row belongs to it when that birth is in the row's own (pid, fd) group.
+    births_so_far = np.cumsum(is_birth, dtype=np.int64 if n >= 2**31 else np.int32)
+    before_group = np.where(new_group, births_so_far - is_birth, 0)
+    np.maximum.accumulate(before_group, out=before_group)
+    owned = births_so_far > before_group
+    del before_group
+    owner_life = np.where(owned, births_so_far - 1, -1)
+    del births_so_far
     births = np.flatnonzero(is_birth)
-    life_of_row = np.full(n, -1, dtype=np.int64)
-    life_of_row[births] = np.arange(len(births))
-    owner_life = np.where(owned, life_of_row[np.maximum(owner, 0)], -1)
 
     # First close after each birth (before the next birth) ends the lifetime.
     is_close = op == _CLOSE
@@ -282,7 +326,8 @@ def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingS
     # A lifetime without a close ends at the next birth of the same (pid, fd), if any.
     next_birth = np.full(len(births), -1, dtype=np.int64)
     if len(births) > 1:
-        same = group[births[1:]] == group[births[:-1]]
+        group_of_birth = np.cumsum(new_group)[births]
+        same = group_of_birth[1:] == group_of_birth[:-1]
         next_birth[:-1] = np.where(same, births[1:], -1)
     replaced = (closed_at_row < 0) & (next_birth >= 0)
 
@@ -309,11 +354,6 @@ def _seed_flag(seeds: list[_Seed], name: str) -> np.ndarray:
     if not seeds:
         return np.zeros(0, dtype=bool)
     return np.concatenate([np.full(len(s.pid), getattr(s, name), dtype=bool) for s in seeds])
-
-
-def _names(codes: np.ndarray, names: np.ndarray) -> np.ndarray:
-    table = np.concatenate([names.astype(object), np.array([None], dtype=object)])
-    return table[np.where(codes < 0, len(names), codes)]
 
 
 def _lives_from_births(
@@ -347,20 +387,20 @@ def _lives_from_births(
 
     count = len(births)
     return _Lives(
-        pid=pick(ev.pid, "pid", np.int64),
-        fd=pick(ev.fd, "fd", np.int64),
-        tid=pick(ev.tid, "tid", np.int64),
-        kind=pick(_names(ev.kind, ev.kind_names), "kind", object),
-        path=pick(_names(ev.path, ev.path_names), "path", object),
-        syscall=pick(_names(ev.syscall, ev.syscall_names), "syscall", object),
+        pid=pick(ev.pid, "pid", np.int32),
+        fd=pick(ev.fd, "fd", np.int32),
+        tid=pick(ev.tid, "tid", np.int32),
+        kind=pick(ev.kind, "kind", np.int32),
+        path=pick(ev.path, "path", np.int32),
+        syscall=pick(ev.syscall, "syscall", np.int32),
         born=pick(ev.t, "t", np.int64),
         died=np.full(count, NO_DEATH, dtype=np.int64),
-        death=np.full(count, None, dtype=object),
+        death=np.full(count, -1, dtype=np.int8),
         open_stack=pick(ev.stack, "open_stack", np.int64),
         close_stack=np.zeros(count, dtype=np.int64),
-        close_tid=np.full(count, -1, dtype=np.int64),
-        close_syscall=np.full(count, None, dtype=object),
-        src_fd=np.where(from_event, ev.src_fd[ev_rows], -1).astype(np.int64),
+        close_tid=np.full(count, -1, dtype=np.int32),
+        close_syscall=np.full(count, -1, dtype=np.int32),
+        src_fd=np.where(from_event, ev.src_fd[ev_rows], -1).astype(np.int32),
         cloexec=pick(ev.cloexec, "cloexec", bool),
         inherited=pick_flag(seed_inherited),
         preexisting=pick_flag(seed_pre),
@@ -386,10 +426,10 @@ def _apply_closes(
     rows = closed_at_row[closed]
     ev_rows = src[rows]
     lives.died[closed] = t[rows]
-    lives.death[closed] = schema.OP_CLOSE
+    lives.death[closed] = DEATH_CODE[schema.OP_CLOSE]
     lives.close_stack[closed] = ev.stack[ev_rows]
     lives.close_tid[closed] = ev.tid[ev_rows]
-    lives.close_syscall[closed] = _names(ev.syscall[ev_rows], ev.syscall_names)
+    lives.close_syscall[closed] = ev.syscall[ev_rows]
     lives.finalizing[closed] = ev.finalizing[ev_rows]
     lives.death_is_close_event[closed] = True
 
@@ -409,13 +449,21 @@ def _apply_replacements(
     ev_rows = src[rows]
     from_event = ev_rows >= 0
     which, rows, ev_rows = which[from_event], rows[from_event], ev_rows[from_event]
-    names = _names(ev.syscall[ev_rows], ev.syscall_names)
-    is_dup = np.isin(names, ["dup2", "dup3", "fcntl"])
+    codes = ev.syscall[ev_rows]
+    # Map each syscall code to its death code: dup2/dup3/fcntl replace, anything else is a
+    # birth on an fd whose close was never seen.
+    to_death = np.array(
+        [DEATH_CODE.get(n, DEATH_CODE["unknown"]) if n in REPLACING else DEATH_CODE["unknown"]
+         for n in ev.syscall_names.names] + [DEATH_CODE["unknown"]],
+        dtype=np.int8,
+    )  # fmt: skip
+    deaths = to_death[np.where(codes < 0, len(to_death) - 1, codes)]
+    is_dup = deaths != DEATH_CODE["unknown"]
     lives.died[which] = t[rows]
-    lives.death[which] = np.where(is_dup, names, "unknown")
+    lives.death[which] = deaths
     lives.close_stack[which] = ev.stack[ev_rows]
     lives.close_tid[which] = ev.tid[ev_rows]
-    lives.close_syscall[which] = names
+    lives.close_syscall[which] = codes
     stats.missed_closes += int((~is_dup).sum())
 
 
@@ -439,13 +487,13 @@ def _apply_updates(
     rows, life = rows[live], life[live]
     ev_rows = src[rows]
     addr = op[rows] == _ADDR
-    addr_paths = _names(ev.path[ev_rows[addr]], ev.path_names)
-    known = np.array([p is not None for p in addr_paths], dtype=bool)
+    addr_paths = ev.path[ev_rows[addr]]
+    known = addr_paths >= 0
     # Rows are in time order per lifetime, so the last write wins (connect after bind).
-    lives.path[life[addr][known]] = addr_paths[known]
-    lives.kind[life[addr][known]] = np.where(
-        pd.isna(lives.kind[life[addr][known]]), "socket", lives.kind[life[addr][known]]
-    )
+    targets = life[addr][known]
+    lives.path[targets] = addr_paths[known]
+    socket = ev.kind_names.code("socket")
+    lives.kind[targets] = np.where(lives.kind[targets] < 0, socket, lives.kind[targets])
     cx = ~addr
     return np.rec.fromarrays([life[cx], t[rows[cx]], ev.cloexec[ev_rows[cx]]], names="life,t,value")
 
@@ -512,10 +560,10 @@ class _Table:
         lives = self.lives
         later_closes = int(lives.death_is_close_event[lives_idx].sum())
         lives.died[lives_idx] = t
-        lives.death[lives_idx] = death
+        lives.death[lives_idx] = DEATH_CODE[death]
         lives.close_stack[lives_idx] = ev.stack[row]
         lives.close_tid[lives_idx] = ev.tid[row]
-        lives.close_syscall[lives_idx] = death if death != schema.OP_CLOSE_RANGE else death
+        lives.close_syscall[lives_idx] = ev.syscall[row]
         lives.finalizing[lives_idx] = ev.finalizing[row]
         lives.death_is_close_event[lives_idx] = False
         return later_closes
@@ -546,7 +594,7 @@ def _apply_process_events(table: _Table, ev: _Events, rows: np.ndarray, stats: P
             stats.unknown_closes += table.end(live, t, "process-exit", ev, row)
 
 
-def _inherited_seed(table: _Table, parent: int, child: int, t: int) -> _Seed:
+def _inherited_seed(table: _Table, parent: int, child: int, t: int, ev_syscalls: _Vocab) -> _Seed:
     live = table.live_at(parent, t)
     lv = table.lives
     return _Seed(
@@ -557,21 +605,22 @@ def _inherited_seed(table: _Table, parent: int, child: int, t: int) -> _Seed:
         path=lv.path[live],
         cloexec=table.cloexec_at(live, t),
         open_stack=lv.open_stack[live],
-        syscall=np.full(len(live), "fork", dtype=object),
+        syscall=np.full(len(live), ev_syscalls.code("fork"), dtype=np.int32),
         tid=np.full(len(live), child, dtype=np.int64),
         inherited=True,
         preexisting=False,
     )
 
 
-def _copy_dup_sources(table: _Table, new: np.ndarray) -> None:
+def _copy_dup_sources(table: _Table, new: np.ndarray, ev: _Events) -> None:
     """dup/dup2/dup3/fcntl births refer to src_fd's file: copy its kind and path.
 
     The source is the lifetime of (pid, src_fd) live at the dup, found with an as-of join on
     birth time; a dup of a dup resolves over a few rounds.
     """
     lv = table.lives
-    dups = new[np.isin(lv.syscall[new], list(DUP_SYSCALLS)) & (lv.src_fd[new] >= 0)]
+    dup_codes = [ev.syscall_names.code(name) for name in sorted(DUP_SYSCALLS)]
+    dups = new[np.isin(lv.syscall[new], dup_codes) & (lv.src_fd[new] >= 0)]
     if not len(dups):
         return
     pids = np.unique(lv.pid[dups])
@@ -589,9 +638,10 @@ def _copy_dup_sources(table: _Table, new: np.ndarray) -> None:
     alive = (lv.died[src] >= lv.born[dup]) & (src != dup)
     dup, src = dup[alive], src[alive]
     for _ in range(3):
-        unknown = np.array([k in (None, "unknown") for k in lv.kind[dup]], dtype=bool)
+        unknown = (lv.kind[dup] < 0) | (lv.kind[dup] == ev.kind_names.code("unknown"))
+        unknown &= lv.kind[src] >= 0
         lv.kind[dup[unknown]] = lv.kind[src[unknown]]
-        nopath = np.array([p is None for p in lv.path[dup]], dtype=bool)
+        nopath = (lv.path[dup] < 0) & (lv.path[src] >= 0)
         lv.path[dup[nopath]] = lv.path[src[nopath]]
         if not (unknown.any() or nopath.any()):
             break
@@ -614,17 +664,18 @@ def _preexisting_seed(pre: pd.DataFrame | None, ev: _Events) -> _Seed | None:
         keep = ~(first_birth < snap_t)
         pre, pid, fd = pre[keep].reset_index(drop=True), pid[keep], fd[keep]
     n = len(pre)
+    none = np.full(n, -1, dtype=np.int32)
     return _Seed(
         pid=pid,
         fd=fd,
         t=np.full(n, -1, dtype=np.int64),  # live from before the trace started
-        kind=pre["kind"].astype(object).to_numpy() if "kind" in pre else np.full(n, None),
-        path=pre["path"].astype(object).to_numpy() if "path" in pre else np.full(n, None),
+        kind=ev.kind_names.encode(pre["kind"].astype(object)) if "kind" in pre else none,
+        path=ev.path_names.encode(pre["path"].astype(object)) if "path" in pre else none,
         cloexec=pre["cloexec"].fillna(False).to_numpy(bool)
         if "cloexec" in pre
         else np.zeros(n, bool),
         open_stack=np.zeros(n, dtype=np.int64),
-        syscall=np.full(n, None, dtype=object),
+        syscall=none,
         tid=pid,
         inherited=False,
         preexisting=True,
@@ -632,13 +683,19 @@ def _preexisting_seed(pre: pd.DataFrame | None, ev: _Events) -> _Seed | None:
 
 
 def build_lifetimes(
-    events: pa.Table | pd.DataFrame, preexisting: pd.DataFrame | None = None
+    events: EventSource,
+    preexisting: pd.DataFrame | None = None,
+    release: bool = False,
 ) -> tuple[pd.DataFrame, PairingStats]:
     """Pair the trace's events into one row per fd lifetime (LIFETIME_COLUMNS).
 
-    `died_ns` is null and `death` is null for an fd still open when the trace ended.
+    `events` is a table, a DataFrame, or the trace directory (read column by column, which
+    bounds peak memory). `died_ns` and `death` are null for an fd still open at the end. With
+    `release`, the caller hands the table over: it is freed once read.
     """
     ev = _read_events(events)
+    if release:
+        del events
     total = PairingStats()
     fork_rows = np.flatnonzero(ev.op == _FORK)
     children = np.unique(ev.arg[fork_rows]) if len(fork_rows) else np.zeros(0, np.int64)
@@ -651,7 +708,7 @@ def build_lifetimes(
     seeds = [pre_seed] if pre_seed is not None else []
     lives, changes, stats = _pair(root, seeds)
     _merge_stats(total, stats)
-    _copy_dup_sources(table, table.add(lives, changes))
+    _copy_dup_sources(table, table.add(lives, changes), ev)
     pending = np.flatnonzero(~in_child & np.isin(ev.op, [_CLOSE_RANGE, _EXEC, _EXIT]))
     processed_pids = set(np.unique(root.pid).tolist())
     _apply_process_events(table, ev, pending, total)
@@ -668,7 +725,9 @@ def build_lifetimes(
         _add_children(table, ev, ready, in_child, total)
         processed_pids.update(int(ev.arg[r]) for r in ready)
     total.forks = len(fork_rows)
-    return _to_frame(table.lives), total
+    vocabs = (ev.kind_names, ev.path_names, ev.syscall_names)
+    del ev  # the event columns are no longer needed: free them before building the frame
+    return _to_frame(table.lives, *vocabs), total
 
 
 def _add_children(
@@ -677,7 +736,7 @@ def _add_children(
     seeds, windows = [], []
     for r in sorted(fork_rows, key=lambda r: ev.t[r]):
         parent, child, t = int(ev.pid[r]), int(ev.arg[r]), int(ev.t[r])
-        seeds.append(_inherited_seed(table, parent, child, t))
+        seeds.append(_inherited_seed(table, parent, child, t, ev.syscall_names))
         windows.append((child, t))
     # Each child's own events: those of its pid from its fork on (up to a later fork of the same
     # pid number, which would be a reused pid).
@@ -689,7 +748,7 @@ def _add_children(
     sub = ev.take(np.flatnonzero(keep))
     lives, changes, stats = _pair(sub, seeds)
     _merge_stats(total, stats)
-    _copy_dup_sources(table, table.add(lives, changes))
+    _copy_dup_sources(table, table.add(lives, changes), ev)
     pending = np.flatnonzero(keep & np.isin(ev.op, [_CLOSE_RANGE, _EXEC, _EXIT]))
     _apply_process_events(table, ev, pending, total)
 
@@ -700,37 +759,37 @@ def _merge_stats(total: PairingStats, part: PairingStats) -> None:
     total.orphan_updates += part.orphan_updates
 
 
-def _to_frame(lives: _Lives | None) -> pd.DataFrame:
+def _to_frame(lives: _Lives | None, kinds: _Vocab, paths: _Vocab, syscalls: _Vocab) -> pd.DataFrame:
     if lives is None or len(lives) == 0:
         return pd.DataFrame({c: pd.Series(dtype=_dtype(c)) for c in LIFETIME_COLUMNS})
-    open_at_end = lives.died == NO_DEATH
-    died = pd.arrays.IntegerArray(np.where(open_at_end, 0, lives.died), open_at_end)
+    # Interpreter finalization closing an fd is a leak by definition (DESIGN: What counts).
+    shutdown = lives.finalizing & (lives.death == DEATH_CODE[schema.OP_CLOSE])
+    lives.death[shutdown] = DEATH_CODE["interpreter-shutdown"]
+    order = np.lexsort((lives.fd, lives.pid, lives.born))
+    open_at_end = lives.died[order] == NO_DEATH
+    died = pd.arrays.IntegerArray(np.where(open_at_end, 0, lives.died[order]), open_at_end)
     frame = pd.DataFrame(
         {
-            "pid": lives.pid.astype(np.int32),
-            "fd": lives.fd.astype(np.int32),
-            "tid": lives.tid.astype(np.int32),
-            "kind": pd.Categorical(lives.kind),
-            "path": pd.Categorical(lives.path),
-            "syscall": pd.Categorical(lives.syscall),
-            "born_ns": lives.born,
+            "pid": lives.pid[order].astype(np.int32),
+            "fd": lives.fd[order].astype(np.int32),
+            "tid": lives.tid[order].astype(np.int32),
+            "kind": kinds.categorical(lives.kind[order]),
+            "path": paths.categorical(lives.path[order]),
+            "syscall": syscalls.categorical(lives.syscall[order]),
+            "born_ns": lives.born[order],
             "died_ns": died,
-            "death": pd.Categorical(lives.death, categories=DEATHS),
-            "open_stack": lives.open_stack,
-            "close_stack": lives.close_stack,
-            "close_tid": lives.close_tid.astype(np.int32),
-            "close_syscall": pd.Categorical(lives.close_syscall),
-            "src_fd": lives.src_fd.astype(np.int32),
-            "cloexec": lives.cloexec,
-            "inherited": lives.inherited,
-            "preexisting": lives.preexisting,
-            "finalizing": lives.finalizing,
+            "death": DEATH_VOCAB.categorical(lives.death[order].astype(np.int32)),
+            "open_stack": lives.open_stack[order],
+            "close_stack": lives.close_stack[order],
+            "close_tid": lives.close_tid[order].astype(np.int32),
+            "close_syscall": syscalls.categorical(lives.close_syscall[order]),
+            "src_fd": lives.src_fd[order].astype(np.int32),
+            "cloexec": lives.cloexec[order],
+            "inherited": lives.inherited[order],
+            "preexisting": lives.preexisting[order],
+            "finalizing": lives.finalizing[order],
         }
     )
-    # Interpreter finalization closing an fd is a leak by definition (DESIGN: What counts).
-    shutdown = frame["finalizing"].to_numpy() & (frame["death"].to_numpy() == schema.OP_CLOSE)
-    frame.loc[shutdown, "death"] = "interpreter-shutdown"
-    frame = frame.sort_values(["born_ns", "pid", "fd"], kind="stable").reset_index(drop=True)
     frame.index.name = "life_id"
     return frame
 

@@ -58,8 +58,8 @@ class Trace:
 
     @cached_property
     def _summary(self) -> dict:
-        """Facts of the event stream needed before (and beside) the lifetimes."""
-        table = self._core_events
+        """Facts of the event stream needed beside the lifetimes (three columns read)."""
+        table = read_events(self.path, columns=("t_ns", "op", "arg"))
         codes, names = _op_codes(table)
         arg = table.column("arg").to_numpy(zero_copy_only=False)
         t = table.column("t_ns").to_numpy(zero_copy_only=False)
@@ -71,10 +71,6 @@ class Trace:
             "lost": int(np.nansum(arg[lost])) if lost.any() else 0,
             "children": set(arg[forks].astype(int).tolist()),
         }
-
-    @cached_property
-    def _core_events(self) -> pa.Table:
-        return read_events(self.path)
 
     @property
     def lost_events(self) -> int:
@@ -121,9 +117,7 @@ class Trace:
     # --- lifetimes ------------------------------------------------------------------------
     @cached_property
     def fds(self) -> pd.DataFrame:
-        self._summary  # noqa: B018 - needs the table, which is released below
-        fds, self.pairing = build_lifetimes(self._core_events, self.preexisting)
-        del self.__dict__["_core_events"]  # the lifetimes hold what is needed from here on
+        fds, self.pairing = build_lifetimes(self.path, self.preexisting)
         self._refine_deaths(fds)
         self._add_sites(fds)
         fds["leak"] = is_leak(fds, self.child_pids)

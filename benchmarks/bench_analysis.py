@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -102,10 +103,12 @@ def measure(path: Path) -> dict:
     import cmtrace.analysis as cma
 
     started = time.perf_counter()
+    cpu_started = time.process_time()
     trace = cma.load(path)
     leaks = trace.leaks()
     sites = trace.sites()
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "events": int(trace._summary["rows"]),
@@ -113,6 +116,8 @@ def measure(path: Path) -> dict:
         "leaks": int(len(leaks)),
         "sites": int(len(sites)),
         "seconds": round(elapsed, 2),
+        "cpu_seconds": round(cpu, 2),  # wall time suffers when other jobs share the cores
+        "load_average": round(os.getloadavg()[0], 1),
         "peak_rss_mb": round(peak_kb / 1024, 1),
     }
 
