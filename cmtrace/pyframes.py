@@ -175,8 +175,8 @@ def read_code(mem: Memory, interp: Interpreter, addr: int) -> CodeInfo:
 def bytecode_offset(layout: Layout, code_addr: int, instr: int) -> int:
     """Byte offset of the frame's instruction in its bytecode (negative: not started)."""
     if layout.frames == FRAMES_HEAP:
-        signed = instr - (1 << 64) if instr >= 1 << 63 else instr
-        signed = signed - (1 << 32) if signed >= 1 << 31 else signed  # an int sent in a u64
+        signed = instr & 0xFFFFFFFF  # the kernel sends the 8 bytes at f_lasti, an int
+        signed = signed - (1 << 32) if signed >= 1 << 31 else signed
         return signed if layout.lines == LINES_LNOTAB else signed * 2 if signed >= 0 else -1
     return instr - code_addr - layout.code_adaptive
 
@@ -201,21 +201,29 @@ def _check_code(code: CodeInfo) -> None:
 
 
 def validate(interp: Interpreter) -> int:
-    """Walk every thread's stack with the layout; return the number of frames checked.
+    """Walk every thread's stack with the layout; return the number of frames that check out.
 
-    Raises LayoutError when anything read is not what the layout promises."""
-    checked = 0
+    The target runs on while we read, so a thread may change under us (a frame being set up,
+    a thread exiting): such a thread is skipped. A wrong layout makes every frame fail, so
+    LayoutError is raised only when frames were found and none was a proper code object."""
+    good, failure = 0, None
     try:
         with Memory(interp.pid) as mem:
             for tstate in thread_states(mem, interp):
-                for raw in walk(mem, interp, tstate):
-                    code = read_code(mem, interp, raw.code)
-                    _check_code(code)
-                    frame_dict(interp.layout, code, raw.code, raw.instr)
-                    checked += 1
-    except (OSError, struct.error, UnicodeDecodeError, IndexError) as exc:
-        raise LayoutError(f"walking the live stacks failed: {exc}") from exc
-    return checked
+                try:
+                    for raw in walk(mem, interp, tstate):
+                        code = read_code(mem, interp, raw.code)
+                        _check_code(code)
+                        frame_dict(interp.layout, code, raw.code, raw.instr)
+                        good += 1
+                except (LayoutError, OSError, struct.error, UnicodeDecodeError, IndexError) as exc:
+                    failure = exc
+    except (OSError, struct.error) as exc:
+        if not good:
+            failure = exc
+    if failure is not None and not good:
+        raise LayoutError(f"walking the live stacks failed: {failure}")
+    return good
 
 
 def ns_tid_map(pid: int) -> dict[int, int]:

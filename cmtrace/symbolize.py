@@ -45,7 +45,9 @@ _STACK_HEAD = struct.Struct("<QIIHHIQII")
 _FRAME = struct.Struct("<QQ")
 _CODE_HEAD = struct.Struct("<QIIHHHHQIIiIIIIIII")
 _NAME_AT, _QUALNAME_AT, _FILE_AT, _LINETABLE_AT = 72, 328, 584, 1608
-PENDING_POLL_S = 0.002
+PENDING_POLL_S = 0.001
+EXEC_POLL_S = 0.0005
+EXEC_WAIT_S = 60.0
 PENDING_GIVE_UP_S = 10.0
 UNRESOLVED_AFTER_S = 2.0
 
@@ -65,6 +67,7 @@ class PythonTarget:
     reason: str | None = None
     generation: int = 0
     validated_frames: int = 0
+    cmdline: bytes | None = field(default=None, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     _view: dict = field(default_factory=dict, repr=False)
 
@@ -144,7 +147,8 @@ def _fill_config(leaf, interp: Interpreter, generation: int) -> None:
         "fr_code": lay.frame_code,
         "fr_previous": lay.frame_previous,
         "fr_instr": lay.frame_instr,
-        "fr_owner": max(lay.frame_owner, 0),
+        # heap frames have no owner: point at ob_refcnt's top byte (0) and never skip
+        "fr_owner": lay.frame_owner if lay.frame_owner != NO_OFFSET else 7,
         "co_flags": lay.code_flags,
         "co_firstlineno": lay.code_firstlineno,
         "co_argcount": lay.code_argcount,
@@ -183,59 +187,147 @@ def _remove_config(bpf, pid: int) -> None:
         pass
 
 
-def install_python_target(bpf, pid: int) -> PythonTarget:
-    """Configure the kernel walker for `pid` (see the module docstring)."""
+def install_python_target(bpf, pid: int, after_exec: bool | None = None) -> PythonTarget:
+    """Configure the kernel walker for `pid` (see the module docstring).
+
+    `after_exec`: `pid` is about to exec (a child this tracer holds before exec, as in
+    `cmtrace run`): return at once and install the moment the new image runs, so even a
+    program that lives a few milliseconds gets stacks. None: detect that case (a child of this
+    process that still runs this process's command line)."""
     target = PythonTarget(pid=pid, status="pending", generation=next(_generations))
+    target.as_dict()
+    if after_exec is None:
+        after_exec = _is_held_child(pid)
+    if after_exec:
+        threading.Thread(target=_install_after_exec, args=(bpf, target), daemon=True).start()
+        return target
     try:
         _install(bpf, target)
     except NotReady:
+        pass
+    if _settled(target):
+        target.done.set()
+    else:  # not mapped yet, or no Python code has run yet to validate against
         threading.Thread(target=_finish_later, args=(bpf, target), daemon=True).start()
     return target
 
 
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _is_held_child(pid: int) -> bool:
+    try:
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return ppid == os.getpid() and _cmdline(pid) == _cmdline(os.getpid())
+
+
+def _install_after_exec(bpf, target: PythonTarget) -> None:
+    """Wait for an exec (the command line changes) into CPython, then install at once.
+
+    Images that are not CPython (a shell wrapper, chroot, env) are waited through."""
+    seen = _cmdline(target.pid)
+    deadline = time.monotonic() + EXEC_WAIT_S
+    while time.monotonic() < deadline:
+        now = _cmdline(target.pid)
+        if now is None:
+            target.settle("none", "the process exited before running Python")
+            target.done.set()
+            return
+        if now != seen:
+            seen = now
+            try:
+                find_interpreter(target.pid)
+                break
+            except NotReady:
+                break
+            except NotPython:
+                pass  # may exec again
+        time.sleep(EXEC_POLL_S)
+    _finish_later(bpf, target)
+
+
+def _config_present(bpf, pid: int) -> bool:
+    table = bpf["py_targets"]
+    try:
+        table[table.Key(pid)]
+    except KeyError:
+        return False
+    return True
+
+
 def _install(bpf, target: PythonTarget) -> None:
-    """Find, configure, validate; NotReady propagates when it is too early to tell."""
+    """Find, configure (status "ok" from then on), validate; "none" with the reason when the
+    process runs no CPython or the layout does not match. NotReady propagates: too early."""
     try:
         interp = find_interpreter(target.pid)
         target.version, target.layout_source = interp.version, interp.layout.source
         _write_config(bpf, interp, target.generation)
-        _installed[(target.pid, target.generation)] = interp
-        target.validated_frames = pyframes.validate(interp)
     except NotReady:
         raise
     except (NotPython, LayoutError, OSError) as exc:
-        _remove_config(bpf, target.pid)
-        reason = str(exc)
-        if isinstance(exc, LayoutError):
-            reason = f"layout mismatch: {exc}"
-        target.settle("none", reason)
-        target.done.set()
+        _give_up(bpf, target, exc)
         return
+    target.cmdline = _cmdline(target.pid)
+    _installed[(target.pid, target.generation)] = interp
     target.settle("ok")
-    if target.validated_frames:
-        target.done.set()
-    else:  # the runtime has not started Python code yet: check once it has
-        threading.Thread(target=_finish_later, args=(bpf, target), daemon=True).start()
+    _validate(bpf, target, interp)
+
+
+def _validate(bpf, target: PythonTarget, interp: Interpreter) -> None:
+    try:
+        target.validated_frames = pyframes.validate(interp)
+    except LayoutError as exc:
+        if os.path.exists(f"/proc/{target.pid}/mem"):
+            _give_up(bpf, target, exc)
+        # else it exited while we looked: nothing was wrong with the layout
+
+
+def _give_up(bpf, target: PythonTarget, exc: Exception) -> None:
+    _remove_config(bpf, target.pid)
+    reason = f"layout mismatch: {exc}" if isinstance(exc, LayoutError) else str(exc)
+    target.settle("none", reason)
+
+
+def _settled(target: PythonTarget) -> bool:
+    return target.status == "none" or bool(target.validated_frames)
+
+
+def _still_same_image(target: PythonTarget) -> bool:
+    return target.cmdline is not None and _cmdline(target.pid) == target.cmdline
 
 
 def _finish_later(bpf, target: PythonTarget) -> None:
-    """Retry until the interpreter is mapped and has run Python code, or the process is gone."""
-    deadline = time.monotonic() + PENDING_GIVE_UP_S
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{target.pid}"):
+    """Retry until the interpreter is mapped and has run Python code, or the process is gone.
+
+    The kernel drops a process's config when it execs; an install that raced with the exec
+    tracepoint is written again while the image is unchanged."""
+    start = time.monotonic()
+    while (
+        time.monotonic() - start < PENDING_GIVE_UP_S
+        and os.path.exists(f"/proc/{target.pid}")
+        and not _settled(target)
+    ):
         try:
             if target.status == "pending":
                 _install(bpf, target)
-            elif target.status == "ok":
+            else:
                 interp = _installed[(target.pid, target.generation)]
-                target.validated_frames = pyframes.validate(interp)
+                if not _config_present(bpf, target.pid) and _still_same_image(target):
+                    _write_config(bpf, interp, target.generation)
+                _validate(bpf, target, interp)
         except NotReady:
             pass
-        except LayoutError as exc:
-            _remove_config(bpf, target.pid)
-            target.settle("none", f"layout mismatch: {exc}")
-        if target.status == "none" or target.validated_frames:
-            break
-        time.sleep(PENDING_POLL_S)
+        except OSError:
+            break  # the process is gone
+        if not _settled(target):  # every ms while a fresh process starts, then calmer
+            time.sleep(PENDING_POLL_S if time.monotonic() - start < 0.2 else 0.05)
     if target.status == "pending":
         target.settle("none", "no CPython runtime appeared")
     target.done.set()
@@ -340,7 +432,7 @@ class Symbolizer:
 
     @staticmethod
     def _row(stack: _Stack, depth: int, interp, code: int, instr: int, info) -> dict:
-        base = {"stack_id": stack.stack_id, "pid": stack.pid, "depth": depth}
+        base = {"stack_id": _signed64(stack.stack_id), "pid": stack.pid, "depth": depth}
         if info is None or interp is None:
             return base | {"function": f"<unknown code {code:#x}>", "qualname": None, "file": None,
                            "line": -1, "firstlineno": -1, "code_flags": 0, "lasti": -1}  # fmt: skip
@@ -370,3 +462,8 @@ class Symbolizer:
         self._pending = []
         rows, self._rows = self._rows, []
         return rows
+
+
+def _signed64(value: int) -> int:
+    """Stack ids are u64 in the kernel and int64 in the dataset (cmtrace.schema)."""
+    return value - (1 << 64) if value >= 1 << 63 else value

@@ -2,6 +2,7 @@
 //
 // Included by probes/fdtrace.bpf.c after it declares the ring buffer `events`. Entry points:
 //   u64  capture_python_stack(ctx, pid_tgid, &stack_flags)  interned stack id, 0 = none
+//        (call it before reserving the fd event: its stack/code records must precede it)
 //   void python_forget_thread(tid) / python_forget_process(tgid)
 // Per-process configuration (struct py_config) is written into `py_targets` by user space
 // (cmtrace/symbolize.py install_python_target) from cmtrace/layouts.py, the one source of
@@ -35,13 +36,12 @@ static __always_inline void python_forget_thread(u32 tid) {}
 static __always_inline void python_forget_process(u32 tgid) {}
 #else
 
-#define PY_MAX_FRAMES 256       // frames kept per stack (power of two)
-#define PY_MAX_STEPS 320        // frames visited per walk, shim frames included
+#define PY_MAX_FRAMES 160       // frames kept per stack
+#define PY_MAX_STEPS 176        // frames visited per walk, shim frames included
 #define PY_WINDOW 8192          // bytes of data stack read at once (power of two)
 #define PY_FRAME_READ 112       // bytes of one frame header read
 #define PY_TSTATE_READ 320      // bytes of one PyThreadState read
 #define PY_CODE_READ 160        // bytes of one PyCodeObject header read
-#define PY_MAX_INTERPRETERS 4
 #define PY_MAX_THREADS 128
 #define PY_CODES_PER_EVENT 16   // code records one event may emit
 #define PY_NAME_MAX 256
@@ -100,7 +100,13 @@ struct py_scratch {
     u8 code[264];
     u8 str[72];
     struct py_frame frames[PY_MAX_FRAMES];
-    u16 todo[PY_CODES_PER_EVENT];
+    u64 todo[PY_CODES_PER_EVENT];   // code objects to send
+    u64 top;       // top frame of the thread found
+    u64 win, win_reach;
+    struct {
+        u64 code, previous, instr;
+        u8 owner;
+    } cur;         // the frame being walked
     u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
     u32 ntodo;
 };
@@ -193,44 +199,45 @@ static __always_inline u64 py_top_frame(struct py_config *cfg, struct py_scratch
     return frame;
 }
 
-// Find this thread's PyThreadState, leave its head in s->tstate; returns its top frame.
-static __always_inline u64 py_find_thread(struct py_config *cfg, struct py_scratch *s, u32 tid) {
+// Is the thread state in s->tstate this thread's, and running Python code? Leaves the top
+// frame in s->top (0 otherwise).
+static __always_inline void py_match(struct py_config *cfg, struct py_scratch *s, u64 key) {
+    s->top = 0;
+    if (py_tstate_id(cfg, s) == key)
+        s->top = py_top_frame(cfg, s);
+}
+
+// Find this thread's PyThreadState: s->tstate holds its head and s->top its top frame (0: none).
+// Only the main interpreter's list is walked (interpreters.head), bounded by PY_MAX_THREADS.
+static __always_inline void py_find_thread(struct py_config *cfg, struct py_scratch *s, u32 tid) {
     u64 key = 0;
+    s->top = 0;
     if (py_thread_key(cfg, &key))
-        return 0;
+        return;
     u64 *cached = py_tstates.lookup(&tid);
     if (cached) {
-        u64 tstate = *cached;
-        if (!bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)tstate) &&
-            py_tstate_id(cfg, s) == key) {
-            u64 frame = py_top_frame(cfg, s);
-            if (frame)
-                return frame;
-        }
+        if (!bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)*cached))
+            py_match(cfg, s, key);
+        if (s->top)
+            return;
         py_tstates.delete(&tid);
     }
     u64 interp = 0;
     bpf_probe_read_user(&interp, sizeof(interp), (void *)cfg->interp_head_addr);
-    for (int i = 0; i < PY_MAX_INTERPRETERS && interp; i++) {
-        u64 tstate = 0;
+    u64 tstate = 0;
+    if (interp)
         bpf_probe_read_user(&tstate, sizeof(tstate), (void *)(interp + cfg->interp_threads_head));
-        for (int j = 0; j < PY_MAX_THREADS && tstate; j++) {
-            if (bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)tstate))
-                return 0;
-            if (py_tstate_id(cfg, s) == key) {
-                u64 frame = py_top_frame(cfg, s);
-                if (frame) {
-                    py_tstates.update(&tid, &tstate);
-                    return frame;
-                }
-            }
-            tstate = py_u64(s->tstate, cfg->ts_next & 0x1ff);
+#pragma clang loop unroll(disable)
+    for (int j = 0; j < PY_MAX_THREADS; j++) {
+        if (!tstate || bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)tstate))
+            return;
+        py_match(cfg, s, key);
+        if (s->top) {
+            py_tstates.update(&tid, &tstate);
+            return;
         }
-        u64 next = 0;
-        bpf_probe_read_user(&next, sizeof(next), (void *)(interp + cfg->interp_next));
-        interp = next;
+        tstate = py_u64(s->tstate, cfg->ts_next & 0x1ff);
     }
-    return 0;
 }
 
 // One read of the data stack below its top (3.11+); returns the window's start address.
@@ -251,34 +258,45 @@ static __always_inline u64 py_read_window(struct py_config *cfg, struct py_scrat
     return start;
 }
 
-// Walk the frame chain into s->frames; returns the stack hash (0: nothing usable).
-static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, u64 frame,
-                                   u32 tgid, u32 *flags) {
+// The fields of one frame header at fb, copied to s->cur (so that the two ways of getting a
+// frame join into one verifier state).
+static __always_inline void py_take_frame(struct py_config *cfg, struct py_scratch *s,
+                                          const u8 *fb) {
+    s->cur.code = py_u64(fb, cfg->fr_code & 0x7f);
+    s->cur.previous = py_u64(fb, cfg->fr_previous & 0x7f);
+    s->cur.instr = py_u64(fb, cfg->fr_instr & 0x7f);
+    s->cur.owner = fb[cfg->fr_owner & 0x7f];
+}
+
+// Walk the frame chain from s->top into s->frames; returns the stack hash.
+static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, u32 tgid,
+                                   u32 *flags) {
     u32 win_len = 0;
-    u64 win = py_read_window(cfg, s, &win_len);
+    s->win = py_read_window(cfg, s, &win_len);
+    // frames starting at most this far into the window are wholly inside it (0: no window)
+    s->win_reach = win_len >= PY_FRAME_READ ? win_len - PY_FRAME_READ : 0;
     u64 hash = py_mix(0xcbf29ce484222325ULL, ((u64)tgid << 32) | cfg->generation);
+    u64 frame = s->top;
     s->nframes = 0;
 #pragma clang loop unroll(disable)
     for (int i = 0; i < PY_MAX_STEPS; i++) {
         if (!frame)
             return hash;
-        const u8 *fb = s->frame;
-        if (frame >= win && frame + PY_FRAME_READ <= win + win_len) {
-            fb = s->window + ((frame - win) & (PY_WINDOW - 1));
-        } else if (bpf_probe_read_user(s->frame, PY_FRAME_READ, (void *)frame)) {
-            *flags |= PY_STACK_ERROR;
-            return hash;
-        }
-        u64 code = py_u64(fb, cfg->fr_code & 0x7f) & ~cfg->code_tag_mask;
-        u64 instr;
-        if (cfg->frames == PY_FRAMES_HEAP) {
-            instr = (u64)(s64)*(const s32 *)(fb + (cfg->fr_instr & 0x7f));
+        u64 off = frame - s->win;
+        if (s->win_reach && off <= s->win_reach) {
+            py_take_frame(cfg, s, s->window + (off & (PY_WINDOW - 1)));
         } else {
-            instr = py_u64(fb, cfg->fr_instr & 0x7f);
-            if (fb[cfg->fr_owner & 0x7f] >= cfg->owner_not_python || code == cfg->none_addr)
-                code = 0;   // C-stack shim / entry frame: not Python code
+            if (bpf_probe_read_user(s->frame, PY_FRAME_READ, (void *)frame)) {
+                *flags |= PY_STACK_ERROR;
+                return hash;
+            }
+            py_take_frame(cfg, s, s->frame);
         }
-        frame = py_u64(fb, cfg->fr_previous & 0x7f);
+        frame = s->cur.previous;
+        u64 code = s->cur.code & ~cfg->code_tag_mask;
+        // C-stack shim / entry frames (owner) and 3.13 entry frames (None) are not Python.
+        if (s->cur.owner >= cfg->owner_not_python || code == cfg->none_addr)
+            code = 0;
         if (!code)
             continue;
         u32 n = s->nframes;
@@ -286,21 +304,26 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
             *flags |= PY_STACK_TRUNCATED;
             return hash;
         }
-        s->frames[n & (PY_MAX_FRAMES - 1)].code = code;
-        s->frames[n & (PY_MAX_FRAMES - 1)].instr = instr;
+        s->frames[n].code = code;
+        s->frames[n].instr = s->cur.instr;
         s->nframes = n + 1;
-        hash = py_mix(py_mix(hash, code), instr);
+        hash = py_mix(py_mix(hash, code), s->cur.instr);
     }
     if (frame)
         *flags |= PY_STACK_TRUNCATED;
     return hash;
 }
 
+// Identifies the code object now at an address, so a freed one whose address was reused by
+// another (a module body run once, then `exec`'d code...) gets a new code record.
 static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
-    u32 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
-    u32 cflags = *(const u32 *)(code + (cfg->co_flags & 0xff));
-    u32 argc = *(const u32 *)(code + (cfg->co_argcount & 0xff));
-    return first ^ (cflags << 16) ^ (argc << 26);
+    u64 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
+    u64 cflags = *(const u32 *)(code + (cfg->co_flags & 0xff));
+    u64 h = py_mix(first | (cflags << 32), *(const u32 *)(code + (cfg->co_argcount & 0xff)));
+    h = py_mix(h, py_u64(code, cfg->co_filename & 0xff));
+    h = py_mix(h, py_u64(code, cfg->co_name & 0xff));
+    h = py_mix(h, py_u64(code, cfg->co_linetable & 0xff));
+    return (u32)(h ^ (h >> 32));
 }
 
 // Phase 1 of a new stack: every frame's code object must be a code object; list those this
@@ -311,7 +334,7 @@ static __always_inline int py_check_codes(struct py_config *cfg, struct py_scrat
     for (int i = 0; i < PY_MAX_FRAMES; i++) {
         if (i >= s->nframes)
             break;
-        u64 code = s->frames[i & (PY_MAX_FRAMES - 1)].code;
+        u64 code = s->frames[i].code;
         if (bpf_probe_read_user(s->code, PY_CODE_READ, (void *)code))
             return -1;
         if (py_u64(s->code, cfg->ob_type & 0xff) != cfg->code_type)
@@ -322,7 +345,7 @@ static __always_inline int py_check_codes(struct py_config *cfg, struct py_scrat
             continue;
         u32 t = s->ntodo;
         if (t < PY_CODES_PER_EVENT) {
-            s->todo[t & (PY_CODES_PER_EVENT - 1)] = i;
+            s->todo[t & (PY_CODES_PER_EVENT - 1)] = code;
             s->ntodo = t + 1;
         }
     }
@@ -356,8 +379,7 @@ static __always_inline int py_emit_codes(struct py_config *cfg, struct py_scratc
     for (int j = 0; j < PY_CODES_PER_EVENT; j++) {
         if (j >= s->ntodo)
             break;
-        u16 i = s->todo[j & (PY_CODES_PER_EVENT - 1)];
-        u64 code = s->frames[i & (PY_MAX_FRAMES - 1)].code;
+        u64 code = s->todo[j & (PY_CODES_PER_EVENT - 1)];
         if (bpf_probe_read_user(s->code, PY_CODE_READ, (void *)code))
             return -1;
         struct py_code_rec *r = events.ringbuf_reserve(sizeof(struct py_code_rec));
@@ -419,7 +441,7 @@ static __always_inline int py_emit_stack(struct py_config *cfg, struct py_scratc
     return 0;
 }
 
-static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags) {
     u32 tgid = pid_tgid >> 32;
     struct py_config *cfg = py_targets.lookup(&tgid);
     if (!cfg) {
@@ -434,13 +456,14 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
     bpf_probe_read_user(&finalizing, sizeof(finalizing), (void *)cfg->finalizing_addr);
     if (finalizing)
         *stack_flags |= PY_STACK_FINALIZING;
-    u64 frame = py_find_thread(cfg, s, (u32)pid_tgid);
+    py_find_thread(cfg, s, (u32)pid_tgid);
+    u64 frame = s->top;
     if (!frame) {
         *stack_flags |= PY_STACK_NO_PYTHON;
         return 0;
     }
     u32 flags = 0;
-    u64 id = py_walk(cfg, s, frame, tgid, &flags) | 1;   // never 0
+    u64 id = py_walk(cfg, s, tgid, &flags) | 1;   // never 0
     *stack_flags |= flags;
     if (!s->nframes) {
         *stack_flags |= PY_STACK_NO_PYTHON;
@@ -460,6 +483,12 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
         py_stacks.update(&id, &one);
     }
     return id;
+}
+
+// The walk costs the verifier ~100k explored instructions: call this once per program (the
+// collector's programs capture once, then emit), not at every place that emits an event.
+static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+    return py_capture(ctx, pid_tgid, stack_flags);
 }
 
 static __always_inline void python_forget_thread(u32 tid) {

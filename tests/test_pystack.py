@@ -58,6 +58,11 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
 MARK_PREFIX = "/nonexistent/cmtrace-mark-"
 
 
+def signed64(value: int) -> int:
+    """Stack ids are u64 in the kernel, int64 in the dataset."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 class OpenEv(ctypes.Structure):
     _fields_ = [("ts", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("tid", ctypes.c_uint32),
                 ("type", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("flags", ctypes.c_uint32),
@@ -121,7 +126,7 @@ def test_kernel_stacks_name_every_site(harness, target):
     def frames(label):
         (ev,) = opens[label]
         assert ev.stack_id, f"{label}: no stack (flags {ev.flags})"
-        rows = sorted(stacks[ev.stack_id], key=lambda r: r["depth"])
+        rows = sorted(stacks[signed64(ev.stack_id)], key=lambda r: r["depth"])
         assert rows, f"{label}: stack {ev.stack_id:#x} never symbolized"
         return ev, [(r["function"], r["file"], r["line"]) for r in rows], rows
 
@@ -156,3 +161,51 @@ def test_kernel_stacks_name_every_site(harness, target):
     ev, got, _ = frames("final")  # __del__ run while the interpreter finalizes
     assert ev.flags & STACK_FINALIZING
     assert got[1] == ("__del__", program, mark["final"])
+
+
+def held_child(command: list[str]):
+    """Like `cmtrace run`: fork a child that execs `command` once released."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(write_end)
+            if os.read(read_end, 1) == b"x":
+                os.execv(command[0], command)
+        finally:
+            os._exit(127)
+    os.close(read_end)
+    return pid, lambda: (os.write(write_end, b"x"), os.close(write_end))
+
+
+@pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
+def test_program_that_exits_at_once_still_gets_its_stack(harness, target):
+    """`python -c "..."` opens and exits within milliseconds of exec: the install made before
+    exec must take effect in time, and the code records must survive the exit."""
+    symbolizer, opens = Symbolizer(), []
+
+    def on_record(_ctx, data, size):
+        raw = ctypes.string_at(data, size)
+        if int.from_bytes(raw[16:18], "little") >= 100:
+            symbolizer.on_record(raw)
+        else:
+            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
+            if ev.path.decode() == MARK_PREFIX + "exit":
+                opens.append(ev)
+
+    harness.handlers.append(on_record)
+    code = f"import os\ntry: os.open('{MARK_PREFIX}exit', 0)\nexcept OSError: pass"
+    pid, release = held_child([target.command, "-c", code])
+    found = install_python_target(harness, pid)
+    release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert found.done.wait(15)
+    assert found.status == "ok", found.reason
+    harness.ring_buffer_consume()
+    assert opens, "the open was not seen"
+    ev = opens[0]
+    assert all(other.stack_id == ev.stack_id for other in opens), [(o.tid, o.stack_id) for o in opens]
+    assert ev.stack_id, f"no stack (flags {ev.flags})"
+    rows = [r for r in symbolizer.flush() if r["stack_id"] == signed64(ev.stack_id)]
+    assert [(r["function"], r["file"], r["line"]) for r in rows] == [("<module>", "<string>", 2)]

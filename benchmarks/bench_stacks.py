@@ -1,0 +1,147 @@
+"""Cost of the in-kernel Python stack walker (probes/pystack.h), side by side with bare runs.
+
+Runs the target loop `with open('/dev/null', 'rb')` at 3 and at 48 Python frames, and a
+Python-call-heavy loop with no fd syscalls, each bare and with a stack capture at every
+openat (exit) and close (enter) of the target, records going to a ring buffer drained in
+batches. Prints ns per iteration and the ratio to bare; interleaves runs and keeps medians.
+
+    /opt/cmtrace/venv/bin/python benchmarks/bench_stacks.py [--python /usr/bin/python3.11]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cmtrace.symbolize import Symbolizer, inline_pystack, install_python_target  # noqa: E402
+
+PROGRAM = r"""
+BPF_RINGBUF_OUTPUT(events, 4096);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+#include "pystack.h"
+struct ev { u64 ts; u32 pid; u32 tid; u16 type; u16 pad; u32 flags; u64 stack_id; s64 fd; };
+static __always_inline int emit(void *ctx, u16 type, s64 fd) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!py_targets.lookup(&tgid))
+        return 0;
+    u32 flags = 0;
+    u64 id = capture_python_stack(ctx, pid_tgid, &flags);
+    struct ev *e = events.ringbuf_reserve(sizeof(struct ev));
+    if (!e) {
+        u32 zero = 0;
+        u64 *n = lost.lookup(&zero);
+        if (n) __sync_fetch_and_add(n, 1);
+        return 0;
+    }
+    e->ts = bpf_ktime_get_ns(); e->pid = tgid; e->tid = (u32)pid_tgid; e->type = type;
+    e->flags = flags; e->stack_id = id; e->fd = fd;
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return emit(args, 1, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_close) { return emit(args, 2, args->fd); }
+"""
+
+WORKLOAD = r"""
+import sys, time
+kind, depth, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def loop_open():
+    for _ in range(n):
+        with open('/dev/null', 'rb'):
+            pass
+def f(x):
+    return x + 1
+def loop_calls():
+    for i in range(n):
+        f(i)
+def nest(d):
+    if d <= 0:
+        sys.stdin.readline()  # the tracer is attached now
+        t = time.perf_counter_ns()
+        (loop_open if kind == 'open' else loop_calls)()
+        return time.perf_counter_ns() - t
+    return nest(d - 1)
+print(nest(depth) / n, flush=True)
+"""
+
+
+def run_once(bpf, python: str, kind: str, frames: int, n: int, traced: bool) -> float:
+    depth = frames - 3  # <module> -> nest(...)* -> loop -> (open: C; calls: f)
+    proc = subprocess.Popen(
+        [python, "-c", WORKLOAD, kind, str(depth), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    time.sleep(0.3)  # let it reach nest(0) and block
+    if traced:
+        target = install_python_target(bpf, proc.pid)
+        assert target.status in ("ok", "pending"), target.reason
+    out, _ = proc.communicate(b"go\n", timeout=600)
+    return float(out)
+
+
+def main() -> int:
+    import bcc
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--python", default="/usr/bin/python3.11")
+    parser.add_argument("-n", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    bpf = bcc.BPF(
+        text=inline_pystack(PROGRAM), cflags=[f"-I{REPO / 'probes'}", "-Wno-unused-function"]
+    )
+    received = [0]
+    symbolizer = Symbolizer()
+
+    def on_record(_ctx, data, size):
+        raw = ctypes.string_at(data, size)
+        if int.from_bytes(raw[16:18], "little") >= 100:
+            symbolizer.on_record(raw)
+        else:
+            received[0] += 1
+
+    bpf["events"].open_ring_buffer(on_record)
+    stop = threading.Event()
+
+    def drain():
+        while not stop.is_set():
+            bpf.ring_buffer_consume()
+            time.sleep(0.02)
+
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
+    cases = [("open", 3), ("open", 48), ("calls", 3)]
+    results = {case: {"bare": [], "traced": []} for case in cases}
+    for _ in range(args.rounds):
+        for case in cases:
+            for traced in (False, True):
+                results[case]["traced" if traced else "bare"].append(
+                    run_once(bpf, args.python, *case, n=args.n, traced=traced)
+                )
+    stop.set()
+    drainer.join()
+    bpf.ring_buffer_consume()
+    lost = sum(bpf["lost"][ctypes.c_int(0)])
+    print(f"interpreter {args.python}, n={args.n}, rounds={args.rounds}, median ns/iteration")
+    for (kind, frames), runs in results.items():
+        bare, traced = statistics.median(runs["bare"]), statistics.median(runs["traced"])
+        print(
+            f"  {kind:5} {frames:2} frames: bare {bare:8.0f}  stacks {traced:8.0f}  ratio {traced / bare:.2f}x"
+        )
+    print(f"  events received {received[0]}, lost {lost}, stack rows {len(symbolizer.flush())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
