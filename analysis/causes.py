@@ -41,7 +41,8 @@ class Verdict:
 class Context:
     """What is known beyond the opening stack."""
 
-    still_running: set[tuple[str, str]] = field(default_factory=set)  # (file, function) at end
+    # (file, function) -> lines those frames were executing when recording stopped (snapshot)
+    still_running: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     snapshot_taken: bool = False
     sibling_deaths: dict[str, int] = field(default_factory=dict)  # deaths of the site's other fds
 
@@ -74,7 +75,7 @@ def classify(frames: list[Frame], src: SourceIndex, ctx: Context) -> Verdict:
             return verdict
     site = innermost_user(frames) or frames[0]
     evidence = [f"opened at {site.where()} in {site.qualname}"]
-    if held_by is not None and _still_running(held_by, ctx):
+    if held_by is not None and _block_running(held_by, src, ctx):
         evidence.append(
             f"the with block at {held_by.where()} was still running when recording stopped: "
             "the fd may still be in use"
@@ -83,16 +84,33 @@ def classify(frames: list[Frame], src: SourceIndex, ctx: Context) -> Verdict:
                    evidence, held_by)  # fmt: skip
 
 
+def _running_lines(frame: Frame, ctx: Context) -> set[int] | None:
+    """Lines a frame of this function executed at the end snapshot; None when not on a stack."""
+    for name in (frame.qualname, frame.function):
+        lines = ctx.still_running.get((frame.file, name))
+        if lines is not None:
+            return lines
+    return None
+
+
 def _still_running(frame: Frame, ctx: Context) -> bool:
-    return (frame.file, frame.qualname) in ctx.still_running or (
-        frame.file,
-        frame.function,
-    ) in ctx.still_running
+    """Is this function on a thread's stack at the end (a suspended generator is not)?"""
+    return _running_lines(frame, ctx) is not None
 
 
-def _block_ended(frame: Frame, ctx: Context) -> bool:
+def _block_running(frame: Frame, src: SourceIndex, ctx: Context) -> bool:
+    """Was the with statement `frame` executes still inside its block when recording stopped?"""
+    lines = _running_lines(frame, ctx)
+    if not lines:
+        return False
+    stmt = src.with_at(frame.file, frame.line)
+    first, last = (stmt[0], stmt[2]) if stmt else (frame.line, frame.line)
+    return any(first <= line <= last for line in lines)
+
+
+def _block_ended(frame: Frame, src: SourceIndex, ctx: Context) -> bool:
     """Did the with block of `frame` end? Without a final snapshot, the process ended it."""
-    return not _still_running(frame, ctx)
+    return not _block_running(frame, src, ctx)
 
 
 def _manager_caller(frames: list[Frame], index: int) -> tuple[int, Frame] | None:
@@ -163,7 +181,7 @@ def _contextmanager_without_finally(frames, src, ctx, held_by) -> Verdict | None
         if not unprotected or caller is None:
             continue
         holder = held_by if held_by is not None and frames.index(held_by) > index else None
-        if holder is None or not _block_ended(holder, ctx):
+        if holder is None or not _block_ended(holder, src, ctx):
             continue
         yield_line = unprotected[0]
         fix = (
@@ -223,7 +241,7 @@ def _finalizer_never_ran(frames, src, ctx, held_by) -> Verdict | None:
 
 
 def _with_exited_without_close(frames, src, ctx, held_by) -> Verdict | None:
-    if held_by is None or not _block_ended(held_by, ctx):
+    if held_by is None or not _block_ended(held_by, src, ctx):
         return None
     site = innermost_user(frames) or frames[0]
     fix = (

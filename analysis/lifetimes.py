@@ -341,7 +341,10 @@ def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingS
 
 def _source_rows(order: np.ndarray, n_seed: int, idx: np.ndarray) -> np.ndarray:
     """Map each sorted row to its event index in `ev`, or -(seed index + 1) for a seed."""
-    return np.where(order >= n_seed, idx[np.maximum(order - n_seed, 0)], -(order + 1))
+    src = -(order.astype(np.int64) + 1)
+    from_event = order >= n_seed
+    src[from_event] = idx[order[from_event] - n_seed]
+    return src
 
 
 def _seed_field(seeds: list[_Seed], name: str) -> np.ndarray:

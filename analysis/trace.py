@@ -177,7 +177,7 @@ class Trace:
         for stack, pid, open_at_end in set(keys):
             site_key = self._site_key(stack)
             ctx = Context(
-                still_running=running.get(pid, set()) if open_at_end else set(),
+                still_running=running.get(pid, {}) if open_at_end else {},
                 snapshot_taken=self.snapshot is not None,
                 sibling_deaths=siblings.get(site_key, {}),
             )
@@ -201,14 +201,17 @@ class Trace:
             out.setdefault((file, int(line)), {})[death] = int(n)
         return out
 
-    def _still_running(self) -> dict[int, set[tuple[str, str]]]:
-        """(file, function) of every frame on a thread's stack when recording stopped, by pid."""
-        out: dict[int, set[tuple[str, str]]] = {}
+    def _still_running(self) -> dict[int, dict[tuple[str, str], set[int]]]:
+        """By pid: (file, function) -> lines being executed when recording stopped."""
+        out: dict[int, dict[tuple[str, str], set[int]]] = {}
         for thread in (self.snapshot or {}).get("threads", []):
-            pid = int(thread.get("pid", 0))
+            frames_of_pid = out.setdefault(int(thread.get("pid", 0)), {})
             for frame in thread.get("frames", []):
                 name = frame.get("qualname") or frame.get("function")
-                out.setdefault(pid, set()).add((frame.get("file"), name))
+                line = frame.get("line")
+                lines = frames_of_pid.setdefault((frame.get("file"), name), set())
+                if isinstance(line, int):
+                    lines.add(line)
         return out
 
     # --- public queries -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cmtrace.analysis as cma
 import pytest
-from conftest import TARGET_PYTHON, run_cmtrace
+from conftest import TARGET_PYTHON, Target, Tracer, run_cmtrace
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
@@ -35,9 +35,26 @@ def marked_line(program: Path, marker: str) -> int:
 
 
 def record(tmp_path: Path, program: Path, *args: str) -> Path:
+    """`cmtrace run` the program; the trace directory."""
     out = tmp_path / f"trace-{program.stem}-{'-'.join(args) or 'default'}"
     result = run_cmtrace("run", "-o", str(out), "--", TARGET_PYTHON, str(program), *args)
     assert result.returncode == 0, result.stderr
+    return out
+
+
+def record_attached(tmp_path: Path, program: Path, *args: str) -> Path:
+    """`cmtrace -p` a running interpreter that then runs the program; the trace directory."""
+    out = tmp_path / f"trace-p-{program.stem}"
+    target = Target([TARGET_PYTHON, str(PROGRAMS / "attached.py"), str(program), *args], tmp_path)
+    try:
+        ready = target.expect("ready")
+        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=tmp_path)
+        assert tracer.wait_attached() == ready["pid"]
+        target.send("go")
+        assert target.finish() == 0, target.stderr_text()
+        tracer.wait().check()  # stops by itself: the target exited
+    finally:
+        target.kill()
     return out
 
 
@@ -52,7 +69,7 @@ def program_leaks(trace: cma.Trace, program: Path):
 @pytest.mark.parametrize("name,cause,count", CASES, ids=[c[1] for c in CASES])
 def test_leak_program(tmp_path: Path, name: str, cause: str, count: int) -> None:
     program = PROGRAMS / name
-    trace = cma.load(record(tmp_path, program, str(count)))
+    trace = cma.load(record_attached(tmp_path, program, str(count)))
     leaks = program_leaks(trace, program)
     assert len(leaks) == count, leaks
     assert set(leaks["closed_by"]) == {"process-exit"}
