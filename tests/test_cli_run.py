@@ -197,3 +197,36 @@ def test_run_under_sudo_runs_the_child_as_the_user_who_owns_the_trace(shared_dir
     )  # fmt: skip
     assert as_user.returncode == 0, as_user.stderr
     assert int(as_user.stdout) > 0
+
+
+def test_run_follows_vfork_and_posix_spawn_children(workdir):
+    """subprocess (vfork) and os.posix_spawn (clone3/CLONE_VFORK in glibc) children are followed
+    from their first syscall: the programs they exec are traced under their own pids."""
+    first, second = workdir / "first.txt", workdir / "second.txt"
+    for path in (first, second):
+        path.write_text("x\n")
+    code = textwrap.dedent(
+        f"""
+        import json, os, subprocess
+        a = subprocess.Popen(["/bin/cat", {str(first)!r}], stdout=subprocess.DEVNULL)
+        b = os.posix_spawn("/bin/cat", ["cat", {str(second)!r}], dict(os.environ))
+        a.wait(); os.waitpid(b, 0)
+        print(json.dumps({{"parent": os.getpid(), "children": [a.pid, b]}}))
+        """
+    )
+    trace = workdir / "trace"
+    result = run_cmtrace("run", "-o", str(trace), "--", TARGET_PYTHON, "-c", code)
+    assert result.returncode == 0, result.stderr
+    truth = json.loads(result.stdout.splitlines()[-1])
+    assert_complete_and_lossless(trace, result.stderr)
+    events = read_events(trace)
+    forks = events[(events.pid == truth["parent"]) & (events.op == "fork")]
+    assert set(truth["children"]) <= set(forks.arg)
+    for child, path in zip(truth["children"], (first, second)):
+        mine = events[events.pid == child]
+        assert list(mine[mine.op == "exec"].path) == ["/bin/cat"], mine
+        opened = mine[(mine.op == "birth") & (mine.path == str(path))]
+        assert len(opened) == 1, f"cat {path} (pid {child}) not traced"
+        born = opened.iloc[0]
+        later_closes = mine[(mine.op == "close") & (mine.fd == born.fd) & (mine.t_ns > born.t_ns)]
+        assert len(later_closes) >= 1, "cat's close of the file is traced"

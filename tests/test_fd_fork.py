@@ -55,3 +55,20 @@ def test_follow_children_tracks_each_child_as_its_own_pid(workdir):
         assert {x["closed_by"] for x in by_pid[pid].values()} == {"process-exit"}
     assert set(by_pid[parent]) == {done["Q"]}, "the parent still holds Q; P pre-existed"
     assert by_pid[parent][done["Q"]]["closed_by"] is None
+
+
+def test_without_follow_children_are_not_traced(workdir):
+    session = start_traced("fork", workdir)
+    target = session.target
+    try:
+        target.send("go")
+        children = [target.expect("child")["pid"], target.expect("child")["pid"]]
+        target.expect("done")
+        result = session.tracer.stop().check()
+    finally:
+        session.tracer.kill()
+        target.finish()
+    assert_complete_and_lossless(session.trace, result.stdout)
+    events = read_events(session.trace)
+    assert not set(events.pid) & set(children), "children were traced without -f"
+    assert len(events[(events.pid == target.pid) & (events.op == "birth")]) == 1  # Q
