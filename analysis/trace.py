@@ -405,21 +405,22 @@ def read_exclude_file(path: str | Path) -> list[str]:
 def site_matches(pattern: str, file: str | None, line, function: str | None) -> bool:
     """Does a site match an exclude pattern `FILE[:FUNCTION_OR_LINE]` (shell-style globs)?"""
     file_pat, _, rest = pattern.partition(":")
-    file = file or ""
+    file = file if isinstance(file, str) else NO_STACK
+    function = function if isinstance(function, str) else ""
     if not (fnmatch.fnmatch(file, file_pat) or fnmatch.fnmatch(file, "*/" + file_pat)):
         return False
     if not rest:
         return True
     if rest.isdigit():
         return line is not None and not pd.isna(line) and int(line) == int(rest)
-    return fnmatch.fnmatch(function or "", rest)
+    return fnmatch.fnmatch(function, rest)
 
 
 def _excluded(fds: pd.DataFrame, patterns: list[str]) -> pd.Series:
-    sites = fds[SITE_COLUMNS].drop_duplicates()
-    hit = {
-        (f, ln, fn): any(site_matches(p, f, ln, fn) for p in patterns)
-        for f, ln, fn in sites.itertuples(index=False)
-    }
-    keys = list(zip(fds["site_file"], fds["site_line"], fds["site_function"]))
+    """Which rows' sites match an exclude pattern (decided once per distinct site)."""
+    files = fill_text(fds["site_file"], NO_STACK).astype(str).to_numpy()
+    lines = fds["site_line"].fillna(0).astype(int).to_numpy()
+    functions = fill_text(fds["site_function"], "").astype(str).to_numpy()
+    keys = list(zip(files, lines.tolist(), functions))
+    hit = {key: any(site_matches(p, *key) for p in patterns) for key in set(keys)}
     return pd.Series([hit[k] for k in keys], index=fds.index, dtype=bool)
