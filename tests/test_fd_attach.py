@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -132,3 +134,37 @@ def test_sigkilled_tracer_leaves_a_readable_trace_missing_at_most_a_second(workd
     assert report["trace"]["status"] == "interrupted"
     text = run_cmtrace("report", str(trace))
     assert text.returncode == 0 and "interrupted" in text.stdout.lower(), text.stdout
+
+
+def in_syscall(pid: int, tid: int, name: str) -> bool:
+    """Whether thread tid is blocked in syscall `name` (/proc/PID/task/TID/syscall)."""
+    numbers = {"accept4": "288", "accept": "43"}
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return bool(fields) and fields[0] == numbers[name]
+
+
+def test_accept_blocked_before_attach_still_records_the_birth(workdir):
+    """Attaching to a server that waits in accept(): the connection accepted after attach is a
+    birth, although the syscall entered before the probes existed."""
+    target = Target(fdops("blocked-accept", workdir), workdir)
+    try:
+        ready = target.expect("ready")
+        wait_until(lambda: in_syscall(target.pid, ready["tid"], "accept4"), 60, "accept4")
+        trace = workdir / "trace"
+        tracer = Tracer(["-p", str(target.pid), "-o", str(trace)])
+        tracer.wait_attached()
+        with socket.create_connection(("127.0.0.1", ready["port"]), timeout=30):
+            accepted = target.expect("accepted")
+            result = tracer.stop().check()
+    finally:
+        target.kill()
+    assert_complete_and_lossless(trace, result.stdout)
+    events = read_events(trace)
+    births = events[(events.pid == target.pid) & (events.op == "birth")]
+    assert list(zip(births.syscall, births.fd, births.tid)) == [
+        ("accept4", accepted["fd"], ready["tid"])
+    ]
+    assert births.iloc[0].kind == "socket"

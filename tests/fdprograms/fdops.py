@@ -319,6 +319,29 @@ def scenario_preexisting(workdir: str) -> None:
     wait_for_eof_then_exit()
 
 
+def scenario_blocked_accept(_workdir: str) -> None:
+    """A server thread already blocked in accept4 when the tracer attaches (the syscall entered
+    before the probes existed; the fd is born after)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    connections: list[socket.socket] = []
+    ready = threading.Event()
+    tids: list[int] = []
+
+    def serve() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        conn, _ = listener.accept()
+        connections.append(conn)
+        say("accepted", fd=conn.fileno())
+
+    threading.Thread(target=serve, daemon=True).start()
+    ready.wait()
+    say("ready", port=listener.getsockname()[1], tid=tids[0])
+    wait_for_eof_then_exit()
+
+
 def scenario_exit_with_leaks(workdir: str) -> None:
     paths = {name: touch(os.path.join(workdir, name + ".txt")) for name in ("L1", "L2", "C")}
     say("ready")
@@ -394,6 +417,7 @@ SCENARIOS = {
     "threads": scenario_threads,
     "preexisting": scenario_preexisting,
     "exit-with-leaks": scenario_exit_with_leaks,
+    "blocked-accept": scenario_blocked_accept,
     "fork": scenario_fork,
     "steady": scenario_steady,
     "noisy": scenario_noisy,
