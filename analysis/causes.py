@@ -269,12 +269,23 @@ def _no_context_manager(frames, src, ctx, held_by) -> Verdict | None:
     return Verdict("no-context-manager", fix, [f"opened at {site.where()} in {site.qualname}"])
 
 
+def _loop_shutting_down(frames: list[Frame], src: SourceIndex) -> bool:
+    """Closed while an asyncio loop finalizes its async generators (asyncio.run's ending)."""
+    for frame in frames:
+        if frame.function == "shutdown_asyncgens":
+            return True
+        if frame.file.endswith("asyncio/runners.py") and frame.function in ("close", "run"):
+            if "shutdown_asyncgens" in (src.text(frame.file, frame.line) or ""):
+                return True
+    return False
+
+
 def refine_close(frames: list[Frame], src: SourceIndex) -> str:
     """How an explicit close happened, from its stack: exit, close, finalizer or loop-shutdown."""
     if not frames:
         return "close"
     functions = {f.function for f in frames}
-    if "shutdown_asyncgens" in functions:
+    if _loop_shutting_down(frames, src):
         return "loop-shutdown"
     if functions & set(EXIT_METHODS):
         return "exit"

@@ -17,14 +17,18 @@ from conftest import TARGET_PYTHON, Target, Tracer, run_cmtrace
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 PROGRAMS = Path(__file__).parent / "leakprograms"
+# (program, its arguments, cause, leaked fds, closed_by)
 CASES = [
-    ("suspended_generator.py", "suspended-generator", 4),
-    ("contextmanager_without_finally.py", "contextmanager-without-finally", 3),
-    ("manual_enter.py", "manual-enter", 3),
-    ("finalizer_never_ran.py", "finalizer-never-ran", 3),
-    ("with_exited_without_close.py", "with-exited-without-close", 3),
-    ("no_context_manager.py", "no-context-manager", 3),
-]
+    ("suspended_generator.py", ("4",), "suspended-generator", 4, "process-exit"),
+    ("suspended_generator.py", ("3", "normal"), "suspended-generator", 3, "interpreter-shutdown"),
+    ("async_generator.py", ("3",), "suspended-generator", 3, "loop-shutdown"),
+    ("contextmanager_without_finally.py", ("3",), "contextmanager-without-finally", 3,
+     "process-exit"),
+    ("manual_enter.py", ("3",), "manual-enter", 3, "process-exit"),
+    ("finalizer_never_ran.py", ("3",), "finalizer-never-ran", 3, "process-exit"),
+    ("with_exited_without_close.py", ("3",), "with-exited-without-close", 3, "process-exit"),
+    ("no_context_manager.py", ("3",), "no-context-manager", 3, "process-exit"),
+]  # fmt: skip
 
 
 def marked_line(program: Path, marker: str) -> int:
@@ -66,13 +70,18 @@ def program_leaks(trace: cma.Trace, program: Path):
     return leaks[leaks["site_file"] == str(program)]
 
 
-@pytest.mark.parametrize("name,cause,count", CASES, ids=[c[1] for c in CASES])
-def test_leak_program(tmp_path: Path, name: str, cause: str, count: int) -> None:
+@pytest.mark.parametrize(
+    "name,args,cause,count,closed_by", CASES, ids=[f"{c[2]}-{c[4]}" for c in CASES]
+)
+def test_leak_program(
+    tmp_path: Path, name: str, args: tuple, cause: str, count: int, closed_by: str
+) -> None:
     program = PROGRAMS / name
-    trace = cma.load(record_attached(tmp_path, program, str(count)))
+    trace = cma.load(record_attached(tmp_path, program, *args))
     leaks = program_leaks(trace, program)
     assert len(leaks) == count, leaks
-    assert set(leaks["closed_by"]) == {"process-exit"}
+    if closed_by == "process-exit" or not trace.no_python_reason:
+        assert set(leaks["closed_by"]) == {closed_by}, leaks[["closed_by", "death"]]
     if trace.no_python_reason:
         print(f"cause and site not checked: no Python stacks: {trace.no_python_reason}")
         pytest.skip(f"trace has no Python stacks: {trace.no_python_reason}")

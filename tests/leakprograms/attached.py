@@ -13,4 +13,5 @@ print(json.dumps({"event": "ready", "pid": os.getpid()}), flush=True)
 if sys.stdin.readline().strip() != "go":
     sys.exit("attached.py: expected 'go' on stdin")
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+# Keep the program's globals alive until interpreter shutdown, as if it were run directly.
+PROGRAM_GLOBALS = runpy.run_path(sys.argv[0], run_name="__main__")
