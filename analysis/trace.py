@@ -267,7 +267,12 @@ class Trace:
         table["closed"] = table["opened"] - table["leaked"]
         table["leaks_per_s"] = table["leaked"] / self.duration_s
         leak_rows = fds[fds["leak"]]
-        table["cause"] = _top_per_group(leak_rows, keys, "cause", 1).map(_first)
+        causes = _top_per_group(leak_rows, keys, "cause", 1).map(_first)
+        table["cause"] = pd.Series(
+            [c if isinstance(c, str) else None for c in causes.reindex(table.index)],
+            index=table.index,
+            dtype=object,
+        )
         table["kind"] = _top_per_group(fds, keys, "kind", 1).map(_first)
         table["paths"] = _top_per_group(fds, keys, "path", 3)
         table = table.reset_index()
