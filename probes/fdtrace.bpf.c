@@ -422,23 +422,50 @@ static __always_inline void emit_scm_rights(struct stack_ref *st, u64 pid_tgid, 
     submit_data(d);
 }
 
+// Syscalls whose non-negative return value is always a new descriptor (fcntl, signalfd and
+// the fd-pair/SCM_RIGHTS ones need their arguments to tell).
+static __always_inline int returns_new_fd(s32 nr) {
+    switch (nr) {
+    case NR_open: case NR_openat: case NR_openat2: case NR_creat: case NR_socket:
+    case NR_accept: case NR_accept4: case NR_dup: case NR_dup2: case NR_dup3:
+    case NR_eventfd: case NR_eventfd2: case NR_epoll_create: case NR_epoll_create1:
+    case NR_memfd_create: case NR_timerfd_create: case NR_inotify_init: case NR_inotify_init1:
+    case NR_fanotify_init: case NR_pidfd_open: case NR_pidfd_getfd: case NR_userfaultfd:
+    case NR_perf_event_open:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 int on_sys_exit(struct sys_exit_ctx *ctx) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_traced(pid_tgid >> 32))
         return 0;
     u32 tid = pid_tgid;
-    struct stash_t *sp = stash.lookup(&tid);
-    if (!sp)
-        return 0;
-    struct stash_t s = *sp;
-    stash.delete(&tid);
     s64 ret = ctx->ret;
+    struct stash_t s = {};
+    struct stash_t *sp = stash.lookup(&tid);
+    if (sp) {
+        s = *sp;
+        stash.delete(&tid);
+    } else {
+        // Entered before we attached (a server blocked in accept4 when `cmtrace -p` starts):
+        // the arguments are unknown, but a returned descriptor is still a birth.
+        if (ret < 0 || !returns_new_fd(ctx->nr))
+            return 0;
+        s.nr = ctx->nr;
+    }
     u32 nr = s.nr;
     if (nr == NR_clone || nr == NR_clone3 || nr == NR_fork || nr == NR_vfork)
         return 0;  // handled at sched_process_fork; the stash only had to be cleaned up
     if (nr == NR_recvmsg && !carries_scm_rights(&s, ret))
         return 0;  // most recvmsg calls pass no descriptors: no stack walk for them
     struct stack_ref st = python_stack(ctx, pid_tgid);
+    if (!sp) {
+        emit_simple_birth(&st, pid_tgid, &s, ret, -1, 0, 0);
+        return 0;
+    }
 
     switch (nr) {
     case NR_open:
