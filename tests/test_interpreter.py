@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 from pyprograms import targets
@@ -24,6 +25,17 @@ needs_root = pytest.mark.skipif(
 )
 
 
+def wait_blocked_in_stdin_read(pid: int, timeout: float = 10.0) -> None:
+    """ "ready" is printed just before the read(0, ...) the test expects the stack to be in."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/syscall") as f:
+            if f.read().startswith("0 0x0 "):  # read(0, ...)
+                return
+        time.sleep(0.005)
+    raise AssertionError("the target never blocked in read(0)")
+
+
 @pytest.fixture(params=FOUND, ids=[t.name for t in FOUND])
 def blocked(request):
     target = request.param
@@ -32,6 +44,7 @@ def blocked(request):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdout.readline() == b"ready\n"
+    wait_blocked_in_stdin_read(proc.pid)
     yield target, proc
     proc.stdin.close()
     assert proc.wait(timeout=30) == 0

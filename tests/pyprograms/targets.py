@@ -30,6 +30,7 @@ class Target:
     name: str
     command: str
     chroot: str | None = None  # the wrapper's chroot directory
+    shared_libpython: bool = False  # the interpreter lives in libpython*.so (pyenv builds)
 
     def program(self, name: str) -> str:
         """Path of tests/pyprograms/NAME as this interpreter sees it."""
@@ -55,7 +56,7 @@ def discover() -> tuple[list[Target], list[str]]:
     for name, pattern in WANTED.items():
         hits = sorted(PYENV.glob(f"{pattern}/bin/python3"))
         if hits:
-            found.append(Target(name, str(hits[-1])))
+            found.append(Target(name, str(hits[-1]), shared_libpython=True))
         else:
             missing.append(f"{name}: not installed under {PYENV}")
     if Path("/usr/bin/python3.11").exists():
