@@ -24,6 +24,7 @@ from conftest import (
     read_events,
     read_meta,
     run_cmtrace,
+    wait_until,
 )
 
 EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_TARGET, EXIT_TRACE = 1, 2, 4, 5
@@ -60,6 +61,19 @@ def test_kernel_thread():
     result = run_cmtrace("-p", "2", "-o", "/tmp/cmtrace-never-created")
     assert result.returncode == EXIT_TARGET, result.stderr
     assert "kernel" in error_line(result).lower()
+
+
+def test_zombie():
+    child = subprocess.Popen(["true"])
+    try:
+        wait_until(
+            lambda: Path(f"/proc/{child.pid}/stat").read_text().split()[2] == "Z", 30, "zombie"
+        )
+        result = run_cmtrace("-p", str(child.pid), "-o", "/tmp/cmtrace-never-created")
+        assert result.returncode == EXIT_TARGET, result.stderr
+        error_line(result)
+    finally:
+        child.wait()
 
 
 # --- usage ---------------------------------------------------------------------------------------
