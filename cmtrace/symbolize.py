@@ -333,6 +333,13 @@ def _finish_later(bpf, target: PythonTarget) -> None:
     target.done.set()
 
 
+def _warm_btf() -> None:
+    try:
+        btf.task_fsbase_offset()
+    except btf.BtfError:
+        pass  # reported when a <= 3.10 target needs it
+
+
 # --- records -> frames ---------------------------------------------------------------------
 
 
@@ -356,6 +363,9 @@ class Symbolizer:
     """Turns stack and code records into STACK_FRAMES rows (see the module docstring)."""
 
     def __init__(self) -> None:
+        # The BTF lookup (<= 3.10 thread matching) takes ~0.2 s: do it now, not while a
+        # freshly exec'd target races past its first lines.
+        threading.Thread(target=_warm_btf, daemon=True).start()
         self._codes: dict[tuple[int, int, int], pyframes.CodeInfo] = {}
         self._truncated_tables: set[tuple[int, int, int]] = set()
         self._pending: list[_Stack] = []
