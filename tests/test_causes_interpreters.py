@@ -1,0 +1,79 @@
+"""Every cause on every interpreter found here (tests/pyprograms/targets.py): one recording of
+leakprograms/all_causes.py per interpreter, stopped while it runs, each marked site checked for
+its cause and count."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import cmtrace.analysis as cma
+import pytest
+from conftest import Target, Tracer
+from pyprograms import targets
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+PROGRAMS = Path(__file__).parent / "leakprograms"
+FOUND, MISSING = targets.discover()
+LEAKS_PER_CAUSE = 2
+
+
+def marked_sites() -> dict[int, str]:
+    """line -> cause, from the `# CAUSE:<cause>` comments of all_causes.py."""
+    out = {}
+    for number, line in enumerate((PROGRAMS / "all_causes.py").read_text().splitlines(), 1):
+        match = re.search(r"# CAUSE:([a-z-]+)$", line)
+        if match:
+            out[number] = match.group(1)
+    return out
+
+
+def programs_for(interpreter: targets.Target) -> tuple[str, str]:
+    """Paths of attached.py and all_causes.py as the interpreter sees them."""
+    if interpreter.chroot is None:
+        return str(PROGRAMS / "attached.py"), str(PROGRAMS / "all_causes.py")
+    dest = Path(interpreter.chroot) / "tmp" / "cmtrace-leakprograms"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("attached.py", "all_causes.py"):
+        shutil.copy(PROGRAMS / name, dest / name)
+    return "/tmp/cmtrace-leakprograms/attached.py", "/tmp/cmtrace-leakprograms/all_causes.py"
+
+
+def test_interpreters_listed() -> None:
+    for reason in MISSING:
+        print(f"interpreter not tested: {reason}")
+    assert FOUND, "no interpreter to test"
+
+
+@pytest.mark.parametrize("interpreter", FOUND, ids=[t.name for t in FOUND])
+def test_all_causes(tmp_path: Path, interpreter: targets.Target) -> None:
+    attached, program = programs_for(interpreter)
+    out = tmp_path / "trace"
+    target = Target([interpreter.command, attached, program, "wait"], tmp_path)
+    try:
+        ready = target.expect("ready")
+        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=tmp_path)
+        assert tracer.wait_attached() == ready["pid"]
+        target.send("go")
+        target.expect("leaked")
+        tracer.stop().check()  # SIGINT while the target lives: source and stacks are read
+        assert target.finish() == 0, target.stderr_text()
+    finally:
+        target.kill()
+    trace = cma.load(out)
+    if trace.no_python_reason:
+        pytest.skip(f"{interpreter.name}: no Python stacks: {trace.no_python_reason}")
+    leaks = trace.leaks()
+    mine = leaks[leaks["site_file"].astype(str) == program]
+    found = mine.groupby("site_line")["cause"].agg(lambda c: sorted(set(c)))
+    counts = mine.groupby("site_line").size()
+    expected = marked_sites()
+    problems = []
+    for line, cause in expected.items():
+        if found.get(line) != [cause] or counts.get(line) != LEAKS_PER_CAUSE:
+            problems.append(f"line {line}: want {LEAKS_PER_CAUSE} x {cause}, got "
+                            f"{counts.get(line, 0)} x {found.get(line)}")  # fmt: skip
+    assert not problems, f"{interpreter.name}: " + "; ".join(problems)
+    assert len(mine) == LEAKS_PER_CAUSE * len(expected)
+    assert mine["closed_by"].isna().all()  # still open when recording stopped
