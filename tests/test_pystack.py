@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import subprocess
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -219,3 +221,75 @@ def test_program_that_exits_at_once_still_gets_its_stack(harness, target, reques
     assert ev.stack_id, f"no stack (flags {ev.flags})"
     rows = [r for r in symbolizer.flush() if r["stack_id"] == signed64(ev.stack_id)]
     assert [(r["function"], r["file"], r["line"]) for r in rows] == [("<module>", "<string>", 2)]
+
+
+def child_of(pid: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.01)
+    raise AssertionError(f"{pid} started no child")
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare(1) is not installed")
+@pytest.mark.parametrize(
+    "target",
+    [t for t in FOUND if t.name in ("debian-3.11", "pyenv-3.9", "debian-3.14")],
+    ids=lambda t: t.name,
+)
+def test_target_in_its_own_pid_namespace(harness, target):
+    """In a pid namespace the interpreter's native_thread_id is the namespace's tid, not the
+    host's; threads must still be matched (and <= 3.10, through fsbase, too)."""
+    symbolizer, opens = Symbolizer(), defaultdict(list)
+
+    def on_record(_ctx, data, size):
+        raw = ctypes.string_at(data, size)
+        if int.from_bytes(raw[16:18], "little") >= 100:
+            symbolizer.on_record(raw)
+        else:
+            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
+            if ev.path.decode().startswith(MARK_PREFIX):
+                opens[ev.path.decode()[len(MARK_PREFIX) :]].append(ev)
+
+    harness.handlers.append(on_record)
+    command = [
+        "unshare",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        target.command,
+        target.program("open_sites.py"),
+    ]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        python = child_of(proc.pid)
+        while Path(f"/proc/{python}/exe").resolve().name in ("chroot", "dash", "sh"):
+            python = (
+                child_of(python)
+                if Path(f"/proc/{python}/task/{python}/children").read_text()
+                else python
+            )
+        ns_pids = Path(f"/proc/{python}/status").read_text().split("NSpid:")[1].split()[:2]
+        assert ns_pids[0] != ns_pids[-1], "the target is not in its own pid namespace"
+        found = install_python_target(harness, python)
+        assert found.status == "ok", found.reason
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    harness.ring_buffer_consume()
+    rows = defaultdict(list)
+    for row in symbolizer.flush():
+        rows[row["stack_id"]].append(row)
+    mark = targets.marks("open_sites.py")
+    for label, function in (("nested", "inner"), ("thread", "thread_body")):
+        (ev,) = opens[label]
+        assert ev.stack_id, f"{label}: no stack (flags {ev.flags})"
+        frames = sorted(rows[signed64(ev.stack_id)], key=lambda r: r["depth"])
+        key = "nested-inner" if label == "nested" else "thread"
+        assert (frames[1]["function"], frames[1]["line"]) == (function, mark[key])
