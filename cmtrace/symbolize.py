@@ -48,6 +48,7 @@ _NAME_AT, _QUALNAME_AT, _FILE_AT, _LINETABLE_AT = 72, 328, 584, 1608
 PENDING_POLL_S = 0.001
 EXEC_POLL_S = 0.0005
 EXEC_WAIT_S = 60.0
+VALIDATION_ATTEMPTS = 5
 PENDING_GIVE_UP_S = 10.0
 UNRESOLVED_AFTER_S = 2.0
 
@@ -68,6 +69,7 @@ class PythonTarget:
     generation: int = 0
     validated_frames: int = 0
     cmdline: bytes | None = field(default=None, repr=False)
+    failures: int = field(default=0, repr=False)
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     _view: dict = field(default_factory=dict, repr=False)
 
@@ -281,12 +283,17 @@ def _install(bpf, target: PythonTarget) -> None:
 
 
 def _validate(bpf, target: PythonTarget, interp: Interpreter) -> None:
+    """A wrong layout fails every time; a stack changing under the reader (startup, exit)
+    fails once: give up only after VALIDATION_ATTEMPTS failures in a row."""
     try:
         target.validated_frames = pyframes.validate(interp)
+        target.failures = 0
     except LayoutError as exc:
-        if os.path.exists(f"/proc/{target.pid}/mem"):
+        if not os.path.exists(f"/proc/{target.pid}/mem"):
+            return  # it exited while we looked: nothing was wrong with the layout
+        target.failures += 1
+        if target.failures >= VALIDATION_ATTEMPTS:
             _give_up(bpf, target, exc)
-        # else it exited while we looked: nothing was wrong with the layout
 
 
 def _give_up(bpf, target: PythonTarget, exc: Exception) -> None:

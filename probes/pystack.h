@@ -340,13 +340,17 @@ static __always_inline int py_check_codes(struct py_config *cfg, struct py_scrat
         if (py_u64(s->code, cfg->ob_type & 0xff) != cfg->code_type)
             return -1;
         struct py_code_key key = {.code = code, .tgid = tgid, .generation = cfg->generation};
+        u32 ck = py_checksum(cfg, s->code);
         u32 *seen = py_codes.lookup(&key);
-        if (seen && *seen == py_checksum(cfg, s->code))
+        if (seen && *seen == ck)
             continue;
         u32 t = s->ntodo;
         if (t < PY_CODES_PER_EVENT) {
             s->todo[t & (PY_CODES_PER_EVENT - 1)] = code;
             s->ntodo = t + 1;
+            // marked now, so a recursion's other frames of this code do not list it again;
+            // py_emit_codes unmarks it if its record cannot be sent
+            py_codes.update(&key, &ck);
         }
     }
     return 0;
@@ -371,7 +375,7 @@ static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch 
     return size;
 }
 
-// Phase 2: one code record per listed code object, then remember it was sent.
+// Phase 2: one code record per listed code object.
 static __always_inline int py_emit_codes(struct py_config *cfg, struct py_scratch *s,
                                          u64 pid_tgid) {
     u32 tgid = pid_tgid >> 32;
@@ -380,11 +384,14 @@ static __always_inline int py_emit_codes(struct py_config *cfg, struct py_scratc
         if (j >= s->ntodo)
             break;
         u64 code = s->todo[j & (PY_CODES_PER_EVENT - 1)];
-        if (bpf_probe_read_user(s->code, PY_CODE_READ, (void *)code))
+        struct py_code_key key = {.code = code, .tgid = tgid, .generation = cfg->generation};
+        struct py_code_rec *r = NULL;
+        if (!bpf_probe_read_user(s->code, PY_CODE_READ, (void *)code))
+            r = events.ringbuf_reserve(sizeof(struct py_code_rec));
+        if (!r) {
+            py_codes.delete(&key);
             return -1;
-        struct py_code_rec *r = events.ringbuf_reserve(sizeof(struct py_code_rec));
-        if (!r)
-            return -1;
+        }
         r->ts = bpf_ktime_get_ns();
         r->pid = tgid;
         r->tid = (u32)pid_tgid;
@@ -414,10 +421,7 @@ static __always_inline int py_emit_codes(struct py_config *cfg, struct py_scratc
                 r->linetable_len = size;
         }
         r->linetable_total = total;
-        u32 ck = r->checksum;
         events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
-        struct py_code_key key = {.code = code, .tgid = tgid, .generation = cfg->generation};
-        py_codes.update(&key, &ck);
     }
     return 0;
 }

@@ -84,11 +84,16 @@ def harness():
 def trace_open_sites(bpf, target):
     """Run open_sites.py under the walker; return ({label: [event...]}, {stack_id: [rows]}, target)."""
     symbolizer, opens = Symbolizer(), defaultdict(list)
+    records = defaultdict(int)  # (type, pid, code or stack id) -> records received
 
     def on_record(_ctx, data, size):
         raw = ctypes.string_at(data, size)
-        if int.from_bytes(raw[16:18], "little") >= 100:
+        rtype = int.from_bytes(raw[16:18], "little")
+        if rtype >= 100:
             symbolizer.on_record(raw)
+            records[
+                (rtype, int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[24:32], "little"))
+            ] += 1
         else:
             ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
             path = ev.path.decode()
@@ -115,12 +120,12 @@ def trace_open_sites(bpf, target):
     stacks = defaultdict(list)
     for row in symbolizer.flush():
         stacks[row["stack_id"]].append(row)
-    return opens, stacks, found, proc.pid
+    return opens, stacks, found, proc.pid, records
 
 
 @pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
 def test_kernel_stacks_name_every_site(harness, target):
-    opens, stacks, found, pid = trace_open_sites(harness, target)
+    opens, stacks, found, pid, records = trace_open_sites(harness, target)
     mark = targets.marks("open_sites.py")
     program = target.program("open_sites.py")
     print(target.name, found.version, found.layout_source)
@@ -159,6 +164,18 @@ def test_kernel_stacks_name_every_site(harness, target):
     assert got[1] == ("recurse", program, mark["deep"])
     assert got[2:152] == [("recurse", program, mark["recurse"])] * 150
     assert got[152:] == [("<module>", program, mark["deep-module"])]
+
+    # the same stack three times: one id, one stack record; a code object is sent once
+    repeat = opens["repeat"]
+    assert len(repeat) == 3 and len({ev.stack_id for ev in repeat}) == 1
+    assert records[(100, pid, repeat[0].stack_id)] == 1
+    dups = {k: c for k, c in records.items() if k[0] == 101 and c > 1}
+    assert not dups, [(hex(k[2]), c) for k, c in dups.items()]
+
+    ev, got, _ = frames("too-deep")  # 200 recursive frames: cut at the walker's limit, flagged
+    assert ev.flags & schema.STACK_TRUNCATED
+    assert len(got) == 160
+    assert got[0][0] == "mark" and {f for f, _, _ in got[1:]} == {"too_deep"}
 
     ev, got, _ = frames("final")  # __del__ run while the interpreter finalizes
     assert ev.flags & STACK_FINALIZING
