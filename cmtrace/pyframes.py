@@ -249,6 +249,18 @@ def _host_tid(mem: Memory, layout: Layout, tstate: int, tids: dict[int, int]) ->
     return tids.get(ns_tid)
 
 
+def _thread_frames(mem: Memory, interp: Interpreter, tstate: int) -> list[dict]:
+    """The thread's frames; a thread that changes under the reader keeps what was read."""
+    frames = []
+    try:
+        for raw in walk(mem, interp, tstate):
+            code = read_code(mem, interp, raw.code)
+            frames.append(frame_dict(interp.layout, code, raw.code, raw.instr))
+    except (OSError, LayoutError, struct.error, UnicodeDecodeError, IndexError):
+        pass
+    return frames
+
+
 def snapshot_threads(pid: int) -> dict[int, list[dict]]:
     """{host tid: frames innermost first} for every Python thread of `pid` (empty if none)."""
     try:
@@ -259,12 +271,11 @@ def snapshot_threads(pid: int) -> dict[int, list[dict]]:
     with Memory(pid) as mem:
         tids = ns_tid_map(pid)
         for tstate in thread_states(mem, interp):
-            tid = _host_tid(mem, interp.layout, tstate, tids)
+            try:
+                tid = _host_tid(mem, interp.layout, tstate, tids)
+            except (OSError, struct.error):
+                continue
             if tid is None:
                 continue
-            frames = []
-            for raw in walk(mem, interp, tstate):
-                code = read_code(mem, interp, raw.code)
-                frames.append(frame_dict(interp.layout, code, raw.code, raw.instr))
-            result[tid] = frames
+            result[tid] = _thread_frames(mem, interp, tstate)
     return result
