@@ -23,6 +23,8 @@ CAUSES = (
 )
 ENTER_METHODS = ("__enter__", "__aenter__")
 EXIT_METHODS = ("__exit__", "__aexit__")
+# Lines whose only effect on an object can be to drop the last reference to it.
+_DROPS_REFERENCE = re.compile(r"^\s*del\s|=\s*None\s*(#.*)?$|\bgc\.collect\(")
 _CLOSING_CALL = re.compile(
     r"\b(?:close|aclose|closerange|close_range|shutdown|detach|terminate|kill|wait|communicate|"
     r"cleanup|release|dispose|_real_close|dup2)\b"
@@ -269,10 +271,14 @@ def _no_context_manager(frames, src, ctx, held_by) -> Verdict | None:
     return Verdict("no-context-manager", fix, [f"opened at {site.where()} in {site.qualname}"])
 
 
+LOOP_SHUTDOWN_FUNCTIONS = ("shutdown_asyncgens", "_cancel_all_tasks")
+
+
 def _loop_shutting_down(frames: list[Frame], src: SourceIndex) -> bool:
-    """Closed while an asyncio loop finalizes its async generators (asyncio.run's ending)."""
+    """Closed while asyncio.run() winds its loop down: its leftover tasks are cancelled and the
+    async generators nobody closed are finalized (aclose scheduled by the loop's hook)."""
     for frame in frames:
-        if frame.function == "shutdown_asyncgens":
+        if frame.function in LOOP_SHUTDOWN_FUNCTIONS and "asyncio" in frame.file:
             return True
         if frame.file.endswith("asyncio/runners.py") and frame.function in ("close", "run"):
             if "shutdown_asyncgens" in (src.text(frame.file, frame.line) or ""):
@@ -294,7 +300,7 @@ def refine_close(frames: list[Frame], src: SourceIndex) -> str:
     inner = frames[0]
     if src.with_at(inner.file, inner.line):
         return "exit"  # a C-level __exit__ (files, sockets) runs on the with line
-    text = src.text(inner.file, inner.line)
-    if text is None or _CLOSING_CALL.search(text):
-        return "close"
+    text = src.text(inner.file, inner.line) or ""
+    if _CLOSING_CALL.search(text) or not _DROPS_REFERENCE.search(text):
+        return "close"  # an explicit close, or C code (imports, libraries) closing its own fd
     return "finalizer"  # the line only dropped a reference: the object's deallocation closed it
