@@ -413,7 +413,12 @@ class Symbolizer:
         if (pid, stack_id) in self._done:
             return
         frames = [_FRAME.unpack_from(raw, _STACK_HEAD.size + 16 * i) for i in range(nframes)]
-        self._pending.append(_Stack(pid, gen, stack_id, frames, time.monotonic()))
+        stack = _Stack(pid, gen, stack_id, frames, time.monotonic())
+        # Resolve now, while the code records that precede this stack in the ring are the
+        # current ones: a code object freed later and its address reused by another (the
+        # kernel then sends a new record) must not rename this stack's frames.
+        if not self._resolve(stack, force=False):
+            self._pending.append(stack)
 
     def _code(self, stack: _Stack, code: int, force: bool) -> pyframes.CodeInfo | None:
         key = (stack.pid, stack.generation, code)
