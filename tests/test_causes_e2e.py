@@ -119,3 +119,23 @@ def test_report_unreadable_trace(tmp_path: Path) -> None:
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "meta.json").write_text("{not json")
     assert run_cmtrace("report", str(tmp_path / "bad")).returncode == 5
+
+
+def test_finalizer_closes_are_warnings(tmp_path: Path) -> None:
+    program = PROGRAMS / "finalizer_warning.py"
+    trace = cma.load(record_attached(tmp_path, program, "3"))
+    if trace.no_python_reason:
+        pytest.skip(f"trace has no Python stacks: {trace.no_python_reason}")
+    mine = trace.fds[trace.fds["site_file"] == str(program)]
+    assert not mine["leak"].any()
+    warnings = {
+        w["site"]["line"]: w["count"]
+        for w in trace.warnings()
+        if w["site"] and w["site"]["file"] == str(program)
+    }
+    assert warnings == {
+        marked_line(program, "WARN-DEL"): 3,
+        marked_line(program, "WARN-DEALLOC"): 3,
+    }
+    text = run_cmtrace("report", str(trace.path)).stdout
+    assert "closed by a finalizer" in text
