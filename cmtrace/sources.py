@@ -31,6 +31,30 @@ def capture_sources(pid: int | None, files: Iterable[str]) -> list[dict]:
     return rows
 
 
+class SourceCollector:
+    """Reads each file the first time a stack names it, while its process still lives.
+
+    A target in a container or chroot, or one that exits before recording stops, can only be
+    read through /proc/PID/root while it runs: the recorder calls `add(pid, file)` as the
+    symbolizer meets new files, and `rows()` at the end (retrying what could not be read).
+    """
+
+    def __init__(self) -> None:
+        self._texts: dict[str, str | None] = {}
+
+    def add(self, pid: int | None, file: str) -> None:
+        if self._texts.get(file) is None:
+            self._texts[file] = read_source(pid, file)
+
+    def rows(self, pid: int | None = None) -> list[dict]:
+        out: list[dict] = []
+        for file in sorted(self._texts):
+            text = self._texts[file] if self._texts[file] is not None else read_source(pid, file)
+            if text is not None:
+                out.extend(source_rows(file, text))
+        return out
+
+
 def read_source(pid: int | None, file: str) -> str | None:
     """The text of `file` as process `pid` sees it (its root may be a container's)."""
     if not file or file.startswith("<") or not file.endswith((".py", ".pyw")):

@@ -100,3 +100,21 @@ def test_exclude_patterns() -> None:
     assert site_matches("app.py:42", "/srv/app.py", 42, "f")
     assert not site_matches("app.py:42", "/srv/app.py", 43, "f")
     assert site_matches("*/logging/*", "/usr/lib/python3.11/logging/__init__.py", 1, "x")
+
+
+def test_source_collector_reads_while_the_process_lives() -> None:
+    import subprocess
+
+    from cmtrace.sources import SourceCollector
+
+    program = PROGRAMS / "manual_enter.py"
+    child = subprocess.Popen(["/bin/sleep", "30"])
+    try:
+        collector = SourceCollector()
+        collector.add(child.pid, str(program))
+    finally:
+        child.kill()
+        child.wait()
+    rows = collector.rows(pid=None)
+    assert {row["file"] for row in rows} == {str(program)}
+    assert any(row["line"] == FACTS_LINE for row in rows)
