@@ -49,11 +49,16 @@ class Resource:
         self.fh.close()
 
 
+SESSIONS = []  # a registry of open sessions, as connection pools keep
+
+
 @contextlib.contextmanager
 def session(name):
     fh = open(path(name), "w")
+    SESSIONS.append(fh)
     yield fh
-    fh.close()  # skipped when the block raises: no try/finally
+    SESSIONS.remove(fh)  # skipped when the block raises: no try/finally
+    fh.close()
 
 
 def main():
