@@ -117,7 +117,7 @@ add_box() {
 vagrant_up() {
     rm -f "$CMTRACE_VM_CONSOLE_LOG"
     # The box upload prints a progress line per percent joined by carriage returns: drop them.
-    vagrant up --provider=libvirt 2>&1 | tr '\r' '\n' | grep --line-buffered -v 'Progress: '
+    vagrant up --provider=libvirt 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -v 'Progress: '
 }
 
 stop_vm() { # the VM, its volumes and the box's base volume, by vagrant then by name

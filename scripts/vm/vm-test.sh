@@ -17,8 +17,8 @@
 # its step and prints the guest console's tail. Environment:
 #   CMTRACE_VM=skip         skip the stage (says so)
 #   CMTRACE_VM_CACHE        box cache directory (default /var/cache/cmtrace/vm)
-#   CMTRACE_VM_KEEP=1       leave the VM running at the end, for debugging (then `vagrant destroy`
-#                           with the VAGRANT_CWD/VAGRANT_DOTFILE_PATH it prints)
+#   CMTRACE_VM_KEEP=1       leave the VM running at the end, for debugging; `vm-test.sh --clean`
+#                           (or the next run) removes it
 #   GUEST_TEST_TIMEOUT      seconds for the guest's pytest run (default 900)
 set -uo pipefail
 # shellcheck source=lib.sh
@@ -51,7 +51,8 @@ step() {
     CURRENT_STEP=$name
     start=$(date +%s)
     say "step $name (limit ${limit} s)"
-    timeout --kill-after=30 "$limit" bash "$VM_DIR/lib.sh" "$@"
+    # 9>&-: the lock descriptor must not leak into daemons a step starts (they would hold it)
+    timeout --kill-after=30 "$limit" bash "$VM_DIR/lib.sh" "$@" 9>&-
     rc=$?
     TIMINGS+=("$(printf '%-10s %5d s  exit %d' "$name" $(($(date +%s) - start)) "$rc")")
     [ "$rc" != 124 ] || say "step $name timed out after $limit s"
@@ -63,17 +64,23 @@ skip() {
     exit 0
 }
 
+remove_everything() { # the VM, its volumes, the box, the networks and daemons we started
+    stop_vm
+    [ ! -f "$NETWORKS_BEFORE" ] || stop_networks "$NETWORKS_BEFORE"
+    timeout 60 vagrant box remove --force "$BOX_NAME" >/dev/null 2>&1 || true
+    stop_daemons
+    rm -f "$NETWORKS_BEFORE"
+}
+
 cleanup() {
     local rc=$? start
     trap - EXIT INT TERM
     start=$(date +%s)
     if [ "${CMTRACE_VM_KEEP:-0}" = 1 ] && [ "$VM_CREATED" = 1 ]; then
         say "CMTRACE_VM_KEEP=1: VM left running; VAGRANT_CWD=$VAGRANT_CWD VAGRANT_DOTFILE_PATH=$VAGRANT_DOTFILE_PATH"
+        say "remove it with: scripts/vm/vm-test.sh --clean"
     else
-        stop_vm
-        [ ! -f "$NETWORKS_BEFORE" ] || stop_networks "$NETWORKS_BEFORE"
-        timeout 60 vagrant box remove --force "$BOX_NAME" >/dev/null 2>&1 || true
-        stop_daemons
+        remove_everything
     fi
     TIMINGS+=("$(printf '%-10s %5d s' cleanup $(($(date +%s) - start)))")
     print_timings
@@ -108,6 +115,10 @@ fi
     skip "no loop devices (/dev/loop-control) to build the box, and no cached box in $CACHE"
 
 mkdir -p "$RUN"
+if [ "${1:-}" = --clean ]; then # remove what a CMTRACE_VM_KEEP=1 run left
+    remove_everything
+    exit 0
+fi
 # One VM stage at a time on a machine: they share libvirt, the box name and the cache.
 exec 9>"$CACHE/lock"
 if ! flock -n 9; then
@@ -117,7 +128,10 @@ if ! flock -n 9; then
         exit 1
     }
 fi
-rm -f "$DAEMON_PIDS" "$NETWORKS_BEFORE"
+if [ -f "$DAEMON_PIDS" ]; then # what a run with CMTRACE_VM_KEEP=1 left behind
+    say "removing the VM, box, networks and daemons an earlier run kept"
+    remove_everything
+fi
 trap cleanup EXIT
 trap 'say "interrupted"; exit 130' INT TERM
 
@@ -127,7 +141,7 @@ virsh net-list --all --name >"$NETWORKS_BEFORE" 2>/dev/null
 step box 1200 ensure_box || fail "box build failed (see the build-box lines above)"
 step box-add 300 add_box || fail "vagrant box add $(box_file) failed"
 boot_with_one_retry
-GUEST_KERNEL=$(timeout 60 bash "$VM_DIR/lib.sh" guest_kernel)
+GUEST_KERNEL=$(timeout 60 bash "$VM_DIR/lib.sh" guest_kernel 9>&-)
 say "guest kernel: ${GUEST_KERNEL:-unknown}"
 step guest "$((${GUEST_TEST_TIMEOUT:-900} + 600))" run_guest ||
     fail "the set-up, demo or tests failed inside the guest (see the guest lines above)"
