@@ -233,10 +233,18 @@ def _site_block(trace: Trace, leaks: pd.DataFrame, site, rank: int) -> list[str]
             for frame in stack[:8]:
                 out.append(f"     {frame['file']}:{frame['line']} in {frame['function']}")
         if first["fix"]:
-            out.append(f"   fix: {first['fix']}")
+            out.extend(_wrapped("   fix: ", first["fix"]))
         if first["evidence"]:
-            out.append(f"   evidence: {first['evidence']}")
+            out.extend(_wrapped("   evidence: ", first["evidence"]))
     return out
+
+
+def _wrapped(head: str, text: str, width: int = 100) -> list[str]:
+    """Long explanations wrapped under their label, so a terminal shows them whole."""
+    import textwrap
+
+    lines = textwrap.wrap(str(text), width - len(head), break_on_hyphens=False) or [""]
+    return [head + lines[0]] + [" " * len(head) + line for line in lines[1:]]
 
 
 def _totals(trace: Trace, sites: pd.DataFrame) -> str:
