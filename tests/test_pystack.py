@@ -177,6 +177,17 @@ def test_kernel_stacks_name_every_site(harness, target):
     assert len(got) == 160
     assert got[0][0] == "mark" and {f for f, _, _ in got[1:]} == {"too_deep"}
 
+    _, got, rows = frames("coroutine")  # a running coroutine shows with its awaiting caller
+    assert got[1:3] == [
+        ("coro_inner", program, mark["coroutine"]),
+        ("coro_outer", program, mark["coroutine-outer"]),
+    ]
+    assert (
+        rows[1]["code_flags"] & schema.CODE_COROUTINE
+        and rows[2]["code_flags"] & schema.CODE_COROUTINE
+    )
+    assert got[-1] == ("<module>", program, mark["coroutine-module"])
+
     ev, got, _ = frames("final")  # __del__ run while the interpreter finalizes
     assert ev.flags & STACK_FINALIZING
     assert got[1] == ("__del__", program, mark["final"])

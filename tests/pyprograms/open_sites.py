@@ -7,6 +7,7 @@ started after attach, a 150-deep recursion, the same site three times, a 200-dee
 The opens fail (ENOENT) but each still enters openat with its path.
 """
 
+import asyncio
 import os
 import sys
 import threading
@@ -43,6 +44,14 @@ def recurse(depth):
     recurse(depth - 1)  # MARK:recurse
 
 
+async def coro_inner():
+    mark("coroutine")  # MARK:coroutine
+
+
+async def coro_outer():
+    await coro_inner()  # MARK:coroutine-outer
+
+
 class ClosesAtExit:
     def __del__(self):
         mark("final")  # MARK:final
@@ -71,3 +80,4 @@ def too_deep(depth):
 
 
 too_deep(200)
+asyncio.run(coro_outer())  # MARK:coroutine-module
