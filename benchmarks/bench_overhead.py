@@ -24,6 +24,7 @@ nothing would look very cheap).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -83,6 +84,7 @@ def child_main(kind: str, frames: int, n: int) -> None:
     sys.stdin.readline()  # the tracer is attached
     seconds = nest(frames - 3, loop, n)
     print(json.dumps({"seconds": seconds, "iterations": n}), flush=True)
+    sys.stdin.readline()  # stay traced until the driver has read the tracer's counters
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class Sample:
     per_iteration_ns: float
     lost_events: int | None = None
     births_recorded: int | None = None
+    kernel_ns: float | None = None  # BPF programs' run time per iteration (--bpf-stats)
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Config:
     iterations: int
     strace_iterations: int
     workdir: Path
+    bpf_stats: bool = False
     results: dict = field(default_factory=dict)  # (workload, mode) -> [Sample]
 
 
@@ -151,17 +155,40 @@ def attach(config: Config, mode: str, pid: int, trace: Path) -> subprocess.Popen
     return tracer
 
 
+def bpf_prog_time(pid: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over the BPF programs process pid holds (their fdinfo
+    carries the counters while kernel.bpf_stats_enabled is 1)."""
+    total_ns = total_runs = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        total_ns += int(fields.get("run_time_ns", "0"))
+        total_runs += int(fields.get("run_cnt", "0"))
+    return total_ns, total_runs
+
+
 def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
     n = iterations_for(config, workload, mode)
     target = start_target(config, workload, mode, n)
     trace = config.workdir / f"{workload.replace('@', '-')}-{mode}-{seq}"
     tracer = None
+    kernel_ns = None
     try:
         if mode in ("cmtrace", "cmtrace-nostacks", "strace"):
             tracer = attach(config, mode, target.pid, trace)
+        counting = config.bpf_stats and mode.startswith("cmtrace")
+        before = bpf_prog_time(tracer.pid) if counting else (0, 0)
         target.stdin.write("go\n")
         target.stdin.flush()
         result = json.loads(target.stdout.readline())
+        if counting:
+            kernel_ns = (bpf_prog_time(tracer.pid)[0] - before[0]) / result["iterations"]
+        target.stdin.close()  # the target may exit now
         target.wait(timeout=60)
         if tracer is not None and tracer.wait(timeout=120) != 0:
             complain_about(mode, tracer, trace)
@@ -169,7 +196,7 @@ def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
         for proc in (target, tracer):
             if proc is not None and proc.poll() is None:
                 proc.kill()
-    sample = Sample(result["seconds"] / result["iterations"] * 1e9)
+    sample = Sample(result["seconds"] / result["iterations"] * 1e9, kernel_ns=kernel_ns)
     if mode.startswith("cmtrace"):
         sample.lost_events, sample.births_recorded = trace_counts(trace, target.pid)
         shutil.rmtree(trace, ignore_errors=True)
@@ -234,6 +261,7 @@ def summarize(config: Config, workloads: list[str], modes: list[str]) -> list[di
             median = statistics.median(s.per_iteration_ns for s in samples)
             lost = [s.lost_events for s in samples if s.lost_events is not None]
             births = [s.births_recorded for s in samples if s.births_recorded is not None]
+            kernel = [s.kernel_ns for s in samples if s.kernel_ns is not None]
             rows.append(
                 {
                     "workload": workload,
@@ -244,20 +272,25 @@ def summarize(config: Config, workloads: list[str], modes: list[str]) -> list[di
                     "rounds_ns": [round(s.per_iteration_ns, 1) for s in samples],
                     "lost_events_max": max(lost) if lost else None,
                     "births_recorded_min": min(births) if births else None,
+                    "bpf_ns_per_iteration": round(statistics.median(kernel), 1) if kernel else None,
                 }
             )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'workload':10} {'mode':17} {'iterations':>10} {'per iter':>11} {'x bare':>7}  lost")
+    print(
+        f"{'workload':10} {'mode':17} {'iterations':>10} {'per iter':>11} {'x bare':>7} "
+        f"{'lost':>5} {'BPF ns/iter':>11}"
+    )
     for row in rows:
         unit = "us" if row["per_iteration_ns"] >= 1000 else "ns"
         value = row["per_iteration_ns"] / (1000 if unit == "us" else 1)
         lost = "" if row["lost_events_max"] is None else str(row["lost_events_max"])
+        bpf = "" if row["bpf_ns_per_iteration"] is None else f"{row['bpf_ns_per_iteration']:.0f}"
         print(
             f"{row['workload']:10} {row['mode']:17} {row['iterations']:>10} "
-            f"{value:8.2f} {unit} {row['ratio_to_bare']:6.2f}x  {lost}"
+            f"{value:8.2f} {unit} {row['ratio_to_bare']:6.2f}x {lost:>5} {bpf:>11}"
         )
 
 
@@ -274,6 +307,20 @@ def check_recorded(rows: list[dict]) -> list[str]:
     return problems
 
 
+@contextlib.contextmanager
+def bpf_stats(enable: bool):
+    """kernel.bpf_stats_enabled=1 for the duration, then back to what it was."""
+    knob = Path("/proc/sys/kernel/bpf_stats_enabled")
+    previous = knob.read_text().strip() if enable else None
+    if enable:
+        knob.write_text("1\n")
+    try:
+        yield
+    finally:
+        if previous is not None:
+            knob.write_text(previous + "\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -284,6 +331,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--python", default=DEFAULT_TARGET_PYTHON, help="target interpreter")
     parser.add_argument("--cmtrace-python", default=DEFAULT_CMTRACE_PYTHON)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--bpf-stats",
+        action="store_true",
+        help="set kernel.bpf_stats_enabled=1 during the run (restored after) and report the "
+        "BPF programs' own run time per iteration: the tracer's in-kernel cost, which does not "
+        "depend on how loaded the machine is (the counting itself adds ~20 ns a program)",
+    )
     return parser.parse_args(argv)
 
 
@@ -301,13 +355,14 @@ def main(argv: list[str]) -> int:
     if "strace" in modes and shutil.which("strace") is None:
         print("bench_overhead: strace is missing: apt-get install strace", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="cmtrace-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cmtrace-bench-") as tmp, bpf_stats(args.bpf_stats):
         config = Config(
             args.python,
             args.cmtrace_python,
             args.iterations,
             args.strace_iterations,
             Path(tmp),
+            bpf_stats=args.bpf_stats,
         )
         run_rounds(config, workloads, modes, args.rounds)
     rows = summarize(config, workloads, modes)
