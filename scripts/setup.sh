@@ -171,7 +171,9 @@ install_cmtrace() {
         return
     fi
     say "pip install -e '$spec' into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec"
+    # (pip's complaints about this machine's unused local index entries are noise: dropped)
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec" \
+        2> >(grep -v "^WARNING: Location '" >&2)
     echo "$stamp" >"$stamp_file"
     chmod -R a+rX "$VENV"
 }
