@@ -26,7 +26,7 @@ from elftools.elf.elffile import ELFFile
 from cmtrace import layouts
 from cmtrace.layouts import Layout, LayoutError
 
-SYMBOLS = ("_PyRuntime", "PyCode_Type", "_Py_NoneStruct", "Py_Version")
+SYMBOLS = ("_PyRuntime", "PyCode_Type", "_Py_NoneStruct", "Py_Version", "PyDict_Type")
 _NAME_VERSION = re.compile(rb"python3\.(\d+)")
 
 
@@ -61,6 +61,7 @@ class Interpreter:
     code_type: int  # &PyCode_Type
     none: int  # &_Py_NoneStruct
     layout: Layout
+    dict_type: int = 0  # &PyDict_Type (0: unknown), to check frames' f_globals
 
     @property
     def finalizing_addr(self) -> int:
@@ -306,6 +307,7 @@ def _identify(pid: int, mapping: Mapping, addr: dict[str, int]) -> Interpreter:
         code_type=addr["PyCode_Type"],
         none=addr.get("_Py_NoneStruct", 0),
         layout=layout,
+        dict_type=addr.get("PyDict_Type", 0),
     )
 
 

@@ -62,6 +62,7 @@ class Layout:
     frame_previous: int  # f_back / previous
     frame_instr: int  # f_lasti (int, heap frames) / prev_instr / instr_ptr
     frame_owner: int  # u8 owner (3.11+)
+    frame_globals: int  # f_globals: the module's dict, mixed into stack ids (see pystack.h)
     owner_not_python: int  # owners >= this are C-stack / interpreter shims, not Python frames
     code_tag_mask: int  # low bits of a tagged _PyStackRef f_executable (3.14+)
     # PyCodeObject
@@ -94,7 +95,7 @@ def _heap_layout(minor: int, f_lasti: int, lines: str) -> Layout:
         tstate_next=8, tstate_thread_id=176, tstate_native_thread_id=NO_OFFSET,
         tstate_frame=24, cframe_current_frame=NO_OFFSET,
         tstate_datastack_chunk=NO_OFFSET, tstate_datastack_top=NO_OFFSET, chunk_data=NO_OFFSET,
-        frame_code=32, frame_previous=24, frame_instr=f_lasti, frame_owner=NO_OFFSET,
+        frame_code=32, frame_previous=24, frame_instr=f_lasti, frame_owner=NO_OFFSET, frame_globals=48,
         owner_not_python=256, code_tag_mask=0,
         code_flags=36, code_firstlineno=40, code_argcount=16, code_filename=104, code_name=112,
         code_qualname=NO_OFFSET, code_linetable=120, code_adaptive=NO_OFFSET,
@@ -126,6 +127,7 @@ TABLE: dict[int, Layout] = {
         frame_previous=48,
         frame_instr=56,
         frame_owner=69,
+        frame_globals=8,
         owner_not_python=3,
         code_tag_mask=0,
         code_flags=48,
@@ -158,6 +160,7 @@ TABLE: dict[int, Layout] = {
         frame_previous=8,
         frame_instr=56,
         frame_owner=70,
+        frame_globals=24,
         owner_not_python=3,
         code_tag_mask=0,
         code_flags=48,
@@ -196,9 +199,9 @@ DEBUG_OFFSETS_READ_SIZE = 760  # covers every position above (+8)
 # INTERPRETER = 3, CSTACK = 4; 3.15 INTERPRETER = 3. code_tag_mask: 3.14+ f_executable is a
 # _PyStackRef whose low bits are tags. datastack_top follows datastack_chunk in 3.11-3.15.
 DEBUG_OFFSET_EXTRAS: dict[int, dict[str, int]] = {
-    13: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 0},
-    14: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 7},
-    15: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 7},
+    13: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 0, "frame_globals": 24},
+    14: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 7, "frame_globals": 24},
+    15: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 7, "frame_globals": 24},
 }
 MIN_MINOR, MAX_MINOR = 8, 15
 

@@ -68,6 +68,7 @@ class Memory:
 class RawFrame:
     code: int  # PyCodeObject address
     instr: int  # f_lasti (heap frames) or the instruction pointer (3.11+), as the kernel sends
+    globals: int = 0  # f_globals
 
 
 @dataclass(frozen=True)
@@ -110,11 +111,12 @@ def walk(mem: Memory, interp: Interpreter, tstate: int) -> list[RawFrame]:
         if not frame:
             break
         code = mem.u64(frame + layout.frame_code) & ~layout.code_tag_mask
+        globals_ = mem.u64(frame + layout.frame_globals)
         if layout.frames == FRAMES_HEAP:
             instr = mem.i32(frame + layout.frame_instr)
-            frames.append(RawFrame(code, instr))
+            frames.append(RawFrame(code, instr, globals_))
         elif mem.u8(frame + layout.frame_owner) < layout.owner_not_python and code != interp.none:
-            frames.append(RawFrame(code, mem.u64(frame + layout.frame_instr)))
+            frames.append(RawFrame(code, mem.u64(frame + layout.frame_instr), globals_))
         frame = mem.u64(frame + layout.frame_previous)
     return frames
 
@@ -200,6 +202,11 @@ def _check_code(code: CodeInfo) -> None:
         raise LayoutError(f"implausible code object {code.name!r} in {code.filename!r}")
 
 
+def _check_globals(mem: Memory, interp: Interpreter, raw: RawFrame) -> None:
+    if interp.dict_type and mem.u64(raw.globals + interp.layout.ob_type) != interp.dict_type:
+        raise LayoutError(f"f_globals of a frame of code {raw.code:#x} is not a dict")
+
+
 def validate(interp: Interpreter) -> int:
     """Walk every thread's stack with the layout; return the number of frames that check out.
 
@@ -214,6 +221,7 @@ def validate(interp: Interpreter) -> int:
                     for raw in walk(mem, interp, tstate):
                         code = read_code(mem, interp, raw.code)
                         _check_code(code)
+                        _check_globals(mem, interp, raw)
                         frame_dict(interp.layout, code, raw.code, raw.instr)
                         good += 1
                 except (LayoutError, OSError, struct.error, UnicodeDecodeError, IndexError) as exc:

@@ -111,7 +111,8 @@ def _check_reach(layout: Layout) -> None:
     groups = {
         "ts": (layout.tstate_next, layout.tstate_thread_id, layout.tstate_native_thread_id,
                layout.tstate_frame, layout.tstate_datastack_chunk, layout.tstate_datastack_top),
-        "frame": (layout.frame_code, layout.frame_previous, layout.frame_instr, layout.frame_owner),
+        "frame": (layout.frame_code, layout.frame_previous, layout.frame_instr, layout.frame_owner,
+                  layout.frame_globals),
         "code": (layout.ob_type, layout.code_flags, layout.code_firstlineno, layout.code_argcount,
                  layout.code_filename, layout.code_name, layout.code_qualname, layout.code_linetable),
         "str": (layout.unicode_length, layout.unicode_state),
@@ -148,6 +149,7 @@ def _fill_config(leaf, interp: Interpreter, generation: int) -> None:
         "chunk_data": max(lay.chunk_data, 0),
         "fr_code": lay.frame_code,
         "fr_previous": lay.frame_previous,
+        "fr_globals": lay.frame_globals,
         "fr_instr": lay.frame_instr,
         # heap frames have no owner: point at ob_refcnt's top byte (0) and never skip
         "fr_owner": lay.frame_owner if lay.frame_owner != NO_OFFSET else 7,

@@ -77,7 +77,7 @@ struct py_config {
     u16 interp_next, interp_threads_head;
     u16 ts_next, ts_thread_id, ts_native_thread_id, ts_frame, cframe_current_frame;
     u16 ts_chunk, ts_top, chunk_data;
-    u16 fr_code, fr_previous, fr_instr, fr_owner;
+    u16 fr_code, fr_previous, fr_instr, fr_owner, fr_globals;
     u16 co_flags, co_firstlineno, co_argcount, co_filename, co_name, co_qualname, co_linetable;
     u16 ob_type, bytes_size, bytes_data, str_length, str_state, str_ascii, str_compact;
 };
@@ -104,7 +104,7 @@ struct py_scratch {
     u64 top;       // top frame of the thread found
     u64 win, win_reach;
     struct {
-        u64 code, previous, instr;
+        u64 code, previous, instr, globals;
         u8 owner;
     } cur;         // the frame being walked
     u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
@@ -266,6 +266,7 @@ static __always_inline void py_take_frame(struct py_config *cfg, struct py_scrat
     s->cur.previous = py_u64(fb, cfg->fr_previous & 0x7f);
     s->cur.instr = py_u64(fb, cfg->fr_instr & 0x7f);
     s->cur.owner = fb[cfg->fr_owner & 0x7f];
+    s->cur.globals = py_u64(fb, cfg->fr_globals & 0x7f);
 }
 
 // Walk the frame chain from s->top into s->frames; returns the stack hash.
@@ -307,7 +308,9 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
         s->frames[n].code = code;
         s->frames[n].instr = s->cur.instr;
         s->nframes = n + 1;
-        hash = py_mix(py_mix(hash, code), s->cur.instr);
+        // f_globals (the module's dict) too: a module body's code object is freed after the
+        // import, and the next module's may get its address and run at the same offsets.
+        hash = py_mix(py_mix(py_mix(hash, code), s->cur.instr), s->cur.globals);
     }
     if (frame)
         *flags |= PY_STACK_TRUNCATED;
