@@ -98,10 +98,17 @@ def _frame(file, line, function) -> dict | None:
 def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict:
     leaks = trace.leaks(exclude)
     stacks = {int(s): trace.stack(int(s)) for s in leaks["open_stack"].unique()}
+    ns_pids = {
+        int(t["pid"]): int(t["ns_pid"])
+        for t in trace.meta.get("targets") or []
+        if isinstance(t, dict) and t.get("ns_pid") not in (None, t.get("pid"))
+    }
     out_leaks = []
     for row in leaks.itertuples(index=False):
+        extra = {"ns_pid": ns_pids[int(row.pid)]} if int(row.pid) in ns_pids else {}
         out_leaks.append(
             {
+                **extra,
                 "pid": int(row.pid),
                 "tid": int(row.tid),
                 "fd": int(row.fd),
