@@ -36,14 +36,14 @@ static __always_inline void python_forget_thread(u32 tid) {}
 static __always_inline void python_forget_process(u32 tgid) {}
 #else
 
-#define PY_MAX_FRAMES 160       // frames kept per stack
-#define PY_MAX_STEPS 176        // frames visited per walk, shim frames included
+#define PY_MAX_FRAMES 136       // frames kept per stack (>= 128 required; verifier cost ~ this)
+#define PY_MAX_STEPS 144        // frames visited per walk, shim frames included
 #define PY_WINDOW 8192          // bytes of data stack read at once (power of two)
 #define PY_FRAME_READ 112       // bytes of one frame header read
 #define PY_TSTATE_READ 320      // bytes of one PyThreadState read
 #define PY_CODE_READ 160        // bytes of one PyCodeObject header read
-#define PY_MAX_THREADS 128
-#define PY_CODES_PER_EVENT 16   // code records one event may emit
+#define PY_MAX_THREADS 96       // thread states searched on a cache miss
+#define PY_CODES_PER_EVENT 8    // code records one event may emit (power of two)
 #define PY_NAME_MAX 256
 #define PY_FILE_MAX 1024
 #define PY_LINETABLE_MAX 4096
@@ -321,11 +321,8 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
 // another (a module body run once, then `exec`'d code...) gets a new code record.
 static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
     u64 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
-    u64 cflags = *(const u32 *)(code + (cfg->co_flags & 0xff));
-    u64 h = py_mix(first | (cflags << 32), *(const u32 *)(code + (cfg->co_argcount & 0xff)));
-    h = py_mix(h, py_u64(code, cfg->co_filename & 0xff));
-    h = py_mix(h, py_u64(code, cfg->co_name & 0xff));
-    h = py_mix(h, py_u64(code, cfg->co_linetable & 0xff));
+    u64 h = py_mix(py_u64(code, cfg->co_filename & 0xff) ^ (first << 40),
+                   py_u64(code, cfg->co_name & 0xff));
     return (u32)(h ^ (h >> 32));
 }
 

@@ -2,8 +2,8 @@
 
 Prints "ready", waits for a line on stdin (the tracer is attached by then), then opens
 /nonexistent/cmtrace-mark-<label> from each site: nested functions, a generator, a thread
-started after attach, a 150-deep recursion, the same site three times, a 200-deep recursion
-(beyond the walker's 160 frames) and a __del__ run at interpreter shutdown.
+started after attach, a 130-deep recursion, the same site three times, a 200-deep recursion
+(beyond the walker's 136 frames) and a __del__ run at interpreter shutdown.
 The opens fail (ENOENT) but each still enters openat with its path.
 """
 
@@ -67,7 +67,7 @@ for _ in gen():  # MARK:generator-loop
 t = threading.Thread(target=thread_body)
 t.start()
 t.join()
-recurse(150)  # MARK:deep-module
+recurse(130)  # MARK:deep-module
 for _ in range(3):
     mark("repeat")  # MARK:repeat
 
