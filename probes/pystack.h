@@ -15,6 +15,12 @@
 //   cost a read each. <= 3.10 frames are heap objects: one read per frame.
 //   A stack seen before (same frames, same process) costs one hash lookup; a new one emits
 //   code records (once per code object per process) and a stack record before the fd event.
+//   Stack ids hash (tgid, install generation, and per frame: code, instruction, f_globals).
+//
+// Verifier budget: the kernel explores ~94k instructions per inlined copy (loops are bounded,
+// not unrolled; loop state lives in the per-CPU scratch, not in registers, so paths merge).
+// Call capture_python_stack once per program, where few verifier states reach it: each
+// distinct caller state re-explores the whole walker. PY_MAX_* below trade depth for that.
 //
 // Thread -> thread state, correct while the GIL is released (the GIL holder / current-tstate
 // pointers are NULL or another thread's then): cache tid -> tstate, validated on every hit;
