@@ -8,6 +8,7 @@ suite runs on loaded 2-core machines.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -288,6 +289,9 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+_trace_numbers = itertools.count()  # tests sharing a module directory get distinct traces
+
+
 def start_traced(
     scenario: str, workdir: Path, *tracer_args: str, scenario_args: tuple[str, ...] = ()
 ) -> Session:
@@ -295,7 +299,7 @@ def start_traced(
     target = Target(fdops(scenario, workdir, *scenario_args), workdir)
     try:
         ready = target.expect("ready")
-        trace = workdir / f"trace-{scenario}"
+        trace = workdir / f"trace-{scenario}-{next(_trace_numbers)}"
         tracer = Tracer(["-p", str(target.pid), "-o", str(trace), *tracer_args], cwd=workdir)
         attached = tracer.wait_attached()
     except BaseException:
