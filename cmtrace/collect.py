@@ -145,28 +145,48 @@ class Collector:
     on_python_record: Callable[[bytes], None] | None = None
     boot_ns: int = field(default_factory=time.monotonic_ns)  # trace start, monotonic clock
     missing_tracepoints: list[str] = field(default_factory=list)
+    stack_failure: str | None = None  # why Python stacks were given up at load, if they were
 
     def load(self) -> None:
+        """Compile, load and attach the probes. If the kernel refuses the Python stack walker
+        (an older verifier may find it too complex), record without stacks and say why."""
         bcc = import_bcc()
+        if self.python_stacks:
+            try:
+                self._load(bcc, with_stacks=True)
+                return
+            except EnvironmentProblem as exc:
+                self.stack_failure = f"the kernel refused the stack walker ({exc.detail})"
+                self.python_stacks = False
+        self._load(bcc, with_stacks=False)
+
+    def _load(self, bcc, with_stacks: bool) -> None:
         cflags = [
             f"-DRINGBUF_PAGES={self.ring_pages}",
             "-DMAX_TRACED=8192",
             f"-I{probes_dir()}",
         ]
         source = (probes_dir() / "fdtrace.bpf.c").read_text()
-        if self.python_stacks:
+        if with_stacks:
             from cmtrace.symbolize import inline_pystack  # noqa: PLC0415 (bcc quirk, see there)
 
             cflags.append("-DCMTRACE_PYSTACK")
             source = inline_pystack(source, probes_dir() / "pystack.h")
+        self.missing_tracepoints = []
         try:
             self.bpf = bcc.BPF(text=source, cflags=cflags)
             self._attach_syscalls()
         except Exception as exc:  # bcc raises plain Exception on compile/load failures
-            raise EnvironmentProblem(
-                f"the BPF probes could not be loaded ({str(exc).splitlines()[0]}): run "
-                "`cmtrace doctor` to see what this kernel lacks (headers, BPF permission)"
-            ) from exc
+            if getattr(self, "bpf", None) is not None:
+                self.bpf.cleanup()
+                self.bpf = None
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            problem = EnvironmentProblem(
+                f"the BPF probes could not be loaded ({detail}): run `cmtrace doctor` to see "
+                "what this kernel lacks (headers, BPF permission)"
+            )
+            problem.detail = detail
+            raise problem from exc
         if self.follow:
             self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         self.ring = RingReader(self.bpf["events"].map_fd, self.ring_pages * 4096)

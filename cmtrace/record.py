@@ -192,6 +192,10 @@ class Recording:
     def load(self) -> None:
         self._make_symbolizer()
         self.collector.load()
+        if self.collector.stack_failure:
+            self.symbolizer = None
+            self.collector.on_python_record = None
+            self.progress(f"{self.collector.stack_failure}: recording without Python stacks")
 
     def _make_symbolizer(self) -> None:
         if self.args.no_python_stacks:
@@ -376,7 +380,8 @@ class Recording:
             reasons["*"] = (
                 "Python stacks disabled (--no-python-stacks)"
                 if self.args.no_python_stacks
-                else "Python stack support not available in this build"
+                else self.collector.stack_failure
+                or "Python stack support not available in this build"
             )
         return {"no_python_stacks": reasons}
 
