@@ -156,7 +156,7 @@ class Collector:
                 self._load(bcc, with_stacks=True)
                 return
             except EnvironmentProblem as exc:
-                self.stack_failure = f"the kernel refused the stack walker ({exc.detail})"
+                self.stack_failure = f"the Python stack walker could not be loaded ({exc.detail})"
                 self.python_stacks = False
         self._load(bcc, with_stacks=False)
 
