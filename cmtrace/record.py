@@ -295,7 +295,7 @@ class Recording:
                 if int(row["pid"]) == self.held_pid:
                     _resume(self.held_pid)
 
-    def flush(self) -> None:
+    def flush(self, final: bool = False) -> None:
         lost = self.collector.lost_events()
         if self.pending:
             table = pa.concat_tables(self.pending).sort_by([("t_ns", "ascending")])
@@ -303,7 +303,9 @@ class Recording:
             self.writer.write_part("events", table)
             self.events_written += len(table)
         if self.symbolizer is not None:
-            self.writer.write_rows("stacks", self.symbolizer.take_frames())
+            # At the end, stacks still waiting for a code record are resolved as well as can be.
+            frames = self.symbolizer.flush() if final else self.symbolizer.take_frames()
+            self.writer.write_rows("stacks", frames)
         if lost != self.writer.meta.get("lost_events"):
             self.writer.write_meta(lost_events=lost)
 
@@ -322,7 +324,7 @@ class Recording:
         self.collector.stop()
         time.sleep(DRAIN_INTERVAL)  # let records reserved before the stop be committed
         self._drain()
-        self.flush()
+        self.flush(final=True)
         self._snapshot_threads()
         self._capture_sources()
         self.writer.finish(
