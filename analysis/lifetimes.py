@@ -311,27 +311,35 @@ def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingS
     del before_group
     owner_life = np.where(owned, births_so_far - 1, -1)
     del births_so_far
-    births = np.flatnonzero(is_birth)
+    births = np.flatnonzero(is_birth).astype(index_type)
+    del is_birth
 
-    # First close after each birth (before the next birth) ends the lifetime.
+    # First close after each birth (before the next birth) ends the lifetime. Rows are sorted,
+    # so the owners of close rows never decrease: the first close of a lifetime is where the
+    # owner changes (no sort needed).
     is_close = op == _CLOSE
-    close_rows = np.flatnonzero(is_close & owned)
+    close_rows = np.flatnonzero(is_close & owned).astype(index_type)
     close_lives = owner_life[close_rows]
-    first_close_lives, first_pos = np.unique(close_lives, return_index=True)
-    first_close_rows = close_rows[first_pos]
+    first = np.ones(len(close_rows), dtype=bool)
+    first[1:] = close_lives[1:] != close_lives[:-1]
+    first_close_rows = close_rows[first]
     stats.unknown_closes = int(is_close.sum() - len(first_close_rows))
-    closed_at_row = np.full(len(births), -1, dtype=np.int64)
-    closed_at_row[first_close_lives] = first_close_rows
+    closed_at_row = np.full(len(births), -1, dtype=index_type)
+    closed_at_row[close_lives[first]] = first_close_rows
+    del is_close, close_rows, close_lives, first, first_close_rows
 
     # A lifetime without a close ends at the next birth of the same (pid, fd), if any.
-    next_birth = np.full(len(births), -1, dtype=np.int64)
+    next_birth = np.full(len(births), -1, dtype=index_type)
     if len(births) > 1:
-        group_of_birth = np.cumsum(new_group)[births]
+        group_of_birth = np.cumsum(new_group, dtype=index_type)[births]
         same = group_of_birth[1:] == group_of_birth[:-1]
         next_birth[:-1] = np.where(same, births[1:], -1)
+        del group_of_birth, same
+    del new_group
     replaced = (closed_at_row < 0) & (next_birth >= 0)
 
     src = _source_rows(order, n_seed, idx)
+    del order, idx
     lives = _lives_from_births(ev, seeds, births, src, n_seed)
     _apply_closes(lives, ev, closed_at_row, src, t)
     _apply_replacements(lives, ev, replaced, next_birth, src, t, stats)
@@ -341,7 +349,7 @@ def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingS
 
 def _source_rows(order: np.ndarray, n_seed: int, idx: np.ndarray) -> np.ndarray:
     """Map each sorted row to its event index in `ev`, or -(seed index + 1) for a seed."""
-    src = -(order.astype(np.int64) + 1)
+    src = -(order + 1)  # seeds: negative numbers (order's dtype is wide enough)
     from_event = order >= n_seed
     src[from_event] = idx[order[from_event] - n_seed]
     return src
@@ -768,31 +776,43 @@ def _to_frame(lives: _Lives | None, kinds: _Vocab, paths: _Vocab, syscalls: _Voc
     # Interpreter finalization closing an fd is a leak by definition (DESIGN: What counts).
     shutdown = lives.finalizing & (lives.death == DEATH_CODE[schema.OP_CLOSE])
     lives.death[shutdown] = DEATH_CODE["interpreter-shutdown"]
-    order = np.lexsort((lives.fd, lives.pid, lives.born))
-    open_at_end = lives.died[order] == NO_DEATH
-    died = pd.arrays.IntegerArray(np.where(open_at_end, 0, lives.died[order]), open_at_end)
-    frame = pd.DataFrame(
-        {
-            "pid": lives.pid[order].astype(np.int32),
-            "fd": lives.fd[order].astype(np.int32),
-            "tid": lives.tid[order].astype(np.int32),
-            "kind": kinds.categorical(lives.kind[order]),
-            "path": paths.categorical(lives.path[order]),
-            "syscall": syscalls.categorical(lives.syscall[order]),
-            "born_ns": lives.born[order],
-            "died_ns": died,
-            "death": DEATH_VOCAB.categorical(lives.death[order].astype(np.int32)),
-            "open_stack": lives.open_stack[order],
-            "close_stack": lives.close_stack[order],
-            "close_tid": lives.close_tid[order].astype(np.int32),
-            "close_syscall": syscalls.categorical(lives.close_syscall[order]),
-            "src_fd": lives.src_fd[order].astype(np.int32),
-            "cloexec": lives.cloexec[order],
-            "inherited": lives.inherited[order],
-            "preexisting": lives.preexisting[order],
-            "finalizing": lives.finalizing[order],
-        }
-    )
+    # Lifetimes come out per (pid, fd) in time order: a stable sort on birth time gives
+    # (born, pid, fd) order for the frame.
+    order = np.argsort(lives.born, kind="stable")
+
+    def take(name: str, convert=None):
+        """The column in frame order; the unsorted array is released at once (peak memory)."""
+        values = getattr(lives, name)[order]
+        setattr(lives, name, None)
+        return convert(values) if convert else values
+
+    def int32(values: np.ndarray) -> np.ndarray:
+        return values.astype(np.int32, copy=False)
+
+    died = take("died")
+    open_at_end = died == NO_DEATH
+    died[open_at_end] = 0
+    columns = {
+        "pid": take("pid", int32),
+        "fd": take("fd", int32),
+        "tid": take("tid", int32),
+        "kind": take("kind", kinds.categorical),
+        "path": take("path", paths.categorical),
+        "syscall": take("syscall", syscalls.categorical),
+        "born_ns": take("born"),
+        "died_ns": pd.arrays.IntegerArray(died, open_at_end),
+        "death": take("death", lambda v: DEATH_VOCAB.categorical(v.astype(np.int32))),
+        "open_stack": take("open_stack"),
+        "close_stack": take("close_stack"),
+        "close_tid": take("close_tid", int32),
+        "close_syscall": take("close_syscall", syscalls.categorical),
+        "src_fd": take("src_fd", int32),
+        "cloexec": take("cloexec"),
+        "inherited": take("inherited"),
+        "preexisting": take("preexisting"),
+        "finalizing": take("finalizing"),
+    }
+    frame = pd.DataFrame(columns, copy=False)
     frame.index.name = "life_id"
     return frame
 

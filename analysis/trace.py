@@ -127,11 +127,21 @@ class Trace:
         return fds
 
     def _refine_deaths(self, fds: pd.DataFrame) -> None:
-        """Split explicit closes into exit / close / finalizer / loop-shutdown by close stack."""
-        closes = fds["death"] == schema.OP_CLOSE
-        stacks = fds.loc[closes, "close_stack"].unique()
-        refined = {int(s): refine_close(self.frames.get(int(s), []), self.src) for s in stacks}
-        fds.loc[closes, "death"] = fds.loc[closes, "close_stack"].map(refined)
+        """Split explicit closes into exit / close / finalizer / loop-shutdown by close stack.
+
+        Decided once per distinct close stack; only rows whose death changes are written.
+        """
+        rows = np.flatnonzero((fds["death"] == schema.OP_CLOSE).to_numpy())
+        stacks = fds["close_stack"].to_numpy()[rows]
+        distinct = pd.unique(stacks)
+        refined = np.array(
+            [refine_close(self.frames.get(int(s), []), self.src) for s in distinct], dtype=object
+        )
+        per_row = refined[pd.Index(distinct).get_indexer(stacks)] if len(rows) else refined
+        changed = per_row != schema.OP_CLOSE
+        if changed.any():
+            column = fds.columns.get_loc("death")
+            fds.iloc[rows[changed], column] = per_row[changed]
 
     def _add_sites(self, fds: pd.DataFrame) -> None:
         """Site (innermost user frame) and with statement of every open stack.
@@ -159,34 +169,42 @@ class Trace:
                 )
 
     def _add_causes(self, fds: pd.DataFrame) -> None:
-        for column in ("cause", "fix", "evidence"):
-            fds[column] = pd.Series(None, index=fds.index, dtype=object)
-        leaks = fds.index[fds["leak"].to_numpy()]
-        if not len(leaks):
-            return
+        """cause, fix and evidence of every leak: one verdict per (open stack, pid, still open),
+        spread as categoricals (millions of rows share a few verdicts)."""
+        leaks = np.flatnonzero(fds["leak"].to_numpy())
+        keys = list(
+            zip(
+                fds["open_stack"].to_numpy()[leaks].tolist(),
+                fds["pid"].to_numpy()[leaks].tolist(),
+                fds["died_ns"].isna().to_numpy()[leaks].tolist(),
+            )
+        )
+        verdicts = self._verdicts(fds, set(keys)) if len(leaks) else {}
+        for column, value in (
+            ("cause", lambda v: v.cause),
+            ("fix", lambda v: v.fix),
+            ("evidence", lambda v: "; ".join(v.evidence)),
+        ):
+            texts = [value(verdicts[k]) for k in keys]
+            categories = pd.Index(sorted(set(texts)), dtype=object)
+            codes = np.full(len(fds), -1, dtype=np.int32)
+            codes[leaks] = categories.get_indexer(texts)
+            fds[column] = pd.Categorical.from_codes(codes, categories=categories)
+
+    def _verdicts(self, fds: pd.DataFrame, keys: set[tuple]) -> dict[tuple, Verdict]:
         siblings = self._sibling_deaths(fds)
         running = self._still_running()
         verdicts: dict[tuple, Verdict] = {}
-        keys = list(
-            zip(
-                fds.loc[leaks, "open_stack"].astype(int),
-                fds.loc[leaks, "pid"].astype(int),
-                fds.loc[leaks, "died_ns"].isna(),
-            )
-        )
-        for stack, pid, open_at_end in set(keys):
-            site_key = self._site_key(stack)
+        for stack, pid, open_at_end in keys:
             ctx = Context(
                 still_running=running.get(pid, {}) if open_at_end else {},
                 snapshot_taken=self.snapshot is not None,
-                sibling_deaths=siblings.get(site_key, {}),
+                sibling_deaths=siblings.get(self._site_key(stack), {}),
             )
             verdicts[(stack, pid, open_at_end)] = classify(
                 self.frames.get(stack, []), self.src, ctx
             )
-        fds.loc[leaks, "cause"] = [verdicts[k].cause for k in keys]
-        fds.loc[leaks, "fix"] = [verdicts[k].fix for k in keys]
-        fds.loc[leaks, "evidence"] = ["; ".join(verdicts[k].evidence) for k in keys]
+        return verdicts
 
     def _site_key(self, stack: int) -> tuple:
         frames = self.frames.get(stack, [])
@@ -194,7 +212,8 @@ class Trace:
         return (site.file, site.line) if site else (None, None)
 
     def _sibling_deaths(self, fds: pd.DataFrame) -> dict[tuple, dict[str, int]]:
-        closed = fds[~fds["leak"] & fds["death"].notna()]
+        mask = (~fds["leak"] & fds["death"].notna()).to_numpy()
+        closed = fds.loc[mask, ["site_file", "site_line", "death"]]
         counts = closed.groupby(["site_file", "site_line", "death"], observed=True).size()
         out: dict[tuple, dict[str, int]] = {}
         for (file, line, death), n in counts.items():
@@ -233,7 +252,9 @@ class Trace:
 
     def sites(self, exclude: list[str] | None = None) -> pd.DataFrame:
         """Per opening site: opened, closed, leaked, leak rate, most common cause, kinds, paths."""
-        fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])].copy()
+        wanted = SITE_COLUMNS + ["fd", "leak", "born_ns", "with_file", "with_line", "cause"]
+        born_here = ~(self.fds["preexisting"] | self.fds["inherited"]).to_numpy()
+        fds = self.fds.loc[born_here, wanted + ["kind", "path"]]
         if exclude:
             fds = fds[~_excluded(fds, exclude)]
         fds["site_file"] = fill_text(fds["site_file"], NO_STACK)
