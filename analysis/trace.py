@@ -295,7 +295,8 @@ class Trace:
             dtype=object,
         )
         table["kind"] = _top_per_group(fds, keys, "kind", 1).map(_first)
-        table["paths"] = _top_per_group(fds, keys, "path", 3)
+        paths = _top_per_group(fds, keys, "path", 3).reindex(table.index)
+        table["paths"] = [p if isinstance(p, list) else [] for p in paths]
         table = table.reset_index()
         table["site_line"] = table["site_line"].astype(int)
         table = table.sort_values(["leaked", "leaks_per_s", "opened"], ascending=False)
