@@ -1,8 +1,12 @@
 """Python stacks from the kernel walker (probes/pystack.h) -> rows of schema.STACK_FRAMES.
 
-The collector uses two things from here:
+The collector uses these:
 
-``install_python_target(bpf, pid) -> PythonTarget``
+``inline_pystack(source) -> str``
+    The BPF source with probes/pystack.h pasted over its ``#include "pystack.h"`` line (bcc
+    rewrites map calls only in the main file).
+
+``install_python_target(bpf, pid, after_exec=None) -> PythonTarget``
     At attach, for every followed child at fork, and at exec. Finds CPython in `pid`
     (cmtrace.interpreter), takes its layout (cmtrace.layouts), validates it by walking the live
     stacks from /proc/PID/mem (cmtrace.pyframes) and writes the per-pid config into the BPF map
@@ -11,10 +15,16 @@ The collector uses two things from here:
     thread finishes the job within a few ms of it appearing) or "none" with `reason` ("not
     CPython", "layout mismatch: ..."). Without a config the kernel records fds without stacks.
     A layout that fails validation later is removed, so no garbage frames are ever recorded.
+    `as_dict()` is the JSON form for meta.json (kept current while a target settles); `done`
+    is set once it has settled. `after_exec=True` (detected for a child this tracer holds
+    before its exec) installs the moment the new image runs. The kernel drops a process's
+    config at exec (python_forget_process); calling this again at exec re-installs it.
 
 ``Symbolizer``
     `on_record(raw)` takes every ring-buffer record of type >= 100 (stack and code records);
-    `take_frames()` returns the STACK_FRAMES rows of the stacks completed since the last call.
+    `take_frames()` returns the STACK_FRAMES rows of the stacks completed since the last call,
+    `flush()` the same at the end of a trace (unresolved frames become "<unknown code 0x...>"),
+    `files_seen()` the co_filename of every code object received.
     Code records precede the stacks that use them; a stack whose code objects were sent by a
     concurrent event on another CPU waits for them (or is read from /proc/PID/mem).
 """
