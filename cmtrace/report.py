@@ -71,11 +71,22 @@ def _json_default(value):
     return str(value)
 
 
-def print_summary(trace_dir: str | Path, file: TextIO = sys.stdout, top: int = 10) -> int:
-    """The end-of-recording summary (text report of the top sites); returns the leak count."""
+def print_summary(
+    trace_dir: str | Path,
+    file: TextIO = sys.stdout,
+    top: int = 10,
+    exclude: str | Path | list[str] | None = None,
+) -> int:
+    """The end-of-recording summary (text report of the top sites); returns the leak count.
+
+    `exclude` is an exclude file (`--exclude FILE`) or its patterns; excluded sites are left
+    out of the summary and of the count (which `--fail-on-leak` turns into exit code 3).
+    """
+    if isinstance(exclude, (str, Path)):
+        exclude = read_exclude_file(exclude)
     trace = load(trace_dir)
-    file.write(render_text(trace, top=top))
-    return int(len(trace.leaks()))
+    file.write(render_text(trace, top=top, exclude=exclude))
+    return int(len(trace.leaks(exclude)))
 
 
 # --- JSON ---------------------------------------------------------------------------------
