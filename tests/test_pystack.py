@@ -321,3 +321,47 @@ def test_target_in_its_own_pid_namespace(harness, target):
         frames = sorted(rows[signed64(ev.stack_id)], key=lambda r: r["depth"])
         key = "nested-inner" if label == "nested" else "thread"
         assert (frames[1]["function"], frames[1]["line"]) == (function, mark[key])
+
+
+@pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
+def test_module_bodies_sharing_a_code_address_keep_their_own_files(harness, target):
+    symbolizer, opens = Symbolizer(), {}
+
+    def on_record(_ctx, data, size):
+        raw = ctypes.string_at(data, size)
+        if int.from_bytes(raw[16:18], "little") >= 100:
+            symbolizer.on_record(raw)
+        else:
+            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
+            if ev.path.decode().startswith(MARK_PREFIX + "reuse-"):
+                opens[ev.path.decode()[-1]] = ev
+
+    harness.handlers.append(on_record)
+    modules = {m: target.program(f"reuse_{m}.py") for m in "abc"}
+    proc = subprocess.Popen(
+        [target.command, "-B", target.program("reuse_driver.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        found = install_python_target(harness, proc.pid)
+        assert found.status == "ok", found.reason
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    harness.ring_buffer_consume()
+    rows = defaultdict(list)
+    for row in symbolizer.flush():
+        rows[row["stack_id"]].append(row)
+    for m, path in modules.items():
+        ev = opens[m]
+        (top,) = [r for r in rows[signed64(ev.stack_id)] if r["depth"] == 0]
+        assert (top["function"], top["file"], top["line"]) == (
+            "<module>",
+            path,
+            targets.marks(f"reuse_{m}.py")[f"reuse-{m}"],
+        )
