@@ -3,7 +3,10 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-VENV := /opt/cmtrace/venv
+# Where the set-up installs (the virtualenv, test interpreters, installed.txt); scripts read it too.
+CMTRACE_HOME ?= /opt/cmtrace
+export CMTRACE_HOME
+VENV := $(CMTRACE_HOME)/venv
 PYTHON := $(VENV)/bin/python
 RUFF := $(VENV)/bin/ruff
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-k doctor'
