@@ -16,7 +16,6 @@ One source of truth for both walkers: `probes/pystack.h` (in the kernel, configu
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -82,9 +81,6 @@ class Layout:
     unicode_state: int = 32
     unicode_ascii_size: int = 48  # sizeof(PyASCIIObject): compact ASCII data starts here
     unicode_compact_size: int = 72  # sizeof(PyCompactUnicodeObject): other compact data
-
-    def with_values(self, **changes: int | str) -> Layout:
-        return dataclasses.replace(self, **changes)
 
 
 def _heap_layout(minor: int, f_lasti: int, lines: str) -> Layout:
@@ -257,7 +253,3 @@ def _check_debug_values(values: dict[str, int]) -> None:
         limit = 1 << 16 if name.startswith(("runtime_", "interp_")) else 4096
         if value >= limit:
             raise LayoutError(f"implausible _Py_DebugOffsets field {name}={value}")
-
-
-def version_string(layout: Layout) -> str:
-    return f"3.{layout.minor}"
