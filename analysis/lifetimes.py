@@ -20,7 +20,7 @@ process-wide events (fork, exec, exit, close_range) are applied one by one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -62,7 +62,6 @@ class PairingStats:
     forks: int = 0
     execs: int = 0
     exits: int = 0
-    per_pid_unknown_closes: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +273,82 @@ class _Seed:
     preexisting: bool
 
 
+@dataclass
+class _Rows:
+    """The fd events plus seeds, sorted by (pid, fd) and time: the pairing's working set."""
+
+    order: np.ndarray  # sorted position -> seed index, or n_seed + position in `idx`
+    idx: np.ndarray  # event indices in `ev` of the fd events
+    t: np.ndarray
+    op: np.ndarray
+    new_group: np.ndarray  # first row of a (pid, fd)
+    n_seed: int
+    index_type: type
+
+
+def _sorted_rows(ev: _Events, seeds: list[_Seed]) -> _Rows:
+    """Seeds first (as births), then the events in time order; one stable sort on (pid, fd)
+    keeps time order inside each fd's rows, with the seeds first: they start before."""
+    fd_ops = (ev.op == _BIRTH) | (ev.op == _CLOSE) | (ev.op == _CLOEXEC) | (ev.op == _ADDR)
+    small = len(ev) < 2**31 - 2**20  # int32 row numbers halve the pairing's temporaries
+    index_type = np.int32 if small else np.int64
+    idx = np.flatnonzero(fd_ops & (ev.fd >= 0)).astype(index_type)
+    n_seed = sum(len(s.pid) for s in seeds)
+    key = np.concatenate([s.pid for s in seeds] + [ev.pid[idx]]).astype(np.int64) << 32
+    key |= np.concatenate([s.fd for s in seeds] + [ev.fd[idx]]).astype(np.int64) & 0xFFFFFFFF
+    order = np.argsort(key, kind="stable").astype(index_type)
+    key = key[order]
+    new_group = np.ones(len(order), dtype=bool)
+    if len(order):
+        new_group[1:] = key[1:] != key[:-1]
+    del key
+    t = np.concatenate([s.t for s in seeds] + [ev.t[idx]]).astype(np.int64)[order]
+    op = np.concatenate([np.full(n_seed, _BIRTH, np.int8), ev.op[idx]])[order]
+    return _Rows(order, idx, t, op, new_group, n_seed, index_type)
+
+
+def _owners(rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """(births, owner_life): the birth rows, and each row's lifetime index (-1: none).
+
+    births_so_far[row] - 1 is the lifetime of the last birth at or before the row; the row
+    belongs to it when that birth is in the row's own (pid, fd) group.
+    """
+    is_birth = rows.op == _BIRTH
+    n = len(is_birth)
+    births_so_far = np.cumsum(is_birth, dtype=np.int64 if n >= 2**31 else np.int32)
+    before_group = np.where(rows.new_group, births_so_far - is_birth, 0)
+    np.maximum.accumulate(before_group, out=before_group)
+    owner_life = np.where(births_so_far > before_group, births_so_far - 1, -1)
+    return np.flatnonzero(is_birth).astype(rows.index_type), owner_life
+
+
+def _first_closes(rows: _Rows, owner_life: np.ndarray, n_lives: int, stats: PairingStats):
+    """Row of the close that ends each lifetime (-1: none); other closes are unknown closes.
+
+    Rows are sorted, so the owners of close rows never decrease: a lifetime's first close is
+    where the owner changes (no sort needed).
+    """
+    is_close = rows.op == _CLOSE
+    close_rows = np.flatnonzero(is_close & (owner_life >= 0)).astype(rows.index_type)
+    close_lives = owner_life[close_rows]
+    first = np.ones(len(close_rows), dtype=bool)
+    first[1:] = close_lives[1:] != close_lives[:-1]
+    stats.unknown_closes = int(is_close.sum() - first.sum())
+    closed_at_row = np.full(n_lives, -1, dtype=rows.index_type)
+    closed_at_row[close_lives[first]] = close_rows[first]
+    return closed_at_row
+
+
+def _next_births(rows: _Rows, births: np.ndarray) -> np.ndarray:
+    """Row of the next birth of the same (pid, fd) after each birth (-1: none)."""
+    next_birth = np.full(len(births), -1, dtype=rows.index_type)
+    if len(births) > 1:
+        group_of_birth = np.cumsum(rows.new_group, dtype=rows.index_type)[births]
+        same = group_of_birth[1:] == group_of_birth[:-1]
+        next_birth[:-1] = np.where(same, births[1:], -1)
+    return next_birth
+
+
 def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingStats]:
     """Pair the fd events of `ev` (births, closes, cloexec, addr) plus seed lifetimes.
 
@@ -281,69 +356,18 @@ def _pair(ev: _Events, seeds: list[_Seed]) -> tuple[_Lives, np.ndarray, PairingS
     counts of what could not be paired.
     """
     stats = PairingStats()
-    fd_ops = (ev.op == _BIRTH) | (ev.op == _CLOSE) | (ev.op == _CLOEXEC) | (ev.op == _ADDR)
-    small = len(ev) < 2**31 - 2**20  # int32 row numbers halve the pairing's temporaries
-    index_type = np.int32 if small else np.int64
-    idx = np.flatnonzero(fd_ops & (ev.fd >= 0)).astype(index_type)
-    n_seed = sum(len(s.pid) for s in seeds)
-    # Row arrays: seeds first (as births), then the events (in time order). One stable sort on
-    # (pid, fd) keeps time order inside each fd's rows, and seeds first: they start before.
-    pid = np.concatenate([s.pid for s in seeds] + [ev.pid[idx]]).astype(np.int64)
-    key = pid << 32
-    del pid
-    key |= np.concatenate([s.fd for s in seeds] + [ev.fd[idx]]).astype(np.int64) & 0xFFFFFFFF
-    order = np.argsort(key, kind="stable").astype(index_type)
-    key = key[order]
-    t = np.concatenate([s.t for s in seeds] + [ev.t[idx]]).astype(np.int64)[order]
-    op = np.concatenate([np.full(n_seed, _BIRTH, np.int8), ev.op[idx]])[order]
-    n = len(order)
-    is_birth = op == _BIRTH
-    new_group = np.ones(n, dtype=bool)
-    if n:
-        new_group[1:] = key[1:] != key[:-1]
-    del key
-    # births_so_far[row] - 1 is the lifetime index of the last birth at or before the row; the
-    # row belongs to it when that birth is in the row's own (pid, fd) group.
-    births_so_far = np.cumsum(is_birth, dtype=np.int64 if n >= 2**31 else np.int32)
-    before_group = np.where(new_group, births_so_far - is_birth, 0)
-    np.maximum.accumulate(before_group, out=before_group)
-    owned = births_so_far > before_group
-    del before_group
-    owner_life = np.where(owned, births_so_far - 1, -1)
-    del births_so_far
-    births = np.flatnonzero(is_birth).astype(index_type)
-    del is_birth
-
-    # First close after each birth (before the next birth) ends the lifetime. Rows are sorted,
-    # so the owners of close rows never decrease: the first close of a lifetime is where the
-    # owner changes (no sort needed).
-    is_close = op == _CLOSE
-    close_rows = np.flatnonzero(is_close & owned).astype(index_type)
-    close_lives = owner_life[close_rows]
-    first = np.ones(len(close_rows), dtype=bool)
-    first[1:] = close_lives[1:] != close_lives[:-1]
-    first_close_rows = close_rows[first]
-    stats.unknown_closes = int(is_close.sum() - len(first_close_rows))
-    closed_at_row = np.full(len(births), -1, dtype=index_type)
-    closed_at_row[close_lives[first]] = first_close_rows
-    del is_close, close_rows, close_lives, first, first_close_rows
-
+    rows = _sorted_rows(ev, seeds)
+    births, owner_life = _owners(rows)
+    closed_at_row = _first_closes(rows, owner_life, len(births), stats)
     # A lifetime without a close ends at the next birth of the same (pid, fd), if any.
-    next_birth = np.full(len(births), -1, dtype=index_type)
-    if len(births) > 1:
-        group_of_birth = np.cumsum(new_group, dtype=index_type)[births]
-        same = group_of_birth[1:] == group_of_birth[:-1]
-        next_birth[:-1] = np.where(same, births[1:], -1)
-        del group_of_birth, same
-    del new_group
+    next_birth = _next_births(rows, births)
     replaced = (closed_at_row < 0) & (next_birth >= 0)
-
-    src = _source_rows(order, n_seed, idx)
-    del order, idx
-    lives = _lives_from_births(ev, seeds, births, src, n_seed)
-    _apply_closes(lives, ev, closed_at_row, src, t)
-    _apply_replacements(lives, ev, replaced, next_birth, src, t, stats)
-    changes = _apply_updates(lives, ev, op, owner_life, src, closed_at_row, t, stats)
+    src = _source_rows(rows.order, rows.n_seed, rows.idx)
+    rows.order = rows.idx = rows.new_group = None  # free them before the lifetimes are built
+    lives = _lives_from_births(ev, seeds, births, src, rows.n_seed)
+    _apply_closes(lives, ev, closed_at_row, src, rows.t)
+    _apply_replacements(lives, ev, replaced, next_birth, src, rows.t, stats)
+    changes = _apply_updates(lives, ev, rows.op, owner_life, src, closed_at_row, rows.t, stats)
     return lives, changes, stats
 
 
