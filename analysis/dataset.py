@@ -101,38 +101,37 @@ def check_parts(path: Path) -> None:
             ) from exc
 
 
-def read_event_column(path: Path, name: str) -> pa.ChunkedArray:
-    """One events column over all parts, strings dictionary-encoded as read (no decoding).
-
-    The lifetimes model reads a trace column by column, so peak memory holds one Arrow column,
-    not the whole table, next to its numpy arrays.
-    """
-    field = schema.EVENTS.field(name)
-    textual = pa.types.is_string(field.type) or pa.types.is_dictionary(field.type)
-    chunks = []
-    for file in _part_files(path / "events"):
+def event_parts(path: Path, columns) -> tuple[int, list[Path]]:
+    """(total rows, part files) of a trace's events, from the Parquet footers only."""
+    files = _part_files(path / "events")
+    total = 0
+    for file in files:
         try:
-            present = pq.read_schema(file).names
-            if name not in present:
-                continue
-            table = pq.read_table(file, columns=[name], read_dictionary=[name] if textual else None)
+            total += pq.read_metadata(file).num_rows
         except (OSError, pa.ArrowException) as exc:
             raise TraceError(
                 f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
                 "to analyse the rest"
             ) from exc
-        column = table.column(name)
-        if not textual and column.type != field.type:
-            column = column.cast(field.type)
-        chunks.extend(column.chunks)
-    if not chunks:
-        kind = pa.dictionary(pa.int32(), pa.string()) if textual else field.type
-        return pa.chunked_array([], type=kind)
-    if textual:
-        dict_type = pa.dictionary(pa.int32(), pa.string())
-        chunks = [c.cast(dict_type) if c.type != dict_type else c for c in chunks]
-        return pa.chunked_array(chunks, type=dict_type).unify_dictionaries()
-    return pa.chunked_array(chunks, type=field.type)
+    return total, files
+
+
+def read_event_part(file: Path, columns) -> pa.Table:
+    """One events part, only `columns` (those it has), strings as read (dictionary-encoded)."""
+    try:
+        present = set(pq.read_schema(file).names)
+        names = [c for c in columns if c in present]
+        textual = [
+            c for c in names
+            if pa.types.is_string(schema.EVENTS.field(c).type)
+            or pa.types.is_dictionary(schema.EVENTS.field(c).type)
+        ]  # fmt: skip
+        return pq.read_table(file, columns=names, read_dictionary=textual)
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(
+            f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
+            "to analyse the rest"
+        ) from exc
 
 
 def _part_files(path: Path) -> list[Path]:

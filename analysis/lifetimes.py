@@ -27,7 +27,11 @@ from typing import Union
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from cmtrace.analysis.dataset import read_event_column
+from cmtrace.analysis.dataset import (
+    CORE_EVENT_COLUMNS,
+    event_parts,
+    read_event_part,
+)
 
 from cmtrace import schema
 
@@ -74,8 +78,6 @@ EventSource = Union[pa.Table, pd.DataFrame, Path]
 def _raw_column(events: EventSource, name: str):
     if isinstance(events, pd.DataFrame):
         return events[name]
-    if isinstance(events, Path):
-        return read_event_column(events, name)
     return events.column(name)
 
 
@@ -182,7 +184,72 @@ def _filled(values: np.ndarray, fill, dtype) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+_NUMERIC_EVENT_COLUMNS = {
+    # column: (numpy dtype, value for nulls)
+    "t_ns": (np.int64, 0), "pid": (np.int32, -1), "tid": (np.int32, -1),
+    "fd": (np.int32, -1), "src_fd": (np.int32, -1), "flags": (np.int64, 0),
+    "cloexec": (bool, False), "arg": (np.int64, 0), "stack_id": (np.int64, 0),
+    "finalizing": (bool, False),
+}  # fmt: skip
+_TEXT_EVENT_COLUMNS = ("op", "syscall", "kind", "path")
+
+
+def _read_event_dir(path: Path) -> _Events:
+    """Read a trace's events part by part into preallocated arrays: each part is read once and
+    freed, and its string dictionaries are mapped onto one vocabulary per column."""
+    total, files = event_parts(path, CORE_EVENT_COLUMNS)
+    numeric = {c: np.empty(total, dtype=d) for c, (d, _) in _NUMERIC_EVENT_COLUMNS.items()}
+    codes = {c: np.empty(total, dtype=np.int32) for c in _TEXT_EVENT_COLUMNS}
+    vocabs = {c: _Vocab([]) for c in _TEXT_EVENT_COLUMNS}
+    position = 0
+    for file in files:
+        part = read_event_part(file, CORE_EVENT_COLUMNS)
+        end = position + part.num_rows
+        for name, (_, fill) in _NUMERIC_EVENT_COLUMNS.items():
+            if name in part.column_names:
+                column = part.column(name)
+                if column.null_count:
+                    column = column.fill_null(fill)
+                numeric[name][position:end] = column.to_numpy()
+            else:
+                numeric[name][position:end] = fill
+        for name in _TEXT_EVENT_COLUMNS:
+            codes[name][position:end] = _part_codes(part, name, vocabs[name])
+        position = end
+        del part
+    op_map = np.array([OP_CODES.get(name, -1) for name in vocabs["op"].names] + [-1], dtype=np.int8)
+    cols = _Events(
+        t=numeric["t_ns"], pid=numeric["pid"], tid=numeric["tid"], op=op_map[codes["op"]],
+        syscall=codes["syscall"], syscall_names=vocabs["syscall"], fd=numeric["fd"],
+        src_fd=numeric["src_fd"], kind=codes["kind"], kind_names=vocabs["kind"],
+        path=codes["path"], path_names=vocabs["path"], flags=numeric["flags"],
+        cloexec=numeric["cloexec"], arg=numeric["arg"], stack=numeric["stack_id"],
+        finalizing=numeric["finalizing"],
+    )  # fmt: skip
+    if len(cols.t) > 1 and not np.all(cols.t[1:] >= cols.t[:-1]):
+        cols = cols.take(np.argsort(cols.t, kind="stable"))
+    return cols
+
+
+def _part_codes(part: pa.Table, name: str, vocab: _Vocab) -> np.ndarray:
+    """A part's string column as codes of `vocab` (-1 for null), via its own dictionary."""
+    if name not in part.column_names:
+        return np.full(part.num_rows, -1, dtype=np.int32)
+    out = []
+    for chunk in part.column(name).chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        lookup = np.array(
+            [vocab.code(v) for v in chunk.dictionary.to_pylist()] + [-1], dtype=np.int32
+        )
+        indices = chunk.indices.fill_null(len(lookup) - 1).to_numpy(zero_copy_only=False)
+        out.append(lookup[indices])
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int32)
+
+
 def _read_events(events: EventSource) -> _Events:
+    if isinstance(events, Path):
+        return _read_event_dir(events)
     op_codes, op_names = _dictionary_codes(events, "op")
     op_map = np.array([OP_CODES.get(name, -1) for name in op_names] + [-1], dtype=np.int8)
     sys_codes, sys_names = _dictionary_codes(events, "syscall")
