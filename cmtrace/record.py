@@ -424,7 +424,7 @@ def print_summary(path: Path, args: argparse.Namespace, out) -> int:
         print(f"trace written to {path}", file=out)
         return 0
     try:
-        return report.print_summary(path, file=out, top=args.top)
+        return report.print_summary(path, file=out, top=args.top, exclude=args.exclude)
     except CmtraceError:
         raise
     except Exception as exc:  # the trace is complete on disk whatever the analysis does
