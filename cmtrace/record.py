@@ -467,7 +467,15 @@ def _sigint_reached_child_too() -> bool:
 # ---- cmtrace -p PID ---------------------------------------------------------------------------
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse bad options before anything is attached or started."""
+    if args.exclude is not None and not args.exclude.is_file():
+        raise UsageError(f"--exclude {args.exclude}: no such file (one site pattern a line)")
+    _ring_pages(args.ring_mb)
+
+
 def run_attach(args: argparse.Namespace) -> int:
+    check_options(args)
     procfs.check_traceable(args.pid)
     check_environment()
     pid = procfs.tgid_of(args.pid)
@@ -512,6 +520,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError("no command given: cmtrace run [options] -- CMD [ARGS...]")
     if shutil.which(command[0]) is None:
         raise UsageError(f"command not found: {command[0]}")
+    check_options(args)
     check_environment()
     rec = Recording(args, follow=True)
     rec.progress("loading probes ...")
