@@ -37,6 +37,7 @@ find_mirror() {
 }
 
 record_dir() {
+    mkdir -p "$CMTRACE_HOME"
     grep -qxF "dir $PYTHONS" "$RECORD" 2>/dev/null || echo "dir $PYTHONS" >>"$RECORD"
 }
 
@@ -131,8 +132,9 @@ report() {
 
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
 MIRROR=${MIRROR:-$(find_mirror)}
+# Recorded for `make uninstall` only if we create it: a directory that was there stays.
+[ -d "$PYTHONS" ] || { mkdir -p "$PYTHONS" && record_dir; }
 mkdir -p "$PYTHONS/bin"
-record_dir
 install_py39
 install_sid
 report
