@@ -289,6 +289,7 @@ th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-alig
 th{cursor:pointer;background:#f3f3f3;user-select:none}th:after{content:" \\2195";color:#aaa}
 td.n{text-align:right;font-variant-numeric:tabular-nums}
 code,pre{font:12px/1.35 ui-monospace,monospace}pre{background:#f7f7f7;padding:6px;margin:4px 0}
+td:first-child{max-width:34em}td code{word-break:break-all}pre{white-space:pre-wrap}
 .cause{font-weight:600;color:#a40000}.warn{color:#8a5a00}.caveat{color:#a40000;font-weight:600}
 details summary{cursor:pointer;color:#0550ae}svg{vertical-align:middle}
 """
