@@ -200,87 +200,90 @@ static __always_inline void copy_sockaddr(struct fd_event_data *d, const void *a
 
 // ---------------------------------------------------------------------------------------------
 // Entry: deaths, flag changes and addresses are emitted here; births stash their arguments.
+// The verifier explores the (large) stack walker once per distinct state that reaches it, so
+// the programs decide first, walk once, and then re-read what they need (nr, arguments, ret)
+// with helper calls: values the decision branched on stay behind as dead registers, and all
+// paths meet the walker in one state.
+static __always_inline int emits_at_enter(u32 nr, u64 cmd) {
+    switch (nr) {
+    case NR_close:
+    case NR_close_range:
+    case NR_connect:
+    case NR_bind:
+        return 1;
+    case NR_ioctl:
+        return cmd == FIOCLEX_ || cmd == FIONCLEX_;
+    case NR_fcntl:
+        return cmd == F_SETFD_;
+    default:
+        return 0;
+    }
+}
+
+static __always_inline void read_enter_args(struct sys_enter_ctx *ctx, struct stash_t *s) {
+    s32 nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), (void *)ctx + 8);
+    s->nr = (u32)nr;
+    // Syscalls have 1 to 6 arguments and the kernel refuses a program whose direct context
+    // reads go past the smallest record it is attached to: copy the six slots instead.
+    bpf_probe_read_kernel(s->args, sizeof(s->args), (void *)ctx + 16);
+}
+
+static __always_inline void emit_at_enter(struct stack_ref *st, u64 pid_tgid, struct stash_t *sp) {
+    u32 nr = sp->nr;
+    u64 cmd = sp->args[1] & 0xffffffff;
+    s32 fd = (s32)sp->args[0];
+    if (nr == NR_connect || nr == NR_bind) {
+        struct fd_event_data *d = reserve_data(st, pid_tgid, EV_ADDR, nr);
+        if (d) {
+            d->e.fd = fd;
+            copy_sockaddr(d, (const void *)sp->args[1], sp->args[2]);
+            submit_data(d);
+        }
+        return;
+    }
+    u16 type = nr == NR_close ? EV_CLOSE : nr == NR_close_range ? EV_CLOSE_RANGE : EV_CLOEXEC;
+    struct fd_event *e = reserve_small(st, pid_tgid, type, nr);
+    if (!e)
+        return;
+    e->fd = fd;
+    if (nr == NR_close_range) {
+        e->arg = sp->args[1];  // last fd of the range
+        e->flags = sp->args[2];
+    } else if (nr == NR_ioctl) {
+        e->arg = cmd == FIOCLEX_;
+        e->flags = cmd;
+    } else if (nr == NR_fcntl) {
+        e->arg = sp->args[2] & 1;  // F_SETFD with FD_CLOEXEC
+        e->flags = cmd;
+    }
+    submit_small(e);
+}
+
 int on_sys_enter(struct sys_enter_ctx *ctx) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_traced(pid_tgid >> 32))
         return 0;
-    u32 nr = ctx->nr;
-    struct fd_event *e;
-    struct fd_event_data *d;
-    // Syscalls have 1 to 6 arguments and the kernel refuses a program whose direct context
-    // reads go past the smallest record it is attached to: copy the six slots instead.
     struct stash_t s = {};
-    s.nr = nr;
-    bpf_probe_read_kernel(s.args, sizeof(s.args), (void *)ctx + 16);
-    u64 cmd = s.args[1] & 0xffffffff;
-    int emits_now = nr == NR_close || nr == NR_close_range || nr == NR_connect || nr == NR_bind ||
-                    (nr == NR_ioctl && (cmd == FIOCLEX_ || cmd == FIONCLEX_)) ||
-                    (nr == NR_fcntl && cmd == F_SETFD_);
-    if (nr == NR_ioctl && !emits_now)
-        return 0;
-    struct stack_ref st = {};
-    if (emits_now)
-        st = python_stack(ctx, pid_tgid);
-
-    switch (nr) {
-    case NR_close:
-        e = reserve_small(&st, pid_tgid, EV_CLOSE, nr);
-        if (e) {
-            e->fd = (s32)s.args[0];
-            submit_small(e);
-        }
-        return 0;
-    case NR_close_range:
-        e = reserve_small(&st, pid_tgid, EV_CLOSE_RANGE, nr);
-        if (e) {
-            e->fd = (s32)s.args[0];
-            e->arg = s.args[1];
-            e->flags = s.args[2];
-            submit_small(e);
-        }
-        return 0;
-    case NR_ioctl: {
-        e = reserve_small(&st, pid_tgid, EV_CLOEXEC, nr);
-        if (e) {
-            e->fd = (s32)s.args[0];
-            e->arg = cmd == FIOCLEX_;
-            e->flags = cmd;
-            submit_small(e);
-        }
-        return 0;
-    }
-    case NR_connect:
-    case NR_bind:
-        d = reserve_data(&st, pid_tgid, EV_ADDR, nr);
-        if (d) {
-            d->e.fd = (s32)s.args[0];
-            copy_sockaddr(d, (const void *)s.args[1], s.args[2]);
-            submit_data(d);
-        }
-        return 0;
-    case NR_fcntl: {
-        if (cmd == F_SETFD_) {
-            e = reserve_small(&st, pid_tgid, EV_CLOEXEC, nr);
-            if (e) {
-                e->fd = (s32)s.args[0];
-                e->arg = s.args[2] & 1;  // FD_CLOEXEC
-                e->flags = cmd;
-                submit_small(e);
-            }
-            return 0;
-        }
-        if (cmd != F_DUPFD_ && cmd != F_DUPFD_CLOEXEC_)
-            return 0;
-        break;
-    }
-    case NR_signalfd:
-    case NR_signalfd4:
+    read_enter_args(ctx, &s);
+    u32 nr = s.nr;
+    if (nr == NR_signalfd || nr == NR_signalfd4) {
         if ((s32)s.args[0] != -1)  // updates an existing signalfd: not a birth
             return 0;
-        break;
-    default:
-        break;
+    } else if (nr == NR_fcntl) {
+        u64 fcmd = s.args[1] & 0xffffffff;
+        if (fcmd != F_DUPFD_ && fcmd != F_DUPFD_CLOEXEC_ && fcmd != F_SETFD_)
+            return 0;
     }
+    if (emits_at_enter(nr, s.args[1] & 0xffffffff)) {
+        struct stack_ref st = python_stack(ctx, pid_tgid);
+        struct stash_t fresh = {};
+        read_enter_args(ctx, &fresh);
+        emit_at_enter(&st, pid_tgid, &fresh);
+        return 0;
+    }
+    if (nr == NR_ioctl)
+        return 0;
 
     if (nr == NR_clone3) {
         u64 flags = 0;
@@ -438,114 +441,139 @@ static __always_inline int returns_new_fd(s32 nr) {
     }
 }
 
-int on_sys_exit(struct sys_exit_ctx *ctx) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_traced(pid_tgid >> 32))
-        return 0;
-    u32 tid = pid_tgid;
-    s64 ret = ctx->ret;
-    struct stash_t s = {};
+#define ARGS_UNKNOWN (1ULL << 32)  // in stash_t.nr: the syscall entered before we attached
+
+// Per-CPU slot holding the exit's arguments across the stack walk (see emits_at_enter).
+BPF_PERCPU_ARRAY(exit_args, struct stash_t, 1);
+
+// What the exit of this syscall will record, into *out; 0 = nothing to record.
+static __always_inline int prepare_exit(struct sys_exit_ctx *ctx, u32 tid, s64 ret,
+                                        struct stash_t *out) {
     struct stash_t *sp = stash.lookup(&tid);
     if (sp) {
-        s = *sp;
+        *out = *sp;
         stash.delete(&tid);
     } else {
         // Entered before we attached (a server blocked in accept4 when `cmtrace -p` starts):
         // the arguments are unknown, but a returned descriptor is still a birth.
         if (ret < 0 || !returns_new_fd(ctx->nr))
             return 0;
-        s.nr = ctx->nr;
+        out->nr = (u32)ctx->nr | ARGS_UNKNOWN;
+        return 1;
     }
-    u32 nr = s.nr;
+    u32 nr = out->nr;
     if (nr == NR_clone || nr == NR_clone3 || nr == NR_fork || nr == NR_vfork)
         return 0;  // handled at sched_process_fork; the stash only had to be cleaned up
-    if (nr == NR_recvmsg && !carries_scm_rights(&s, ret))
+    if (nr == NR_recvmsg && !carries_scm_rights(out, ret))
         return 0;  // most recvmsg calls pass no descriptors: no stack walk for them
-    struct stack_ref st = python_stack(ctx, pid_tgid);
-    if (!sp) {
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, 0, 0);
-        return 0;
-    }
+    return 1;
+}
 
+static __always_inline void emit_at_exit(struct stack_ref *st, u64 pid_tgid, struct stash_t *s,
+                                         s64 ret) {
+    if (s->nr & ARGS_UNKNOWN) {
+        s->nr &= ~ARGS_UNKNOWN;
+        emit_simple_birth(st, pid_tgid, s, ret, -1, 0, 0);
+        return;
+    }
+    u32 nr = s->nr;
     switch (nr) {
     case NR_open:
-        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
+        emit_path_birth(st, pid_tgid, s, ret, (void *)s->args[0], s->args[1]);
         break;
     case NR_openat:
-        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[1], s.args[2]);
+        emit_path_birth(st, pid_tgid, s, ret, (void *)s->args[1], s->args[2]);
         break;
     case NR_openat2: {
         u64 how_flags = 0;
-        bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)s.args[2]);
-        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[1], how_flags);
+        bpf_probe_read_user(&how_flags, sizeof(how_flags), (void *)s->args[2]);
+        emit_path_birth(st, pid_tgid, s, ret, (void *)s->args[1], how_flags);
         break;
     }
     case NR_creat:
-        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], 0);
+        emit_path_birth(st, pid_tgid, s, ret, (void *)s->args[0], 0);
         break;
     case NR_memfd_create:
-        emit_path_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], s.args[1]);
+        emit_path_birth(st, pid_tgid, s, ret, (void *)s->args[0], s->args[1]);
         break;
     case NR_socket:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, s->args[1], s->args[0]);
         break;
     case NR_socketpair:
-        emit_pair_birth(&st, pid_tgid, &s, ret, (void *)s.args[3], s.args[1], s.args[0]);
+        emit_pair_birth(st, pid_tgid, s, ret, (void *)s->args[3], s->args[1], s->args[0]);
         break;
     case NR_pipe:
-        emit_pair_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], 0, 0);
+        emit_pair_birth(st, pid_tgid, s, ret, (void *)s->args[0], 0, 0);
         break;
     case NR_pipe2:
-        emit_pair_birth(&st, pid_tgid, &s, ret, (void *)s.args[0], s.args[1], 0);
+        emit_pair_birth(st, pid_tgid, s, ret, (void *)s->args[0], s->args[1], 0);
         break;
     case NR_accept:
     case NR_accept4:
-        emit_accept(&st, pid_tgid, &s, ret);
+        emit_accept(st, pid_tgid, s, ret);
         break;
     case NR_dup:
     case NR_dup2:
-        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[0], 0, 0);
+        emit_simple_birth(st, pid_tgid, s, ret, (s32)s->args[0], 0, 0);
         break;
     case NR_dup3:
-        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[0], s.args[2], 0);
+        emit_simple_birth(st, pid_tgid, s, ret, (s32)s->args[0], s->args[2], 0);
         break;
     case NR_fcntl:
-        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[0], s.args[1], s.args[2]);
+        emit_simple_birth(st, pid_tgid, s, ret, (s32)s->args[0], s->args[1], s->args[2]);
         break;
     case NR_eventfd:
     case NR_epoll_create:
     case NR_inotify_init:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, 0, s.args[0]);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, 0, s->args[0]);
         break;
     case NR_eventfd2:
     case NR_timerfd_create:
     case NR_pidfd_open:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[1], s.args[0]);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, s->args[1], s->args[0]);
         break;
     case NR_epoll_create1:
     case NR_inotify_init1:
     case NR_fanotify_init:
     case NR_userfaultfd:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[0], 0);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, s->args[0], 0);
         break;
     case NR_signalfd:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, 0, 0);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, 0, 0);
         break;
     case NR_signalfd4:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[3], 0);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, s->args[3], 0);
         break;
     case NR_pidfd_getfd:
-        emit_simple_birth(&st, pid_tgid, &s, ret, (s32)s.args[1], s.args[2], s.args[0]);
+        emit_simple_birth(st, pid_tgid, s, ret, (s32)s->args[1], s->args[2], s->args[0]);
         break;
     case NR_perf_event_open:
-        emit_simple_birth(&st, pid_tgid, &s, ret, -1, s.args[4], s.args[2]);
+        emit_simple_birth(st, pid_tgid, s, ret, -1, s->args[4], s->args[2]);
         break;
     case NR_recvmsg:
-        emit_scm_rights(&st, pid_tgid, &s, ret);
+        emit_scm_rights(st, pid_tgid, s, ret);
         break;
     default:
         break;  // clone family: handled at sched_process_fork, stash only cleaned up here
     }
+}
+
+int on_sys_exit(struct sys_exit_ctx *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_traced(pid_tgid >> 32))
+        return 0;
+    u32 zero = 0;
+    struct stash_t *slot = exit_args.lookup(&zero);
+    if (!slot || !prepare_exit(ctx, (u32)pid_tgid, ctx->ret, slot))
+        return 0;
+    struct stack_ref st = python_stack(ctx, pid_tgid);
+    slot = exit_args.lookup(&zero);  // re-read after the walk: one verifier state reaches it
+    if (!slot)
+        return 0;
+    struct stash_t s = *slot;
+    s64 ret = 0;
+    bpf_probe_read_kernel(&ret, sizeof(ret), (void *)ctx + 16);
+    emit_at_exit(&st, pid_tgid, &s, ret);
     return 0;
 }
 
