@@ -32,6 +32,7 @@ from cmtrace.errors import (
     TraceError,
     UsageError,
 )
+from cmtrace.sources import SourceCollector
 from cmtrace.trace import DiskFull, TraceWriter, prepare_output_dir
 
 FLUSH_INTERVAL = 0.5  # seconds: a killed tracer loses at most this much (the issue allows 1 s)
@@ -187,6 +188,7 @@ class Recording:
         self.events_written = 0
         self.failure: CmtraceError | None = None  # what stopped the recording, if it failed
         self.held_pid = 0  # `run`: the kernel stops this pid after each exec until resumed
+        self.sources = SourceCollector()
 
     # -- setup
     def load(self) -> None:
@@ -280,6 +282,7 @@ class Recording:
         table = decode(batch, self.collector.boot_ns)
         self.pending.append(table)
         self._react_to_processes(table)
+        self._read_new_sources()
 
     def _react_to_processes(self, table: pa.Table) -> None:
         """Load Python layouts for followed children and for processes that exec'd."""
@@ -357,18 +360,21 @@ class Recording:
         if threads:
             self.writer.write_json("snapshot.json", {"threads": threads})
 
+    def _read_new_sources(self) -> None:
+        """Read each source file when a stack first names it: a target in a container or
+        chroot can only be read through /proc/PID/root while it lives."""
+        if self.symbolizer is None:
+            return
+        for pid, file in self.symbolizer.take_new_files():
+            self.sources.add(pid, file)
+
     def _capture_sources(self) -> None:
         if self.symbolizer is None:
             return
-        try:
-            from cmtrace import sources  # noqa: PLC0415
-        except ImportError:
-            return
-        files = getattr(self.symbolizer, "files_seen", lambda: set())()
+        self._read_new_sources()
         alive = [pid for pid in self.root_pids if procfs.is_alive(pid)]
         try:
-            rows = sources.capture_sources(alive[0] if alive else None, files)
-            self.writer.write_rows("sources", rows)
+            self.writer.write_rows("sources", self.sources.rows(alive[0] if alive else None))
         except CmtraceError:
             raise
         except Exception as exc:  # sources only enrich the report; keep the trace

@@ -390,6 +390,8 @@ class Symbolizer:
         self._pending: list[_Stack] = []
         self._done: set[tuple[int, int]] = set()
         self._rows: list[dict] = []
+        self._files: set[tuple[int, str]] = set()
+        self._new_files: list[tuple[int, str]] = []
 
     def on_record(self, raw: bytes) -> None:
         rtype = struct.unpack_from("<H", raw, 16)[0]
@@ -407,10 +409,14 @@ class Symbolizer:
             _decode_text(interp, qual_st, raw[_QUALNAME_AT : _QUALNAME_AT + qual_len]) or name
         )
         key = (pid, gen, code)
+        filename = _decode_text(interp, file_st, raw[_FILE_AT : _FILE_AT + file_len])
+        if filename and (pid, filename) not in self._files:
+            self._files.add((pid, filename))
+            self._new_files.append((pid, filename))
         self._codes[key] = pyframes.CodeInfo(
             name=name,
             qualname=qualname,
-            filename=_decode_text(interp, file_st, raw[_FILE_AT : _FILE_AT + file_len]),
+            filename=filename,
             firstlineno=first,
             flags=flags,
             linetable=raw[_LINETABLE_AT : _LINETABLE_AT + lt_len],
@@ -471,6 +477,12 @@ class Symbolizer:
             return base | {"function": f"<unknown code {code:#x}>", "qualname": None, "file": None,
                            "line": -1, "firstlineno": -1, "code_flags": 0, "lasti": -1}  # fmt: skip
         return base | pyframes.frame_dict(interp.layout, info, code, instr)
+
+    def take_new_files(self) -> list[tuple[int, str]]:
+        """(pid, co_filename) pairs met since the previous call, so that their sources can be
+        read while the process (and its mount namespace) still exists."""
+        new, self._new_files = self._new_files, []
+        return new
 
     def files_seen(self) -> set[str]:
         """co_filename of every code object received (for record-time source capture)."""
