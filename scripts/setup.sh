@@ -35,9 +35,10 @@ record() { # record KIND PATH: remember something we created, once
 # ---------------------------------------------------------------- apt packages
 RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip)
 # Tools the tests and `make interpreters` use: strace (benchmark baseline), capsh/setpriv
-# (unprivileged doctor tests), readelf, mmdebstrap (sid interpreters), unshare/chroot (namespaces).
+# (unprivileged doctor tests), readelf, mmdebstrap (sid interpreters), unshare/chroot (namespaces),
+# chromium (the HTML report is opened headless).
 TEST_PACKAGES=(strace libcap2-bin util-linux binutils mmdebstrap procps gcc make
-    debian-archive-keyring)
+    debian-archive-keyring chromium)
 
 missing_packages() {
     local pkg
