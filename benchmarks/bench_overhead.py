@@ -5,7 +5,7 @@
 Workloads (each run in a fresh target process, Debian's /usr/bin/python3 by default):
   open@3    200,000 x `with open('/dev/null', 'rb'): pass`, 3 Python frames on the stack
   open@48   the same loop with 48 Python frames on the stack
-  calls@3   2,000,000 Python function calls, no fd syscall at all (3 frames)
+  calls@3   10,000,000 Python function calls, no fd syscall at all (3 frames)
   calls@48  the same with 48 frames
 Ways to run each workload:
   bare              nothing attached
@@ -48,7 +48,7 @@ WORKLOADS = {  # name -> (loop, frames)
     "calls@48": ("calls", 48),
 }
 MODES = ("bare", "cmtrace", "cmtrace-nostacks", "strace", "tracemalloc")
-CALLS_PER_OPEN = 10  # the call loop runs 10x the iterations: each call is ~60 ns
+CALLS_PER_OPEN = 50  # the call loop runs 50x the iterations (~0.5 s): each call is ~50 ns
 
 
 # ---- the target side (runs inside the traced process) ----------------------------------------
