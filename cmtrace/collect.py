@@ -49,6 +49,12 @@ OP_BY_TYPE = {
 PROCESS_SYSCALL = {EV_FORK: "fork", EV_EXEC: "execve", EV_EXIT: "exit"}
 
 DRAIN_INTERVAL = 0.02  # seconds between ring-buffer drains
+# Entry programs of their own for the hottest syscalls (see probes/fdtrace.bpf.c).
+DEDICATED_ENTRY = {
+    "close": "on_close_enter",
+    "ioctl": "on_ioctl_enter",
+    "openat": "on_openat_enter",
+}
 
 
 def probes_dir() -> Path:
@@ -198,7 +204,8 @@ class Collector:
             if f"sys_enter_{name}" not in have:
                 self.missing_tracepoints.append(name)
                 continue
-            self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name="on_sys_enter")
+            enter = DEDICATED_ENTRY.get(name, "on_sys_enter")
+            self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name=enter)
             if name in syscalls.EXIT_PROBED:
                 self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_sys_exit")
 

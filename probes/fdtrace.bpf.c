@@ -299,6 +299,58 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
     return 0;
 }
 
+// Dedicated entry programs for the three syscalls every `with open()` makes: they read their
+// arguments straight from the tracepoint record (no helper call), which the generic program
+// cannot do. ioctl is dropped before anything else unless it changes CLOEXEC: open() calls
+// ioctl(TCGETS) for isatty on every file.
+
+int on_close_enter(struct sys_enter_ctx *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_traced(pid_tgid >> 32))
+        return 0;
+    struct stack_ref st = python_stack(ctx, pid_tgid);
+    struct fd_event *e = reserve_small(&st, pid_tgid, EV_CLOSE, NR_close);
+    if (e) {
+        e->fd = (s32)ctx->args[0];
+        submit_small(e);
+    }
+    return 0;
+}
+
+int on_ioctl_enter(struct sys_enter_ctx *ctx) {
+    u64 cmd = ctx->args[1] & 0xffffffff;
+    if (cmd != FIOCLEX_ && cmd != FIONCLEX_)
+        return 0;
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_traced(pid_tgid >> 32))
+        return 0;
+    struct stack_ref st = python_stack(ctx, pid_tgid);
+    struct fd_event *e = reserve_small(&st, pid_tgid, EV_CLOEXEC, NR_ioctl);
+    if (e) {
+        u64 again = ctx->args[1] & 0xffffffff;
+        e->fd = (s32)ctx->args[0];
+        e->arg = again == FIOCLEX_;
+        e->flags = again;
+        submit_small(e);
+    }
+    return 0;
+}
+
+int on_openat_enter(struct sys_enter_ctx *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    if (!is_traced(pid_tgid >> 32))
+        return 0;
+    struct stash_t s = {};
+    s.nr = NR_openat;
+    s.args[0] = ctx->args[0];
+    s.args[1] = ctx->args[1];
+    s.args[2] = ctx->args[2];
+    s.args[3] = ctx->args[3];
+    u32 tid = pid_tgid;
+    stash.update(&tid, &s);
+    return 0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Exit: births (the fd is the return value) and failures.
 
@@ -571,9 +623,7 @@ int on_sys_exit(struct sys_exit_ctx *ctx) {
     if (!slot)
         return 0;
     struct stash_t s = *slot;
-    s64 ret = 0;
-    bpf_probe_read_kernel(&ret, sizeof(ret), (void *)ctx + 16);
-    emit_at_exit(&st, pid_tgid, &s, ret);
+    emit_at_exit(&st, pid_tgid, &s, ctx->ret);  // a context read is a fresh value for the verifier
     return 0;
 }
 
