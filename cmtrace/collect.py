@@ -146,7 +146,7 @@ class Collector:
     """Owns the loaded BPF program; `drain()` returns what arrived since the last call."""
 
     follow: bool = False
-    ring_pages: int = 4096  # 16 MiB
+    ring_pages: int = 8192  # 32 MiB
     python_stacks: bool = True
     on_python_record: Callable[[bytes], None] | None = None
     boot_ns: int = field(default_factory=time.monotonic_ns)  # trace start, monotonic clock

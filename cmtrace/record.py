@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -97,8 +98,8 @@ def _add_recording_options(parser: argparse.ArgumentParser) -> None:
         help="record fds without walking Python stacks (cheapest)",
     )  # fmt: skip
     parser.add_argument(
-        "--ring-mb", type=int, default=16, metavar="MB",
-        help="kernel ring buffer size, a power of two (default 16)",
+        "--ring-mb", type=int, default=32, metavar="MB",
+        help="kernel ring buffer size, a power of two (default 32)",
     )  # fmt: skip
     parser.add_argument("--top", type=int, default=10, help="leak sites shown in the summary")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -189,6 +190,9 @@ class Recording:
         self.failure: CmtraceError | None = None  # what stopped the recording, if it failed
         self.held_pid = 0  # `run`: the kernel stops this pid after each exec until resumed
         self.sources = SourceCollector()
+        self._lock = threading.Lock()  # the drain thread's state: pending, symbolizer, sources
+        self._draining = threading.Event()
+        self._drain_error: Exception | None = None
 
     # -- setup
     def load(self) -> None:
@@ -257,10 +261,23 @@ class Recording:
             self._stop, self.stop_reason = True, reason
 
     def loop(self, still_running, deadline: float | None = None) -> None:
+        """Flush and watch for the end here; a second thread keeps draining the ring, so a slow
+        Parquet write (or a busy machine) does not let the kernel's ring buffer fill up."""
+        self._draining.set()
+        drainer = threading.Thread(target=self._drain_continuously, name="cmtrace-drain")
+        drainer.start()
+        try:
+            self._watch(still_running, deadline)
+        finally:
+            self._draining.clear()
+            drainer.join()
+        if self._drain_error is not None:
+            raise self._drain_error
+
+    def _watch(self, still_running, deadline: float | None) -> None:
         last_flush = time.monotonic()
         while not self._stop:
             time.sleep(DRAIN_INTERVAL)
-            self._drain()
             now = time.monotonic()
             if now - last_flush >= FLUSH_INTERVAL:
                 try:
@@ -274,6 +291,17 @@ class Recording:
                 self.request_stop("duration reached")
             elif not still_running():
                 self.request_stop("target exited")
+
+    def _drain_continuously(self) -> None:
+        while self._draining.is_set():
+            time.sleep(DRAIN_INTERVAL)
+            try:
+                with self._lock:
+                    self._drain()
+            except Exception as exc:  # surfaced by loop() once the watcher has stopped
+                self._drain_error = exc
+                self.request_stop("the collector failed")
+                return
 
     def _drain(self) -> None:
         batch = self.collector.drain()
@@ -300,14 +328,18 @@ class Recording:
 
     def flush(self, final: bool = False) -> None:
         lost = self.collector.lost_events()
-        if self.pending:
-            table = pa.concat_tables(self.pending).sort_by([("t_ns", "ascending")])
-            self.pending = []
+        frames = None
+        with self._lock:  # take what the drain thread gathered; write without holding it
+            tables, self.pending = self.pending, []
+            if self.symbolizer is not None:
+                # At the end, stacks still waiting for a code record are resolved as well as
+                # can be.
+                frames = self.symbolizer.flush() if final else self.symbolizer.take_frames()
+        if tables:
+            table = pa.concat_tables(tables).sort_by([("t_ns", "ascending")])
             self.writer.write_part("events", table)
             self.events_written += len(table)
-        if self.symbolizer is not None:
-            # At the end, stacks still waiting for a code record are resolved as well as can be.
-            frames = self.symbolizer.flush() if final else self.symbolizer.take_frames()
+        if frames is not None:
             self.writer.write_rows("stacks", frames)
         if lost != self.writer.meta.get("lost_events"):
             self.writer.write_meta(lost_events=lost)
