@@ -36,7 +36,9 @@ OP_EXIT = "exit"  # process pid exited: every fd still open dies (death "process
 OP_LOST = "lost"  # arg = number of records the kernel could not reserve since the previous one
 OPS = (OP_BIRTH, OP_CLOSE, OP_CLOSE_RANGE, OP_FAIL, OP_CLOEXEC, OP_ADDR, OP_FORK, OP_EXEC, OP_EXIT)
 
-# kind: what an fd refers to, decided from the creating syscall (dup* copy their source's kind).
+# kind: what an fd refers to, decided from the creating syscall. Events of the dup family (and
+# fds received with SCM_RIGHTS) say "unknown": the analysis copies the source fd's kind into the
+# lifetime (cmtrace.analysis.lifetimes), which is what reports show.
 KINDS = (
     "file", "socket", "pipe", "eventfd", "epoll", "memfd", "signalfd", "timerfd", "inotify",
     "fanotify", "pidfd", "userfaultfd", "perf_event", "unknown",
