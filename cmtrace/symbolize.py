@@ -327,6 +327,15 @@ def _finish_later(bpf, target: PythonTarget) -> None:
 
     The kernel drops a process's config when it execs; an install that raced with the exec
     tracepoint is written again while the image is unchanged."""
+    try:
+        _retry_install(bpf, target)
+    finally:  # whatever happened, whoever waits on `done` is released
+        if target.status == "pending":
+            target.settle("none", "no CPython runtime appeared")
+        target.done.set()
+
+
+def _retry_install(bpf, target: PythonTarget) -> None:
     start = time.monotonic()
     while (
         time.monotonic() - start < PENDING_GIVE_UP_S
@@ -343,13 +352,10 @@ def _finish_later(bpf, target: PythonTarget) -> None:
                 _validate(bpf, target, interp)
         except NotReady:
             pass
-        except OSError:
-            break  # the process is gone
+        except (OSError, LayoutError, struct.error, KeyError):
+            return  # the process is gone, or a zombie whose memory reads come back short
         if not _settled(target):  # every ms while a fresh process starts, then calmer
             time.sleep(PENDING_POLL_S if time.monotonic() - start < 0.2 else 0.05)
-    if target.status == "pending":
-        target.settle("none", "no CPython runtime appeared")
-    target.done.set()
 
 
 def _warm_btf() -> None:
