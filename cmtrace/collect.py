@@ -216,12 +216,6 @@ class Collector:
         """Have the kernel stop pid (SIGSTOP) right after each of its execs; see resume()."""
         self.bpf["settings"][ctypes.c_int(1)] = ctypes.c_uint32(pid)
 
-    def untrace_pid(self, pid: int) -> None:
-        try:
-            del self.bpf["traced"][ctypes.c_uint32(pid)]
-        except KeyError:
-            pass
-
     def drain(self) -> Batch:
         """Consume everything the kernel has submitted; Python records go to the symbolizer."""
         buf, offsets, python_records = self.ring.read()
@@ -256,7 +250,7 @@ class Collector:
 # and the collector must keep up on the second core. Only records with a data tail (a path or an
 # address) and the rare multi-fd births (pipe, socketpair, SCM_RIGHTS) take a Python path.
 
-STACK_FINALIZING = 8
+STACK_FINALIZING = schema.STACK_FINALIZING
 _NR_SPACE = 1024
 _SYSCALL_NAMES = np.array([syscalls.syscall_name(nr) for nr in range(_NR_SPACE)], dtype=object)
 _KIND_BY_NR = np.array([syscalls.birth_kind(nr) for nr in range(_NR_SPACE)], dtype=object)

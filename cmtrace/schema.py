@@ -68,6 +68,7 @@ EVENTS = pa.schema(
 STACK_TRUNCATED = 1  # more frames than the walker's limit
 STACK_NO_PYTHON = 2  # the thread had no Python frames (or the process is not CPython)
 STACK_ERROR = 4  # the walk met something that is not a frame; frames dropped
+STACK_FINALIZING = 8  # the runtime was finalizing (kernel side; the `finalizing` column in events)
 
 # --- stacks ---------------------------------------------------------------------------------
 CODE_GENERATOR = 0x20  # CO_GENERATOR

@@ -24,7 +24,7 @@ The collector uses these:
     `on_record(raw)` takes every ring-buffer record of type >= 100 (stack and code records);
     `take_frames()` returns the STACK_FRAMES rows of the stacks completed since the last call,
     `flush()` the same at the end of a trace (unresolved frames become "<unknown code 0x...>"),
-    `files_seen()` the co_filename of every code object received.
+    `take_new_files()` the (pid, co_filename) pairs met since the last call.
     Code records precede the stacks that use them; a stack whose code objects were sent by a
     concurrent event on another CPU waits for them (or is read from /proc/PID/mem).
 """
@@ -39,13 +39,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmtrace import btf, pyframes
+from cmtrace import btf, pyframes, schema
 from cmtrace.interpreter import Interpreter, NotPython, NotReady, find_interpreter
 from cmtrace.layouts import FRAMES_HEAP, NO_OFFSET, Layout, LayoutError
 
 REC_STACK = 100
 REC_CODE = 101
-STACK_FINALIZING = 8
+STACK_FINALIZING = schema.STACK_FINALIZING
 
 # Sizes inside probes/pystack.h (PY_TSTATE_READ, PY_FRAME_READ, PY_CODE_READ, PY_STR_HEAD):
 # every offset the kernel reads must fall inside them.
@@ -489,10 +489,6 @@ class Symbolizer:
         read while the process (and its mount namespace) still exists."""
         new, self._new_files = self._new_files, []
         return new
-
-    def files_seen(self) -> set[str]:
-        """co_filename of every code object received (for record-time source capture)."""
-        return {info.filename for info in self._codes.values() if info.filename}
 
     def take_frames(self) -> list[dict]:
         """STACK_FRAMES rows of every stack completed since the previous call."""
