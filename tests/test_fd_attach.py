@@ -24,23 +24,15 @@ from conftest import (
     start_traced,
     wait_until,
 )
+from fdhelpers import ops_of, trace_scenario
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
 
 
 def test_preexisting_fds_are_listed_and_never_leaks(workdir):
-    session = start_traced("preexisting", workdir)
-    target = session.target
-    try:
-        target.send("go")
-        done = target.expect("done")
-        result = session.tracer.stop(signal.SIGTERM).check()
-        # the target is left running, untouched: it still answers and exits normally
-        assert target.proc.poll() is None
-    finally:
-        session.tracer.kill()
-        assert target.finish() == 0
-    assert_complete_and_lossless(session.trace, result.stdout)
+    # SIGTERM stops the tracer like Ctrl-C, and leaves the target running: it exits normally
+    session, _ = trace_scenario("preexisting", workdir, stop_signal=signal.SIGTERM)
+    target, done = session.target, session.done
     pre = read_preexisting(session.trace)
     pre = pre[pre.pid == target.pid]
     listed = dict(zip(pre.fd, pre.path))
@@ -49,7 +41,7 @@ def test_preexisting_fds_are_listed_and_never_leaks(workdir):
     for stdio in (0, 1, 2):
         assert stdio in listed
     events = read_events(session.trace)
-    closes = events[(events.pid == target.pid) & (events.op == "close")]
+    closes = ops_of(events, target.pid, "close")
     assert done["closed"] in set(closes.fd), "the close of a pre-existing fd is recorded"
     leaks = leaks_of(report_json(session.trace), target.pid)
     assert [(x["fd"], x["path"]) for x in leaks] == [(done["new"], done["paths"]["new_W"])]
@@ -68,7 +60,7 @@ def test_target_exit_stops_the_tracer_and_completes_the_trace(workdir):
     pid = session.target.pid
     assert str(pid) in json.dumps(meta["targets"] if "targets" in meta else meta)
     events = read_events(session.trace)
-    assert len(events[(events.pid == pid) & (events.op == "exit")]) == 1
+    assert len(ops_of(events, pid, "exit")) == 1
     leaks = leaks_of(report_json(session.trace), pid)
     assert sorted(x["fd"] for x in leaks) == sorted(done["leaked"])
     assert {x["path"] for x in leaks} == {done["paths"]["L1"], done["paths"]["L2"]}
@@ -118,7 +110,7 @@ def test_sigkilled_tracer_leaves_a_readable_trace_missing_at_most_a_second(workd
         session.tracer.kill()
         target.finish()
     events = read_events(trace)  # pandas reads it as it is
-    opens = events[(events.pid == target.pid) & (events.op == "birth")]
+    opens = ops_of(events, target.pid, "birth")
     opens = opens[opens.path == "/dev/null"]
     before_last_second = sum(t <= killed_at - 1.5 for t in times)  # 1 s flush + slack
     assert before_last_second <= len(opens) <= len(times)
@@ -163,7 +155,7 @@ def test_accept_blocked_before_attach_still_records_the_birth(workdir):
         target.kill()
     assert_complete_and_lossless(trace, result.stdout)
     events = read_events(trace)
-    births = events[(events.pid == target.pid) & (events.op == "birth")]
+    births = ops_of(events, target.pid, "birth")
     assert list(zip(births.syscall, births.fd, births.tid)) == [
         ("accept4", accepted["fd"], ready["tid"])
     ]

@@ -11,16 +11,8 @@ import errno
 from dataclasses import dataclass
 
 import pytest
-from conftest import (
-    assert_complete_and_lossless,
-    kind_from_link,
-    leaks_of,
-    proc_cloexec,
-    proc_fds,
-    read_events,
-    report_json,
-    start_traced,
-)
+from conftest import Session, kind_from_link, proc_cloexec, proc_fds
+from fdhelpers import ScenarioRun, scenario_run_fields, trace_scenario
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
 
@@ -37,39 +29,24 @@ COPIES = ("dup", "dup2", "dup3", "fcntl", "recvmsg", "pidfd_getfd")
 
 
 @dataclass
-class BirthsRun:
-    pid: int
-    done: dict
+class BirthsRun(ScenarioRun):
     links: dict  # fd -> /proc readlink while the target lived
     cloexec: dict  # fd -> CLOEXEC bit from /proc fdinfo
-    events: object  # pandas DataFrame
-    report: dict
     summary: str
+
+
+def fds_held(session: Session) -> tuple[dict, dict]:
+    """Ground truth while the target still holds them: each fd's link, and its CLOEXEC bit."""
+    pid = session.target.pid
+    born = [b["fd"] for b in session.done["births"] if b["fd"] >= 0]
+    return proc_fds(pid), {fd: proc_cloexec(pid, fd) for fd in born}
 
 
 @pytest.fixture(scope="module")
 def births(module_dir, bpf_ready) -> BirthsRun:
-    session = start_traced("births", module_dir)
-    try:
-        session.target.send("go")
-        done = session.target.expect("done")
-        born = [b["fd"] for b in done["births"] if b["fd"] >= 0]
-        links = proc_fds(session.target.pid)
-        cloexec = {fd: proc_cloexec(session.target.pid, fd) for fd in born}
-        result = session.tracer.stop().check()
-        assert session.target.proc.poll() is None, "stopping the tracer must leave the target"
-    finally:
-        session.tracer.kill()
-        session.target.finish()
-    assert_complete_and_lossless(session.trace, result.stdout)
+    session, (links, cloexec) = trace_scenario("births", module_dir, while_alive=fds_held)
     return BirthsRun(
-        session.target.pid,
-        done,
-        links,
-        cloexec,
-        read_events(session.trace),
-        report_json(session.trace),
-        result.stdout,
+        **scenario_run_fields(session), links=links, cloexec=cloexec, summary=session.result.stdout
     )
 
 
@@ -87,13 +64,13 @@ def truth_for(run: BirthsRun, syscall: str) -> list[dict]:
 
 
 def births_of(run: BirthsRun, syscall: str):
-    ev = run.events
-    return ev[(ev.pid == run.pid) & (ev.op == "birth") & (ev.syscall == syscall)]
+    births = run.ops("birth")
+    return births[births.syscall == syscall]
 
 
 def assert_failure_recorded(run: BirthsRun, syscall: str, code: int) -> None:
-    ev = run.events
-    fails = ev[(ev.pid == run.pid) & (ev.op == "fail") & (ev.syscall == syscall)]
+    fails = run.ops("fail")
+    fails = fails[fails.syscall == syscall]
     assert code in set(fails.errno), f"no failed {syscall} with errno {code}:\n{fails}"
 
 
@@ -138,21 +115,19 @@ def test_dup_births_name_their_source(births: BirthsRun, syscall: str):
 
 
 def test_failed_calls_are_failures_not_births(births: BirthsRun):
-    ev = births.events
-    fails = ev[(ev.pid == births.pid) & (ev.op == "fail")]
+    fails = births.ops("fail")
     for truth in births.done["fails"]:
         assert_failure_recorded(births, truth["syscall"], truth["errno"])
     assert (fails.fd == -1).all(), fails
     # every birth row is one the kernel really returned: no failure slipped in as a birth
-    recorded = ev[(ev.pid == births.pid) & (ev.op == "birth")]
+    recorded = births.ops("birth")
     real = {(b["syscall"], b["fd"]) for b in births.done["births"] if b["fd"] >= 0}
     assert set(zip(recorded.syscall, recorded.fd)) == real
 
 
 @pytest.mark.parametrize("call", ["bind", "connect"])
 def test_socket_addresses(births: BirthsRun, call: str):
-    ev = births.events
-    addrs = ev[(ev.pid == births.pid) & (ev.op == "addr")]
+    addrs = births.ops("addr")
     recorded = dict(zip(addrs.fd, addrs.path))
     expected = [a for a in births.done["addresses"] if a["call"] == call]
     assert any(a["address"].startswith("127.0.0.1:") for a in expected)
@@ -165,7 +140,7 @@ def test_socket_addresses(births: BirthsRun, call: str):
 def test_report_lists_exactly_the_fds_left_open(births: BirthsRun):
     """Every fd born during the trace is still open at its end: each one is a leak, and nothing
     else is (stdio and other pre-existing fds never are)."""
-    leaks = leaks_of(births.report, births.pid)
+    leaks = births.leaks()
     assert births.report["lost_events"] == 0
     born = {b["fd"] for b in births.done["births"] if b["fd"] >= 0}
     assert born <= set(births.links), "ground truth: the target still holds every fd it made"
@@ -189,7 +164,7 @@ def test_report_json_follows_the_contract(births: BirthsRun):
     assert {"leaks", "warnings", "sites", "lost_events"} <= set(report)
     contract = {"pid", "tid", "fd", "kind", "path", "opened_ns", "closed_by", "stack", "site"}
     contract |= {"with", "cause"}
-    for leak in leaks_of(report, births.pid):
+    for leak in births.leaks():
         assert contract <= set(leak), sorted(contract - set(leak))
         assert leak["tid"] == births.pid  # the target is single-threaded
         assert isinstance(leak["opened_ns"], int) and leak["opened_ns"] >= 0

@@ -10,15 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from conftest import (
-    assert_complete_and_lossless,
-    leaks_of,
-    proc_cloexec,
-    proc_fds,
-    read_events,
-    report_json,
-    start_traced,
-)
+from conftest import Session, proc_cloexec, proc_fds
+from fdhelpers import ScenarioRun, scenario_run_fields, trace_scenario
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
 
@@ -26,48 +19,32 @@ CLOSE_RANGE_CLOEXEC = 4
 
 
 @dataclass
-class DeathsRun:
-    pid: int
-    done: dict
+class DeathsRun(ScenarioRun):
     before_exec: dict  # fd -> link
     cloexec_before: dict  # fd -> bool
     after_exec: dict
-    events: object
-    report: dict
-
-    def ops(self, op: str):
-        ev = self.events
-        return ev[(ev.pid == self.pid) & (ev.op == op)]
 
     def leak_paths(self) -> set:
-        return {leak["path"] for leak in leaks_of(self.report, self.pid)}
+        return {leak["path"] for leak in self.leaks()}
+
+
+def fds_around_exec(session: Session) -> tuple[dict, dict, dict]:
+    """The target's fds (and their CLOEXEC bits) before it execs itself, and its fds after."""
+    target = session.target
+    before = proc_fds(target.pid)
+    cloexec = {fd: proc_cloexec(target.pid, fd) for fd in before}
+    target.send("exec")
+    target.expect("exec-ready")
+    return before, cloexec, proc_fds(target.pid)
 
 
 @pytest.fixture(scope="module")
 def deaths(module_dir, bpf_ready) -> DeathsRun:
-    session = start_traced("deaths", module_dir)
-    target = session.target
-    try:
-        target.send("go")
-        done = target.expect("done")
-        before = proc_fds(target.pid)
-        cloexec = {fd: proc_cloexec(target.pid, fd) for fd in before}
-        target.send("exec")
-        target.expect("exec-ready")
-        after = proc_fds(target.pid)
-        result = session.tracer.stop().check()
-    finally:
-        session.tracer.kill()
-        target.finish()
-    assert_complete_and_lossless(session.trace, result.stdout)
+    session, (before, cloexec, after) = trace_scenario(
+        "deaths", module_dir, while_alive=fds_around_exec
+    )
     return DeathsRun(
-        target.pid,
-        done,
-        before,
-        cloexec,
-        after,
-        read_events(session.trace),
-        report_json(session.trace),
+        **scenario_run_fields(session), before_exec=before, cloexec_before=cloexec, after_exec=after
     )
 
 
@@ -98,7 +75,7 @@ def test_dup_onto_a_live_fd_kills_the_old_file(deaths: DeathsRun, call: str):
     assert paths[f"{call}_victim"] not in deaths.leak_paths()
     if call == "dup2":  # survives the exec: the fd number now holds the source's file
         assert deaths.after_exec[victim] == paths["dup2_source"]
-        leak = next(x for x in leaks_of(deaths.report, deaths.pid) if x["fd"] == victim)
+        leak = next(x for x in deaths.leaks() if x["fd"] == victim)
         assert leak["path"] in (paths["dup2_source"], None)
     else:  # dup3 O_CLOEXEC: the copy dies at exec, its source survives
         assert victim not in deaths.after_exec and source in deaths.after_exec
@@ -141,10 +118,10 @@ def test_exec_closes_exactly_the_cloexec_fds(deaths: DeathsRun):
             assert path not in deaths.leak_paths(), f"{name} died at exec: no leak"
         else:
             assert deaths.after_exec[fd] == path, name
-            leak = [x for x in leaks_of(deaths.report, deaths.pid) if x["fd"] == fd]
+            leak = [x for x in deaths.leaks() if x["fd"] == fd]
             assert len(leak) == 1 and leak[0]["closed_by"] is None, (name, leak)
 
 
 def test_leaks_are_exactly_the_fds_open_at_the_end(deaths: DeathsRun):
     alive = set(deaths.after_exec) - {0, 1, 2}  # stdio was open before the trace
-    assert {leak["fd"] for leak in leaks_of(deaths.report, deaths.pid)} == alive
+    assert {leak["fd"] for leak in deaths.leaks()} == alive

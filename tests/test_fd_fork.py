@@ -4,44 +4,29 @@ they inherit are inherited, not born in them, and never their leaks."""
 from __future__ import annotations
 
 import pytest
-from conftest import (
-    assert_complete_and_lossless,
-    leaks_of,
-    read_events,
-    read_preexisting,
-    report_json,
-    start_traced,
-)
+from conftest import leaks_of, read_events, read_preexisting, report_json
+from fdhelpers import ops_of, trace_scenario
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
 
 
 def test_follow_children_tracks_each_child_as_its_own_pid(workdir):
-    session = start_traced("fork", workdir, "-f")
-    target = session.target
-    try:
-        target.send("go")
-        children = {m["role"]: m for m in (target.expect("child"), target.expect("child"))}
-        done = target.expect("done")
-        result = session.tracer.stop().check()
-    finally:
-        session.tracer.kill()
-        target.finish()
-    assert_complete_and_lossless(session.trace, result.stdout)
+    session, _ = trace_scenario("fork", workdir, "-f")
+    target, done = session.target, session.done
+    # the children's messages came before "done": the target kept them for expect()
+    children = {m["role"]: m for m in (target.expect("child"), target.expect("child"))}
     parent, early, late = target.pid, done["early_child"], done["late_child"]
     assert children["early"]["pid"] == early and children["late"]["pid"] == late
 
     events = read_events(session.trace)
-    forks = events[(events.pid == parent) & (events.op == "fork")]
+    forks = ops_of(events, parent, "fork")
     assert list(forks.arg) == [late], "the fork after attach is recorded with the child's pid"
 
-    def births_in(pid):
-        return events[(events.pid == pid) & (events.op == "birth")]
-
     paths = done["paths"]
-    assert list(births_in(early).path) == [paths["R1"]], "the existing child is followed"
-    assert list(births_in(late).path) == [paths["R2"]], "the forked child is its own pid"
-    late_closes = events[(events.pid == late) & (events.op == "close")]
+    early_births, late_births = (ops_of(events, pid, "birth") for pid in (early, late))
+    assert list(early_births.path) == [paths["R1"]], "the existing child is followed"
+    assert list(late_births.path) == [paths["R2"]], "the forked child is its own pid"
+    late_closes = ops_of(events, late, "close")
     assert list(late_closes.fd) == [done["Q"]], "the child's close of an inherited fd"
 
     pre = read_preexisting(session.trace)
@@ -58,17 +43,9 @@ def test_follow_children_tracks_each_child_as_its_own_pid(workdir):
 
 
 def test_without_follow_children_are_not_traced(workdir):
-    session = start_traced("fork", workdir)
+    session, _ = trace_scenario("fork", workdir)
     target = session.target
-    try:
-        target.send("go")
-        children = [target.expect("child")["pid"], target.expect("child")["pid"]]
-        target.expect("done")
-        result = session.tracer.stop().check()
-    finally:
-        session.tracer.kill()
-        target.finish()
-    assert_complete_and_lossless(session.trace, result.stdout)
+    children = [target.expect("child")["pid"], target.expect("child")["pid"]]
     events = read_events(session.trace)
     assert not set(events.pid) & set(children), "children were traced without -f"
-    assert len(events[(events.pid == target.pid) & (events.op == "birth")]) == 1  # Q
+    assert len(ops_of(events, target.pid, "birth")) == 1  # Q

@@ -5,14 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import (
-    assert_complete_and_lossless,
-    leaks_of,
-    read_events,
-    read_meta,
-    report_json,
-    start_traced,
-)
+from conftest import assert_complete_and_lossless, leaks_of, read_events, read_meta, report_json
+from fdhelpers import trace_scenario
 
 pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
 
@@ -36,16 +30,10 @@ def pair_births_with_deaths(events) -> dict[int, object]:
 
 
 def test_reuse_from_four_threads_pairs_every_birth_with_its_death(module_dir):
-    session = start_traced("threads", module_dir, scenario_args=(str(PER_THREAD),))
-    try:
-        session.target.send("go")
-        done = session.target.expect("done", timeout=180)
-        result = session.tracer.stop().check()
-    finally:
-        session.tracer.kill()
-        session.target.finish()
-    assert_complete_and_lossless(session.trace, result.stdout)
-    pid, tids = session.target.pid, done["tids"]
+    session, _ = trace_scenario(
+        "threads", module_dir, scenario_args=(str(PER_THREAD),), timeout=180
+    )
+    pid, tids = session.target.pid, session.done["tids"]
     assert len(set(tids)) == 4
     events = read_events(session.trace)
     ours = events[(events.pid == pid) & events.tid.isin(tids)]
@@ -66,32 +54,24 @@ def test_lost_records_are_counted_never_silent(module_dir):
     """A 1 MiB ring under a burst of opens from 4 threads: whatever the kernel could not queue
     is counted, so recorded + lost accounts for every event the target made."""
     per_thread = 20_000
-    session = start_traced(
+    session, _ = trace_scenario(
         "threads", module_dir, "--ring-mb", "1", "--no-python-stacks",
-        scenario_args=(str(per_thread),),
+        scenario_args=(str(per_thread),), timeout=300, lossless=False,
     )  # fmt: skip
-    try:
-        session.target.send("go")
-        done = session.target.expect("done", timeout=300)
-        result = session.tracer.stop().check()
-    finally:
-        session.tracer.kill()
-        session.target.finish()
     meta = read_meta(session.trace)
     assert meta["status"] == "complete"
     lost = meta["lost_events"]
     events = read_events(session.trace)
-    ours = events[(events.pid == session.target.pid) & events.tid.isin(done["tids"])]
+    ours = events[(events.pid == session.target.pid) & events.tid.isin(session.done["tids"])]
     recorded = len(ours[ours.op.isin(["birth", "close"])])
     made = 2 * 4 * per_thread
     assert recorded <= made
     assert recorded + lost >= made, f"{made - recorded} events missing, {lost} counted lost"
     report = report_json(session.trace)
     assert report["lost_events"] == lost
+    summary = session.result.stdout
     if lost:
         print(f"{lost} records lost with a 1 MiB ring; recorded {recorded} of {made}")
-        assert re.search(rf"\b{lost}\b[^\n]*lost|lost[^\n]*\b{lost}\b", result.stdout), (
-            result.stdout
-        )
+        assert re.search(rf"\b{lost}\b[^\n]*lost|lost[^\n]*\b{lost}\b", summary), summary
     else:
-        assert_complete_and_lossless(session.trace, result.stdout)
+        assert_complete_and_lossless(session.trace, summary)
