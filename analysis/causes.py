@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
 
 CAUSES = (
@@ -17,6 +18,8 @@ CAUSES = (
     "contextmanager-without-finally",
     "manual-enter",
     "finalizer-never-ran",
+    "enter-raised",  # refines with-exited-without-close, needs --calls evidence
+    "exit-raised",  # refines with-exited-without-close, needs --calls evidence
     "with-exited-without-close",
     "no-context-manager",
     "unknown",
@@ -47,6 +50,8 @@ class Context:
     still_running: dict[tuple[str, str], set[int]] = field(default_factory=dict)
     snapshot_taken: bool = False
     sibling_deaths: dict[str, int] = field(default_factory=dict)  # deaths of the site's other fds
+    calls: CallLog | None = None  # --calls: paired __enter__/__exit__ calls of the trace
+    opened: tuple[int, int, int] | None = None  # (pid, tid, born_ns) of one fd of the group
 
 
 def with_frame(frames: list[Frame], src: SourceIndex) -> Frame | None:
@@ -254,7 +259,55 @@ def _with_exited_without_close(frames, src, ctx, held_by) -> Verdict | None:
     evidence = [f"opened by the with statement at {held_by.where()}, whose block has ended"]
     if ctx.sibling_deaths.get("exit"):
         evidence.append(f"{ctx.sibling_deaths['exit']} sibling fds were closed by an __exit__")
-    return Verdict("with-exited-without-close", fix, evidence)
+    verdict = Verdict("with-exited-without-close", fix, evidence)
+    return _refine_with_calls(verdict, site, src, ctx, held_by)
+
+
+def _refine_with_calls(verdict: Verdict, site: Frame, src: SourceIndex, ctx: Context,
+                       held_by: Frame) -> Verdict:  # fmt: skip
+    """With --calls evidence: did the __enter__ that opened the fd raise (the with statement
+    then never calls __exit__), or did the statement's __exit__ raise, return, or never run?"""
+    if not ctx.calls or ctx.opened is None or ctx.opened[0] not in ctx.calls.pids:
+        return verdict
+    pid, tid, born = ctx.opened
+    enter = ctx.calls.enter_around(pid, tid, born)
+    if enter is not None and enter.raised:
+        return Verdict(
+            "enter-raised",
+            f"{_defined_at(enter, site)}: __enter__ raised after opening the fd at "
+            f"{site.file}:{site.line}, and a with statement calls no __exit__ when __enter__ "
+            "raises: release what __enter__ opened before letting the exception out "
+            "(try: ... except BaseException: close; raise), or open the resource last.",
+            [f"opened at {site.where()} inside {enter.where()}",
+             "that __enter__ raised (USDT function__return with an exception set, --calls)",
+             f"so the with statement at {held_by.where()} never ran its block or __exit__"],
+        )  # fmt: skip
+    after = enter.return_ns if enter is not None and enter.return_ns is not None else born
+    stmt = src.with_at(held_by.file, held_by.line)
+    span = (stmt[0], stmt[2]) if stmt else (held_by.line, held_by.line)
+    exit_call = ctx.calls.exit_after(pid, tid, after, held_by, span)
+    if exit_call is None:
+        verdict.evidence.append(f"--calls saw no __exit__ called by the with statement at "
+                                f"{held_by.where()}")  # fmt: skip
+    elif exit_call.raised:
+        return Verdict(
+            "exit-raised",
+            f"{_defined_at(exit_call, site)}: __exit__ raised before closing the fd opened at "
+            f"{site.file}:{site.line}: close first (try/finally inside __exit__) and do not let "
+            "__exit__ raise.",
+            [f"opened at {site.where()}; the with statement at {held_by.where()} called "
+             f"{exit_call.where()}",
+             "that __exit__ raised (USDT function__return with an exception set, --calls)"],
+        )  # fmt: skip
+    elif exit_call.raised is False:
+        verdict.evidence.append(f"{exit_call.where()} ran and returned normally without closing "
+                                "the fd (--calls)")  # fmt: skip
+    return verdict
+
+
+def _defined_at(call, site: Frame) -> str:
+    method = call.method
+    return f"{method.file}:{method.firstlineno}" if method is not None else site.where()
 
 
 def _no_context_manager(frames, src, ctx, held_by) -> Verdict | None:

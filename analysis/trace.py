@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.causes import Context, Verdict, classify, refine_close, with_frame
 from cmtrace.analysis.code import Frame, SourceIndex, frames_by_stack, innermost_user
 from cmtrace.analysis.dataset import RawTrace, read_events, read_trace
@@ -195,16 +196,37 @@ class Trace:
         siblings = self._sibling_deaths(fds)
         running = self._still_running()
         verdicts: dict[tuple, Verdict] = {}
+        opened = self._one_birth_per_key(fds, keys) if self.calls else {}
         for stack, pid, open_at_end in keys:
             ctx = Context(
                 still_running=running.get(pid, {}) if open_at_end else {},
                 snapshot_taken=self.snapshot is not None,
                 sibling_deaths=siblings.get(self._site_key(stack), {}),
+                calls=self.calls,
+                opened=opened.get((stack, pid, open_at_end)),
             )
             verdicts[(stack, pid, open_at_end)] = classify(
                 self.frames.get(stack, []), self.src, ctx
             )
         return verdicts
+
+    @cached_property
+    def calls(self) -> CallLog:
+        """--calls evidence: paired __enter__/__exit__ calls (empty without --calls)."""
+        return CallLog.from_trace(self.path, self.meta, self.frames)
+
+    @staticmethod
+    def _one_birth_per_key(fds: pd.DataFrame, keys: set[tuple]) -> dict[tuple, tuple]:
+        """(pid, tid, born_ns) of the first leaked fd of each verdict key: --calls evidence is
+        read around one birth (the fds of one key come from the same code path)."""
+        leaked = fds[fds["leak"]]
+        out: dict[tuple, tuple] = {}
+        for stack, pid, tid, born, still_open in zip(
+            leaked["open_stack"].tolist(), leaked["pid"].tolist(), leaked["tid"].tolist(),
+            leaked["born_ns"].tolist(), leaked["died_ns"].isna().tolist(),
+        ):  # fmt: skip
+            out.setdefault((stack, pid, still_open), (int(pid), int(tid), int(born)))
+        return out
 
     def _site_key(self, stack: int) -> tuple:
         frames = self.frames.get(stack, [])

@@ -47,6 +47,7 @@ OP_BY_TYPE = {
     EV_FORK: schema.OP_FORK, EV_EXEC: schema.OP_EXEC, EV_EXIT: schema.OP_EXIT,
 }  # fmt: skip
 PROCESS_SYSCALL = {EV_FORK: "fork", EV_EXEC: "execve", EV_EXIT: "exit"}
+EV_CALL = 10  # --calls: an __enter__/__exit__ entry or return (decode_calls, not an fd event)
 
 DRAIN_INTERVAL = 0.02  # seconds between ring-buffer drains
 # Entry programs of their own for the hottest syscalls (see probes/fdtrace.bpf.c).
@@ -148,6 +149,7 @@ class Collector:
     follow: bool = False
     ring_pages: int = 8192  # 32 MiB
     python_stacks: bool = True
+    calls: bool = False  # compile the --calls USDT program (cmtrace.usdt attaches it per process)
     on_python_record: Callable[[bytes], None] | None = None
     boot_ns: int = field(default_factory=time.monotonic_ns)  # trace start, monotonic clock
     missing_tracepoints: list[str] = field(default_factory=list)
@@ -178,6 +180,8 @@ class Collector:
 
             cflags.append("-DCMTRACE_PYSTACK")
             source = inline_pystack(source, probes_dir() / "pystack.h")
+        if self.calls:
+            cflags.append("-DCMTRACE_CALLS")
         self.missing_tracepoints = []
         try:
             self.bpf = bcc.BPF(text=source, cflags=cflags)
@@ -294,7 +298,7 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
     is_birth = etype == EV_BIRTH
     multi = is_birth & np.isin(nr, list(_MULTI_FD_NRS))
     noop_dup2 = is_birth & (nr == _DUP2_NR) & (head["fd"] == head["fd2"])
-    keep = ~(multi | noop_dup2)
+    keep = ~(multi | noop_dup2 | (etype == EV_CALL))
 
     syscall_code = nr.copy()
     for ev, code in _PROCESS_SYSCALL_CODE.items():
@@ -332,6 +336,46 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
         extra = _expand_multi_fd(columns, rows, batch, offsets, head)
         table = pa.concat_tables([table, _to_table(*extra)])
     return table.sort_by([("t_ns", "ascending")]) if len(table) > 1 else table
+
+
+_CALL_EVENT_VOCAB = pa.array([schema.CALL_ENTRY, schema.CALL_RETURN])
+_CALL_FUNCTION_VOCAB = pa.array(["?", *schema.CALL_FUNCTIONS])
+
+
+def decode_calls(batch: Batch, boot_ns: int) -> pa.Table:
+    """The --calls records of a batch as a CALLS table (few: only the four dunder methods)."""
+    if not len(batch):
+        return schema.CALLS.empty_table()
+    raw = np.frombuffer(batch.buf, dtype=np.uint8)
+    offsets = np.asarray(batch.offsets, dtype=np.int64)
+    head = raw[offsets[:, None] + _HEADER_COLUMNS].reshape(-1).view(RECORD_HEADER)
+    rows = np.flatnonzero(head["type"] == EV_CALL)
+    if not len(rows):
+        return schema.CALLS.empty_table()
+    head, offsets = head[rows], offsets[rows]
+    which = np.minimum(head["nr"], 1).astype(np.int8)
+    function = np.clip(head["fd"], 0, len(schema.CALL_FUNCTIONS)).astype(np.int8)
+    files = [
+        _text(batch.buf[at + HEADER_SIZE : at + HEADER_SIZE + int(n)])
+        for at, n in zip(offsets.tolist(), head["datalen"].tolist())
+    ]
+    raised = head["err"]
+    return pa.Table.from_arrays(
+        [
+            pa.array(head["ts"].astype(np.int64) - boot_ns),
+            pa.array(head["pid"].astype(np.int32)),
+            pa.array(head["tid"].astype(np.int32)),
+            pa.DictionaryArray.from_arrays(pa.array(which), _CALL_EVENT_VOCAB),
+            pa.DictionaryArray.from_arrays(pa.array(function), _CALL_FUNCTION_VOCAB),
+            pa.array(files, pa.string()),
+            pa.array(head["fd2"].astype(np.int32)),
+            # unknown (-1) at a return, and meaningless at an entry: null
+            pa.array(raised == 1, mask=(raised < 0) | (which == 0)),
+            pa.array(head["stack_id"].view(np.int64)),
+            pa.array(head["stack_flags"].astype(np.int32)),
+        ],
+        schema=schema.CALLS,
+    )
 
 
 def _decode_paths(batch: Batch, offsets, head, etype, nr) -> pa.Array:

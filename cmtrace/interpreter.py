@@ -62,6 +62,8 @@ class Interpreter:
     none: int  # &_Py_NoneStruct
     layout: Layout
     dict_type: int = 0  # &PyDict_Type (0: unknown), to check frames' f_globals
+    bias: int = 0  # load bias of the ELF object that holds _PyRuntime (exe or libpython)
+    opener: str = ""  # a path that opens that object from here (see _open_path)
 
     @property
     def finalizing_addr(self) -> int:
@@ -288,13 +290,13 @@ def find_interpreter(pid: int) -> Interpreter:
             continue
         bias = _load_bias(facts, mapping)
         addr = {name: value + bias for name, value in facts.symbols.items()}
-        return _identify(pid, mapping, addr)
+        return _identify(pid, mapping, addr, bias)
     if launcher_needs_lib:
         raise NotReady("libpython is not mapped yet")
     raise NotPython("not CPython (no _PyRuntime in the executable or a libpython)")
 
 
-def _identify(pid: int, mapping: Mapping, addr: dict[str, int]) -> Interpreter:
+def _identify(pid: int, mapping: Mapping, addr: dict[str, int], bias: int) -> Interpreter:
     runtime = addr["_PyRuntime"]
     layout, version = _layout_for(pid, mapping, addr)
     if "PyCode_Type" not in addr:
@@ -308,6 +310,8 @@ def _identify(pid: int, mapping: Mapping, addr: dict[str, int]) -> Interpreter:
         none=addr.get("_Py_NoneStruct", 0),
         layout=layout,
         dict_type=addr.get("PyDict_Type", 0),
+        bias=bias,
+        opener=_open_path(pid, mapping),
     )
 
 

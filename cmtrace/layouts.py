@@ -73,6 +73,9 @@ class Layout:
     code_qualname: int
     code_linetable: int  # co_lnotab (<=3.9) / co_linetable
     code_adaptive: int  # co_code_adaptive: first code unit (3.11+)
+    # The exception being raised: curexc_type (<= 3.11), current_exception (3.12+). Read only by
+    # --calls, at a function's return, to tell a raise from a return.
+    tstate_exception: int = NO_OFFSET
     # objects
     ob_type: int = 8
     bytes_size: int = 16  # PyVarObject.ob_size
@@ -95,6 +98,7 @@ def _heap_layout(minor: int, f_lasti: int, lines: str) -> Layout:
         owner_not_python=256, code_tag_mask=0,
         code_flags=36, code_firstlineno=40, code_argcount=16, code_filename=104, code_name=112,
         code_qualname=NO_OFFSET, code_linetable=120, code_adaptive=NO_OFFSET,
+        tstate_exception=88,
     )  # fmt: skip
 
 
@@ -134,6 +138,7 @@ TABLE: dict[int, Layout] = {
         code_qualname=128,
         code_linetable=136,
         code_adaptive=184,
+        tstate_exception=96,
     ),  # fmt: skip
     12: Layout(
         minor=12,
@@ -167,6 +172,7 @@ TABLE: dict[int, Layout] = {
         code_qualname=128,
         code_linetable=136,
         code_adaptive=192,
+        tstate_exception=96,
         unicode_ascii_size=40,
         unicode_compact_size=56,
     ),  # fmt: skip
@@ -199,6 +205,11 @@ DEBUG_OFFSET_EXTRAS: dict[int, dict[str, int]] = {
     14: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 7, "frame_globals": 24},
     15: {"code_flags": 48, "owner_not_python": 3, "code_tag_mask": 7, "frame_globals": 24},
 }
+# Nor where PyThreadState.current_exception is (read only by --calls): bytes after
+# current_frame. 3.13: the four profile/trace hook fields sit between (header); 3.15: measured
+# here on Debian's 3.15.2 (the one word that is set only while a function raises). 3.14 has no
+# function__return probe to read it at.
+EXCEPTION_AFTER_FRAME: dict[int, int] = {13: 40, 15: 64}
 MIN_MINOR, MAX_MINOR = 8, 15
 
 
@@ -232,6 +243,8 @@ def parse_debug_offsets(blob: bytes) -> Layout:
     }
     _check_debug_values(values)
     chunk = values["tstate_datastack_chunk"]
+    after_frame = EXCEPTION_AFTER_FRAME.get(minor)
+    exception = NO_OFFSET if after_frame is None else values["tstate_frame"] + after_frame
     ascii_size = values["unicode_ascii_size"]
     return Layout(
         minor=minor,
@@ -242,6 +255,7 @@ def parse_debug_offsets(blob: bytes) -> Layout:
         tstate_datastack_top=chunk + 8,
         chunk_data=24,
         unicode_compact_size=ascii_size + 16,  # + utf8_length + utf8 pointer
+        tstate_exception=exception,
         **values,
         **DEBUG_OFFSET_EXTRAS[minor],
     )

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmtrace import procfs, schema
-from cmtrace.collect import DRAIN_INTERVAL, Collector, decode
+from cmtrace.collect import DRAIN_INTERVAL, Collector, decode, decode_calls
 from cmtrace.errors import (
     EXIT_LEAKS,
     CmtraceError,
@@ -96,6 +96,12 @@ def _add_recording_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-python-stacks", action="store_true",
         help="record fds without walking Python stacks (cheapest)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calls", action="store_true",
+        help="also record __enter__/__exit__/__aenter__/__aexit__ entries and returns through "
+        "the interpreter's USDT probes (builds that have them: Debian 3.8-3.10, 3.15+), so the "
+        "report can prove an __exit__ or __enter__ raised; every Python call gets slower",
     )  # fmt: skip
     parser.add_argument(
         "--ring-mb", type=int, default=32, metavar="MB",
@@ -178,7 +184,10 @@ class Recording:
             follow=follow,
             ring_pages=_ring_pages(args.ring_mb),
             python_stacks=not args.no_python_stacks,
+            calls=getattr(args, "calls", False),
         )
+        self.call_probes = None  # cmtrace.usdt.CallProbes when --calls is on
+        self.pending_calls: list[pa.Table] = []
         self.symbolizer = None
         self.python_targets: dict[int, dict] = {}
         self.writer: TraceWriter | None = None
@@ -202,6 +211,10 @@ class Recording:
             self.symbolizer = None
             self.collector.on_python_record = None
             self.progress(f"{self.collector.stack_failure}: recording without Python stacks")
+        if self.collector.calls:
+            from cmtrace.usdt import CallProbes  # noqa: PLC0415
+
+            self.call_probes = CallProbes(self.collector.bpf)
 
     def _make_symbolizer(self) -> None:
         if self.args.no_python_stacks:
@@ -249,6 +262,36 @@ class Recording:
             reason = f"stack support failed: {type(exc).__name__}: {exc}"
             target = {"pid": pid, "python": None, "reason": reason}
         self.python_targets[pid] = _as_dict(target)
+        if self.call_probes is not None and not isinstance(target, dict):
+            self._arm_calls(target)
+
+    def _arm_calls(self, target) -> None:
+        """--calls: arm the USDT probes once the target's interpreter is known (at once, or
+        from a thread when the interpreter is still loading)."""
+        if target.done.is_set() or target.status != "pending":
+            self._arm_calls_now(target)
+        else:
+            threading.Thread(target=self._arm_calls_when_ready, args=(target,), daemon=True).start()
+
+    def _arm_calls_when_ready(self, target) -> None:
+        target.done.wait(timeout=30)
+        self._arm_calls_now(target)
+
+    def _arm_calls_now(self, target) -> None:
+        from cmtrace import symbolize  # noqa: PLC0415
+
+        view = _as_dict(target)
+        interp = symbolize.installed_interpreter(target)
+        if interp is None:
+            view["calls"] = "not recorded: " + (view.get("reason") or "no CPython found")
+            return
+        try:
+            count = self.call_probes.attach(target.pid, interp)
+        except Exception as exc:  # evidence only (UsdtError, OSError, bcc): fds still recorded
+            view["calls"] = f"not recorded: {exc}"
+            self.progress(f"--calls in pid {target.pid}: {exc}")
+            return
+        view["calls"] = f"recorded ({count} USDT locations)"
 
     def snapshot_preexisting(self, pids: list[int]) -> None:
         t_ns = time.monotonic_ns() - self.collector.boot_ns
@@ -309,6 +352,10 @@ class Recording:
             return
         table = decode(batch, self.collector.boot_ns)
         self.pending.append(table)
+        if self.call_probes is not None:
+            calls = decode_calls(batch, self.collector.boot_ns)
+            if len(calls):
+                self.pending_calls.append(calls)
         self._react_to_processes(table)
         self._read_new_sources()
 
@@ -331,6 +378,7 @@ class Recording:
         frames = None
         with self._lock:  # take what the drain thread gathered; write without holding it
             tables, self.pending = self.pending, []
+            calls, self.pending_calls = self.pending_calls, []
             if self.symbolizer is not None:
                 # At the end, stacks still waiting for a code record are resolved as well as
                 # can be.
@@ -339,6 +387,9 @@ class Recording:
             table = pa.concat_tables(tables).sort_by([("t_ns", "ascending")])
             self.writer.write_part("events", table)
             self.events_written += len(table)
+        if calls:
+            table = pa.concat_tables(calls).sort_by([("t_ns", "ascending")])
+            self.writer.write_part("calls", table)
         if frames is not None:
             self.writer.write_rows("stacks", frames)
         if lost != self.writer.meta.get("lost_events"):
@@ -357,6 +408,8 @@ class Recording:
             self.abandon()
             raise self.failure
         self.collector.stop()
+        if self.call_probes is not None:
+            self.call_probes.disarm()
         time.sleep(DRAIN_INTERVAL)  # let records reserved before the stop be committed
         self._drain()
         self.flush(final=True)

@@ -10,6 +10,7 @@ A trace directory holds::
     stacks/part-*.parquet     STACK_FRAMES: symbolized frames of each interned stack id
     sources/part-*.parquet    SOURCES: source lines and per-function facts captured at record time
     preexisting.parquet       PREEXISTING: fds already open when the tracer attached
+    calls/part-*.parquet      CALLS: __enter__/__exit__ entries and returns (`--calls` only)
 
 The collector is deliberately dumb: it records what the kernel saw. Implicit deaths (exec closing
 CLOEXEC fds, process exit, dup2 onto a live fd) and fork inheritance are derived from the event
@@ -109,6 +110,26 @@ PREEXISTING = pa.schema(
         ("path", pa.string()),  # readlink of /proc/PID/fd/N
         ("cloexec", pa.bool_()),
         ("t_ns", pa.int64()),  # when the snapshot was taken (ns since trace start)
+    ]
+)
+
+# --- calls (`--calls`: USDT python:function__entry/return, where the interpreter fires them) -
+CALL_ENTRY = "entry"
+CALL_RETURN = "return"
+CALL_FUNCTIONS = ("__enter__", "__exit__", "__aenter__", "__aexit__")  # codes 1..4 in the probe
+
+CALLS = pa.schema(
+    [
+        ("t_ns", pa.int64()),
+        ("pid", pa.int32()),
+        ("tid", pa.int32()),
+        ("event", pa.dictionary(pa.int8(), pa.string())),  # CALL_ENTRY / CALL_RETURN
+        ("function", pa.dictionary(pa.int8(), pa.string())),  # one of CALL_FUNCTIONS
+        ("file", pa.string()),  # co_filename of the function, from the probe's arguments
+        ("line", pa.int32()),  # first line at entry, the line it left from at return
+        ("raised", pa.bool_()),  # return only: the function raised; null when not known
+        ("stack_id", pa.int64()),  # Python stack at the probe (innermost = the function itself)
+        ("stack_flags", pa.int32()),
     ]
 )
 

@@ -177,6 +177,10 @@ def _fill_config(leaf, interp: Interpreter, generation: int) -> None:
         "str_state": lay.unicode_state,
         "str_ascii": lay.unicode_ascii_size,
         "str_compact": lay.unicode_compact_size,
+        # beyond the thread-state bytes the walker reads: --calls cannot tell raise from return
+        "ts_exception": _u16(lay.tstate_exception)
+        if lay.tstate_exception <= _READ_LIMITS["ts"]
+        else _NO,
     }
     for name, value in values.items():
         setattr(leaf, name, value)
@@ -224,6 +228,11 @@ def install_python_target(bpf, pid: int, after_exec: bool | None = None) -> Pyth
     else:  # not mapped yet, or no Python code has run yet to validate against
         threading.Thread(target=_finish_later, args=(bpf, target), daemon=True).start()
     return target
+
+
+def installed_interpreter(target: PythonTarget) -> Interpreter | None:
+    """The interpreter found in an installed target (None if it is not CPython)."""
+    return _installed.get((target.pid, target.generation))
 
 
 def _cmdline(pid: int) -> bytes | None:

@@ -22,7 +22,12 @@ import pyarrow.parquet as pq
 from cmtrace import __version__, schema
 from cmtrace.errors import TraceError, UsageError
 
-TABLES = {"events": schema.EVENTS, "stacks": schema.STACK_FRAMES, "sources": schema.SOURCES}
+TABLES = {
+    "events": schema.EVENTS,
+    "stacks": schema.STACK_FRAMES,
+    "sources": schema.SOURCES,
+    "calls": schema.CALLS,
+}
 
 
 class DiskFull(TraceError):

@@ -105,6 +105,7 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
 }
 static __always_inline void python_forget_thread(u32 tid) {}
 static __always_inline void python_forget_process(u32 tgid) {}
+static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
 #endif
 
 static __always_inline int is_traced(u32 tgid) {
@@ -702,3 +703,112 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     traced.delete(&tgid);
     return 0;
 }
+
+// ---------------------------------------------------------------------------------------------
+// --calls (opt-in): USDT python:function__entry / function__return, where the build fires them.
+// cmtrace/usdt.py attaches on_python_call to each probe location of a traced process and
+// describes, per (tgid, address), where the probe's arguments are (the notes' `8@%r13` form):
+// a register (index in struct pt_regs), memory at register + offset, or a constant. Only
+// __enter__/__exit__/__aenter__/__aexit__ are recorded, with the Python stack and, at a return,
+// whether the function raised: the evidence for `exit-raised` / `enter-raised`. Every Python
+// call still traps into the kernel, which is why this is not on by default.
+#ifdef CMTRACE_CALLS
+#define EV_CALL 10
+#define CALL_ARG_REG 0
+#define CALL_ARG_MEM 1
+#define CALL_ARG_CONST 2
+#define CALL_NREGS 21      // u64 slots of x86_64 struct pt_regs
+#define CALL_FN_SLOT 31    // where the matched function kind waits while the stack is walked
+
+struct call_arg {
+    s64 value;  // the constant, or the offset added to the register for memory arguments
+    u8 kind;
+    u8 reg;
+    u8 pad[6];
+};
+
+struct call_site_key {
+    u32 tgid;
+    u32 pad;
+    u64 ip;
+};
+
+struct call_site {
+    struct call_arg file;
+    struct call_arg name;
+    struct call_arg line;
+    u32 which;  // 0 function__entry, 1 function__return
+    u32 pad;
+};
+
+struct call_regs {
+    u64 r[32];
+};
+
+BPF_HASH(call_sites, struct call_site_key, struct call_site, 4096);
+BPF_PERCPU_ARRAY(call_scratch, struct call_regs, 1);
+
+static __always_inline u64 call_arg(struct call_regs *regs, struct call_arg *a) {
+    if (a->kind == CALL_ARG_CONST)
+        return a->value;
+    u64 v = regs->r[a->reg & 31];
+    if (a->kind == CALL_ARG_MEM) {
+        u64 m = 0;
+        bpf_probe_read_user(&m, sizeof(m), (void *)(v + a->value));
+        v = m;
+    }
+    return v;
+}
+
+// 1 __enter__, 2 __exit__, 3 __aenter__, 4 __aexit__; 0 any other function.
+static __always_inline u32 dunder_kind(const char *n) {
+    if (n[0] != '_' || n[1] != '_')
+        return 0;
+    u32 a = n[2] == 'a';
+    const char *w = a ? n + 3 : n + 2;
+    if (w[0] == 'e' && w[1] == 'n' && w[2] == 't' && w[3] == 'e' && w[4] == 'r' && w[5] == '_' &&
+        w[6] == '_' && w[7] == 0)
+        return a ? 3 : 1;
+    if (w[0] == 'e' && w[1] == 'x' && w[2] == 'i' && w[3] == 't' && w[4] == '_' && w[5] == '_' &&
+        w[6] == 0)
+        return a ? 4 : 2;
+    return 0;
+}
+
+int on_python_call(struct pt_regs *ctx) {
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!is_traced(tgid))
+        return 0;
+    struct call_site_key key = {};
+    key.tgid = tgid;
+    key.ip = PT_REGS_IP(ctx);
+    struct call_site *site = call_sites.lookup(&key);
+    u32 zero = 0;
+    struct call_regs *regs = call_scratch.lookup(&zero);
+    if (!site || !regs)
+        return 0;
+    bpf_probe_read_kernel(regs->r, CALL_NREGS * 8, ctx);
+    char name[12] = {};
+    bpf_probe_read_user_str(name, sizeof(name), (void *)call_arg(regs, &site->name));
+    regs->r[CALL_FN_SLOT] = dunder_kind(name);
+    if (!regs->r[CALL_FN_SLOT])
+        return 0;
+    // Walk once, then re-read what the decision used (see the syscall programs above).
+    struct stack_ref st = python_stack(ctx, pid_tgid);
+    int raised = python_exception_pending(pid_tgid);
+    site = call_sites.lookup(&key);
+    regs = call_scratch.lookup(&zero);
+    if (!site || !regs)
+        return 0;
+    struct fd_event_data *d = reserve_data(&st, pid_tgid, EV_CALL, site->which);
+    if (!d)
+        return 0;
+    d->e.fd = regs->r[CALL_FN_SLOT];
+    d->e.fd2 = (s32)call_arg(regs, &site->line);
+    d->e.err = raised;
+    copy_user_str(d, (const void *)call_arg(regs, &site->file));
+    submit_data(d);
+    return 0;
+}
+#endif

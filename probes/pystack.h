@@ -40,6 +40,7 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
 }
 static __always_inline void python_forget_thread(u32 tid) {}
 static __always_inline void python_forget_process(u32 tgid) {}
+static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
 #else
 
 #define PY_MAX_FRAMES 136       // frames kept per stack (>= 128 required; verifier cost ~ this)
@@ -86,6 +87,7 @@ struct py_config {
     u16 fr_code, fr_previous, fr_instr, fr_owner, fr_globals;
     u16 co_flags, co_firstlineno, co_argcount, co_filename, co_name, co_qualname, co_linetable;
     u16 ob_type, bytes_size, bytes_data, str_length, str_state, str_ascii, str_compact;
+    u16 ts_exception;       // the exception being raised (curexc_type / current_exception)
 };
 
 struct py_frame {
@@ -503,6 +505,21 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
 
 static __always_inline void python_forget_thread(u32 tid) {
     py_tstates.delete(&tid);
+}
+
+// Right after capture_python_stack: is this thread raising an exception? (1 yes, 0 no, -1 not
+// known: no thread state found, or the layout does not say where the field is.) At a
+// function__return probe this tells a function that raised from one that returned.
+static __always_inline int python_exception_pending(u64 pid_tgid) {
+    u32 tgid = pid_tgid >> 32;
+    struct py_config *cfg = py_targets.lookup(&tgid);
+    if (!cfg || cfg->ts_exception == PY_NO_OFFSET)
+        return -1;
+    u32 zero = 0;
+    struct py_scratch *s = py_scratch_map.lookup(&zero);
+    if (!s || !s->top)
+        return -1;
+    return py_u64(s->tstate, cfg->ts_exception & 0x1ff) != 0;
 }
 
 static __always_inline void python_forget_process(u32 tgid) {
