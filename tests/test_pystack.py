@@ -81,34 +81,57 @@ def harness():
     return bpf
 
 
-def trace_open_sites(bpf, target):
-    """Run open_sites.py under the walker; return ({label: [event...]}, {stack_id: [rows]}, target)."""
-    symbolizer, opens = Symbolizer(), defaultdict(list)
-    records = defaultdict(int)  # (type, pid, code or stack id) -> records received
+class Capture:
+    """What the shared harness's ring buffer delivers to one test: the walker's records, fed to
+    a Symbolizer and counted, and the opens of MARK_PREFIX paths by their label."""
 
-    def on_record(_ctx, data, size):
+    def __init__(self, bpf) -> None:
+        self.bpf = bpf
+        self.symbolizer = Symbolizer()
+        self.opens: dict[str, list[OpenEv]] = defaultdict(list)  # label after MARK_PREFIX
+        self.records: dict[tuple, int] = defaultdict(int)  # (type, pid, code or stack id) -> n
+        self.stacks: dict[int, list[dict]] = {}  # signed stack id -> rows, innermost first
+        bpf.handlers.append(self.on_record)
+
+    def on_record(self, _ctx, data, size) -> None:
         raw = ctypes.string_at(data, size)
         rtype = int.from_bytes(raw[16:18], "little")
-        if rtype >= 100:
-            symbolizer.on_record(raw)
-            records[
-                (rtype, int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[24:32], "little"))
-            ] += 1
+        if rtype >= 100:  # the walker's stack and code records
+            self.symbolizer.on_record(raw)
+            pid, key = int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[24:32], "little")
+            self.records[(rtype, pid, key)] += 1
         else:
             ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
             path = ev.path.decode()
             if path.startswith(MARK_PREFIX):
-                opens[path[len(MARK_PREFIX) :]].append(ev)
+                self.opens[path[len(MARK_PREFIX) :]].append(ev)
 
-    bpf.handlers.append(on_record)
-    proc = subprocess.Popen(
-        [target.command, target.program("open_sites.py")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
+    def collect(self) -> None:
+        """Take what is left in the ring, and symbolize every stack received."""
+        self.bpf.ring_buffer_consume()
+        stacks = defaultdict(list)
+        for row in self.symbolizer.flush():
+            stacks[row["stack_id"]].append(row)
+        self.stacks = {sid: sorted(rows, key=lambda r: r["depth"]) for sid, rows in stacks.items()}
+
+    def stack_of(self, label: str) -> tuple[OpenEv, list[dict]]:
+        """The single open of `label` and its stack's rows, innermost first (after collect())."""
+        (ev,) = self.opens[label]
+        assert ev.stack_id, f"{label}: no stack (flags {ev.flags})"
+        rows = self.stacks.get(signed64(ev.stack_id))
+        assert rows, f"{label}: stack {ev.stack_id:#x} never symbolized"
+        return ev, rows
+
+
+def run_marked_program(bpf, command: list[str], interpreter_of=lambda proc: proc.pid):
+    """Run a program that says "ready", waits for "go", opens its marks and exits: install the
+    walker on its interpreter (`interpreter_of(proc)`, when the command forks it) in between.
+    Returns (install result, interpreter pid)."""
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert proc.stdout.readline() == b"ready\n"
-        found = install_python_target(bpf, proc.pid)
+        pid = interpreter_of(proc)
+        found = install_python_target(bpf, pid)
         assert found.status == "ok", found.reason
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
@@ -116,25 +139,21 @@ def trace_open_sites(bpf, target):
     finally:
         proc.kill()
         proc.wait()
-    bpf.ring_buffer_consume()
-    stacks = defaultdict(list)
-    for row in symbolizer.flush():
-        stacks[row["stack_id"]].append(row)
-    return opens, stacks, found, proc.pid, records
+    return found, pid
 
 
 @pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
 def test_kernel_stacks_name_every_site(harness, target):
-    opens, stacks, found, pid, records = trace_open_sites(harness, target)
-    mark = targets.marks("open_sites.py")
+    capture = Capture(harness)
     program = target.program("open_sites.py")
+    found, pid = run_marked_program(harness, [target.command, program])
+    capture.collect()
+    opens, records = capture.opens, capture.records
+    mark = targets.marks("open_sites.py")
     print(target.name, found.version, found.layout_source)
 
     def frames(label):
-        (ev,) = opens[label]
-        assert ev.stack_id, f"{label}: no stack (flags {ev.flags})"
-        rows = sorted(stacks[signed64(ev.stack_id)], key=lambda r: r["depth"])
-        assert rows, f"{label}: stack {ev.stack_id:#x} never symbolized"
+        ev, rows = capture.stack_of(label)
         return ev, [(r["function"], r["file"], r["line"]) for r in rows], rows
 
     ev, got, _ = frames("nested")
@@ -219,18 +238,7 @@ def test_program_that_exits_at_once_still_gets_its_stack(harness, target, reques
     request.applymarker(
         pytest.mark.xfail(reason="racy without cmtrace run's exec hold", strict=False)
     )
-    symbolizer, opens = Symbolizer(), []
-
-    def on_record(_ctx, data, size):
-        raw = ctypes.string_at(data, size)
-        if int.from_bytes(raw[16:18], "little") >= 100:
-            symbolizer.on_record(raw)
-        else:
-            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
-            if ev.path.decode() == MARK_PREFIX + "exit":
-                opens.append(ev)
-
-    harness.handlers.append(on_record)
+    capture = Capture(harness)
     code = f"import os\ntry: os.open('{MARK_PREFIX}exit', 0)\nexcept OSError: pass"
     pid, release = held_child([target.command, "-c", code])
     found = install_python_target(harness, pid)
@@ -239,16 +247,16 @@ def test_program_that_exits_at_once_still_gets_its_stack(harness, target, reques
     assert os.waitstatus_to_exitcode(status) == 0
     assert found.done.wait(15)
     assert found.status == "ok", found.reason
-    harness.ring_buffer_consume()
+    capture.collect()
     # records of an earlier test's process may arrive late in this shared harness: keep ours
-    opens = [o for o in opens if o.pid == pid]
+    opens = [o for o in capture.opens["exit"] if o.pid == pid]
     assert opens, "the open was not seen"
     ev = opens[0]
     assert all(other.stack_id == ev.stack_id for other in opens), [
         (o.tid, o.stack_id) for o in opens
     ]
     assert ev.stack_id, f"no stack (flags {ev.flags})"
-    rows = [r for r in symbolizer.flush() if r["stack_id"] == signed64(ev.stack_id)]
+    rows = capture.stacks.get(signed64(ev.stack_id), [])
     assert [(r["function"], r["file"], r["line"]) for r in rows] == [("<module>", "<string>", 2)]
 
 
@@ -262,6 +270,18 @@ def child_of(pid: int, timeout: float = 10.0) -> int:
     raise AssertionError(f"{pid} started no child")
 
 
+def namespaced_interpreter(proc: subprocess.Popen) -> int:
+    """The python under `unshare --pid --fork` (past a chroot wrapper's shell, where there is
+    one), checked to be in a pid namespace of its own."""
+    python = child_of(proc.pid)
+    while Path(f"/proc/{python}/exe").resolve().name in ("chroot", "dash", "sh"):
+        if Path(f"/proc/{python}/task/{python}/children").read_text():
+            python = child_of(python)
+    ns_pids = Path(f"/proc/{python}/status").read_text().split("NSpid:")[1].split()[:2]
+    assert ns_pids[0] != ns_pids[-1], "the target is not in its own pid namespace"
+    return python
+
+
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare(1) is not installed")
 @pytest.mark.parametrize(
     "target",
@@ -271,96 +291,29 @@ def child_of(pid: int, timeout: float = 10.0) -> int:
 def test_target_in_its_own_pid_namespace(harness, target):
     """In a pid namespace the interpreter's native_thread_id is the namespace's tid, not the
     host's; threads must still be matched (and <= 3.10, through fsbase, too)."""
-    symbolizer, opens = Symbolizer(), defaultdict(list)
-
-    def on_record(_ctx, data, size):
-        raw = ctypes.string_at(data, size)
-        if int.from_bytes(raw[16:18], "little") >= 100:
-            symbolizer.on_record(raw)
-        else:
-            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
-            if ev.path.decode().startswith(MARK_PREFIX):
-                opens[ev.path.decode()[len(MARK_PREFIX) :]].append(ev)
-
-    harness.handlers.append(on_record)
-    command = [
-        "unshare",
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        target.command,
-        target.program("open_sites.py"),
-    ]
-    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b"ready\n"
-        python = child_of(proc.pid)
-        while Path(f"/proc/{python}/exe").resolve().name in ("chroot", "dash", "sh"):
-            python = (
-                child_of(python)
-                if Path(f"/proc/{python}/task/{python}/children").read_text()
-                else python
-            )
-        ns_pids = Path(f"/proc/{python}/status").read_text().split("NSpid:")[1].split()[:2]
-        assert ns_pids[0] != ns_pids[-1], "the target is not in its own pid namespace"
-        found = install_python_target(harness, python)
-        assert found.status == "ok", found.reason
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-    harness.ring_buffer_consume()
-    rows = defaultdict(list)
-    for row in symbolizer.flush():
-        rows[row["stack_id"]].append(row)
+    capture = Capture(harness)
+    program = target.program("open_sites.py")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", target.command, program]
+    run_marked_program(harness, command, interpreter_of=namespaced_interpreter)
+    capture.collect()
     mark = targets.marks("open_sites.py")
-    for label, function in (("nested", "inner"), ("thread", "thread_body")):
-        (ev,) = opens[label]
-        assert ev.stack_id, f"{label}: no stack (flags {ev.flags})"
-        frames = sorted(rows[signed64(ev.stack_id)], key=lambda r: r["depth"])
-        key = "nested-inner" if label == "nested" else "thread"
-        assert (frames[1]["function"], frames[1]["line"]) == (function, mark[key])
+    for label, function, key in (
+        ("nested", "inner", "nested-inner"),
+        ("thread", "thread_body", "thread"),
+    ):
+        _, rows = capture.stack_of(label)
+        assert (rows[1]["function"], rows[1]["line"]) == (function, mark[key])
 
 
 @pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
 def test_module_bodies_sharing_a_code_address_keep_their_own_files(harness, target):
-    symbolizer, opens = Symbolizer(), {}
-
-    def on_record(_ctx, data, size):
-        raw = ctypes.string_at(data, size)
-        if int.from_bytes(raw[16:18], "little") >= 100:
-            symbolizer.on_record(raw)
-        else:
-            ev = OpenEv.from_buffer_copy(raw[: ctypes.sizeof(OpenEv)])
-            if ev.path.decode().startswith(MARK_PREFIX + "reuse-"):
-                opens[ev.path.decode()[-1]] = ev
-
-    harness.handlers.append(on_record)
+    capture = Capture(harness)
     modules = {m: target.program(f"reuse_{m}.py") for m in "abc"}
-    proc = subprocess.Popen(
-        [target.command, "-B", target.program("reuse_driver.py")],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout.readline() == b"ready\n"
-        found = install_python_target(harness, proc.pid)
-        assert found.status == "ok", found.reason
-        proc.stdin.write(b"go\n")
-        proc.stdin.flush()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-    harness.ring_buffer_consume()
-    rows = defaultdict(list)
-    for row in symbolizer.flush():
-        rows[row["stack_id"]].append(row)
+    run_marked_program(harness, [target.command, "-B", target.program("reuse_driver.py")])
+    capture.collect()
     for m, path in modules.items():
-        ev = opens[m]
-        (top,) = [r for r in rows[signed64(ev.stack_id)] if r["depth"] == 0]
+        _, rows = capture.stack_of(f"reuse-{m}")
+        (top,) = [r for r in rows if r["depth"] == 0]
         assert (top["function"], top["file"], top["line"]) == (
             "<module>",
             path,
