@@ -25,6 +25,19 @@ COMMAND_MODULES = (
 )
 
 
+def add_site_output_options(parser: argparse.ArgumentParser, formats: tuple[str, ...]) -> None:
+    """--format, -o/--output and --exclude, alike in every command that writes what it found
+    about leak sites (report, diff), so they read and behave the same. formats[0] is the default.
+    """
+    parser.add_argument(
+        "--format", choices=formats, default=formats[0], help=f"default: {formats[0]}"
+    )
+    parser.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    parser.add_argument(
+        "--exclude", metavar="FILE", help="file of site patterns to ignore (FILE[:FUNC|LINE])"
+    )
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on bad usage; cmtrace's contract says 1 (2 is the environment)."""
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from cmtrace.analysis import Trace, load, read_exclude_file
+from cmtrace.cli import add_site_output_options
 from cmtrace.errors import EXIT_OK, UsageError
 
 DIFF_SCHEMA = 1
@@ -25,9 +26,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("before", metavar="BEFORE", help="trace directory before the change")
     parser.add_argument("after", metavar="AFTER", help="trace directory after the change")
-    parser.add_argument("--format", choices=("text", "json"), default="text")
-    parser.add_argument("-o", "--output", metavar="FILE")
-    parser.add_argument("--exclude", metavar="FILE", help="file of site patterns to ignore")
+    add_site_output_options(parser, formats=("text", "json"))
     parser.set_defaults(func=run)
 
 

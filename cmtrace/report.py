@@ -12,6 +12,7 @@ import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
 from cmtrace.analysis.trace import NO_STACK, fill_text
+from cmtrace.cli import add_site_output_options
 from cmtrace.errors import EXIT_LEAKS, EXIT_OK, UsageError
 
 REPORT_SCHEMA = 1
@@ -24,14 +25,10 @@ def register(subparsers) -> None:
         description="Leak sites ranked by count and growth, each with its cause and fix.",
     )
     parser.add_argument("trace", metavar="TRACE", help="trace directory written by a recording")
-    parser.add_argument("--format", choices=("text", "json", "html"), default="text")
-    parser.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    add_site_output_options(parser, formats=("text", "json", "html"))
     parser.add_argument("--top", type=int, default=20, metavar="N", help="sites shown (text)")
     parser.add_argument(
         "--fail-on-leak", action="store_true", help="exit 3 when leaks are found (for CI)"
-    )
-    parser.add_argument(
-        "--exclude", metavar="FILE", help="file of site patterns to ignore (FILE[:FUNC|LINE])"
     )
     parser.add_argument(
         "--strip-source", action="store_true", help="HTML: leave source lines out (for sharing)"
