@@ -68,6 +68,17 @@ def births_of(run: BirthsRun, syscall: str):
     return births[births.syscall == syscall]
 
 
+def truth_and_rows(run: BirthsRun, syscall: str) -> list[tuple[dict, object]]:
+    """Each birth of `syscall` the target reported, with the row recorded for its fd."""
+    recorded = births_of(run, syscall)
+    pairs = []
+    for truth in truth_for(run, syscall):
+        rows = recorded[recorded.fd == truth["fd"]]
+        assert len(rows) == 1, f"{syscall} fd {truth['fd']}: {len(rows)} birth rows"
+        pairs.append((truth, rows.iloc[0]))
+    return pairs
+
+
 def assert_failure_recorded(run: BirthsRun, syscall: str, code: int) -> None:
     fails = run.ops("fail")
     fails = fails[fails.syscall == syscall]
@@ -76,11 +87,9 @@ def assert_failure_recorded(run: BirthsRun, syscall: str, code: int) -> None:
 
 @pytest.mark.parametrize("syscall", BIRTH_SYSCALLS)
 def test_birth_recorded_with_fd_kind_and_cloexec(births: BirthsRun, syscall: str):
-    expected = truth_for(births, syscall)
     recorded = births_of(births, syscall)
-    assert sorted(recorded.fd) == sorted(b["fd"] for b in expected), recorded
-    for truth in expected:
-        row = recorded[recorded.fd == truth["fd"]].iloc[0]
+    assert sorted(recorded.fd) == sorted(b["fd"] for b in truth_for(births, syscall)), recorded
+    for truth, row in truth_and_rows(births, syscall):
         link = births.links[truth["fd"]]
         want_kind = kind_from_link(link)
         if syscall in COPIES:
@@ -95,22 +104,19 @@ def test_birth_recorded_with_fd_kind_and_cloexec(births: BirthsRun, syscall: str
 
 @pytest.mark.parametrize("syscall", ["open", "openat", "openat2", "creat"])
 def test_file_births_carry_the_path(births: BirthsRun, syscall: str):
-    for truth in truth_for(births, syscall):
-        row = births_of(births, syscall).query(f"fd == {truth['fd']}").iloc[0]
+    for truth, row in truth_and_rows(births, syscall):
         assert row.path == truth["path"] == births.links[truth["fd"]]
 
 
 @pytest.mark.parametrize("syscall", ["pipe", "pipe2", "socketpair"])
 def test_pair_births_name_their_peer(births: BirthsRun, syscall: str):
-    for truth in truth_for(births, syscall):
-        row = births_of(births, syscall).query(f"fd == {truth['fd']}").iloc[0]
+    for truth, row in truth_and_rows(births, syscall):
         assert row.src_fd == truth["src_fd"]
 
 
 @pytest.mark.parametrize("syscall", ["dup", "dup2", "dup3", "fcntl"])
 def test_dup_births_name_their_source(births: BirthsRun, syscall: str):
-    for truth in truth_for(births, syscall):
-        row = births_of(births, syscall).query(f"fd == {truth['fd']}").iloc[0]
+    for truth, row in truth_and_rows(births, syscall):
         assert row.src_fd == truth["src_fd"]
 
 
