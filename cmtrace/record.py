@@ -254,6 +254,7 @@ class Recording:
     def install_python(self, pid: int) -> None:
         if self.symbolizer is None:
             return
+        self.sources.note_root(pid)
         from cmtrace import symbolize  # noqa: PLC0415
 
         try:

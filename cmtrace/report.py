@@ -214,6 +214,10 @@ def _caveats(trace: Trace) -> list[str]:
     reason = trace.no_python_reason
     if reason:
         out.append(f"no Python stacks: {reason}")
+    for target in trace.meta.get("python") or []:
+        calls = str(target.get("calls") or "")
+        if calls.startswith("not recorded"):  # --calls asked for, but this interpreter cannot
+            out.append(f"--calls in pid {target.get('pid')}: {calls}")
     return out
 
 

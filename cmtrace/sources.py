@@ -41,25 +41,44 @@ class SourceCollector:
 
     def __init__(self) -> None:
         self._texts: dict[str, str | None] = {}
+        self._roots: dict[int, str] = {}  # pid -> its root directory as this tracer sees it
+
+    def note_root(self, pid: int) -> None:
+        """Remember where a chrooted target's files are: once it has exited, /proc/PID/root is
+        gone but its files are still under that directory (`chroot DIR python ...`)."""
+        try:
+            root = os.readlink(f"/proc/{pid}/root")
+        except OSError:
+            return
+        if root != "/" and os.path.isdir(root):
+            self._roots[pid] = root
 
     def add(self, pid: int | None, file: str) -> None:
         if self._texts.get(file) is None:
-            self._texts[file] = read_source(pid, file)
+            self._texts[file] = read_source(pid, file, self._roots.get(pid or 0))
 
     def rows(self, pid: int | None = None) -> list[dict]:
         out: list[dict] = []
+        roots = sorted(set(self._roots.values()))
         for file in sorted(self._texts):
-            text = self._texts[file] if self._texts[file] is not None else read_source(pid, file)
+            text = self._texts[file]
+            for root in [None, *roots] if text is None else ():
+                text = read_source(pid, file, root)
+                if text is not None:
+                    break
             if text is not None:
                 out.extend(source_rows(file, text))
         return out
 
 
-def read_source(pid: int | None, file: str) -> str | None:
-    """The text of `file` as process `pid` sees it (its root may be a container's)."""
+def read_source(pid: int | None, file: str, root: str | None = None) -> str | None:
+    """The text of `file` as process `pid` sees it (its root may be a container's); `root`:
+    the directory it was chrooted to, tried when the process is gone."""
     if not file or file.startswith("<") or not file.endswith((".py", ".pyw")):
         return None
     candidates = [f"/proc/{pid}/root{file}"] if pid and file.startswith("/") else []
+    if root and file.startswith("/"):
+        candidates.append(root.rstrip("/") + file)
     candidates.append(file)
     for candidate in candidates:
         try:
