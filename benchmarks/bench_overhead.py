@@ -11,6 +11,8 @@ Ways to run each workload:
   bare              nothing attached
   cmtrace           `cmtrace -p PID` attached before the loop starts (defaults: Python stacks on)
   cmtrace-nostacks  `cmtrace -p PID --no-python-stacks` (the fd lifecycle alone)
+  cmtrace-calls     `cmtrace -p PID --calls` (not a default mode: needs an interpreter whose
+                    USDT probes fire, e.g. --python /opt/cmtrace/pythons/bin/python3.9)
   strace            `strace -f -e trace=openat,close -p PID` (open@3 only; fewer iterations,
                     because each one costs ~90x: per-iteration times stay comparable)
   tracemalloc       `python -X dev -X tracemalloc=25`
@@ -48,6 +50,7 @@ WORKLOADS = {  # name -> (loop, frames)
     "calls@48": ("calls", 48),
 }
 MODES = ("bare", "cmtrace", "cmtrace-nostacks", "strace", "tracemalloc")
+EXTRA_MODES = ("cmtrace-calls",)  # opt-in with --modes
 CALLS_PER_OPEN = 50  # the call loop runs 50x the iterations (~0.5 s): each call is ~50 ns
 
 
@@ -149,6 +152,8 @@ def attach(config: Config, mode: str, pid: int, trace: Path) -> subprocess.Popen
         argv = [config.cmtrace_python, "-m", "cmtrace", "-p", str(pid), "-o", str(trace), "-q"]
         if mode == "cmtrace-nostacks":
             argv.append("--no-python-stacks")
+        elif mode == "cmtrace-calls":
+            argv.append("--calls")
         needle = "cmtrace: attached to"
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tracer.lines = wait_for_line(tracer.stderr, needle, timeout=180)
@@ -179,7 +184,7 @@ def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
     tracer = None
     kernel_ns = None
     try:
-        if mode in ("cmtrace", "cmtrace-nostacks", "strace"):
+        if mode != "bare" and mode != "tracemalloc":
             tracer = attach(config, mode, target.pid, trace)
         counting = config.bpf_stats and mode.startswith("cmtrace")
         before = bpf_prog_time(tracer.pid) if counting else (0, 0)
@@ -349,6 +354,11 @@ def main(argv: list[str]) -> int:
     workloads, modes = args.workloads.split(","), args.modes.split(",")
     if "bare" not in modes:
         modes.insert(0, "bare")
+    unknown = sorted(set(modes) - set(MODES) - set(EXTRA_MODES))
+    if unknown:
+        print(f"bench_overhead: unknown mode {unknown[0]} (modes: {', '.join(MODES + EXTRA_MODES)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     if os.geteuid() != 0 and any(m.startswith("cmtrace") or m == "strace" for m in modes):
         print("bench_overhead: attaching tracers needs root: run it with sudo", file=sys.stderr)
         return 2
