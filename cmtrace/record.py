@@ -370,6 +370,8 @@ class Recording:
             if row["op"] == schema.OP_FORK and self.follow:
                 self.install_python(int(row["arg"]))
             elif row["op"] == schema.OP_EXEC:
+                if self.call_probes is not None:
+                    self.call_probes.forget(int(row["pid"]))
                 self.install_python(int(row["pid"]))
                 if int(row["pid"]) == self.held_pid:
                     _resume(self.held_pid)
@@ -561,6 +563,11 @@ def _sigint_reached_child_too() -> bool:
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuse bad options before anything is attached or started."""
+    if getattr(args, "calls", False) and args.no_python_stacks:
+        raise UsageError(
+            "--calls needs Python stacks (they tie each __exit__ to its with statement): "
+            "drop --no-python-stacks"
+        )
     if args.exclude is not None and not args.exclude.is_file():
         raise UsageError(f"--exclude {args.exclude}: no such file (one site pattern a line)")
     _ring_pages(args.ring_mb)

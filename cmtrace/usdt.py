@@ -15,6 +15,7 @@ evidence, never needed for stacks. For each traced process whose interpreter has
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -136,7 +137,8 @@ class CallProbes:
 
     def __init__(self, bpf) -> None:
         self.bpf = bpf
-        self.semaphores: dict[int, list[int]] = {}  # pid -> addresses raised in it
+        # pid -> (identity of the image we armed, semaphore addresses raised in it)
+        self.semaphores: dict[int, tuple[tuple, list[int]]] = {}
 
     def attach(self, pid: int, interp) -> int:
         """Arm the probes of `interp` (a cmtrace.interpreter.Interpreter) in `pid`; returns
@@ -150,7 +152,7 @@ class CallProbes:
                 f"Python {interp.version} here has no python:function__entry/return USDT "
                 "probes (CPython 3.12-3.14 removed them; pyenv/python.org builds lack them)"
             )
-        self._forget(pid)
+        self.forget(pid)
         sites = self.bpf["call_sites"]
         for probe in probes:
             key = sites.Key(pid, 0, probe.address + interp.bias)
@@ -161,26 +163,29 @@ class CallProbes:
                 fn_name="on_python_call",
                 pid=pid,
             )
+        identity = _image_identity(pid)
         raised = []
         for address in sorted({p.semaphore + interp.bias for p in probes if p.semaphore}):
             _add_to_semaphore(pid, address, +1)
             raised.append(address)
-        self.semaphores[pid] = raised
+        self.semaphores[pid] = (identity, raised)
         return len(probes)
 
-    def _forget(self, pid: int) -> None:
+    def forget(self, pid: int) -> None:
         """A process that exec'd: its old image's semaphores went away with it."""
         self.semaphores.pop(pid, None)
 
     def disarm(self) -> None:
-        """Lower the semaphores we raised in processes still alive (uprobes go with the BPF
-        object)."""
-        for pid, addresses in self.semaphores.items():
-            for address in addresses:
-                try:
+        """Lower the semaphores we raised in processes still alive and still running the image
+        we armed (never write into a reused pid or a new exec); uprobes go with the BPF object."""
+        for pid, (identity, addresses) in self.semaphores.items():
+            try:
+                if _image_identity(pid) != identity:
+                    continue
+                for address in addresses:
                     _add_to_semaphore(pid, address, -1)
-                except OSError:
-                    pass  # the process is gone, or exec'd
+            except OSError:
+                pass  # the process is gone
         self.semaphores.clear()
 
 
@@ -191,6 +196,14 @@ def _site_leaf(leaf, probe: Probe):
         slot.kind, slot.reg, slot.value = arg.kind, arg.reg, ctypes.c_int64(arg.value).value
     leaf.which = WHICH[probe.name]
     return leaf
+
+
+def _image_identity(pid: int) -> tuple:
+    """(start time, executable's device and inode): changes with pid reuse and with exec."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        start = f.read().rsplit(b")", 1)[1].split()[19]
+    st = os.stat(f"/proc/{pid}/exe")
+    return start, st.st_dev, st.st_ino
 
 
 def _add_to_semaphore(pid: int, address: int, delta: int) -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 import cmtrace.analysis as cma
 import pandas as pd
 import pytest
-from conftest import Target, Tracer, run_cmtrace
+from conftest import Target, Tracer, error_line, run_cmtrace
 from pyprograms import targets
+
+from cmtrace import usdt
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 PROGRAMS = Path(__file__).parent / "leakprograms"
@@ -186,3 +188,36 @@ def test_some_interpreter_fires_probes() -> None:
     """The scripts install Debian's 3.9 and 3.15, whose probes fire: without them the evidence
     above is untested, which this machine can do."""
     assert FIRING, f"no interpreter with firing USDT probes among {[t.name for t in FOUND]}"
+
+
+def test_calls_needs_stacks(tmp_path: Path) -> None:
+    result = run_cmtrace(
+        "run", "--calls", "--no-python-stacks", "-o", str(tmp_path / "t"), "--", "true"
+    )
+    assert result.returncode == 1
+    assert error_line(result).endswith("drop --no-python-stacks")
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("8@%r13", usdt.Arg(usdt.ARG_REG, usdt.REGISTERS["r13"])),
+        ("-4@%eax", usdt.Arg(usdt.ARG_REG, usdt.REGISTERS["rax"])),
+        ("-4@%r14d", usdt.Arg(usdt.ARG_REG, usdt.REGISTERS["r14"])),
+        ("8@-16(%rbp)", usdt.Arg(usdt.ARG_MEM, usdt.REGISTERS["rbp"], -16)),
+        ("8@(%rdi)", usdt.Arg(usdt.ARG_MEM, usdt.REGISTERS["rdi"], 0)),
+        ("-4@$5", usdt.Arg(usdt.ARG_CONST, value=5)),
+    ],
+)
+def test_usdt_argument_forms(spec: str, expected: usdt.Arg) -> None:
+    """The operand forms gcc writes into stapsdt notes, as pt_regs slots (x86_64 order)."""
+    assert usdt.parse_arg(spec) == expected
+
+
+def test_usdt_notes_match_readelf() -> None:
+    """cmtrace's note reader agrees with binutils on every interpreter that has probes."""
+    for interpreter in FOUND:
+        for path in interpreter_files(interpreter):
+            ours = {(p.name, p.address, p.semaphore) for p in usdt.call_probes(path)}
+            theirs = {(n["name"], n["location"], n["semaphore"]) for n in probe_notes(path)}
+            assert ours == theirs, (interpreter.name, path)
