@@ -434,25 +434,6 @@ def open_mapped_file(pid: int, region: str, path: str):
     return None
 
 
-def usdt_probes(elf_file) -> list[str]:
-    """provider:name of every USDT probe in the ELF's .note.stapsdt section."""
-    from elftools.elf.elffile import ELFFile
-
-    section = ELFFile(elf_file).get_section_by_name(".note.stapsdt")
-    if section is None:
-        return []
-    probes = []
-    for note in section.iter_notes():
-        if note["n_name"] != "stapsdt":
-            continue
-        desc = note["n_desc"]
-        # 3 addresses (pc, base, semaphore), then provider\0name\0arguments\0
-        fields = bytes(desc[24:]).split(b"\0")
-        if len(fields) >= 2:
-            probes.append(f"{fields[0].decode()}:{fields[1].decode()}")
-    return sorted(set(probes))
-
-
 def layout_source(major: int, minor: int) -> str:
     if (major, minor) >= (3, 13):
         return "_Py_DebugOffsets read from the process"
@@ -537,18 +518,21 @@ def describe_python(pid: int, mappings: list[tuple[str, str]], info: dict[str, A
     major, minor = int(match.group(1)), int(match.group(2))
     info.update(version=f"{major}.{minor}", interpreter_elf=path,
                 layout_source=layout_source(major, minor))  # fmt: skip
-    probes: list[str] = []
+    from cmtrace import usdt  # noqa: PLC0415 (pyelftools is a runtime dependency)
+
+    probes: list = []
     for region, path in mappings:  # probes may sit in the executable or in libpython
         handle = open_mapped_file(pid, region, path)
         if handle is None:
             continue
         with handle:
             try:
-                probes += usdt_probes(handle)
+                probes += usdt.probes_in(handle)
             except Exception:  # not an ELF we can parse: no probes to report
                 continue
-    info["usdt_probes"] = sorted(set(probes))
+    info["usdt_probes"] = sorted({f"{p.provider}:{p.name}" for p in probes})
     info["usdt_function_entry"] = "python:function__entry" in info["usdt_probes"]
+    info["calls"] = usdt.calls_unavailable(minor, probes) or "available"
     discovered = discover_with_interpreter_module(pid)
     if discovered is not None:
         info.update(discovered)
@@ -573,6 +557,8 @@ def add_process_checks(diag: Diagnosis, info: dict[str, Any]) -> None:
     probes = info["usdt_probes"]
     usdt = (f"{len(probes)} USDT probes, function__entry "
             f"{'present' if info['usdt_function_entry'] else 'absent'}") if probes else "no USDT probes"  # fmt: skip
+    calls = info.get("calls", "available")
+    usdt += "; --calls available" if calls == "available" else f"; --calls unavailable: {calls}"
     version = info.get("full_version") or info["version"]
     stacks = info.get("stacks", "available")
     status = OK if stacks == "available" else WARN

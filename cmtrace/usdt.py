@@ -100,36 +100,54 @@ def _notes(data: bytes):
 def read_probes(path: str) -> tuple[Probe, ...]:
     """The USDT probes described in an ELF file's .note.stapsdt section."""
     with open(path, "rb") as f:
-        elf = ELFFile(f)
-        notes = elf.get_section_by_name(".note.stapsdt")
-        if notes is None:
-            return ()
-        base_section = elf.get_section_by_name(".stapsdt.base")
-        actual_base = base_section["sh_addr"] if base_section is not None else None
-        probes = []
-        for ntype, owner, desc in _notes(notes.data()):
-            if ntype != NT_STAPSDT or owner != "stapsdt" or len(desc) < 24:
-                continue
-            pc, base, semaphore = struct.unpack_from("<QQQ", desc)
-            provider, name, args = (desc[24:].split(b"\0") + [b"", b""])[:3]
-            if actual_base is not None and base:  # prelinked: notes keep link-time addresses
-                pc += actual_base - base
-                semaphore += actual_base - base if semaphore else 0
-            try:
-                parsed = tuple(parse_arg(a) for a in args.decode().split())
-            except UsdtError:
-                continue
-            probes.append(Probe(provider.decode(), name.decode(), pc, semaphore, parsed))
-        return tuple(probes)
+        return probes_in(f)
+
+
+def probes_in(elf_file) -> tuple[Probe, ...]:
+    """The USDT probes of an open ELF file. Probes whose arguments we cannot read keep an
+    empty argument tuple (they are still listed)."""
+    elf = ELFFile(elf_file)
+    notes = elf.get_section_by_name(".note.stapsdt")
+    if notes is None:
+        return ()
+    base_section = elf.get_section_by_name(".stapsdt.base")
+    actual_base = base_section["sh_addr"] if base_section is not None else None
+    probes = []
+    for ntype, owner, desc in _notes(notes.data()):
+        if ntype != NT_STAPSDT or owner != "stapsdt" or len(desc) < 24:
+            continue
+        pc, base, semaphore = struct.unpack_from("<QQQ", desc)
+        provider, name, args = (desc[24:].split(b"\0") + [b"", b""])[:3]
+        if actual_base is not None and base:  # prelinked: notes keep link-time addresses
+            pc += actual_base - base
+            semaphore += actual_base - base if semaphore else 0
+        try:
+            parsed = tuple(parse_arg(a) for a in args.decode().split())
+        except UsdtError:
+            parsed = ()
+        probes.append(Probe(provider.decode(), name.decode(), pc, semaphore, parsed))
+    return tuple(probes)
+
+
+def calls_unavailable(minor: int, probes: tuple[Probe, ...] | list[Probe]) -> str | None:
+    """Why --calls cannot record in this interpreter (None: it can)."""
+    if minor in NEVER_FIRE:
+        return NEVER_FIRE[minor]
+    if not any(is_call_probe(p) for p in probes):
+        return (
+            f"CPython 3.{minor} here has no python:function__entry/return USDT probes "
+            "(CPython 3.12-3.14 removed them; pyenv/python.org builds lack them)"
+        )
+    return None
+
+
+def is_call_probe(probe: Probe) -> bool:
+    """python:function__entry/return with the three arguments we read."""
+    return probe.provider == PROVIDER and probe.name in WHICH and len(probe.args) >= 3
 
 
 def call_probes(path: str) -> list[Probe]:
-    """python:function__entry/return locations with the three arguments we read."""
-    return [
-        p
-        for p in read_probes(path)
-        if p.provider == PROVIDER and p.name in WHICH and len(p.args) >= 3
-    ]
+    return [p for p in read_probes(path) if is_call_probe(p)]
 
 
 class CallProbes:
@@ -143,15 +161,10 @@ class CallProbes:
     def attach(self, pid: int, interp) -> int:
         """Arm the probes of `interp` (a cmtrace.interpreter.Interpreter) in `pid`; returns
         the number of locations attached. Raises UsdtError when the build has none."""
-        minor = interp.layout.minor
-        if minor in NEVER_FIRE:
-            raise UsdtError(NEVER_FIRE[minor])
         probes = call_probes(interp.opener or interp.path)
-        if not probes:
-            raise UsdtError(
-                f"Python {interp.version} here has no python:function__entry/return USDT "
-                "probes (CPython 3.12-3.14 removed them; pyenv/python.org builds lack them)"
-            )
+        reason = calls_unavailable(interp.layout.minor, probes)
+        if reason:
+            raise UsdtError(reason)
         self.forget(pid)
         sites = self.bpf["call_sites"]
         for probe in probes:

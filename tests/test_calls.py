@@ -9,6 +9,7 @@ __enter__, 2N __exit__ that return (one forgets its fd, one closes it).
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -221,3 +222,19 @@ def test_usdt_notes_match_readelf() -> None:
             ours = {(p.name, p.address, p.semaphore) for p in usdt.call_probes(path)}
             theirs = {(n["name"], n["location"], n["semaphore"]) for n in probe_notes(path)}
             assert ours == theirs, (interpreter.name, path)
+
+
+@pytest.mark.parametrize("interpreter", FOUND, ids=[t.name for t in FOUND])
+def test_doctor_says_whether_calls_work(tmp_path: Path, interpreter: targets.Target) -> None:
+    attached, _ = programs_for(interpreter)
+    target = Target([interpreter.command, attached, "/dev/null"], tmp_path)
+    try:
+        pid = target.expect("ready")["pid"]
+        result = run_cmtrace("doctor", "-p", str(pid), "--format", "json")
+        process = json.loads(result.stdout)["process"]
+    finally:
+        target.kill()
+    if fires_probes(interpreter):
+        assert process["calls"] == "available"
+    else:
+        assert process["calls"].startswith("CPython 3."), process["calls"]
