@@ -178,7 +178,6 @@ class Collector:
         if with_stacks:
             from cmtrace.symbolize import inline_pystack  # noqa: PLC0415 (bcc quirk, see there)
 
-            cflags.append("-DCMTRACE_PYSTACK")
             source = inline_pystack(source, probes_dir() / "pystack.h")
         if self.calls:
             cflags.append("-DCMTRACE_CALLS")
@@ -285,13 +284,18 @@ _SOCKET_KIND = schema.KINDS.index("socket")
 _TEXT_TAIL_NRS = np.array(sorted(_TEXT_NRS | {_MEMFD_NR}))
 
 
+def _headers(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed 64-byte headers of a batch's records (one numpy gather), and their offsets."""
+    raw = np.frombuffer(batch.buf, dtype=np.uint8)
+    offsets = np.asarray(batch.offsets, dtype=np.int64)
+    return raw[offsets[:, None] + _HEADER_COLUMNS].reshape(-1).view(RECORD_HEADER), offsets
+
+
 def decode(batch: Batch, boot_ns: int) -> pa.Table:
     """Turn drained fd records into an Arrow table with the EVENTS schema (sorted by time)."""
     if not len(batch):
         return schema.EVENTS.empty_table()
-    raw = np.frombuffer(batch.buf, dtype=np.uint8)
-    offsets = np.asarray(batch.offsets, dtype=np.int64)
-    head = raw[offsets[:, None] + _HEADER_COLUMNS].reshape(-1).view(RECORD_HEADER)
+    head, offsets = _headers(batch)
     etype = head["type"].astype(np.int64)
     nr = np.minimum(head["nr"].astype(np.int64), _NR_SPACE - 1)
     flags = head["flags"]
@@ -346,9 +350,7 @@ def decode_calls(batch: Batch, boot_ns: int) -> pa.Table:
     """The --calls records of a batch as a CALLS table (few: only the four dunder methods)."""
     if not len(batch):
         return schema.CALLS.empty_table()
-    raw = np.frombuffer(batch.buf, dtype=np.uint8)
-    offsets = np.asarray(batch.offsets, dtype=np.int64)
-    head = raw[offsets[:, None] + _HEADER_COLUMNS].reshape(-1).view(RECORD_HEADER)
+    head, offsets = _headers(batch)
     rows = np.flatnonzero(head["type"] == EV_CALL)
     if not len(rows):
         return schema.CALLS.empty_table()

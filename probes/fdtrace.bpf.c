@@ -9,7 +9,7 @@
 //     deaths and flag changes emit at entry (close releases the fd even if it fails);
 //   - records go to one ring buffer, submitted without wake-ups (the collector drains it in
 //     batches); records the kernel could not reserve are counted per CPU, never silently lost.
-// Macros set by the collector: RINGBUF_PAGES, MAX_TRACED, CMTRACE_PYSTACK (Python stacks).
+// Macros set by the collector: RINGBUF_PAGES, MAX_TRACED, CMTRACE_CALLS (--calls).
 
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -97,16 +97,9 @@ BPF_TABLE("lru_hash", u32, struct stash_t, stash, 65536);  // tid -> args of a s
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
-#ifdef CMTRACE_PYSTACK
+// With Python stacks the collector pastes the walker in place of this line; otherwise the
+// header's no-op stubs compile (events then carry STACK_NO_PYTHON).
 #include "pystack.h"
-#else
-static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
-    return 0;
-}
-static __always_inline void python_forget_thread(u32 tid) {}
-static __always_inline void python_forget_process(u32 tgid) {}
-static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
-#endif
 
 static __always_inline int is_traced(u32 tgid) {
     return traced.lookup(&tgid) != NULL;
