@@ -24,6 +24,7 @@ from cmtrace import schema
 
 ENTERS = ("__enter__", "__aenter__")
 EXITS = ("__exit__", "__aexit__")
+ASYNC = ("__aenter__", "__aexit__")
 
 
 @dataclass(frozen=True)
@@ -99,31 +100,60 @@ class CallLog:
 
 def _pair(rows: pd.DataFrame, frames: dict[int, list[Frame]]) -> list[Call]:
     """Entries and returns of one thread into calls: a return closes the latest open entry of
-    the same method (these methods run to completion; async ones may interleave, by name)."""
+    the same method. A coroutine (__aenter__/__aexit__) fires an entry at every resume and a
+    return at every suspension: an entry that does not start at the method's first line is a
+    resume, and continues the latest call of that method instead of starting one."""
     open_calls: list[dict] = []
     done: list[dict] = []
-    for event, function, t_ns, raised, stack in zip(
+    for event, function, t_ns, line, raised, stack in zip(
         rows["event"].astype(str),
         rows["function"].astype(str),
         rows["t_ns"].tolist(),
+        rows["line"].tolist(),
         rows["raised"].tolist(),
         rows["stack_id"].tolist(),
     ):
         if event == schema.CALL_ENTRY:
             stack_frames = frames.get(int(stack), [])
+            method = stack_frames[0] if stack_frames else None
+            resumed = _resumed_call(done, function, method, line)
+            if resumed is not None:
+                if not any(c is resumed for c in open_calls):
+                    open_calls.append(resumed)
+                continue
             call = {"function": function, "entry_ns": int(t_ns), "return_ns": None,
-                    "raised": None, "method": stack_frames[0] if stack_frames else None,
+                    "raised": None, "method": method,
                     "caller": stack_frames[1] if len(stack_frames) > 1 else None}  # fmt: skip
             open_calls.append(call)
             done.append(call)
             continue
-        for call in reversed(open_calls):
+        for i in range(len(open_calls) - 1, -1, -1):
+            call = open_calls[i]
             if call["function"] == function:
                 call["return_ns"] = int(t_ns)
                 call["raised"] = None if pd.isna(raised) else bool(raised)
-                open_calls.remove(call)
+                del open_calls[i]
                 break
     return [Call(**call) for call in done]
+
+
+def _resumed_call(done: list[dict], function: str, method: Frame | None, line) -> dict | None:
+    """The suspended call of coroutine method `method` that an entry at `line` resumes."""
+    if function not in ASYNC or method is None or pd.isna(line):
+        return None
+    fresh = int(line) == method.firstlineno  # a new call starts at its first line...
+    for call in reversed(done):
+        other = call["method"]
+        if call["function"] != function or other is None:
+            continue
+        if other.file != method.file or other.firstlineno != method.firstlineno:
+            continue
+        if fresh:
+            # ...except that 3.15 fires a first entry when the coroutine object is made and a
+            # second when it starts running, with no return between: one call
+            return call if call["return_ns"] is None else None
+        return call if call["return_ns"] is not None else None
+    return None
 
 
 def _same_with(frame: Frame | None, holder: Frame, span: tuple[int, int]) -> bool:

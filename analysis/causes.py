@@ -150,7 +150,7 @@ def _suspended_generator(frames, src, ctx, held_by) -> Verdict | None:
             continue  # a coroutine that opens an fd is ordinary code, not a suspension
         if gen is not site and not holds_with and not gen.code_flags & 0x220:
             continue
-        if _still_running(gen, ctx):
+        if _still_running(gen, ctx) or _with_exited_per_calls(gen, src, ctx):
             continue
         what = "async generator" if gen.code_flags & 0x200 else (
             "coroutine" if only_coroutine else "generator")  # fmt: skip
@@ -166,6 +166,18 @@ def _suspended_generator(frames, src, ctx, held_by) -> Verdict | None:
             evidence.append("sibling fds were closed only when the event loop shut down")
         return Verdict("suspended-generator", fix, evidence)
     return None
+
+
+def _with_exited_per_calls(gen: Frame, src: SourceIndex, ctx: Context) -> bool:
+    """--calls evidence that the with statement `gen` was suspended in later called its
+    __exit__/__aexit__: the generator or coroutine was resumed past the block after all."""
+    if not ctx.calls or ctx.opened is None or ctx.opened[0] not in ctx.calls.pids:
+        return False
+    stmt = src.with_at(gen.file, gen.line)
+    if not stmt:
+        return False
+    pid, tid, born = ctx.opened
+    return ctx.calls.exit_after(pid, tid, born, gen, (stmt[0], stmt[2])) is not None
 
 
 def _called_by_contextlib(frames: list[Frame], index: int) -> bool:

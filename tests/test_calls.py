@@ -31,25 +31,28 @@ N = 2
 NO_EVIDENCE = "with-exited-without-close"
 
 
-def marked_causes() -> dict[int, str]:
+def marked_causes(name: str = "calls_causes.py") -> dict[int, str]:
     out = {}
-    for number, line in enumerate((PROGRAMS / "calls_causes.py").read_text().splitlines(), 1):
+    for number, line in enumerate((PROGRAMS / name).read_text().splitlines(), 1):
         match = re.search(r"# CAUSE:([a-z-]+)$", line)
         if match:
             out[number] = match.group(1)
     return out
 
 
-def programs_for(interpreter: targets.Target) -> tuple[str, str]:
-    """attached.py and calls_causes.py as the interpreter sees them."""
-    names = ("attached.py", "calls_causes.py")
+def copy_program(interpreter: targets.Target, name: str) -> str:
+    """tests/leakprograms/NAME as the interpreter sees it (copied into its chroot if any)."""
     if interpreter.chroot is None:
-        return tuple(str(PROGRAMS / n) for n in names)
+        return str(PROGRAMS / name)
     dest = Path(interpreter.chroot) / "tmp" / "cmtrace-leakprograms"
     dest.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy(PROGRAMS / name, dest / name)
-    return tuple(f"/tmp/cmtrace-leakprograms/{n}" for n in names)
+    shutil.copy(PROGRAMS / name, dest / name)
+    return f"/tmp/cmtrace-leakprograms/{name}"
+
+
+def programs_for(interpreter: targets.Target) -> tuple[str, str]:
+    """attached.py and calls_causes.py as the interpreter sees them."""
+    return copy_program(interpreter, "attached.py"), copy_program(interpreter, "calls_causes.py")
 
 
 def _ask(interpreter: targets.Target, code: str) -> str:
@@ -238,3 +241,24 @@ def test_doctor_says_whether_calls_work(tmp_path: Path, interpreter: targets.Tar
         assert process["calls"] == "available"
     else:
         assert process["calls"].startswith("CPython 3."), process["calls"]
+
+
+@pytest.mark.parametrize("interpreter", FIRING, ids=[t.name for t in FIRING])
+def test_async_managers_with_calls(tmp_path: Path, interpreter: targets.Target) -> None:
+    """Coroutine methods fire an entry per resume: still one call per `async with`, so a
+    raising __aexit__ is exit-raised and a forgetful one returned normally."""
+    program = copy_program(interpreter, "calls_async.py")
+    out = tmp_path / "trace"
+    result = run_cmtrace(
+        "run", "--calls", "-o", str(out), "--", interpreter.command, program, str(N)
+    )
+    assert result.returncode == 0, result.stderr
+    leaks = cma.load(out).leaks()
+    leaks = leaks[leaks["site_file"] == program]
+    expected = marked_causes("calls_async.py")
+    assert sorted(set(leaks["site_line"].astype(int))) == sorted(expected)
+    for line, cause in expected.items():
+        rows = leaks[leaks["site_line"].astype(int) == line]
+        assert len(rows) == N and set(rows["cause"].astype(str)) == {cause}, rows[
+            ["cause", "evidence"]
+        ]
