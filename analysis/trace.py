@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.causes import Context, Verdict, classify, refine_close, with_frame
 from cmtrace.analysis.code import Frame, SourceIndex, frames_by_stack, innermost_user
-from cmtrace.analysis.dataset import RawTrace, read_events, read_trace
+from cmtrace.analysis.dataset import RawTrace, event_parts, read_event_part, read_events, read_trace
 from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
 
 from cmtrace import schema
@@ -20,6 +21,11 @@ from cmtrace import schema
 NO_STACK = "<no Python stack>"  # the site of fds opened without a captured Python stack
 SITE_COLUMNS = ["site_file", "site_line", "site_function"]
 WITH_COLUMNS = ["with_file", "with_line", "with_function"]
+# Columns of `sites()`, one row per opening site.
+SITE_TABLE_COLUMNS = SITE_COLUMNS + [
+    "opened", "closed", "leaked", "leaks_per_s", "cause", "kind", "paths", "with_file",
+    "with_line", "first_ns", "last_ns",
+]  # fmt: skip
 
 
 def load(path: str | Path, local_sources: bool = True) -> Trace:
@@ -59,19 +65,22 @@ class Trace:
 
     @cached_property
     def _summary(self) -> dict:
-        """Facts of the event stream needed beside the lifetimes (three columns read)."""
-        table = read_events(self.path, columns=("t_ns", "op", "arg"))
-        codes, names = _op_codes(table)
-        arg = table.column("arg").to_numpy(zero_copy_only=False)
-        t = table.column("t_ns").to_numpy(zero_copy_only=False)
-        lost = codes == _index_of(names, schema.OP_LOST)
-        forks = codes == _index_of(names, schema.OP_FORK)
-        return {
-            "rows": table.num_rows,
-            "last_ns": int(np.nanmax(t)) if len(t) else 0,
-            "lost": int(np.nansum(arg[lost])) if lost.any() else 0,
-            "children": set(arg[forks].astype(int).tolist()),
-        }
+        """Facts of the event stream needed beside the lifetimes (three columns read, a part at
+        a time: whole columns would cost hundreds of MB on a large trace)."""
+        rows, last, lost, children = 0, [], 0, set()
+        for file in event_parts(self.path, ())[1]:
+            part = read_event_part(file, ("t_ns", "op", "arg")).unify_dictionaries()
+            rows += part.num_rows
+            if "t_ns" in part.column_names and pc.max(part.column("t_ns")).is_valid:
+                last.append(pc.max(part.column("t_ns")).as_py())
+            if not part.num_rows or "op" not in part.column_names:
+                continue
+            codes, names = _op_codes(part)
+            arg = _numbers(part, "arg")
+            lost += int(np.nansum(arg[codes == _index_of(names, schema.OP_LOST)]))
+            forked = arg[codes == _index_of(names, schema.OP_FORK)]
+            children.update(forked[~np.isnan(forked)].astype(int).tolist())
+        return {"rows": rows, "last_ns": max(last, default=0), "lost": lost, "children": children}
 
     @property
     def lost_events(self) -> int:
@@ -118,7 +127,9 @@ class Trace:
     # --- lifetimes ------------------------------------------------------------------------
     @cached_property
     def fds(self) -> pd.DataFrame:
-        fds, self.pairing = build_lifetimes(self.path, self.preexisting)
+        facts: dict = {}
+        fds, self.pairing = build_lifetimes(self.path, self.preexisting, facts=facts)
+        self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
         self._refine_deaths(fds)
         self._add_sites(fds)
         fds["leak"] = is_leak(fds, self.child_pids)
@@ -150,13 +161,11 @@ class Trace:
         Computed once per distinct stack and spread with categorical codes: millions of rows
         share a handful of stacks, and categoricals keep filtering cheap.
         """
-        open_stack = fds["open_stack"].to_numpy()
-        stacks = pd.unique(open_stack)
-        position = pd.Index(stacks).get_indexer(open_stack)
+        position, stacks = pd.factorize(fds["open_stack"].to_numpy())
         cells = []
         for stack in stacks:
             frames = self.frames.get(int(stack), [])
-            site = innermost_user(frames) or (frames[0] if frames else None)
+            site = _site_frame(frames)
             cells.append(_frame_cells(site) + _frame_cells(with_frame(frames, self.src)))
         for i, column in enumerate(SITE_COLUMNS + WITH_COLUMNS):
             per_stack = [row[i] for row in cells]
@@ -229,17 +238,27 @@ class Trace:
         return out
 
     def _site_key(self, stack: int) -> tuple:
-        frames = self.frames.get(stack, [])
-        site = innermost_user(frames) or (frames[0] if frames else None)
+        site = _site_frame(self.frames.get(stack, []))
         return (site.file, site.line) if site else (None, None)
 
     def _sibling_deaths(self, fds: pd.DataFrame) -> dict[tuple, dict[str, int]]:
-        mask = (~fds["leak"] & fds["death"].notna()).to_numpy()
-        closed = fds.loc[mask, ["site_file", "site_line", "death"]]
-        counts = closed.groupby(["site_file", "site_line", "death"], observed=True).size()
+        """(site file, line) -> how the fds opened there that did not leak died, with counts.
+
+        Counted per (open stack, death) on codes, then summed per site: a site is a function
+        of the open stack, and millions of rows share a few stacks."""
+        death = fds["death"].array
+        closed = np.flatnonzero(~fds["leak"].to_numpy() & (death.codes >= 0))
+        stack_number, stacks = pd.factorize(fds["open_stack"].to_numpy()[closed])
+        kinds = len(death.categories)
+        counts = pd.Series(stack_number * kinds + death.codes[closed]).value_counts(sort=False)
         out: dict[tuple, dict[str, int]] = {}
-        for (file, line, death), n in counts.items():
-            out.setdefault((file, int(line)), {})[death] = int(n)
+        for pair, n in sorted(counts.items()):
+            file, line = self._site_key(int(stacks[pair // kinds]))
+            if file is None or line is None:
+                continue  # fds without a site have no siblings
+            by_death = out.setdefault((file, int(line)), {})
+            name = death.categories[pair % kinds]
+            by_death[name] = by_death.get(name, 0) + int(n)
         return out
 
     def _still_running(self) -> dict[int, dict[tuple[str, str], set[int]]]:
@@ -273,71 +292,36 @@ class Trace:
         return [f.as_dict() for f in (user or frames)]
 
     def sites(self, exclude: list[str] | None = None) -> pd.DataFrame:
-        """Per opening site: opened, closed, leaked, leak rate, most common cause, kinds, paths."""
-        wanted = SITE_COLUMNS + ["fd", "leak", "born_ns", "with_file", "with_line", "cause"]
-        born_here = ~(self.fds["preexisting"] | self.fds["inherited"]).to_numpy()
-        fds = self.fds.loc[born_here, wanted + ["kind", "path"]]
+        """Per opening site: opened, closed, leaked, leak rate, most common cause, kinds, paths.
+
+        Sites in order of leaks, leak rate and opened fds (ties: order of first opening).
+        """
+        fds = self.fds
+        chosen = ~(fds["preexisting"] | fds["inherited"]).to_numpy()
         if exclude:
-            fds = fds[~_excluded(fds, exclude)]
-        fds["site_file"] = fill_text(fds["site_file"], NO_STACK)
-        fds["site_line"] = fds["site_line"].fillna(0)
-        fds["site_function"] = fill_text(fds["site_function"], "")
-        keys = ["site_file", "site_line", "site_function"]
-        if fds.empty:
-            return pd.DataFrame(
-                columns=keys
-                + [
-                    "opened",
-                    "closed",
-                    "leaked",
-                    "leaks_per_s",
-                    "cause",
-                    "kind",
-                    "paths",
-                    "with_file",
-                    "with_line",
-                ]  # fmt: skip
-            )
-        grouped = fds.groupby(keys, sort=False, dropna=False)
-        table = grouped.agg(
-            opened=("fd", "size"),
-            leaked=("leak", "sum"),
-            first_ns=("born_ns", "min"),
-            last_ns=("born_ns", "max"),
-            with_file=("with_file", "first"),
-            with_line=("with_line", "first"),
-        )
+            chosen &= ~_excluded(fds, exclude).to_numpy()
+        rows = np.flatnonzero(chosen)
+        if not len(rows):
+            return pd.DataFrame(columns=SITE_TABLE_COLUMNS)
+        site, table = _site_groups(fds, rows)
+        count = len(table)
+        leak = fds["leak"].to_numpy()[rows]
+        table["opened"] = np.bincount(site, minlength=count)
+        table["leaked"] = np.bincount(site[leak], minlength=count)
         table["closed"] = table["opened"] - table["leaked"]
         table["leaks_per_s"] = table["leaked"] / self.duration_s
-        leak_rows = fds[fds["leak"]]
-        causes = _top_per_group(leak_rows, keys, "cause", 1).map(_first)
-        table["cause"] = pd.Series(
-            [c if isinstance(c, str) else None for c in causes.reindex(table.index)],
-            index=table.index,
-            dtype=object,
-        )
-        table["kind"] = _top_per_group(fds, keys, "kind", 1).map(_first)
-        paths = _top_per_group(fds, keys, "path", 3).reindex(table.index)
-        table["paths"] = [p if isinstance(p, list) else [] for p in paths]
-        table = table.reset_index()
-        table["site_line"] = table["site_line"].astype(int)
+        born = pd.Series(fds["born_ns"].to_numpy()[rows]).groupby(site)
+        table["first_ns"], table["last_ns"] = born.min().to_numpy(), born.max().to_numpy()
+        first_with = fds[["with_file", "with_line"]].iloc[rows].groupby(site, sort=False).first()
+        table["with_file"] = first_with["with_file"].array
+        table["with_line"] = first_with["with_line"].array
+        causes = _top_values(site[leak], count, fds["cause"].array[rows[leak]], 1)
+        table["cause"] = pd.Series([c[0] if c else None for c in causes], dtype=object)
+        kinds = _top_values(site, count, fds["kind"].array[rows], 1)
+        table["kind"] = pd.Series([k[0] if k else None for k in kinds])  # inferred, as before
+        table["paths"] = _top_values(site, count, fds["path"].array[rows], 3)
         table = table.sort_values(["leaked", "leaks_per_s", "opened"], ascending=False)
-        return table.reset_index(drop=True)[
-            keys
-            + [
-                "opened",
-                "closed",
-                "leaked",
-                "leaks_per_s",
-                "cause",
-                "kind",
-                "paths",
-                "with_file",
-                "with_line",
-                "first_ns",
-                "last_ns",
-            ]  # fmt: skip
-        ]
+        return table.reset_index(drop=True)[SITE_TABLE_COLUMNS]
 
     def warnings(self) -> list[dict]:
         """Finalizer closes during normal running: like ResourceWarning, with the opening line."""
@@ -389,6 +373,52 @@ def fill_text(series: pd.Series, value: str) -> pd.Series:
     return series.fillna(value)
 
 
+def _site_groups(
+    fds: pd.DataFrame, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """(site number of each row, the sites' SITE_COLUMNS) for `rows` (all rows when None).
+
+    The one grouping of lifetimes by opening site. Sites are numbered in order of first
+    appearance and filled (NO_STACK, line 0, function ""). A site is a function of the opening
+    stack (_add_sites), so rows are grouped by hashing open_stack, one column of a few thousand
+    distinct values, rather than three columns over millions of rows.
+    """
+    stacks = fds["open_stack"].to_numpy()
+    picked = np.arange(len(fds)) if rows is None else rows
+    stack_number, distinct = pd.factorize(stacks[picked])
+    # Numbers are given in order of first appearance: the running maximum rises exactly there.
+    first_row = np.flatnonzero(np.diff(np.maximum.accumulate(stack_number), prepend=-1) > 0)
+    sample = fds.iloc[picked[first_row]]
+    files = fill_text(sample["site_file"], NO_STACK)
+    functions = fill_text(sample["site_function"], "")
+    keys = list(zip(files, sample["site_line"].fillna(0).astype(int), functions))
+    number: dict[tuple, int] = {}
+    site_of_stack = np.array([number.setdefault(k, len(number)) for k in keys], dtype=np.int64)
+    table = pd.DataFrame(list(number), columns=SITE_COLUMNS)
+    for column, filled in (("site_file", files), ("site_function", functions)):
+        table[column] = pd.Categorical(table[column], categories=filled.cat.categories)
+    return site_of_stack[stack_number], table
+
+
+def _top_values(site: np.ndarray, count: int, values: pd.Categorical, n: int) -> list[list]:
+    """The n most common values of a categorical column per site (ties in alphabetical
+    order), as lists, counted on the categorical codes (no strings built per row)."""
+    codes = np.asarray(values.codes, dtype=np.int64)
+    names = np.asarray(values.categories.astype(str), dtype=object)
+    width = max(len(names), 1)
+    known = codes >= 0
+    counts = pd.Series(site[known].astype(np.int64) * width + codes[known]).value_counts()
+    pairs = counts.index.to_numpy()
+    ranked = pd.DataFrame(
+        {"site": pairs // width, "name": names[pairs % width], "count": counts.to_numpy()}
+    ).sort_values(["site", "count", "name"], ascending=[True, False, True])
+    out: list[list] = [[] for _ in range(count)]
+    for where, name in zip(ranked["site"].tolist(), ranked["name"].tolist()):
+        if len(out[where]) < n:
+            out[where].append(name)
+    return out
+
+
 def _op_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
     column = table.column("op")
     if not pa.types.is_dictionary(column.type):
@@ -398,6 +428,13 @@ def _op_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
     names = column.chunk(0).dictionary.to_pylist()
     codes = pa.chunked_array([c.indices.cast(pa.int32()) for c in column.chunks], pa.int32())
     return codes.fill_null(-1).to_numpy(), names
+
+
+def _numbers(part: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64, NaN for nulls (and everywhere when the part lacks it)."""
+    if name not in part.column_names:
+        return np.full(part.num_rows, np.nan)
+    return part.column(name).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
 def _index_of(names: list[str], value: str) -> int:
@@ -411,6 +448,11 @@ def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
     return fds[by].astype(str)
 
 
+def _site_frame(frames: list[Frame]) -> Frame | None:
+    """The opening site of a stack: its innermost user frame, else its innermost frame."""
+    return innermost_user(frames) or (frames[0] if frames else None)
+
+
 def _frame_cells(frame: Frame | None) -> list:
     if frame is None:
         return [None, None, None]
@@ -421,21 +463,6 @@ def _site_dict(file, line, function) -> dict | None:
     if file is None or (isinstance(file, float) and np.isnan(file)):
         return None
     return {"function": function, "file": file, "line": int(line)}
-
-
-def _top_per_group(fds: pd.DataFrame, keys: list[str], column: str, n: int) -> pd.Series:
-    """The n most common values of `column` per group of `keys`, as lists (vectorized)."""
-    values = fds[keys + [column]].dropna(subset=[column])
-    values = values.astype({column: str})
-    counts = values.groupby(keys + [column], dropna=False, observed=True).size()
-    counts = counts.sort_values(ascending=False, kind="stable")
-    top = counts.groupby(level=list(range(len(keys))), dropna=False, sort=False).head(n)
-    frame = top.reset_index()
-    return frame.groupby(keys, dropna=False, sort=False)[column].agg(list)
-
-
-def _first(values):
-    return values[0] if isinstance(values, list) and values else None
 
 
 def read_exclude_file(path: str | Path) -> list[str]:
@@ -467,9 +494,11 @@ def site_matches(pattern: str, file: str | None, line, function: str | None) -> 
 
 def _excluded(fds: pd.DataFrame, patterns: list[str]) -> pd.Series:
     """Which rows' sites match an exclude pattern (decided once per distinct site)."""
-    files = fill_text(fds["site_file"], NO_STACK).astype(str).to_numpy()
-    lines = fds["site_line"].fillna(0).astype(int).to_numpy()
-    functions = fill_text(fds["site_function"], "").astype(str).to_numpy()
-    keys = list(zip(files, lines.tolist(), functions))
-    hit = {key: any(site_matches(p, *key) for p in patterns) for key in set(keys)}
-    return pd.Series([hit[k] for k in keys], index=fds.index, dtype=bool)
+    if fds.empty:
+        return pd.Series(False, index=fds.index, dtype=bool)
+    site, sites = _site_groups(fds)
+    hit = np.array(
+        [any(site_matches(p, *key) for p in patterns) for key in sites.itertuples(index=False)],
+        dtype=bool,
+    )
+    return pd.Series(hit[site], index=fds.index, dtype=bool)

@@ -2,10 +2,12 @@
 
     /opt/cmtrace/venv/bin/python benchmarks/bench_analysis.py --events 10000000
 
-Builds a trace with the dataset writer's layout (events in 1-second parts, zstd Parquet): many
-processes opening and closing fds at a few stack sites, with a steady leak at one site, forks
-with exits, dup2 and close_range. Then times `load()` + `leaks()` + `sites()` in a fresh process
-and reports its peak RSS (ru_maxrss). The issue's target: 10 million events in < 10 s, < 2 GB.
+    /opt/cmtrace/venv/bin/python benchmarks/bench_analysis.py --trace /tmp/t10m --rounds 3
+
+Builds a trace with the dataset writer's layout (events in parts of 500k, zstd Parquet): 16
+processes opening and closing fds at a few stack sites (fd numbers reused), with a steady 1 %
+leak at one site. Then times `load()` + `leaks()` + `sites()` in a fresh process per round and
+reports its peak RSS (VmHWM). The issue's target: 10 million events in < 10 s, < 2 GB.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def measure(path: Path) -> dict:
     sites = trace.sites()
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = _peak_rss_kb()
     return {
         "events": int(trace._summary["rows"]),
         "lifetimes": int(len(trace.fds)),
@@ -122,10 +124,23 @@ def measure(path: Path) -> dict:
     }
 
 
+def _peak_rss_kb() -> int:
+    """This process's peak RSS. Not ru_maxrss: Linux carries that over fork and exec, so a
+    child of the (large) trace generator would report the generator's peak as its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--trace", help="reuse (or create) this trace directory")
+    parser.add_argument("--rounds", type=int, default=1, help="measure N times (spread)")
     parser.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_only:
@@ -137,16 +152,27 @@ def main() -> int:
             started = time.perf_counter()
             make_trace(path, args.events)
             print(f"generated {args.events} events in {time.perf_counter() - started:.1f} s")
-        # A fresh process, so peak memory is the analysis's alone.
-        out = subprocess.run(
-            [sys.executable, __file__, "--trace", str(path), "--measure-only"],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
-        result = json.loads(out.stdout)
-        print(json.dumps(result))
-        ok = result["seconds"] < 10 and result["peak_rss_mb"] < 2048
-        print("target (< 10 s, < 2 GB):", "met" if ok else "NOT met")
+        results = [_measure_in_child(path) for _ in range(max(args.rounds, 1))]
+        if len(results) > 1:
+            for key in ("seconds", "cpu_seconds", "peak_rss_mb"):
+                values = sorted(r[key] for r in results)
+                print(
+                    f"{key}: min {values[0]}  median {values[len(values) // 2]}  max {values[-1]}"
+                )
+        ok = all(r["seconds"] < 10 and r["peak_rss_mb"] < 2048 for r in results)
+        print("target (< 10 s, < 2 GB):", "met" if ok else "NOT met", f"({len(results)} rounds)")
         return 0 if ok else 1
+
+
+def _measure_in_child(path: Path) -> dict:
+    """One round in a fresh process, so peak memory is the analysis's alone."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--trace", str(path), "--measure-only"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":
