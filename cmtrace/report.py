@@ -296,9 +296,9 @@ details summary{cursor:pointer;color:#0550ae}svg{vertical-align:middle}
 """
 
 _HTML_SCRIPT = """
-document.querySelectorAll('table.sortable th').forEach(function(th, col){
+document.querySelectorAll('table.sortable th').forEach(function(th){
   th.addEventListener('click', function(){
-    var table = th.closest('table'), body = table.tBodies[0];
+    var table = th.closest('table'), body = table.tBodies[0], col = th.cellIndex;
     var rows = Array.prototype.slice.call(body.rows);
     var asc = th.dataset.asc !== '1'; th.dataset.asc = asc ? '1' : '0';
     rows.sort(function(a, b){

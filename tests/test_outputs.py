@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,6 +67,60 @@ def test_html_renders_in_chromium(traces, tmp_path: Path) -> None:
     assert "class='src'" not in stripped
     if "no Python stacks" not in html:  # with stacks, the opening line's source is shown
         assert "LEAK-SITE" in html
+
+
+def test_html_table_sorts_on_header_click(tmp_path: Path) -> None:
+    """A click on the "opened" header in Chromium orders the sites by opened fds, numerically,
+    moving whole rows; a second click reverses the order."""
+    browser = chromium()
+    trace, page = tmp_path / "trace", tmp_path / "report.html"
+    # 12 fds at the leak site, fewer than 10 at the others: a text sort would put 12 first.
+    result = run_cmtrace("run", "-o", str(trace), "--", TARGET_PYTHON, str(PROGRAM), "12")
+    assert result.returncode == 0, result.stderr
+    result = run_cmtrace("report", str(trace), "--format", "html", "-o", str(page))
+    assert result.returncode == 0, result.stderr
+    before = site_rows(dom_after_clicks(browser, page, []))
+    opened = [row[2] for row in before]
+    assert len(set(opened)) > 1 and opened != sorted(opened), before  # something to reorder
+    assert sorted(opened) != sorted(opened, key=lambda n: str(int(n))), opened
+    once = site_rows(dom_after_clicks(browser, page, ["opened"]))
+    assert [row[2] for row in once] == sorted(opened), once
+    assert sorted(once) == sorted(before)  # rows moved whole, none lost
+    twice = site_rows(dom_after_clicks(browser, page, ["opened", "opened"]))
+    assert [row[2] for row in twice] == sorted(opened, reverse=True), twice
+
+
+def dom_after_clicks(browser: str, page: Path, headers: list[str]) -> str:
+    """The page's DOM after a script clicks the named column headers in turn (in Chromium,
+    through the page's own click handlers), read back with --dump-dom; no script errors."""
+    clicks = "".join(
+        "Array.prototype.find.call(document.querySelectorAll('#sites th'),"
+        f"function(th){{return th.textContent === {json.dumps(header)};}})"
+        ".dispatchEvent(new MouseEvent('click', {bubbles: true, cancelable: true}));"
+        for header in headers
+    )
+    head, _, tail = page.read_text().rpartition("</body>")
+    clicked = page.with_name(f"clicked-{len(headers)}.html")
+    clicked.write_text(f"{head}<script>{clicks}</script></body>{tail}")
+    run = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={page.parent / 'profile'}",
+         "--enable-logging=stderr", "--v=0", "--dump-dom", clicked.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    errors = [ln for ln in run.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not errors, errors
+    return run.stdout
+
+
+def site_rows(dom: str) -> list[tuple]:
+    """(site, leaked, opened, closed, leaks/s) of each row of the sites table, in page order."""
+    body = dom.split('<table class="sortable" id="sites">', 1)[1].split("</tbody>", 1)[0]
+    rows = []
+    for row in re.findall(r"<tr>(.*?)</tr>", body.split("<tbody>", 1)[1], re.S):
+        site = re.search(r'<td data-v="([^"]*)"', row).group(1)
+        numbers = [float(n) for n in re.findall(r'<td class="n">([^<]*)</td>', row)]
+        rows.append((site, *numbers))
+    return rows
 
 
 def test_plot_png_is_not_trivial(traces, tmp_path: Path) -> None:
