@@ -65,6 +65,7 @@ class Recording:
     program: str  # the program's path as its interpreter sees it (the reported site file)
     truth: dict | None  # stdlib_leaks.py's JSON line: pid and the fds each step left open
     root_pid: int | None = None  # the pid cmtrace started or attached to
+    still_running: bool = False  # -p stopped while the program lived (else it exited at once)
     seconds: float = 0.0
 
 
@@ -107,15 +108,14 @@ def record_run(argv: list[str], program: str, name: str, out: Path) -> Recording
     assert result.returncode == 0, f"cmtrace run exited {result.returncode}:\n{result.stderr}"
     truth = truth_line(result.stdout) if name == STDLIB else None
     root = int(json.loads((out / "meta.json").read_text())["targets"][0]["pid"])
-    return Recording(out, program, truth, root, time.monotonic() - start)
+    return Recording(out, program, truth, root, False, time.monotonic() - start)
 
 
-def record_attached(interpreter: targets.Target, out: Path) -> Recording:
-    """`cmtrace -p PID` on attached.py: the program starts after the attach, and the tracer
-    stops (SIGINT) while it still lives."""
+def record_attached(argv: list[str], program: str, out: Path) -> Recording:
+    """`cmtrace -p PID` on attached.py running ARGV: the program starts after the attach, and
+    the tracer stops (SIGINT) while it still lives."""
     start = time.monotonic()
-    attached, program = place(interpreter, "attached.py"), place(interpreter, STDLIB)
-    target = Target([interpreter.command, attached, program, str(N), "wait"], out.parent)
+    target = Target(argv, out.parent)
     try:
         pid = target.expect("ready", timeout=300)["pid"]
         tracer = Tracer(["-p", str(pid), "-q", "-o", str(out)], cwd=out.parent)
@@ -130,7 +130,7 @@ def record_attached(interpreter: targets.Target, out: Path) -> Recording:
         assert target.finish() == 0, target.stderr_text()
     finally:
         target.kill()
-    return Recording(out, program, truth, pid, time.monotonic() - start)
+    return Recording(out, program, truth, pid, True, time.monotonic() - start)
 
 
 def namespace_argv(interpreter: targets.Target, program: str) -> list[str]:
@@ -141,8 +141,9 @@ def namespace_argv(interpreter: targets.Target, program: str) -> list[str]:
             python, program, str(N)]  # fmt: skip
 
 
-def plan(workdir: Path) -> dict[tuple[str, str, str], callable]:
-    """(interpreter, mode, program) -> how to record it."""
+def plan(workdir: Path) -> dict[tuple[str, str, str], tuple]:
+    """(interpreter, mode, program) -> (recording function, its arguments). Programs are
+    copied into the chroots here, before any recording runs (they share the copies)."""
     jobs = {}
     for interpreter in FOUND:
         for name in (STDLIB, ALL_CAUSES):
@@ -151,7 +152,9 @@ def plan(workdir: Path) -> dict[tuple[str, str, str], callable]:
             argv = [interpreter.command, program, str(N)]
             jobs[(interpreter.name, RUN, name)] = (record_run, argv, program, name, out)
         out = workdir / f"{interpreter.name}-{ATTACH}-{STDLIB}" / "trace"
-        jobs[(interpreter.name, ATTACH, STDLIB)] = (record_attached, interpreter, out)
+        program = place(interpreter, STDLIB)
+        argv = [interpreter.command, place(interpreter, "attached.py"), program, str(N), "wait"]
+        jobs[(interpreter.name, ATTACH, STDLIB)] = (record_attached, argv, program, out)
     for interpreter in CHROOTED:
         program = place(interpreter, STDLIB)
         out = workdir / f"{interpreter.name}-{NAMESPACE}-{STDLIB}" / "trace"
@@ -173,7 +176,9 @@ def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for key, future in futures.items():
         error = future.exception()
         done[key] = error if error is not None else future.result()
-    print(f"\n{len(jobs)} recordings in {time.monotonic() - start:.0f} s")
+    took = sorted((r.seconds, k) for k, r in done.items() if isinstance(r, Recording))
+    print(f"\n{len(jobs)} recordings ({PARALLEL} at a time) in {time.monotonic() - start:.0f} s;"
+          f" slowest {took[-1][0]:.0f} s {took[-1][1]}" if took else "")  # fmt: skip
     return done
 
 
@@ -204,6 +209,9 @@ def site_problems(rec: Recording, name: str, pid: int) -> list[str]:
         if rec.truth is not None and sorted(rows["fd"]) != sorted(rec.truth["leaked"][mark.label]):
             problems.append(f"line {line} ({mark.label}): reported fds {sorted(rows['fd'])}, the "
                             f"program left {rec.truth['leaked'][mark.label]} open")  # fmt: skip
+    closed = mine["closed_by"]
+    if not (closed.isna() if rec.still_running else closed.astype(object) == "process-exit").all():
+        problems.append(f"closed by {sorted(set(closed.astype(object)), key=str)}")
     others = sorted(set(mine["site_line"].astype(int)) - set(expected))
     if others:
         problems.append(f"unmarked lines reported as leaking: {others}")
