@@ -215,9 +215,12 @@ class Collector:
     def trace_pid(self, pid: int) -> None:
         self.bpf["traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
-    def hold_at_exec(self, pid: int) -> None:
-        """Have the kernel stop pid (SIGSTOP) right after each of its execs; see resume()."""
+    def hold_at_exec(self, pid: int, python_children: bool = True) -> None:
+        """Have the kernel stop pid (SIGSTOP) right after each of its execs, and, with
+        `python_children`, any followed process right after it execs a python* image; the
+        recorder sends SIGCONT when it has seen the exec event."""
         self.bpf["settings"][ctypes.c_int(1)] = ctypes.c_uint32(pid)
+        self.bpf["settings"][ctypes.c_int(2)] = ctypes.c_uint32(int(python_children))
 
     def drain(self) -> Batch:
         """Consume everything the kernel has submitted; Python records go to the symbolizer."""

@@ -198,6 +198,7 @@ class Recording:
         self.events_written = 0
         self.failure: CmtraceError | None = None  # what stopped the recording, if it failed
         self.held_pid = 0  # `run`: the kernel stops this pid after each exec until resumed
+        self.ns_pids: dict[int, int] = {}  # processes whose pid namespace is not ours
         self.sources = SourceCollector()
         self._lock = threading.Lock()  # the drain thread's state: pending, symbolizer, sources
         self._draining = threading.Event()
@@ -251,7 +252,14 @@ class Recording:
         self.collector.trace_pid(pid)
         self.install_python(pid)
 
+    def note_process(self, pid: int) -> None:
+        """A process seen to fork or exec: remember its pid inside its own namespace."""
+        inner = procfs.ns_pid(pid)
+        if inner is not None and inner != pid:
+            self.ns_pids[pid] = inner
+
     def install_python(self, pid: int) -> None:
+        self.note_process(pid)
         if self.symbolizer is None:
             return
         self.sources.note_root(pid)
@@ -370,11 +378,12 @@ class Recording:
             if row["op"] == schema.OP_FORK and self.follow:
                 self.install_python(int(row["arg"]))
             elif row["op"] == schema.OP_EXEC:
+                pid = int(row["pid"])
                 if self.call_probes is not None:
-                    self.call_probes.forget(int(row["pid"]))
-                self.install_python(int(row["pid"]))
-                if int(row["pid"]) == self.held_pid:
-                    _resume(self.held_pid)
+                    self.call_probes.forget(pid)
+                self.install_python(pid)
+                if self.held_pid and (pid == self.held_pid or is_python_image(row["path"])):
+                    _resume(pid)  # the kernel stopped it at this exec (see hold_at_exec)
 
     def flush(self, final: bool = False) -> None:
         lost = self.collector.lost_events()
@@ -423,6 +432,7 @@ class Recording:
             stop_reason=self.stop_reason,
             events=self.events_written,
             python=list(self.python_targets.values()),
+            processes=[{"pid": pid, "ns_pid": inner} for pid, inner in self.ns_pids.items()],
             degraded=self._degraded(),
         )
 
@@ -484,6 +494,11 @@ class Recording:
     def progress(self, text: str) -> None:
         if not self.quiet:
             print(f"cmtrace: {text}", file=sys.stderr, flush=True)
+
+
+def is_python_image(path: str | None) -> bool:
+    """The kernel's test for exec'd images it holds (is_python_image in fdtrace.bpf.c)."""
+    return bool(path) and os.path.basename(path).startswith("python")
 
 
 def _resume(pid: int) -> None:

@@ -106,9 +106,9 @@ def _frame(file, line, function) -> dict | None:
 def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict:
     leaks = trace.leaks(exclude)
     stacks = {int(s): trace.stack(int(s)) for s in leaks["open_stack"].unique()}
-    ns_pids = {
+    ns_pids = {  # the targets, and followed processes met in a pid namespace of their own
         int(t["pid"]): int(t["ns_pid"])
-        for t in trace.meta.get("targets") or []
+        for t in [*(trace.meta.get("targets") or []), *(trace.meta.get("processes") or [])]
         if isinstance(t, dict) and t.get("ns_pid") not in (None, t.get("pid"))
     }
     out_leaks = []

@@ -92,7 +92,9 @@ struct stash_t {
 };
 
 BPF_HASH(traced, u32, u8, MAX_TRACED);
-BPF_ARRAY(settings, u32, 2);  // [0] follow children, [1] pid to stop at each exec (see exec)
+// [0] follow children; [1] pid to stop at each exec; [2] also stop followed processes that
+// exec a python* image (see sched_process_exec)
+BPF_ARRAY(settings, u32, 3);
 BPF_TABLE("lru_hash", u32, struct stash_t, stash, 65536);  // tid -> args of a syscall in flight
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -651,26 +653,50 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     return 0;
 }
 
+// Does the exec'd path's last component start with "python" (python3, python3.13...)?
+// cmtrace.record.is_python_image is the same test in user space. The last '/' is searched
+// backwards over at most 32 bytes (unrolled: a loop over the whole path is too many verifier
+// states); a longer last component cannot be python3.NN anyway.
+static __always_inline int is_python_image(const char *path, int len) {
+    int start = 0;
+#pragma unroll
+    for (int k = 1; k <= 32; k++) {
+        int i = len - k;
+        if (i < 0)
+            break;
+        if (path[i & (DATA_LEN - 1)] == '/') {
+            start = i + 1;
+            break;
+        }
+    }
+    char name[8] = {};
+    bpf_probe_read_kernel(name, 6, path + (start & (DATA_LEN - 1)));
+    return name[0] == 'p' && name[1] == 'y' && name[2] == 't' && name[3] == 'h' &&
+           name[4] == 'o' && name[5] == 'n';
+}
+
 TRACEPOINT_PROBE(sched, sched_process_exec) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     if (!is_traced(tgid))
         return 0;
     python_forget_process(tgid);
-    // `cmtrace run` stops its command right after each exec until user space has loaded the new
-    // image's Python layout: a short-lived `python -c ...` would otherwise be gone before.
-    u32 hold_key = 1;
-    u32 *hold = settings.lookup(&hold_key);
-    if (hold && *hold == tgid)
-        bpf_send_signal(19);  // SIGSTOP; the collector sends SIGCONT
     struct stack_ref none = {};
     struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXEC, 59);
     if (!d)
-        return 0;
+        return 0;  // never stop a process without the event that makes user space resume it
     unsigned short off = args->data_loc_filename & 0xffff;
     int n = bpf_probe_read_kernel_str(d->data, DATA_LEN, (char *)args + off);
     d->e.datalen = n > 0 ? n - 1 : 0;
     d->e.arg = args->old_pid;
+    // `cmtrace run` stops its command right after each exec, and followed processes that exec
+    // a python* image, until user space has loaded the new image's Python layout: a short-lived
+    // `python -c ...` would otherwise be gone before.
+    u32 hold_key = 1, children_key = 2;
+    u32 *hold = settings.lookup(&hold_key);
+    u32 *children = settings.lookup(&children_key);
+    if ((hold && *hold == tgid) || (children && *children && is_python_image(d->data, d->e.datalen)))
+        bpf_send_signal(19);  // SIGSTOP; the collector sends SIGCONT when it sees this event
     submit_data(d);
     return 0;
 }

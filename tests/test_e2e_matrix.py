@@ -332,12 +332,6 @@ def run_report(trace: Path) -> dict:
     return json.loads(result.stdout)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cmtrace bug: report_dict takes ns_pid only from meta.json's targets (the traced "
-    "command, here unshare, in the host namespace); a followed descendant in its own pid "
-    "namespace gets no ns_pid: only its host pid, for a program that is pid 1 in its namespace",
-)
 @pytest.mark.parametrize("interpreter", CHROOTED, ids=[t.name for t in CHROOTED])
 def test_namespace_report_pids(recordings: dict, interpreter: targets.Target) -> None:
     """The JSON report gives the host pid of each leak and, as docs/DESIGN.md's contract says
