@@ -10,4 +10,13 @@ for bench in benchmarks/bench_*.py; do
     echo "=== $bench"
     "$PYTHON" "$bench" || { status=$?; echo "=== $bench failed ($status)" >&2; rc=1; }
 done
+# --calls needs an interpreter whose USDT probes fire: Debian's 3.9 from `make interpreters`.
+PY39=${CMTRACE_PYTHONS:-/opt/cmtrace/pythons}/bin/python3.9
+if [ -x "$PY39" ]; then
+    echo "=== benchmarks/bench_overhead.py --calls on $PY39"
+    "$PYTHON" benchmarks/bench_overhead.py --python "$PY39" --modes bare,cmtrace,cmtrace-calls \
+        --workloads open@3,calls@3 --bpf-stats || { echo "=== --calls benchmark failed" >&2; rc=1; }
+else
+    echo "=== --calls benchmark skipped: $PY39 missing (run make interpreters)"
+fi
 exit $rc

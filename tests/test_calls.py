@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -42,12 +41,7 @@ def marked_causes(name: str = "calls_causes.py") -> dict[int, str]:
 
 def copy_program(interpreter: targets.Target, name: str) -> str:
     """tests/leakprograms/NAME as the interpreter sees it (copied into its chroot if any)."""
-    if interpreter.chroot is None:
-        return str(PROGRAMS / name)
-    dest = Path(interpreter.chroot) / "tmp" / "cmtrace-leakprograms"
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROGRAMS / name, dest / name)
-    return f"/tmp/cmtrace-leakprograms/{name}"
+    return interpreter.program(name, PROGRAMS)
 
 
 def programs_for(interpreter: targets.Target) -> tuple[str, str]:

@@ -5,7 +5,6 @@ its cause and count."""
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import cmtrace.analysis as cma
@@ -31,13 +30,9 @@ def marked_sites() -> dict[int, str]:
 
 def programs_for(interpreter: targets.Target) -> tuple[str, str]:
     """Paths of attached.py and all_causes.py as the interpreter sees them."""
-    if interpreter.chroot is None:
-        return str(PROGRAMS / "attached.py"), str(PROGRAMS / "all_causes.py")
-    dest = Path(interpreter.chroot) / "tmp" / "cmtrace-leakprograms"
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("attached.py", "all_causes.py"):
-        shutil.copy(PROGRAMS / name, dest / name)
-    return "/tmp/cmtrace-leakprograms/attached.py", "/tmp/cmtrace-leakprograms/all_causes.py"
+    return interpreter.program("attached.py", PROGRAMS), interpreter.program(
+        "all_causes.py", PROGRAMS
+    )
 
 
 def test_interpreters_listed() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +44,6 @@ N = 2  # stdlib_leaks.py iterations
 ALL_CAUSES_N = 2  # all_causes.py leaks each cause twice, whatever its arguments
 DEEP_FRAMES = 128  # a stack must keep at least this many frames (issue 4)
 PARALLEL = 4  # recordings made at once
-CHROOT_DIR = "/tmp/cmtrace-e2e-matrix"  # where programs are copied inside a chroot
 MARK = re.compile(r"# CAUSE:([a-z-]+)(?: LEAK:(\w+) COUNT:(\d+))?$")
 RUN, ATTACH, NAMESPACE = "run", "attach", "namespace"
 STDLIB, ALL_CAUSES = "stdlib_leaks.py", "all_causes.py"
@@ -86,12 +84,7 @@ def expected_count(name: str, mark: Mark) -> int:
 
 def place(interpreter: targets.Target, name: str) -> str:
     """leakprograms/NAME as the interpreter sees it (copied into its chroot if it has one)."""
-    if interpreter.chroot is None:
-        return str(PROGRAMS / name)
-    dest = Path(interpreter.chroot + CHROOT_DIR)
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PROGRAMS / name, dest / name)
-    return f"{CHROOT_DIR}/{name}"
+    return interpreter.program(name, PROGRAMS)
 
 
 def truth_line(stdout: str) -> dict:

@@ -32,14 +32,16 @@ class Target:
     chroot: str | None = None  # the wrapper's chroot directory
     shared_libpython: bool = False  # the interpreter lives in libpython*.so (pyenv builds)
 
-    def program(self, name: str) -> str:
-        """Path of tests/pyprograms/NAME as this interpreter sees it."""
+    def program(self, name: str, source: Path = HERE) -> str:
+        """Path of SOURCE/NAME (default tests/pyprograms) as this interpreter sees it: copied
+        into its chroot, if it has one, under /tmp/cmtrace-tests/<source dir name>."""
         if self.chroot is None:
-            return str(HERE / name)
-        dest = Path(self.chroot) / "tmp" / "cmtrace-tests"
+            return str(source / name)
+        inside = f"/tmp/cmtrace-tests/{source.name}"
+        dest = Path(self.chroot + inside)
         dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy(HERE / name, dest / name)
-        return f"/tmp/cmtrace-tests/{name}"
+        shutil.copy(source / name, dest / name)
+        return f"{inside}/{name}"
 
     def host_path(self, path: str) -> str:
         return path if self.chroot is None else self.chroot + path
