@@ -5,6 +5,7 @@ With the argument `wait` it then says {"event": "leaked"} and lives on until std
 tracer stops while it runs (the recorder then reads its source and thread stacks).
 """
 
+import asyncio
 import gc
 import json
 import os
@@ -54,6 +55,19 @@ class Lease:
         self.released = True
 
 
+async def db_dependency(path):
+    """An async-generator dependency, FastAPI style: cleanup after the yield."""
+    with open(path) as conn:  # CAUSE:suspended-generator CLOSED:loop-shutdown
+        yield conn
+
+
+async def handle_requests():
+    for _ in range(2):
+        dependency = db_dependency(HERE)
+        await dependency.__anext__()  # the framework never resumes it, nor calls aclose()
+        KEEP.append(dependency)
+
+
 def open_raw(path):
     return os.open(path, os.O_RDONLY)  # CAUSE:no-context-manager
 
@@ -76,6 +90,7 @@ def main():
         with Lease() as lease:
             KEEP.append(lease)
         open_raw(HERE)
+    asyncio.run(handle_requests())  # shutting the loop down finalizes the dependencies
     if sys.argv[1:] == ["wait"]:
         print(json.dumps({"event": "leaked"}), flush=True)
         sys.stdin.read()
