@@ -190,6 +190,7 @@ class Recording:
         self.pending_calls: list[pa.Table] = []
         self.symbolizer = None
         self.python_targets: dict[int, dict] = {}
+        self._installed_targets: dict[int, object] = {}  # pid -> symbolize.PythonTarget
         self.writer: TraceWriter | None = None
         self.pending: list[pa.Table] = []
         self.stop_reason = ""
@@ -270,15 +271,33 @@ class Recording:
         except Exception as exc:  # never let stack support stop fd recording
             reason = f"stack support failed: {type(exc).__name__}: {exc}"
             target = {"pid": pid, "python": None, "reason": reason}
-        self.python_targets[pid] = _as_dict(target)
-        if self.call_probes is not None and not isinstance(target, dict):
-            self._arm_calls(target)
+        self._register_target(pid, target)
 
-    def _arm_calls(self, target) -> None:
+    def _register_target(self, pid: int, target, inherited_from: int | None = None) -> None:
+        self.python_targets[pid] = _as_dict(target)
+        if isinstance(target, dict):
+            return
+        self._installed_targets[pid] = target
+        if self.call_probes is not None:
+            self._arm_calls(target, inherited_from)
+
+    def inherit_python(self, parent: int, child: int) -> None:
+        """A followed fork: the kernel gave the child its parent's walker configuration (it may
+        already have run and exited); record it as the same interpreter."""
+        self.note_process(child)
+        target = self._installed_targets.get(parent)
+        if self.symbolizer is None or target is None or target.status != "ok":
+            self.install_python(child)
+            return
+        from cmtrace import symbolize  # noqa: PLC0415
+
+        self._register_target(child, symbolize.inherit_python_target(target, child), parent)
+
+    def _arm_calls(self, target, inherited_from: int | None = None) -> None:
         """--calls: arm the USDT probes once the target's interpreter is known (at once, or
         from a thread when the interpreter is still loading)."""
         if target.done.is_set() or target.status != "pending":
-            self._arm_calls_now(target)
+            self._arm_calls_now(target, inherited_from)
         else:
             threading.Thread(target=self._arm_calls_when_ready, args=(target,), daemon=True).start()
 
@@ -286,7 +305,7 @@ class Recording:
         target.done.wait(timeout=30)
         self._arm_calls_now(target)
 
-    def _arm_calls_now(self, target) -> None:
+    def _arm_calls_now(self, target, inherited_from: int | None = None) -> None:
         from cmtrace import symbolize  # noqa: PLC0415
 
         view = _as_dict(target)
@@ -295,10 +314,13 @@ class Recording:
             view["calls"] = "not recorded: " + (view.get("reason") or "no CPython found")
             return
         try:
-            count = self.call_probes.attach(target.pid, interp)
+            count = self.call_probes.attach(target.pid, interp, inherited_from)
         except Exception as exc:  # evidence only (UsdtError, OSError, bcc): fds still recorded
-            view["calls"] = f"not recorded: {exc}"
-            self.progress(f"--calls in pid {target.pid}: {exc}")
+            why = str(exc)
+            if not procfs.is_alive(target.pid):
+                why = "the process ended before its probes could be armed"
+            view["calls"] = f"not recorded: {why}"
+            self.progress(f"--calls in pid {target.pid}: {why}")
             return
         view["calls"] = f"recorded ({count} USDT locations)"
 
@@ -376,7 +398,7 @@ class Recording:
             return
         for row in table.filter(interesting).to_pylist():
             if row["op"] == schema.OP_FORK and self.follow:
-                self.install_python(int(row["arg"]))
+                self.inherit_python(int(row["pid"]), int(row["arg"]))
             elif row["op"] == schema.OP_EXEC:
                 pid = int(row["pid"])
                 if self.call_probes is not None:

@@ -31,6 +31,7 @@ The collector uses these:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import struct
@@ -67,6 +68,13 @@ _INCLUDE_LINE = '#include "pystack.h"'
 _generations = itertools.count(1)
 # (pid, generation) -> Interpreter, shared by install_python_target and the Symbolizer.
 _installed: dict[tuple[int, int], Interpreter] = {}
+# generation -> Interpreter: a forked child shares its parent's generation (the kernel copies
+# the parent's config at fork), so its records resolve before user space has seen the fork.
+_by_generation: dict[int, Interpreter] = {}
+
+
+def _interpreter(pid: int, generation: int) -> Interpreter | None:
+    return _installed.get((pid, generation)) or _by_generation.get(generation)
 
 
 @dataclass
@@ -235,6 +243,22 @@ def installed_interpreter(target: PythonTarget) -> Interpreter | None:
     return _installed.get((target.pid, target.generation))
 
 
+def inherit_python_target(parent: PythonTarget, child: int) -> PythonTarget:
+    """A child forked by an installed target: the kernel already copied the parent's config
+    (see python_inherit_process), so register the same interpreter under the child's pid,
+    without reading the child's /proc (it may be gone already)."""
+    interp = installed_interpreter(parent)
+    target = PythonTarget(pid=child, status="ok", version=parent.version,
+                          layout_source=parent.layout_source, generation=parent.generation,
+                          validated_frames=parent.validated_frames)  # fmt: skip
+    if interp is not None:
+        _installed[(child, parent.generation)] = dataclasses.replace(interp, pid=child)
+    target.cmdline = parent.cmdline
+    target.as_dict()
+    target.done.set()
+    return target
+
+
 def _cmdline(pid: int) -> bytes | None:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -299,6 +323,7 @@ def _install(bpf, target: PythonTarget) -> None:
         return
     target.cmdline = _cmdline(target.pid)
     _installed[(target.pid, target.generation)] = interp
+    _by_generation[target.generation] = interp
     target.settle("ok")
     _validate(bpf, target, interp)
 
@@ -418,7 +443,7 @@ class Symbolizer:
     def _on_code(self, raw: bytes) -> None:
         (_ts, pid, _tid, _type, name_len, qual_len, file_len, code, gen, _ck, first, flags,
          _argc, name_st, qual_st, file_st, lt_len, lt_total) = _CODE_HEAD.unpack_from(raw)  # fmt: skip
-        interp = _installed.get((pid, gen))
+        interp = _interpreter(pid, gen)
         name = _decode_text(interp, name_st, raw[_NAME_AT : _NAME_AT + name_len])
         qualname = (
             _decode_text(interp, qual_st, raw[_QUALNAME_AT : _QUALNAME_AT + qual_len]) or name
@@ -462,7 +487,7 @@ class Symbolizer:
 
     def _read_live(self, stack: _Stack, code: int) -> pyframes.CodeInfo | None:
         """Fallback while the target lives: read the code object from /proc/PID/mem."""
-        interp = _installed.get((stack.pid, stack.generation))
+        interp = _interpreter(stack.pid, stack.generation)
         if interp is None:
             return None
         try:
@@ -479,7 +504,7 @@ class Symbolizer:
         infos = [self._code(stack, code, force) for code, _ in stack.frames]
         if any(info is None for info in infos) and not force:
             return False
-        interp = _installed.get((stack.pid, stack.generation))
+        interp = _interpreter(stack.pid, stack.generation)
         for depth, ((code, instr), info) in enumerate(zip(stack.frames, infos)):
             self._rows.append(self._row(stack, depth, interp, code, instr, info))
         self._done.add((stack.pid, stack.stack_id))

@@ -158,9 +158,11 @@ class CallProbes:
         # pid -> (identity of the image we armed, semaphore addresses raised in it)
         self.semaphores: dict[int, tuple[tuple, list[int]]] = {}
 
-    def attach(self, pid: int, interp) -> int:
+    def attach(self, pid: int, interp, inherited_from: int | None = None) -> int:
         """Arm the probes of `interp` (a cmtrace.interpreter.Interpreter) in `pid`; returns
-        the number of locations attached. Raises UsdtError when the build has none."""
+        the number of locations attached. Raises UsdtError when the build has none.
+        `inherited_from`: pid is a fork of that armed process, whose raised semaphores it
+        inherited: they are not raised again, only lowered when recording stops."""
         probes = call_probes(interp.opener or interp.path)
         reason = calls_unavailable(interp.layout.minor, probes)
         if reason:
@@ -178,8 +180,10 @@ class CallProbes:
             )
         identity = _image_identity(pid)
         raised = []
+        inherited = inherited_from is not None and inherited_from in self.semaphores
         for address in sorted({p.semaphore + interp.bias for p in probes if p.semaphore}):
-            _add_to_semaphore(pid, address, +1)
+            if not inherited:
+                _add_to_semaphore(pid, address, +1)
             raised.append(address)
         self.semaphores[pid] = (identity, raised)
         return len(probes)

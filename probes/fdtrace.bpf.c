@@ -642,6 +642,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     if (follow && *follow) {
         u8 one = 1;
         traced.update(&child, &one);
+        python_inherit_process(parent, child);
     }
     struct stack_ref st = python_stack(args, pid_tgid);
     struct fd_event *e = reserve_small(&st, pid_tgid, EV_FORK, 0);

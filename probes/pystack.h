@@ -41,6 +41,7 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
 static __always_inline void python_forget_thread(u32 tid) {}
 static __always_inline void python_forget_process(u32 tgid) {}
 static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
+static __always_inline void python_inherit_process(u32 parent, u32 child) {}
 #else
 
 #define PY_MAX_FRAMES 136       // frames kept per stack (>= 128 required; verifier cost ~ this)
@@ -524,6 +525,17 @@ static __always_inline int python_exception_pending(u64 pid_tgid) {
 
 static __always_inline void python_forget_process(u32 tgid) {
     py_targets.delete(&tgid);
+}
+
+// A forked child runs the same interpreter at the same addresses: it inherits the parent's
+// configuration (same install generation) before it first runs, so even a child that exits
+// within milliseconds has stacks. User space learns of it from the fork event.
+static __always_inline void python_inherit_process(u32 parent, u32 child) {
+    struct py_config *cfg = py_targets.lookup(&parent);
+    if (cfg) {
+        struct py_config copy = *cfg;
+        py_targets.update(&child, &copy);
+    }
 }
 
 #endif  // CMTRACE_PYSTACK_INLINED

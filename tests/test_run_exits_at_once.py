@@ -51,6 +51,26 @@ def test_one_liner_started_by_a_shell(bpf_ready, tmp_path, target):
     assert leak["pid"] != 0
 
 
+FORK_LINER = (
+    "import os\nif os.fork() == 0:\n    os.open('/etc/hostname', 0)\n    os._exit(0)\nos.wait()"
+)
+
+
+@pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
+def test_forked_child_that_exits_at_once(bpf_ready, tmp_path, target):
+    """A fork()ed child opens and leaves within a millisecond: it inherits its parent's walker
+    configuration in the kernel, so its leak still has its line (3 of the -c program)."""
+    trace = tmp_path / "trace"
+    result = run_cmtrace("run", "-q", "-o", str(trace), "--", target.command, "-c", FORK_LINER)
+    assert result.returncode == 0, result.stderr
+    report = report_json(trace)
+    leaks = [leak for leak in report["leaks"] if leak["path"] == "/etc/hostname"]
+    assert len(leaks) == 1, leaks
+    assert (leaks[0]["site"]["file"], leaks[0]["site"]["line"]) == ("<string>", 3), leaks[0]
+    parent = report["trace"]["targets"][0]["pid"]
+    assert leaks[0]["pid"] != parent
+
+
 @pytest.mark.parametrize("target", FOUND, ids=[t.name for t in FOUND])
 def test_one_liner_in_its_own_pid_namespace(bpf_ready, tmp_path, target):
     """`unshare --pid --fork --mount-proc` (the sid interpreters also chroot): the leak has the
