@@ -171,13 +171,22 @@ def _suspended_generator(frames, src, ctx, held_by) -> Verdict | None:
 def _with_exited_per_calls(gen: Frame, src: SourceIndex, ctx: Context) -> bool:
     """--calls evidence that the with statement `gen` was suspended in later called its
     __exit__/__aexit__: the generator or coroutine was resumed past the block after all."""
-    if not ctx.calls or ctx.opened is None or ctx.opened[0] not in ctx.calls.pids:
-        return False
-    stmt = src.with_at(gen.file, gen.line)
+    return _has_call_evidence(ctx) and _exit_call(gen, src, ctx, ctx.opened[2]) is not None
+
+
+def _has_call_evidence(ctx: Context) -> bool:
+    """--calls recorded, and its probes fired, in the process that opened the fd."""
+    return bool(ctx.calls) and ctx.opened is not None and ctx.opened[0] in ctx.calls.pids
+
+
+def _exit_call(holder: Frame, src: SourceIndex, ctx: Context, after: int):
+    """The first __exit__/__aexit__ that the with statement `holder` executes called after
+    `after` on the opening thread (None: none seen, or `holder` is not at a with statement)."""
+    stmt = src.with_at(holder.file, holder.line)
     if not stmt:
-        return False
-    pid, tid, born = ctx.opened
-    return ctx.calls.exit_after(pid, tid, born, gen, (stmt[0], stmt[2])) is not None
+        return None
+    pid, tid, _born = ctx.opened
+    return ctx.calls.exit_after(pid, tid, after, holder, (stmt[0], stmt[2]))
 
 
 def _called_by_contextlib(frames: list[Frame], index: int) -> bool:
@@ -279,7 +288,7 @@ def _refine_with_calls(verdict: Verdict, site: Frame, src: SourceIndex, ctx: Con
                        held_by: Frame) -> Verdict:  # fmt: skip
     """With --calls evidence: did the __enter__ that opened the fd raise (the with statement
     then never calls __exit__), or did the statement's __exit__ raise, return, or never run?"""
-    if not ctx.calls or ctx.opened is None or ctx.opened[0] not in ctx.calls.pids:
+    if not _has_call_evidence(ctx):
         return verdict
     pid, tid, born = ctx.opened
     enter = ctx.calls.enter_around(pid, tid, born)
@@ -295,9 +304,7 @@ def _refine_with_calls(verdict: Verdict, site: Frame, src: SourceIndex, ctx: Con
              f"so the with statement at {held_by.where()} never ran its block or __exit__"],
         )  # fmt: skip
     after = enter.return_ns if enter is not None and enter.return_ns is not None else born
-    stmt = src.with_at(held_by.file, held_by.line)
-    span = (stmt[0], stmt[2]) if stmt else (held_by.line, held_by.line)
-    exit_call = ctx.calls.exit_after(pid, tid, after, held_by, span)
+    exit_call = _exit_call(held_by, src, ctx, after)  # held_by is at a with statement
     if exit_call is None:
         verdict.evidence.append(f"--calls saw no __exit__ called by the with statement at "
                                 f"{held_by.where()}")  # fmt: skip

@@ -284,11 +284,11 @@ class Recording:
     def inherit_python(self, parent: int, child: int) -> None:
         """A followed fork: the kernel gave the child its parent's walker configuration (it may
         already have run and exited); record it as the same interpreter."""
-        self.note_process(child)
         target = self._installed_targets.get(parent)
         if self.symbolizer is None or target is None or target.status != "ok":
-            self.install_python(child)
+            self.install_python(child)  # notes the process too
             return
+        self.note_process(child)
         from cmtrace import symbolize  # noqa: PLC0415
 
         self._register_target(child, symbolize.inherit_python_target(target, child), parent)
