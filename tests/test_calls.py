@@ -31,12 +31,7 @@ NO_EVIDENCE = "with-exited-without-close"
 
 
 def marked_causes(name: str = "calls_causes.py") -> dict[int, str]:
-    out = {}
-    for number, line in enumerate((PROGRAMS / name).read_text().splitlines(), 1):
-        match = re.search(r"# CAUSE:([a-z-]+)$", line)
-        if match:
-            out[number] = match.group(1)
-    return out
+    return targets.marked_causes(PROGRAMS / name)
 
 
 def copy_program(interpreter: targets.Target, name: str) -> str:
@@ -119,11 +114,9 @@ def check_trace(out: Path, program: str, fires: bool) -> None:
 
 
 def test_interpreters_listed() -> None:
-    for reason in MISSING:
-        print(f"interpreter not tested: {reason}")
     firing = [t.name for t in FOUND if fires_probes(t)]
     print(f"--calls evidence expected on: {', '.join(firing) or 'none'}")
-    assert FOUND, "no interpreter to test"
+    targets.require_found(FOUND, MISSING)
 
 
 @pytest.mark.parametrize("interpreter", FOUND, ids=[t.name for t in FOUND])

@@ -4,7 +4,6 @@ its cause and count."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import cmtrace.analysis as cma
@@ -20,12 +19,7 @@ LEAKS_PER_CAUSE = 2
 
 def marked_sites() -> dict[int, str]:
     """line -> cause, from the `# CAUSE:<cause>` comments of all_causes.py."""
-    out = {}
-    for number, line in enumerate((PROGRAMS / "all_causes.py").read_text().splitlines(), 1):
-        match = re.search(r"# CAUSE:([a-z-]+)(?: CLOSED:[a-z-]+)?$", line)
-        if match:
-            out[number] = match.group(1)
-    return out
+    return targets.marked_causes(PROGRAMS / "all_causes.py")
 
 
 def closed_sites() -> set[int]:
@@ -42,9 +36,7 @@ def programs_for(interpreter: targets.Target) -> tuple[str, str]:
 
 
 def test_interpreters_listed() -> None:
-    for reason in MISSING:
-        print(f"interpreter not tested: {reason}")
-    assert FOUND, "no interpreter to test"
+    targets.require_found(FOUND, MISSING)
 
 
 @pytest.mark.parametrize("interpreter", FOUND, ids=[t.name for t in FOUND])

@@ -78,6 +78,24 @@ def discover() -> tuple[list[Target], list[str]]:
     return found, missing
 
 
+def require_found(found: list[Target], missing: list[str]) -> None:
+    """Print which interpreters a test file cannot run on, and why; fail if none runs."""
+    for reason in missing:
+        print(f"interpreter not tested: {reason}")
+    assert found, "no interpreter to test"
+
+
+def marked_causes(program: Path) -> dict[int, str]:
+    """line -> cause, from the `# CAUSE:<cause>` comments (optionally followed by a
+    ` CLOSED:<closed_by>` note) of a leak program."""
+    out = {}
+    for number, line in enumerate(program.read_text().splitlines(), 1):
+        match = re.search(r"# CAUSE:([a-z-]+)(?: CLOSED:[a-z-]+)?$", line)
+        if match:
+            out[number] = match.group(1)
+    return out
+
+
 def marks(name: str) -> dict[str, int]:
     """`# MARK:<label>` comments of tests/pyprograms/NAME -> line numbers."""
     result = {}
