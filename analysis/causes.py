@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cmtrace.analysis.calls import CallLog
+from cmtrace.analysis.calls import ENTERS, EXITS, CallLog
 from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
 
 CAUSES = (
@@ -24,8 +24,8 @@ CAUSES = (
     "no-context-manager",
     "unknown",
 )
-ENTER_METHODS = ("__enter__", "__aenter__")
-EXIT_METHODS = ("__exit__", "__aexit__")
+ENTER_METHODS = ENTERS  # the dunder methods the context manager protocol calls
+EXIT_METHODS = EXITS
 # Lines whose only effect on an object can be to drop the last reference to it.
 _DROPS_REFERENCE = re.compile(r"^\s*del\s|=\s*None\s*(#.*)?$|\bgc\.collect\(")
 _CLOSING_CALL = re.compile(
