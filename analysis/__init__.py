@@ -11,8 +11,8 @@
 Nothing here imports bcc: a trace recorded on a server is analysed on any machine.
 """
 
+from cmtrace.analysis.api import Trace, load, read_exclude_file, site_matches
 from cmtrace.analysis.causes import CAUSES
 from cmtrace.analysis.lifetimes import build_lifetimes
-from cmtrace.analysis.trace import Trace, load, read_exclude_file, site_matches
 
 __all__ = ["CAUSES", "Trace", "build_lifetimes", "load", "read_exclude_file", "site_matches"]

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from cmtrace.analysis.code import Frame
-from cmtrace.analysis.dataset import read_table
 
-from cmtrace import schema
+from cmtrace.analysis.code import Frame
+from cmtrace.trace import schema
+from cmtrace.trace.reader import read_table
 
 ENTERS = ("__enter__", "__aenter__")
 EXITS = ("__exit__", "__aexit__")

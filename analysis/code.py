@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from cmtrace import schema
-from cmtrace.sources import FACTS_LINE, file_facts, read_source
+from cmtrace.trace import schema
+from cmtrace.trace.sources import FACTS_LINE, file_facts, read_source
 
 _STDLIB = re.compile(r"/lib(?:64)?/python\d+\.\d+t?/|^<frozen |/lib/pypy")
 _INSTALLED = re.compile(r"/(?:site|dist)-packages/")

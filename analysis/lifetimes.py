@@ -1,6 +1,6 @@
 """The one model of fd tables: pair the recorded events into fd lifetimes.
 
-The collector records only what the kernel saw (cmtrace.schema: birth, close, close_range,
+The collector records only what the kernel saw (cmtrace.trace.schema: birth, close, close_range,
 cloexec, addr, fork, exec, exit). This module derives everything implicit:
 
 - a `close` ends the live lifetime of (pid, fd); a close of an fd never seen born is counted as an
@@ -28,13 +28,13 @@ from typing import Union
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from cmtrace.analysis.dataset import (
+
+from cmtrace.trace import schema
+from cmtrace.trace.reader import (
     CORE_EVENT_COLUMNS,
     event_parts,
     read_event_part,
 )
-
-from cmtrace import schema
 
 CLOSE_RANGE_CLOEXEC = 4  # linux/close_range.h: mark the range CLOEXEC instead of closing it
 DUP_SYSCALLS = frozenset({"dup", "dup2", "dup3", "fcntl"})  # births that copy src_fd's file

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cmtrace import schema
+from cmtrace.trace import schema
 
 PIDS = 16
 EVENTS_PER_PART = 500_000

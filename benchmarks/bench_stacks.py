@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cmtrace.symbolize import Symbolizer, inline_pystack, install_python_target  # noqa: E402
+from cmtrace.record.bpf.symbolize import Symbolizer, inline_pystack, install_python_target  # noqa: E402
 
 PROGRAM = r"""
 BPF_RINGBUF_OUTPUT(events, 4096);

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cmtrace import record
+from cmtrace.record import session
 
 LEAKY = Path(__file__).with_name("leaky.py")
 
@@ -32,7 +32,7 @@ def run_demo(args: argparse.Namespace) -> int:
     output = args.output or Path(tempfile.mkdtemp(prefix="cmtrace-demo-")) / "trace"
     argv = ["run", "-o", str(output), "--force", "--", args.python, str(LEAKY)]
     parser = argparse.ArgumentParser(prog="cmtrace")
-    record.register(parser.add_subparsers())
+    session.register(parser.add_subparsers())
     run_args = parser.parse_args(argv)
     code = run_args.func(run_args)
     print(f"\nexplore it: cmtrace report {output}   cmtrace plot {output} -o leaks.png")

@@ -1,0 +1,504 @@
+"""The Trace object: a recorded trace as pandas tables, its leaks, sites and timelines."""
+
+from __future__ import annotations
+
+import fnmatch
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cmtrace.analysis.calls import CallLog
+from cmtrace.analysis.causes import Context, Verdict, classify, refine_close, with_frame
+from cmtrace.analysis.code import Frame, SourceIndex, frames_by_stack, innermost_user
+from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
+from cmtrace.trace import schema
+from cmtrace.trace.reader import RawTrace, event_parts, read_event_part, read_events, read_trace
+
+NO_STACK = "<no Python stack>"  # the site of fds opened without a captured Python stack
+SITE_COLUMNS = ["site_file", "site_line", "site_function"]
+WITH_COLUMNS = ["with_file", "with_line", "with_function"]
+# Columns of `sites()`, one row per opening site.
+SITE_TABLE_COLUMNS = SITE_COLUMNS + [
+    "opened", "closed", "leaked", "leaks_per_s", "cause", "kind", "paths", "with_file",
+    "with_line", "first_ns", "last_ns",
+]  # fmt: skip
+
+
+def load(path: str | Path, local_sources: bool = True) -> Trace:
+    """Load a trace directory. `local_sources=False` uses only the source captured in the trace."""
+    return Trace(read_trace(path), local_sources=local_sources)
+
+
+class Trace:
+    """A recorded trace. Tables are built on first use and cached.
+
+    - `events`: one row per recorded event (schema.EVENTS), `stacks`: frames per stack id,
+      `sources`, `preexisting`, `meta` (meta.json).
+    - `fds`: one row per fd lifetime: pid, fd, kind, path, born_ns, died_ns, death, open_stack,
+      close_stack, inherited, preexisting, site_*, with_*, leak, closed_by, cause, fix.
+    - `leaks()`, `sites()`, `warnings()`, `live_fds(at=ns)`, `timeline(by="site", freq=...)`.
+    """
+
+    def __init__(self, raw: RawTrace, local_sources: bool = True):
+        self.raw = raw
+        self.path = raw.path
+        self.meta = raw.meta
+        self.stacks = raw.stacks
+        self.sources = raw.sources
+        self.preexisting = raw.preexisting
+        self.snapshot = raw.snapshot
+        self.src = SourceIndex.from_table(raw.sources, local_fallback=local_sources)
+        self.pairing = PairingStats()
+
+    # --- basic facts ----------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status", "unknown"))
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == schema.STATUS_INTERRUPTED
+
+    @cached_property
+    def _summary(self) -> dict:
+        """Facts of the event stream needed beside the lifetimes (three columns read, a part at
+        a time: whole columns would cost hundreds of MB on a large trace)."""
+        rows, last, lost, children = 0, [], 0, set()
+        for file in event_parts(self.path, ())[1]:
+            part = read_event_part(file, ("t_ns", "op", "arg")).unify_dictionaries()
+            rows += part.num_rows
+            if "t_ns" in part.column_names and pc.max(part.column("t_ns")).is_valid:
+                last.append(pc.max(part.column("t_ns")).as_py())
+            if not part.num_rows or "op" not in part.column_names:
+                continue
+            codes, names = _op_codes(part)
+            arg = _numbers(part, "arg")
+            lost += int(np.nansum(arg[codes == _index_of(names, schema.OP_LOST)]))
+            forked = arg[codes == _index_of(names, schema.OP_FORK)]
+            children.update(forked[~np.isnan(forked)].astype(int).tolist())
+        return {"rows": rows, "last_ns": max(last, default=0), "lost": lost, "children": children}
+
+    @property
+    def lost_events(self) -> int:
+        return max(int(self.meta.get("lost_events") or 0), self._summary["lost"])
+
+    @cached_property
+    def end_ns(self) -> int:
+        """The end of the trace in ns since its start (last event, or the recorded duration)."""
+        for key in ("end_ns", "duration_ns"):
+            if isinstance(self.meta.get(key), (int, float)):
+                return int(self.meta[key])
+        start, end = self.meta.get("start_wall"), self.meta.get("end_wall")
+        last = self._summary["last_ns"]
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+            return max(last, int((end - start) * 1e9))
+        return last
+
+    @property
+    def duration_s(self) -> float:
+        return max(self.end_ns, 1) / 1e9
+
+    @property
+    def no_python_reason(self) -> str | None:
+        """Why the trace has no Python stacks (the target is not CPython...), if meta says so."""
+        reasons = (self.meta.get("degraded") or {}).get("no_python_stacks") or {}
+        if isinstance(reasons, str):
+            return reasons
+        texts = sorted({str(r) for r in reasons.values() if r})
+        return "; ".join(texts) or None
+
+    @cached_property
+    def events(self) -> pd.DataFrame:
+        """Every recorded event (schema.EVENTS), read from disk on first use."""
+        return read_events(self.path, columns=None).to_pandas()
+
+    @cached_property
+    def frames(self) -> dict[int, list[Frame]]:
+        return frames_by_stack(self.stacks)
+
+    @property
+    def child_pids(self) -> set[int]:
+        return self._summary["children"]
+
+    # --- lifetimes ------------------------------------------------------------------------
+    @cached_property
+    def fds(self) -> pd.DataFrame:
+        facts: dict = {}
+        fds, self.pairing = build_lifetimes(self.path, self.preexisting, facts=facts)
+        self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
+        self._refine_deaths(fds)
+        self._add_sites(fds)
+        fds["leak"] = is_leak(fds, self.child_pids)
+        death = fds["death"].astype(object)
+        fds["closed_by"] = death.where(fds["leak"] & death.notna(), None)
+        self._add_causes(fds)
+        return fds
+
+    def _refine_deaths(self, fds: pd.DataFrame) -> None:
+        """Split explicit closes into exit / close / finalizer / loop-shutdown by close stack.
+
+        Decided once per distinct close stack; only rows whose death changes are written.
+        """
+        rows = np.flatnonzero((fds["death"] == schema.OP_CLOSE).to_numpy())
+        stacks = fds["close_stack"].to_numpy()[rows]
+        distinct = pd.unique(stacks)
+        refined = np.array(
+            [refine_close(self.frames.get(int(s), []), self.src) for s in distinct], dtype=object
+        )
+        per_row = refined[pd.Index(distinct).get_indexer(stacks)] if len(rows) else refined
+        changed = per_row != schema.OP_CLOSE
+        if changed.any():
+            column = fds.columns.get_loc("death")
+            fds.iloc[rows[changed], column] = per_row[changed]
+
+    def _add_sites(self, fds: pd.DataFrame) -> None:
+        """Site (innermost user frame) and with statement of every open stack.
+
+        Computed once per distinct stack and spread with categorical codes: millions of rows
+        share a handful of stacks, and categoricals keep filtering cheap.
+        """
+        position, stacks = pd.factorize(fds["open_stack"].to_numpy())
+        cells = []
+        for stack in stacks:
+            frames = self.frames.get(int(stack), [])
+            site = _site_frame(frames)
+            cells.append(_frame_cells(site) + _frame_cells(with_frame(frames, self.src)))
+        for i, column in enumerate(SITE_COLUMNS + WITH_COLUMNS):
+            per_stack = [row[i] for row in cells]
+            if column.endswith("_line"):
+                values = np.array([np.nan if v is None else v for v in per_stack], dtype=float)
+                fds[column] = pd.array(values[position], dtype="Int64")
+            else:
+                categories = pd.Categorical(per_stack)
+                fds[column] = pd.Categorical.from_codes(
+                    categories.codes[position], categories=categories.categories
+                )
+
+    def _add_causes(self, fds: pd.DataFrame) -> None:
+        """cause, fix and evidence of every leak: one verdict per (open stack, pid, still open),
+        spread as categoricals (millions of rows share a few verdicts)."""
+        leaks = np.flatnonzero(fds["leak"].to_numpy())
+        keys = list(
+            zip(
+                fds["open_stack"].to_numpy()[leaks].tolist(),
+                fds["pid"].to_numpy()[leaks].tolist(),
+                fds["died_ns"].isna().to_numpy()[leaks].tolist(),
+            )
+        )
+        verdicts = self._verdicts(fds, set(keys)) if len(leaks) else {}
+        for column, value in (
+            ("cause", lambda v: v.cause),
+            ("fix", lambda v: v.fix),
+            ("evidence", lambda v: "; ".join(v.evidence)),
+        ):
+            texts = [value(verdicts[k]) for k in keys]
+            categories = pd.Index(sorted(set(texts)), dtype=object)
+            codes = np.full(len(fds), -1, dtype=np.int32)
+            codes[leaks] = categories.get_indexer(texts)
+            fds[column] = pd.Categorical.from_codes(codes, categories=categories)
+
+    def _verdicts(self, fds: pd.DataFrame, keys: set[tuple]) -> dict[tuple, Verdict]:
+        siblings = self._sibling_deaths(fds)
+        running = self._still_running()
+        verdicts: dict[tuple, Verdict] = {}
+        opened = self._one_birth_per_key(fds, keys) if self.calls else {}
+        for stack, pid, open_at_end in keys:
+            ctx = Context(
+                still_running=running.get(pid, {}) if open_at_end else {},
+                snapshot_taken=self.snapshot is not None,
+                sibling_deaths=siblings.get(self._site_key(stack), {}),
+                calls=self.calls,
+                opened=opened.get((stack, pid, open_at_end)),
+            )
+            verdicts[(stack, pid, open_at_end)] = classify(
+                self.frames.get(stack, []), self.src, ctx
+            )
+        return verdicts
+
+    @cached_property
+    def calls(self) -> CallLog:
+        """--calls evidence: paired __enter__/__exit__ calls (empty without --calls)."""
+        return CallLog.from_trace(self.path, self.meta, self.frames)
+
+    @staticmethod
+    def _one_birth_per_key(fds: pd.DataFrame, keys: set[tuple]) -> dict[tuple, tuple]:
+        """(pid, tid, born_ns) of the first leaked fd of each verdict key: --calls evidence is
+        read around one birth (the fds of one key come from the same code path)."""
+        leaked = fds[fds["leak"]]
+        out: dict[tuple, tuple] = {}
+        for stack, pid, tid, born, still_open in zip(
+            leaked["open_stack"].tolist(), leaked["pid"].tolist(), leaked["tid"].tolist(),
+            leaked["born_ns"].tolist(), leaked["died_ns"].isna().tolist(),
+        ):  # fmt: skip
+            out.setdefault((stack, pid, still_open), (int(pid), int(tid), int(born)))
+        return out
+
+    def _site_key(self, stack: int) -> tuple:
+        site = _site_frame(self.frames.get(stack, []))
+        return (site.file, site.line) if site else (None, None)
+
+    def _sibling_deaths(self, fds: pd.DataFrame) -> dict[tuple, dict[str, int]]:
+        """(site file, line) -> how the fds opened there that did not leak died, with counts.
+
+        Counted per (open stack, death) on codes, then summed per site: a site is a function
+        of the open stack, and millions of rows share a few stacks."""
+        death = fds["death"].array
+        closed = np.flatnonzero(~fds["leak"].to_numpy() & (death.codes >= 0))
+        stack_number, stacks = pd.factorize(fds["open_stack"].to_numpy()[closed])
+        kinds = len(death.categories)
+        counts = pd.Series(stack_number * kinds + death.codes[closed]).value_counts(sort=False)
+        out: dict[tuple, dict[str, int]] = {}
+        for pair, n in sorted(counts.items()):
+            file, line = self._site_key(int(stacks[pair // kinds]))
+            if file is None or line is None:
+                continue  # fds without a site have no siblings
+            by_death = out.setdefault((file, int(line)), {})
+            name = death.categories[pair % kinds]
+            by_death[name] = by_death.get(name, 0) + int(n)
+        return out
+
+    def _still_running(self) -> dict[int, dict[tuple[str, str], set[int]]]:
+        """By pid: (file, function) -> lines being executed when recording stopped."""
+        out: dict[int, dict[tuple[str, str], set[int]]] = {}
+        for thread in (self.snapshot or {}).get("threads", []):
+            frames_of_pid = out.setdefault(int(thread.get("pid", 0)), {})
+            for frame in thread.get("frames", []):
+                name = frame.get("qualname") or frame.get("function")
+                line = frame.get("line")
+                lines = frames_of_pid.setdefault((frame.get("file"), name), set())
+                if isinstance(line, int):
+                    lines.add(line)
+        return out
+
+    # --- public queries -------------------------------------------------------------------
+    def leaks(self, exclude: list[str] | None = None) -> pd.DataFrame:
+        """Leaked fd lifetimes (see DESIGN "What counts as a leak"), minus excluded sites."""
+        leaks = self.fds[self.fds["leak"]]
+        if exclude:
+            leaks = leaks[~_excluded(leaks, exclude)]
+        return leaks
+
+    def stack(self, stack_id: int) -> list[dict]:
+        return [f.as_dict() for f in self.frames.get(int(stack_id), [])]
+
+    def user_stack(self, stack_id: int) -> list[dict]:
+        """The opening stack trimmed to user code (all frames when none is user code)."""
+        frames = self.frames.get(int(stack_id), [])
+        user = [f for f in frames if f.is_user]
+        return [f.as_dict() for f in (user or frames)]
+
+    def sites(self, exclude: list[str] | None = None) -> pd.DataFrame:
+        """Per opening site: opened, closed, leaked, leak rate, most common cause, kinds, paths.
+
+        Sites in order of leaks, leak rate and opened fds (ties: order of first opening).
+        """
+        fds = self.fds
+        chosen = ~(fds["preexisting"] | fds["inherited"]).to_numpy()
+        if exclude:
+            chosen &= ~_excluded(fds, exclude).to_numpy()
+        rows = np.flatnonzero(chosen)
+        if not len(rows):
+            return pd.DataFrame(columns=SITE_TABLE_COLUMNS)
+        site, table = _site_groups(fds, rows)
+        count = len(table)
+        leak = fds["leak"].to_numpy()[rows]
+        table["opened"] = np.bincount(site, minlength=count)
+        table["leaked"] = np.bincount(site[leak], minlength=count)
+        table["closed"] = table["opened"] - table["leaked"]
+        table["leaks_per_s"] = table["leaked"] / self.duration_s
+        born = pd.Series(fds["born_ns"].to_numpy()[rows]).groupby(site)
+        table["first_ns"], table["last_ns"] = born.min().to_numpy(), born.max().to_numpy()
+        first_with = fds[["with_file", "with_line"]].iloc[rows].groupby(site, sort=False).first()
+        table["with_file"] = first_with["with_file"].array
+        table["with_line"] = first_with["with_line"].array
+        causes = _top_values(site[leak], count, fds["cause"].array[rows[leak]], 1)
+        table["cause"] = pd.Series([c[0] if c else None for c in causes], dtype=object)
+        kinds = _top_values(site, count, fds["kind"].array[rows], 1)
+        table["kind"] = pd.Series([k[0] if k else None for k in kinds])  # inferred, as before
+        table["paths"] = _top_values(site, count, fds["path"].array[rows], 3)
+        table = table.sort_values(["leaked", "leaks_per_s", "opened"], ascending=False)
+        return table.reset_index(drop=True)[SITE_TABLE_COLUMNS]
+
+    def warnings(self) -> list[dict]:
+        """Finalizer closes during normal running: like ResourceWarning, with the opening line."""
+        fds = self.fds
+        finalized = fds[(fds["death"] == "finalizer") & ~fds["leak"]]
+        out = []
+        keys = ["site_file", "site_line", "site_function"]
+        for (file, line, function), group in finalized.groupby(keys, dropna=False):
+            out.append(
+                {
+                    "kind": "finalizer-close",
+                    "site": _site_dict(file, line, function),
+                    "count": int(len(group)),
+                }
+            )
+        return sorted(out, key=lambda w: -w["count"])
+
+    def live_fds(self, at: int) -> pd.DataFrame:
+        """The fd table at `at` ns since trace start: lifetimes born at or before it, not dead."""
+        fds = self.fds
+        died = fds["died_ns"].astype("float64")
+        alive = (fds["born_ns"] <= at) & (died.isna() | (died > at))
+        return fds[alive.to_numpy()]
+
+    def timeline(self, by: str = "site", freq: str = "100ms", leaks_only: bool = False):
+        """Live fd counts over time, one column per site (or kind/pid/path), one row per bin."""
+        fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])]
+        if leaks_only:
+            fds = fds[fds["leak"]]
+        labels = _labels(fds, by)
+        step = pd.Timedelta(freq).value
+        bins = int(self.end_ns // step) + 1
+        born_bin = np.clip(fds["born_ns"].to_numpy() // step, 0, bins - 1)
+        died = fds["died_ns"].astype("float64").to_numpy()
+        died_bin = np.where(np.isnan(died), bins, np.ceil(np.nan_to_num(died) / step))
+        codes, names = pd.factorize(labels, sort=True)
+        delta = np.zeros((bins + 1, max(len(names), 1)), dtype=np.int64)
+        np.add.at(delta, (born_bin.astype(int), codes), 1)
+        np.add.at(delta, (np.clip(died_bin.astype(int), 0, bins), codes), -1)
+        live = np.cumsum(delta, axis=0)[:bins]
+        index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
+        return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
+
+
+def fill_text(series: pd.Series, value: str) -> pd.Series:
+    """fillna for text columns, categorical or not."""
+    if isinstance(series.dtype, pd.CategoricalDtype) and value not in series.cat.categories:
+        series = series.cat.add_categories([value])
+    return series.fillna(value)
+
+
+def _site_groups(
+    fds: pd.DataFrame, rows: np.ndarray | None = None
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """(site number of each row, the sites' SITE_COLUMNS) for `rows` (all rows when None).
+
+    The one grouping of lifetimes by opening site. Sites are numbered in order of first
+    appearance and filled (NO_STACK, line 0, function ""). A site is a function of the opening
+    stack (_add_sites), so rows are grouped by hashing open_stack, one column of a few thousand
+    distinct values, rather than three columns over millions of rows.
+    """
+    stacks = fds["open_stack"].to_numpy()
+    picked = np.arange(len(fds)) if rows is None else rows
+    stack_number, distinct = pd.factorize(stacks[picked])
+    # Numbers are given in order of first appearance: the running maximum rises exactly there.
+    first_row = np.flatnonzero(np.diff(np.maximum.accumulate(stack_number), prepend=-1) > 0)
+    sample = fds.iloc[picked[first_row]]
+    files = fill_text(sample["site_file"], NO_STACK)
+    functions = fill_text(sample["site_function"], "")
+    keys = list(zip(files, sample["site_line"].fillna(0).astype(int), functions))
+    number: dict[tuple, int] = {}
+    site_of_stack = np.array([number.setdefault(k, len(number)) for k in keys], dtype=np.int64)
+    table = pd.DataFrame(list(number), columns=SITE_COLUMNS)
+    for column, filled in (("site_file", files), ("site_function", functions)):
+        table[column] = pd.Categorical(table[column], categories=filled.cat.categories)
+    return site_of_stack[stack_number], table
+
+
+def _top_values(site: np.ndarray, count: int, values: pd.Categorical, n: int) -> list[list]:
+    """The n most common values of a categorical column per site (ties in alphabetical
+    order), as lists, counted on the categorical codes (no strings built per row)."""
+    codes = np.asarray(values.codes, dtype=np.int64)
+    names = np.asarray(values.categories.astype(str), dtype=object)
+    width = max(len(names), 1)
+    known = codes >= 0
+    counts = pd.Series(site[known].astype(np.int64) * width + codes[known]).value_counts()
+    pairs = counts.index.to_numpy()
+    ranked = pd.DataFrame(
+        {"site": pairs // width, "name": names[pairs % width], "count": counts.to_numpy()}
+    ).sort_values(["site", "count", "name"], ascending=[True, False, True])
+    out: list[list] = [[] for _ in range(count)]
+    for where, name in zip(ranked["site"].tolist(), ranked["name"].tolist()):
+        if len(out[where]) < n:
+            out[where].append(name)
+    return out
+
+
+def _op_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
+    column = table.column("op")
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    if column.num_chunks == 0:
+        return np.zeros(0, dtype=np.int32), []
+    names = column.chunk(0).dictionary.to_pylist()
+    codes = pa.chunked_array([c.indices.cast(pa.int32()) for c in column.chunks], pa.int32())
+    return codes.fill_null(-1).to_numpy(), names
+
+
+def _numbers(part: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64, NaN for nulls (and everywhere when the part lacks it)."""
+    if name not in part.column_names:
+        return np.full(part.num_rows, np.nan)
+    return part.column(name).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+
+
+def _index_of(names: list[str], value: str) -> int:
+    return names.index(value) if value in names else -2
+
+
+def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
+    if by == "site":
+        file = fill_text(fds["site_file"], NO_STACK).astype(str)
+        return file + ":" + fds["site_line"].fillna(0).astype(int).astype(str)
+    return fds[by].astype(str)
+
+
+def _site_frame(frames: list[Frame]) -> Frame | None:
+    """The opening site of a stack: its innermost user frame, else its innermost frame."""
+    return innermost_user(frames) or (frames[0] if frames else None)
+
+
+def _frame_cells(frame: Frame | None) -> list:
+    if frame is None:
+        return [None, None, None]
+    return [frame.file, frame.line, frame.qualname or frame.function]
+
+
+def _site_dict(file, line, function) -> dict | None:
+    if file is None or (isinstance(file, float) and np.isnan(file)):
+        return None
+    return {"function": function, "file": file, "line": int(line)}
+
+
+def read_exclude_file(path: str | Path) -> list[str]:
+    """Site patterns, one a line (`myapp/db.py:Pool.*`, `*/logging/*`, `app.py:42`); # comments."""
+    from cmtrace.errors import UsageError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read exclude file {path} ({exc.strerror}): check the path"
+        ) from None
+    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+def site_matches(pattern: str, file: str | None, line, function: str | None) -> bool:
+    """Does a site match an exclude pattern `FILE[:FUNCTION_OR_LINE]` (shell-style globs)?"""
+    file_pat, _, rest = pattern.partition(":")
+    file = file if isinstance(file, str) else NO_STACK
+    function = function if isinstance(function, str) else ""
+    if not (fnmatch.fnmatch(file, file_pat) or fnmatch.fnmatch(file, "*/" + file_pat)):
+        return False
+    if not rest:
+        return True
+    if rest.isdigit():
+        return line is not None and not pd.isna(line) and int(line) == int(rest)
+    return fnmatch.fnmatch(function, rest)
+
+
+def _excluded(fds: pd.DataFrame, patterns: list[str]) -> pd.Series:
+    """Which rows' sites match an exclude pattern (decided once per distinct site)."""
+    if fds.empty:
+        return pd.Series(False, index=fds.index, dtype=bool)
+    site, sites = _site_groups(fds)
+    hit = np.array(
+        [any(site_matches(p, *key) for p in patterns) for key in sites.itertuples(index=False)],
+        dtype=bool,
+    )
+    return pd.Series(hit[site], index=fds.index, dtype=bool)

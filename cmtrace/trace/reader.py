@@ -1,0 +1,205 @@
+"""Reading a trace directory: meta.json and the Parquet tables, each possibly absent or empty.
+
+Only pyarrow and the standard library: a laptop without BPF reads a trace recorded on a server.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cmtrace.errors import TraceError
+from cmtrace.trace import schema
+
+# The event columns the lifetimes model reads (errno and stack_flags are left on disk).
+CORE_EVENT_COLUMNS = (
+    "t_ns", "pid", "tid", "op", "syscall", "fd", "src_fd", "kind", "path", "flags", "cloexec",
+    "arg", "stack_id", "finalizing",
+)  # fmt: skip
+
+
+@dataclass
+class RawTrace:
+    path: Path
+    meta: dict
+    stacks: pd.DataFrame
+    sources: pd.DataFrame
+    preexisting: pd.DataFrame
+    snapshot: dict | None  # end-of-trace thread stacks, when the recorder wrote them
+
+
+def read_trace(path: str | Path) -> RawTrace:
+    path = Path(path)
+    meta = read_meta(path)
+    check_parts(path / "events")  # a corrupt part fails now, with the trace's other errors
+    return RawTrace(
+        path=path,
+        meta=meta,
+        stacks=read_table(path / "stacks", schema.STACK_FRAMES).to_pandas(),
+        sources=read_table(path / "sources", schema.SOURCES).to_pandas(),
+        preexisting=read_table(path / "preexisting.parquet", schema.PREEXISTING).to_pandas(),
+        snapshot=_read_json(path / "snapshot.json"),
+    )
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json, with status "interrupted" when a recording's tracer is gone."""
+    if not path.exists():
+        raise TraceError(f"{path} does not exist: give the directory a recording wrote")
+    if not path.is_dir():
+        raise TraceError(f"{path} is not a directory: give the trace directory `cmtrace -o` wrote")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise TraceError(
+            f"{path} is not a cmtrace trace (no meta.json): give the directory a recording wrote"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise TraceError(
+            f"{path}/meta.json is unreadable ({exc}): the trace is corrupt, record it again"
+        ) from exc
+    if not isinstance(meta, dict):
+        raise TraceError(f"{path}/meta.json is not a JSON object: the trace is corrupt")
+    if meta.get("status") == schema.STATUS_RECORDING and not tracer_alive(meta):
+        meta["status"] = schema.STATUS_INTERRUPTED
+    return meta
+
+
+def tracer_alive(meta: dict) -> bool:
+    """Is the tracer that wrote this meta.json still running (same boot, pid alive)?"""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    if meta.get("boot_id") and meta.get("boot_id") != boot:
+        return False  # recorded on another boot or another machine: nobody is writing it
+    pid = meta.get("tracer_pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        return b"cmtrace" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def check_parts(path: Path) -> None:
+    """Read every part's footer (cheap): a truncated or foreign file is reported at load."""
+    for file in sorted(path.glob("*.parquet")) if path.is_dir() else []:
+        if file.name.startswith("."):
+            continue
+        try:
+            pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceError(
+                f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that "
+                "part to analyse the rest"
+            ) from exc
+
+
+def event_parts(path: Path, columns) -> tuple[int, list[Path]]:
+    """(total rows, part files) of a trace's events, from the Parquet footers only."""
+    files = _part_files(path / "events")
+    total = 0
+    for file in files:
+        try:
+            total += pq.read_metadata(file).num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise TraceError(
+                f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
+                "to analyse the rest"
+            ) from exc
+    return total, files
+
+
+def read_event_part(file: Path, columns) -> pa.Table:
+    """One events part, only `columns` (those it has), strings as read (dictionary-encoded)."""
+    try:
+        present = set(pq.read_schema(file).names)
+        names = [c for c in columns if c in present]
+        textual = [
+            c for c in names
+            if pa.types.is_string(schema.EVENTS.field(c).type)
+            or pa.types.is_dictionary(schema.EVENTS.field(c).type)
+        ]  # fmt: skip
+        return pq.read_table(file, columns=names, read_dictionary=textual)
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(
+            f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
+            "to analyse the rest"
+        ) from exc
+
+
+def _part_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+
+
+def _subset(table_schema: pa.Schema, names) -> pa.Schema:
+    return pa.schema([table_schema.field(name) for name in names])
+
+
+def read_events(path: Path, columns=CORE_EVENT_COLUMNS) -> pa.Table:
+    """The events table (all parts), only `columns` (None: all of them)."""
+    names = columns or schema.EVENTS.names
+    return read_table(path / "events", _subset(schema.EVENTS, names))
+
+
+def read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
+    """All parts of a table (a directory of parts or one file); the empty table when absent."""
+    if path.is_dir():
+        files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
+    elif path.is_file():
+        files = [path]
+    else:
+        files = []
+    tables = [_read_part(f, table_schema) for f in files]
+    tables = [t for t in tables if t.num_rows] or [table_schema.empty_table()]
+    table = pa.concat_tables(tables)
+    return table.unify_dictionaries()
+
+
+def _read_part(file: Path, table_schema: pa.Schema) -> pa.Table:
+    try:
+        present = pq.read_schema(file).names
+        table = pq.read_table(file, columns=[n for n in table_schema.names if n in present])
+    except (OSError, pa.ArrowException) as exc:
+        raise TraceError(
+            f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
+            "to analyse the rest"
+        ) from exc
+    return _conform(table, table_schema, file)
+
+
+def _conform(table: pa.Table, table_schema: pa.Schema, file: Path) -> pa.Table:
+    """Give a part exactly the contract's columns: missing ones become nulls, extra ones go."""
+    columns = []
+    for field in table_schema:
+        if field.name in table.column_names:
+            column = table.column(field.name)
+            if column.type != field.type:
+                try:
+                    column = column.cast(field.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise TraceError(
+                        f"{file}: column {field.name} has type {column.type}, expected "
+                        f"{field.type}: the trace was written by an incompatible cmtrace"
+                    ) from exc
+            columns.append(column)
+        else:
+            columns.append(pa.nulls(table.num_rows, field.type))
+    return pa.Table.from_arrays(columns, schema=table_schema)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # a snapshot is optional evidence: a broken one only removes that evidence

@@ -1,0 +1,404 @@
+"""Shared fixtures of the real-eBPF tests: run `cmtrace`, start target programs, read traces.
+
+Nothing here imitates bcc or the kernel. Tests load the real probes into the running kernel, so
+they need root, bcc and tracefs; where this machine cannot do that, they are skipped with the
+reason printed. Every wait is on a condition with a timeout (no fixed sleeps), because the
+suite runs on loaded 2-core machines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FDPROGRAMS = REPO / "tests" / "programs" / "fd"
+# The venv's interpreter runs cmtrace (`python -m cmtrace`, the editable install of this tree);
+# targets run under Debian's interpreter, the one users trace.
+CMTRACE_PYTHON = os.environ.get("CMTRACE_PYTHON", sys.executable)
+TARGET_PYTHON = os.environ.get("CMTRACE_TARGET_PYTHON", "/usr/bin/python3")
+
+ATTACH_TIMEOUT = 120  # bcc compiles the probes at attach: 1-2 s idle, much more when loaded
+EXIT_TIMEOUT = 120
+ATTACHED = re.compile(r"attached to (\d+)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "vm: core real-eBPF test, also run inside the Vagrant guest by the VM stage"
+    )
+
+
+# --- environment ---------------------------------------------------------------------------------
+def bpf_unavailable_reason() -> str | None:
+    """Why this machine cannot load BPF programs, or None when it can."""
+    if os.geteuid() != 0:
+        return "needs root to load BPF programs"
+    probe = subprocess.run(
+        [CMTRACE_PYTHON, "-c", "import bcc"], capture_output=True, text=True, timeout=60
+    )
+    if probe.returncode != 0:
+        return f"bcc is not importable by {CMTRACE_PYTHON}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def bpf_ready() -> None:
+    reason = bpf_unavailable_reason()
+    if reason:
+        print(f"skipping real-eBPF test: {reason}")
+        pytest.skip(reason)
+
+
+def cmtrace_argv(*args: str) -> list[str]:
+    return [CMTRACE_PYTHON, "-m", "cmtrace", *args]
+
+
+def run_cmtrace(
+    *args: str,
+    timeout: float = EXIT_TIMEOUT,
+    input: str | None = None,
+    env: dict | None = None,
+    prefix: tuple[str, ...] = (),
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run `cmtrace ARGS` to completion (optionally under a wrapper such as runuser)."""
+    return subprocess.run(
+        [*prefix, *cmtrace_argv(*args)],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one-line error a bad input must produce (progress lines may precede it; a traceback
+    or a multi-line message fails)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("cmtrace: error")]
+    assert len(errors) == 1, f"expected one error line, got stderr:\n{result.stderr}"
+    assert lines[-1] == errors[0], f"the error must be the last line:\n{result.stderr}"
+    return errors[0]
+
+
+# --- processes with a line protocol ---------------------------------------------------------------
+class LineReader:
+    """Collects a pipe's lines on a thread so a test can wait for one with a timeout."""
+
+    def __init__(self, stream) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.all: list[str] = []
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self.all.append(line)
+            self.lines.put(line)
+        self.lines.put("")  # EOF marker
+
+    def wait_for(self, predicate, timeout: float, what: str) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            try:
+                line = self.lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line == "":
+                self.lines.put("")
+                raise AssertionError(f"stream ended while waiting for {what}")
+            if predicate(line):
+                return line
+
+    def text(self) -> str:
+        self._thread.join(timeout=30)
+        return "".join(self.all)
+
+
+class Target:
+    """A program from tests/programs/fd speaking the ready/go/done JSON line protocol."""
+
+    def __init__(self, argv: list[str], cwd: Path, user: str | None = None) -> None:
+        prefix = ["runuser", "-u", user, "--"] if user else []
+        self.stderr_path = cwd / f"target-{time.monotonic_ns()}.stderr"
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(
+            [*prefix, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            cwd=cwd,
+            bufsize=1,
+        )
+        self.pid = self.proc.pid
+        self.out = LineReader(self.proc.stdout)
+        self.messages: list[dict] = []
+
+    def expect(self, event: str, timeout: float = 60) -> dict:
+        """Wait for the JSON message whose "event" is `event`."""
+        for message in self.messages:
+            if message["event"] == event:
+                self.messages.remove(message)
+                return message
+
+        def matches(line: str) -> bool:
+            message = json.loads(line)
+            if message["event"] == event:
+                self.messages.insert(0, message)
+                return True
+            self.messages.append(message)
+            return False
+
+        try:
+            self.out.wait_for(matches, timeout, f"target message {event!r}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; target stderr:\n{self.stderr_text()}") from None
+        return self.messages.pop(0)
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60) -> int:
+        """Close stdin (the protocol's "you may exit") and wait for the exit status."""
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        return self.proc.wait(timeout=timeout)
+
+    def stderr_text(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self._stderr.close()
+
+
+def fdops(scenario: str, workdir: Path, *args: str) -> list[str]:
+    return [TARGET_PYTHON, str(FDPROGRAMS / "fdops.py"), scenario, str(workdir), *args]
+
+
+class Tracer:
+    """`cmtrace -p PID ...` running in the background."""
+
+    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+        self.proc = subprocess.Popen(
+            cmtrace_argv(*args),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+        self.err = LineReader(self.proc.stderr)
+        self.out = LineReader(self.proc.stdout)
+
+    def wait_attached(self, timeout: float = ATTACH_TIMEOUT) -> int:
+        try:
+            line = self.err.wait_for(ATTACHED.search, timeout, "'cmtrace: attached to PID'")
+        except AssertionError as exc:
+            self.proc.kill()
+            raise AssertionError(f"{exc}; tracer stderr:\n{self.err.text()}") from None
+        return int(ATTACHED.search(line).group(1))
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = EXIT_TIMEOUT) -> TracerResult:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> TracerResult:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"cmtrace did not exit within {timeout} s") from None
+        return TracerResult(code, self.out.text(), self.err.text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@dataclass
+class TracerResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def check(self) -> TracerResult:
+        assert self.returncode == 0, f"cmtrace exited {self.returncode}:\n{self.stderr}"
+        return self
+
+
+@dataclass
+class Session:
+    """One traced run of a target: what it reported, and where its trace is."""
+
+    trace: Path
+    target: Target
+    tracer: Tracer
+    ready: dict = field(default_factory=dict)
+    done: dict = field(default_factory=dict)
+    result: TracerResult | None = None
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fdtrace")
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory other users can traverse (pytest's tmp dirs are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="cmtrace-test-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_trace_numbers = itertools.count()  # tests sharing a module directory get distinct traces
+
+
+def start_traced(
+    scenario: str, workdir: Path, *tracer_args: str, scenario_args: tuple[str, ...] = ()
+) -> Session:
+    """Start a target, wait for its "ready", attach `cmtrace -p` to it and wait for "attached"."""
+    target = Target(fdops(scenario, workdir, *scenario_args), workdir)
+    try:
+        ready = target.expect("ready")
+        trace = workdir / f"trace-{scenario}-{next(_trace_numbers)}"
+        tracer = Tracer(["-p", str(target.pid), "-o", str(trace), *tracer_args], cwd=workdir)
+        attached = tracer.wait_attached()
+    except BaseException:
+        target.kill()
+        raise
+    assert attached == target.pid, f"attached to {attached}, expected {target.pid}"
+    return Session(trace, target, tracer, ready=ready)
+
+
+# --- reading a trace -------------------------------------------------------------------------------
+def read_meta(trace: Path) -> dict:
+    return json.loads((trace / "meta.json").read_text())
+
+
+def read_events(trace: Path):
+    """The events table as pandas reads it (dictionary columns turned into plain strings)."""
+    import pandas as pd
+
+    events = pd.read_parquet(trace / "events")
+    for column in ("op", "syscall", "kind"):
+        events[column] = events[column].astype("object")
+    return events.sort_values("t_ns", kind="stable").reset_index(drop=True)
+
+
+def read_preexisting(trace: Path):
+    import pandas as pd
+
+    return pd.read_parquet(trace / "preexisting.parquet")
+
+
+def report_json(trace: Path) -> dict:
+    result = run_cmtrace("report", str(trace), "--format", "json")
+    assert result.returncode == 0, f"report exited {result.returncode}: {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def leaks_of(report: dict, pid: int) -> list[dict]:
+    return [leak for leak in report["leaks"] if leak["pid"] == pid]
+
+
+LOST_ZERO = re.compile(r"\b0 lost|lost[^\n\d]*\b0\b", re.IGNORECASE)
+
+
+def assert_complete_and_lossless(trace: Path, summary: str | None = None) -> dict:
+    """meta.json says complete with 0 lost events, and so does the summary when given."""
+    meta = read_meta(trace)
+    assert meta["status"] == "complete", meta
+    assert meta["lost_events"] == 0, meta
+    if summary is not None:
+        assert LOST_ZERO.search(summary), f"summary does not report 0 lost events:\n{summary}"
+    return meta
+
+
+def proc_fds(pid: int) -> dict[int, str]:
+    """Ground truth from the kernel: fd number -> readlink of /proc/PID/fd/N."""
+    fds = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            pass
+    return fds
+
+
+def proc_cloexec(pid: int, fd: int) -> bool:
+    """CLOEXEC bit of an fd as the kernel has it (/proc/PID/fdinfo flags are octal)."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return bool(int(line.split()[1], 8) & 0o2000000)
+    raise AssertionError(f"no flags in /proc/{pid}/fdinfo/{fd}")
+
+
+def kind_from_link(link: str) -> str:
+    """The schema's kind for what /proc/PID/fd/N links to."""
+    anon = {
+        "anon_inode:[eventfd]": "eventfd",
+        "anon_inode:[eventpoll]": "epoll",
+        "anon_inode:[signalfd]": "signalfd",
+        "anon_inode:[timerfd]": "timerfd",
+        "anon_inode:inotify": "inotify",
+        "anon_inode:[fanotify]": "fanotify",
+        "anon_inode:[pidfd]": "pidfd",
+        "anon_inode:[userfaultfd]": "userfaultfd",
+        "anon_inode:[perf_event]": "perf_event",
+    }
+    if link in anon:
+        return anon[link]
+    if link.startswith("socket:"):
+        return "socket"
+    if link.startswith("pipe:"):
+        return "pipe"
+    if link.startswith("/memfd:"):
+        return "memfd"
+    return "file"
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
