@@ -14,63 +14,7 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
-#define DATA_LEN 256
-#define SOCKADDR_MAX 128
-
-enum event_type {
-    EV_BIRTH = 1,
-    EV_CLOSE = 2,
-    EV_CLOSE_RANGE = 3,
-    EV_FAIL = 4,
-    EV_CLOEXEC = 5,
-    EV_ADDR = 6,
-    EV_FORK = 7,
-    EV_EXEC = 8,
-    EV_EXIT = 9,
-};
-
-// x86_64 syscall numbers (cmtrace/syscalls.py holds the same table for user space).
-enum sysnr {
-    NR_ioctl = 16, NR_pipe = 22, NR_dup = 32, NR_dup2 = 33, NR_socket = 41, NR_connect = 42,
-    NR_accept = 43, NR_recvmsg = 47, NR_bind = 49, NR_socketpair = 53, NR_clone = 56,
-    NR_fork = 57, NR_vfork = 58, NR_fcntl = 72, NR_creat = 85, NR_open = 2, NR_close = 3,
-    NR_epoll_create = 213, NR_inotify_init = 253, NR_openat = 257, NR_signalfd = 282,
-    NR_timerfd_create = 283, NR_eventfd = 284, NR_accept4 = 288, NR_signalfd4 = 289,
-    NR_eventfd2 = 290, NR_epoll_create1 = 291, NR_dup3 = 292, NR_pipe2 = 293,
-    NR_inotify_init1 = 294, NR_perf_event_open = 298, NR_fanotify_init = 300,
-    NR_memfd_create = 319, NR_userfaultfd = 323, NR_pidfd_open = 434, NR_clone3 = 435,
-    NR_close_range = 436, NR_openat2 = 437, NR_pidfd_getfd = 438,
-};
-
-#define F_DUPFD_ 0
-#define F_SETFD_ 2
-#define F_DUPFD_CLOEXEC_ 1030
-#define FIONCLEX_ 0x5450
-#define FIOCLEX_ 0x5451
-#define CLONE_THREAD_ 0x00010000
-#define CLONE_VM_VFORK_ 0x00004100
-
-// Common header of every ring-buffer record (Python records from pystack.h use type >= 100).
-struct fd_event {
-    u64 ts;
-    u32 pid;
-    u32 tid;
-    u16 type;
-    u16 nr;
-    s32 fd;
-    s32 fd2;
-    s32 err;
-    u64 flags;
-    u64 arg;
-    u64 stack_id;
-    u32 stack_flags;
-    u32 datalen;
-};
-
-struct fd_event_data {
-    struct fd_event e;
-    char data[DATA_LEN];
-};
+#include "events.h"
 
 struct sys_enter_ctx {
     u64 common;
@@ -92,9 +36,7 @@ struct stash_t {
 };
 
 BPF_HASH(traced, u32, u8, MAX_TRACED);
-// [0] follow children; [1] pid to stop at each exec; [2] also stop followed processes that
-// exec a python* image (see sched_process_exec)
-BPF_ARRAY(settings, u32, 3);
+BPF_ARRAY(settings, u32, SETTINGS_COUNT);  // enum settings_index (events.h)
 BPF_TABLE("lru_hash", u32, struct stash_t, stash, 65536);  // tid -> args of a syscall in flight
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -637,8 +579,8 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     if (flags & CLONE_THREAD_)
         return 0;  // a new thread shares the table: nothing to record
     u32 child = args->child_pid;
-    u32 zero = 0;
-    u32 *follow = settings.lookup(&zero);
+    u32 follow_key = SETTING_FOLLOW;
+    u32 *follow = settings.lookup(&follow_key);
     if (follow && *follow) {
         u8 one = 1;
         traced.update(&child, &one);
@@ -683,7 +625,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
         return 0;
     python_forget_process(tgid);
     struct stack_ref none = {};
-    struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXEC, 59);
+    struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXEC, NR_execve);
     if (!d)
         return 0;  // never stop a process without the event that makes user space resume it
     unsigned short off = args->data_loc_filename & 0xffff;
@@ -693,7 +635,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     // `cmtrace run` stops its command right after each exec, and followed processes that exec
     // a python* image, until user space has loaded the new image's Python layout: a short-lived
     // `python -c ...` would otherwise be gone before.
-    u32 hold_key = 1, children_key = 2;
+    u32 hold_key = SETTING_HOLD_PID, children_key = SETTING_HOLD_PYTHON;
     u32 *hold = settings.lookup(&hold_key);
     u32 *children = settings.lookup(&children_key);
     if ((hold && *hold == tgid) || (children && *children && is_python_image(d->data, d->e.datalen)))
@@ -714,7 +656,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
         return 0;  // a thread ended; the table lives on
     python_forget_process(tgid);
     struct stack_ref none = {};
-    struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXIT, 60);
+    struct fd_event_data *d = reserve_data(&none, pid_tgid, EV_EXIT, NR_exit);
     if (d) {
         __builtin_memcpy(d->data, args->comm, 16);
         d->e.datalen = 16;
@@ -733,10 +675,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 // whether the function raised: the evidence for `exit-raised` / `enter-raised`. Every Python
 // call still traps into the kernel, which is why this is not on by default.
 #ifdef CMTRACE_CALLS
-#define EV_CALL 10
-#define CALL_ARG_REG 0
-#define CALL_ARG_MEM 1
-#define CALL_ARG_CONST 2
 #define CALL_NREGS 21      // u64 slots of x86_64 struct pt_regs
 #define CALL_FN_SLOT 31    // where the matched function kind waits while the stack is walked
 

@@ -33,9 +33,12 @@
 // #includes: the collector therefore pastes this file in place of its #include line with
 // CMTRACE_PYSTACK_INLINED defined (cmtrace.symbolize.inline_pystack). A plain #include gets
 // the stub below, which records fds without stacks.
+// Record layouts, flags and read sizes (also what the stubs below use).
+#include "events.h"
+
 #ifndef CMTRACE_PYSTACK_INLINED
 static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
-    *stack_flags |= 2;   // STACK_NO_PYTHON
+    *stack_flags |= PY_STACK_NO_PYTHON;
     return 0;
 }
 static __always_inline void python_forget_thread(u32 tid) {}
@@ -44,57 +47,11 @@ static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
 static __always_inline void python_inherit_process(u32 parent, u32 child) {}
 #else
 
-#define PY_MAX_FRAMES 136       // frames kept per stack (>= 128 required; verifier cost ~ this)
 #define PY_MAX_STEPS 144        // frames visited per walk, shim frames included
 #define PY_WINDOW 8192          // bytes of data stack read at once (power of two)
-#define PY_FRAME_READ 112       // bytes of one frame header read
-#define PY_TSTATE_READ 320      // bytes of one PyThreadState read
-#define PY_CODE_READ 160        // bytes of one PyCodeObject header read
 #define PY_MAX_THREADS 96       // thread states searched on a cache miss
 #define PY_CODES_PER_EVENT 8    // code records one event may emit (power of two)
-#define PY_NAME_MAX 256
-#define PY_FILE_MAX 1024
-#define PY_LINETABLE_MAX 4096
-#define PY_STR_HEAD 40
 
-#define PY_REC_STACK 100
-#define PY_REC_CODE 101
-
-#define PY_STACK_TRUNCATED 1
-#define PY_STACK_NO_PYTHON 2
-#define PY_STACK_ERROR 4
-#define PY_STACK_FINALIZING 8
-
-#define PY_FRAMES_HEAP 1
-#define PY_FRAMES_INTERP 2
-#define PY_NO_OFFSET 0xffff
-
-struct py_config {
-    u64 interp_head_addr;   // &_PyRuntime.interpreters.head
-    u64 finalizing_addr;    // &_PyRuntime._finalizing
-    u64 code_type;          // &PyCode_Type
-    u64 none_addr;          // &_Py_NoneStruct (3.13 entry frames execute None)
-    u64 pidns_dev;
-    u64 pidns_ino;
-    u64 code_tag_mask;      // tag bits of a _PyStackRef f_executable (3.14+)
-    u32 generation;         // bumped at every install (exec): old code records stop counting
-    u8 frames;              // PY_FRAMES_*
-    u8 match_native_tid;    // 1: native_thread_id == ns tid; 0: thread_id == fsbase
-    u8 owner_not_python;    // frame owners >= this are not Python frames
-    u8 pad;
-    u16 interp_next, interp_threads_head;
-    u16 ts_next, ts_thread_id, ts_native_thread_id, ts_frame, cframe_current_frame;
-    u16 ts_chunk, ts_top, chunk_data;
-    u16 fr_code, fr_previous, fr_instr, fr_owner, fr_globals;
-    u16 co_flags, co_firstlineno, co_argcount, co_filename, co_name, co_qualname, co_linetable;
-    u16 ob_type, bytes_size, bytes_data, str_length, str_state, str_ascii, str_compact;
-    u16 ts_exception;       // the exception being raised (curexc_type / current_exception)
-};
-
-struct py_frame {
-    u64 code;
-    u64 instr;   // f_lasti (heap frames) or the instruction pointer (3.11+)
-};
 
 struct py_code_key {
     u64 code;
@@ -118,44 +75,6 @@ struct py_scratch {
     } cur;         // the frame being walked
     u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
     u32 ntodo;
-};
-
-struct py_stack_rec {
-    u64 ts;
-    u32 pid;
-    u32 tid;
-    u16 type;
-    u16 nframes;
-    u32 flags;
-    u64 stack_id;
-    u32 generation;
-    u32 pad;
-    struct py_frame frames[PY_MAX_FRAMES];
-};
-
-struct py_code_rec {
-    u64 ts;
-    u32 pid;
-    u32 tid;
-    u16 type;
-    u16 name_len;      // bytes copied
-    u16 qualname_len;
-    u16 file_len;
-    u64 code;
-    u32 generation;
-    u32 checksum;
-    s32 firstlineno;
-    u32 flags;
-    u32 argcount;
-    u32 name_state;    // PyASCIIObject.state: kind tells how to decode the bytes
-    u32 qualname_state;
-    u32 file_state;
-    u32 linetable_len;
-    u32 linetable_total;
-    u8 name[PY_NAME_MAX];
-    u8 qualname[PY_NAME_MAX];
-    u8 file[PY_FILE_MAX];
-    u8 linetable[PY_LINETABLE_MAX];
 };
 
 BPF_HASH(py_targets, u32, struct py_config, 4096);                       // tgid -> layout

@@ -29,7 +29,7 @@ from cmtrace.record.bpf.symbolize import (
 from cmtrace.trace import schema
 
 bcc = pytest.importorskip("bcc", reason="bcc is not importable (run under /opt/cmtrace/venv)")
-PROBES = Path(__file__).resolve().parents[1] / "probes"
+PROBES = Path(__file__).resolve().parents[2] / "probes"
 FOUND, MISSING = targets.discover()
 print("\nkernel walker targets:", ", ".join(t.name for t in FOUND) or "none")
 for reason in MISSING:
