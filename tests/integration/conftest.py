@@ -38,10 +38,25 @@ EXIT_TIMEOUT = 120
 ATTACHED = re.compile(r"attached to (\d+)")
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "vm: core real-eBPF test, also run inside the Vagrant guest by the VM stage"
-    )
+# --- markers (registered in pyproject.toml) ------------------------------------------------------
+# Every test here is written for root: it starts the recorder, reads other processes' memory, or
+# runs interpreters through chroot wrappers. Tests that take the bpf_ready fixture load BPF, and
+# so do these modules through their own harness (test_pystack) or doctor's load test.
+LOADS_BPF_WITHOUT_FIXTURE = {"test_pystack", "test_doctor"}
+SLOW_MODULES = {"test_e2e_matrix"}  # every interpreter x every leak program, in run and -p
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if HERE not in item.path.parents:
+            continue  # this hook sees the whole session: tests/unit is left alone
+        module = item.path.stem
+        item.add_marker(pytest.mark.root)
+        if "bpf_ready" in item.fixturenames or module in LOADS_BPF_WITHOUT_FIXTURE:
+            item.add_marker(pytest.mark.bpf)
+        if module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 # --- environment ---------------------------------------------------------------------------------
