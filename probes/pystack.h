@@ -47,34 +47,15 @@ static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
 static __always_inline void python_inherit_process(u32 parent, u32 child) {}
 #else
 
-#define PY_MAX_STEPS 144        // frames visited per walk, shim frames included
-#define PY_WINDOW 8192          // bytes of data stack read at once (power of two)
-#define PY_MAX_THREADS 96       // thread states searched on a cache miss
-#define PY_CODES_PER_EVENT 8    // code records one event may emit (power of two)
-
+// The walk itself (shared with the ptrace engine); its reads are the kernel helper here.
+#define PY_READ(dst, size, src) bpf_probe_read_user(dst, size, src)
+#define PY_NO_UNROLL _Pragma("clang loop unroll(disable)")
+#include "pywalk.h"
 
 struct py_code_key {
     u64 code;
     u32 tgid;
     u32 generation;
-};
-
-struct py_scratch {
-    u8 window[PY_WINDOW + 136];
-    u8 frame[136];
-    u8 tstate[528];
-    u8 code[264];
-    u8 str[72];
-    struct py_frame frames[PY_MAX_FRAMES];
-    u64 todo[PY_CODES_PER_EVENT];   // code objects to send
-    u64 top;       // top frame of the thread found
-    u64 win, win_reach;
-    struct {
-        u64 code, previous, instr, globals;
-        u8 owner;
-    } cur;         // the frame being walked
-    u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
-    u32 ntodo;
 };
 
 BPF_HASH(py_targets, u32, struct py_config, 4096);                       // tgid -> layout
@@ -83,16 +64,6 @@ BPF_TABLE("lru_hash", u32, u64, py_tstates, 16384);                       // tid
 BPF_TABLE("lru_hash", u64, u32, py_stacks, 65536);                        // interned stack ids
 BPF_TABLE("lru_hash", struct py_code_key, u32, py_codes, 65536);          // code objects sent
 BPF_PERCPU_ARRAY(py_scratch_map, struct py_scratch, 1);
-
-static __always_inline u64 py_u64(const u8 *buf, u32 off) {
-    return *(const u64 *)(buf + off);
-}
-
-static __always_inline u64 py_mix(u64 h, u64 v) {
-    h ^= v;
-    h *= 0x100000001b3ULL;
-    return h ^ (h >> 29);
-}
 
 // The id by which user space knows this thread's state: ns tid (3.11+) or pthread_self.
 static __always_inline int py_thread_key(struct py_config *cfg, u64 *key) {
@@ -111,31 +82,10 @@ static __always_inline int py_thread_key(struct py_config *cfg, u64 *key) {
     return bpf_probe_read_kernel(key, sizeof(*key), task + *off);
 }
 
-static __always_inline u64 py_tstate_id(struct py_config *cfg, struct py_scratch *s) {
-    u32 off = cfg->match_native_tid ? cfg->ts_native_thread_id : cfg->ts_thread_id;
-    return py_u64(s->tstate, off & 0x1ff);
-}
-
-// The top frame of the thread state in s->tstate (0 when it runs no Python code).
-static __always_inline u64 py_top_frame(struct py_config *cfg, struct py_scratch *s) {
-    u64 frame = py_u64(s->tstate, cfg->ts_frame & 0x1ff);
-    if (frame && cfg->cframe_current_frame != PY_NO_OFFSET) {
-        u64 cframe = frame;
-        frame = 0;
-        bpf_probe_read_user(&frame, sizeof(frame), (void *)(cframe + cfg->cframe_current_frame));
-    }
-    return frame;
-}
-
-// Is the thread state in s->tstate this thread's, and running Python code? Leaves the top
-// frame in s->top (0 otherwise).
-static __always_inline void py_match(struct py_config *cfg, struct py_scratch *s, u64 key) {
-    s->top = 0;
-    if (py_tstate_id(cfg, s) == key)
-        s->top = py_top_frame(cfg, s);
-}
-
 // Find this thread's PyThreadState: s->tstate holds its head and s->top its top frame (0: none).
+// The search is pywalk.h's py_search_threads (the ptrace engine's), written out here with the
+// cache update inside the loop: through the shared function clang emits other instructions
+// than those whose verifier cost was measured (py_emit_codes / py_fill_code: the same).
 // Only the main interpreter's list is walked (interpreters.head), bounded by PY_MAX_THREADS.
 static __always_inline void py_find_thread(struct py_config *cfg, struct py_scratch *s, u32 tid) {
     u64 key = 0;
@@ -168,92 +118,6 @@ static __always_inline void py_find_thread(struct py_config *cfg, struct py_scra
     }
 }
 
-// One read of the data stack below its top (3.11+); returns the window's start address.
-static __always_inline u64 py_read_window(struct py_config *cfg, struct py_scratch *s, u32 *len) {
-    *len = 0;
-    if (cfg->frames != PY_FRAMES_INTERP)
-        return 0;
-    u64 chunk = py_u64(s->tstate, cfg->ts_chunk & 0x1ff);
-    u64 top = py_u64(s->tstate, cfg->ts_top & 0x1ff);
-    u64 lo = chunk + cfg->chunk_data;
-    if (!chunk || top <= lo || top - lo > (1 << 24))
-        return 0;
-    u64 start = top - lo > PY_WINDOW - 8 ? top - (PY_WINDOW - 8) : lo;
-    u32 size = (u32)(top - start) & (PY_WINDOW - 1);
-    if (!size || bpf_probe_read_user(s->window, size, (void *)start))
-        return 0;
-    *len = size;
-    return start;
-}
-
-// The fields of one frame header at fb, copied to s->cur (so that the two ways of getting a
-// frame join into one verifier state).
-static __always_inline void py_take_frame(struct py_config *cfg, struct py_scratch *s,
-                                          const u8 *fb) {
-    s->cur.code = py_u64(fb, cfg->fr_code & 0x7f);
-    s->cur.previous = py_u64(fb, cfg->fr_previous & 0x7f);
-    s->cur.instr = py_u64(fb, cfg->fr_instr & 0x7f);
-    s->cur.owner = fb[cfg->fr_owner & 0x7f];
-    s->cur.globals = py_u64(fb, cfg->fr_globals & 0x7f);
-}
-
-// Walk the frame chain from s->top into s->frames; returns the stack hash.
-static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, u32 tgid,
-                                   u32 *flags) {
-    u32 win_len = 0;
-    s->win = py_read_window(cfg, s, &win_len);
-    // frames starting at most this far into the window are wholly inside it (0: no window)
-    s->win_reach = win_len >= PY_FRAME_READ ? win_len - PY_FRAME_READ : 0;
-    u64 hash = py_mix(0xcbf29ce484222325ULL, ((u64)tgid << 32) | cfg->generation);
-    u64 frame = s->top;
-    s->nframes = 0;
-#pragma clang loop unroll(disable)
-    for (int i = 0; i < PY_MAX_STEPS; i++) {
-        if (!frame)
-            return hash;
-        u64 off = frame - s->win;
-        if (s->win_reach && off <= s->win_reach) {
-            py_take_frame(cfg, s, s->window + (off & (PY_WINDOW - 1)));
-        } else {
-            if (bpf_probe_read_user(s->frame, PY_FRAME_READ, (void *)frame)) {
-                *flags |= PY_STACK_ERROR;
-                return hash;
-            }
-            py_take_frame(cfg, s, s->frame);
-        }
-        frame = s->cur.previous;
-        u64 code = s->cur.code & ~cfg->code_tag_mask;
-        // C-stack shim / entry frames (owner) and 3.13 entry frames (None) are not Python.
-        if (s->cur.owner >= cfg->owner_not_python || code == cfg->none_addr)
-            code = 0;
-        if (!code)
-            continue;
-        u32 n = s->nframes;
-        if (n >= PY_MAX_FRAMES) {
-            *flags |= PY_STACK_TRUNCATED;
-            return hash;
-        }
-        s->frames[n].code = code;
-        s->frames[n].instr = s->cur.instr;
-        s->nframes = n + 1;
-        // f_globals (the module's dict) too: a module body's code object is freed after the
-        // import, and the next module's may get its address and run at the same offsets.
-        hash = py_mix(py_mix(py_mix(hash, code), s->cur.instr), s->cur.globals);
-    }
-    if (frame)
-        *flags |= PY_STACK_TRUNCATED;
-    return hash;
-}
-
-// Identifies the code object now at an address, so a freed one whose address was reused by
-// another (a module body run once, then `exec`'d code...) gets a new code record.
-static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
-    u64 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
-    u64 h = py_mix(py_u64(code, cfg->co_filename & 0xff) ^ (first << 40),
-                   py_u64(code, cfg->co_name & 0xff));
-    return (u32)(h ^ (h >> 32));
-}
-
 // Phase 1 of a new stack: every frame's code object must be a code object; list those this
 // process has not been sent yet (at most PY_CODES_PER_EVENT). Returns -1 on garbage.
 static __always_inline int py_check_codes(struct py_config *cfg, struct py_scratch *s, u32 tgid) {
@@ -282,25 +146,6 @@ static __always_inline int py_check_codes(struct py_config *cfg, struct py_scrat
         }
     }
     return 0;
-}
-
-// Copy a compact str's bytes; returns the number of bytes copied.
-static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch *s, u64 obj,
-                                       u8 *dst, u32 cap, u32 *state) {
-    if (!obj || bpf_probe_read_user(s->str, PY_STR_HEAD, (void *)obj))
-        return 0;
-    u64 length = py_u64(s->str, cfg->str_length & 0x3f);
-    u32 st = *(const u32 *)(s->str + (cfg->str_state & 0x3f));
-    *state = st;
-    u32 kind = (st >> 2) & 7;
-    u32 off = ((st >> 5) & 3) == 3 ? cfg->str_ascii : cfg->str_compact;
-    u64 size = length * (kind ? kind : 1);
-    if (size > cap - 1)
-        size = cap - 1;
-    size &= cap - 1;
-    if (!size || bpf_probe_read_user(dst, size, (void *)(obj + off)))
-        return 0;
-    return size;
 }
 
 // Phase 2: one code record per listed code object.

@@ -1,0 +1,233 @@
+// cmtrace: the Python frame walker both recording backends share (no maps, no helpers but
+// memory reads), so that a stack has the same frames and the same id whichever recorded it.
+//
+// Included by probes/pystack.h (BPF: the reads are bpf_probe_read_user) and by the ptrace
+// engine cmtrace/record/ptrace/engine.c (user space: a cached process_vm_readv of the stopped
+// target). The includer defines, before the #include:
+//   PY_READ(dst, size, src)  copy `size` bytes at target address `src` (a pointer); 0 on success
+//   PY_NO_UNROLL             the loop pragma its compiler wants before a bounded loop (or nothing)
+// and includes probes/events.h (struct py_config, read sizes, record layouts).
+// The masks on offsets (& 0x1ff, & 0x7f ...) keep the BPF verifier's bounds; user space keeps
+// them too: they are what makes a configured offset safe against the buffer sizes below.
+#ifndef CMTRACE_PYWALK_H
+#define CMTRACE_PYWALK_H
+
+#include "events.h"
+
+#define PY_MAX_STEPS 144        // frames visited per walk, shim frames included
+#define PY_WINDOW 8192          // bytes of data stack read at once (power of two)
+#define PY_MAX_THREADS 96       // thread states searched on a cache miss
+#define PY_CODES_PER_EVENT 8    // code records one event may emit (power of two)
+
+struct py_scratch {
+    u8 window[PY_WINDOW + 136];
+    u8 frame[136];
+    u8 tstate[528];
+    u8 code[264];
+    u8 str[72];
+    struct py_frame frames[PY_MAX_FRAMES];
+    u64 todo[PY_CODES_PER_EVENT];   // code objects to send
+    u64 top;       // top frame of the thread found
+    u64 win, win_reach;
+    struct {
+        u64 code, previous, instr, globals;
+        u8 owner;
+    } cur;         // the frame being walked
+    u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
+    u32 ntodo;
+};
+
+static __always_inline u64 py_u64(const u8 *buf, u32 off) {
+    return *(const u64 *)(buf + off);
+}
+
+static __always_inline u64 py_mix(u64 h, u64 v) {
+    h ^= v;
+    h *= 0x100000001b3ULL;
+    return h ^ (h >> 29);
+}
+
+static __always_inline u64 py_tstate_id(struct py_config *cfg, struct py_scratch *s) {
+    u32 off = cfg->match_native_tid ? cfg->ts_native_thread_id : cfg->ts_thread_id;
+    return py_u64(s->tstate, off & 0x1ff);
+}
+
+// The top frame of the thread state in s->tstate (0 when it runs no Python code).
+static __always_inline u64 py_top_frame(struct py_config *cfg, struct py_scratch *s) {
+    u64 frame = py_u64(s->tstate, cfg->ts_frame & 0x1ff);
+    if (frame && cfg->cframe_current_frame != PY_NO_OFFSET) {
+        u64 cframe = frame;
+        frame = 0;
+        PY_READ(&frame, sizeof(frame), (void *)(cframe + cfg->cframe_current_frame));
+    }
+    return frame;
+}
+
+// Is the thread state in s->tstate this thread's, and running Python code? Leaves the top
+// frame in s->top (0 otherwise).
+static __always_inline void py_match(struct py_config *cfg, struct py_scratch *s, u64 key) {
+    s->top = 0;
+    if (py_tstate_id(cfg, s) == key)
+        s->top = py_top_frame(cfg, s);
+}
+
+// Walk the main interpreter's thread list (interpreters.head, at most PY_MAX_THREADS) for the
+// state whose id is `key`: leaves it in s->tstate, its top frame in s->top, and returns its
+// address (0: not found, or found running no Python code).
+static __always_inline u64 py_search_threads(struct py_config *cfg, struct py_scratch *s,
+                                             u64 key) {
+    u64 interp = 0;
+    PY_READ(&interp, sizeof(interp), (void *)cfg->interp_head_addr);
+    u64 tstate = 0;
+    if (interp)
+        PY_READ(&tstate, sizeof(tstate), (void *)(interp + cfg->interp_threads_head));
+    PY_NO_UNROLL
+    for (int j = 0; j < PY_MAX_THREADS; j++) {
+        if (!tstate || PY_READ(s->tstate, PY_TSTATE_READ, (void *)tstate))
+            return 0;
+        py_match(cfg, s, key);
+        if (s->top)
+            return tstate;
+        tstate = py_u64(s->tstate, cfg->ts_next & 0x1ff);
+    }
+    return 0;
+}
+
+// One read of the data stack below its top (3.11+); returns the window's start address.
+static __always_inline u64 py_read_window(struct py_config *cfg, struct py_scratch *s, u32 *len) {
+    *len = 0;
+    if (cfg->frames != PY_FRAMES_INTERP)
+        return 0;
+    u64 chunk = py_u64(s->tstate, cfg->ts_chunk & 0x1ff);
+    u64 top = py_u64(s->tstate, cfg->ts_top & 0x1ff);
+    u64 lo = chunk + cfg->chunk_data;
+    if (!chunk || top <= lo || top - lo > (1 << 24))
+        return 0;
+    u64 start = top - lo > PY_WINDOW - 8 ? top - (PY_WINDOW - 8) : lo;
+    u32 size = (u32)(top - start) & (PY_WINDOW - 1);
+    if (!size || PY_READ(s->window, size, (void *)start))
+        return 0;
+    *len = size;
+    return start;
+}
+
+// The fields of one frame header at fb, copied to s->cur (so that the two ways of getting a
+// frame join into one verifier state).
+static __always_inline void py_take_frame(struct py_config *cfg, struct py_scratch *s,
+                                          const u8 *fb) {
+    s->cur.code = py_u64(fb, cfg->fr_code & 0x7f);
+    s->cur.previous = py_u64(fb, cfg->fr_previous & 0x7f);
+    s->cur.instr = py_u64(fb, cfg->fr_instr & 0x7f);
+    s->cur.owner = fb[cfg->fr_owner & 0x7f];
+    s->cur.globals = py_u64(fb, cfg->fr_globals & 0x7f);
+}
+
+// Walk the frame chain from s->top into s->frames; returns the stack hash.
+static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, u32 tgid,
+                                   u32 *flags) {
+    u32 win_len = 0;
+    s->win = py_read_window(cfg, s, &win_len);
+    // frames starting at most this far into the window are wholly inside it (0: no window)
+    s->win_reach = win_len >= PY_FRAME_READ ? win_len - PY_FRAME_READ : 0;
+    u64 hash = py_mix(0xcbf29ce484222325ULL, ((u64)tgid << 32) | cfg->generation);
+    u64 frame = s->top;
+    s->nframes = 0;
+    PY_NO_UNROLL
+    for (int i = 0; i < PY_MAX_STEPS; i++) {
+        if (!frame)
+            return hash;
+        u64 off = frame - s->win;
+        if (s->win_reach && off <= s->win_reach) {
+            py_take_frame(cfg, s, s->window + (off & (PY_WINDOW - 1)));
+        } else {
+            if (PY_READ(s->frame, PY_FRAME_READ, (void *)frame)) {
+                *flags |= PY_STACK_ERROR;
+                return hash;
+            }
+            py_take_frame(cfg, s, s->frame);
+        }
+        frame = s->cur.previous;
+        u64 code = s->cur.code & ~cfg->code_tag_mask;
+        // C-stack shim / entry frames (owner) and 3.13 entry frames (None) are not Python.
+        if (s->cur.owner >= cfg->owner_not_python || code == cfg->none_addr)
+            code = 0;
+        if (!code)
+            continue;
+        u32 n = s->nframes;
+        if (n >= PY_MAX_FRAMES) {
+            *flags |= PY_STACK_TRUNCATED;
+            return hash;
+        }
+        s->frames[n].code = code;
+        s->frames[n].instr = s->cur.instr;
+        s->nframes = n + 1;
+        // f_globals (the module's dict) too: a module body's code object is freed after the
+        // import, and the next module's may get its address and run at the same offsets.
+        hash = py_mix(py_mix(py_mix(hash, code), s->cur.instr), s->cur.globals);
+    }
+    if (frame)
+        *flags |= PY_STACK_TRUNCATED;
+    return hash;
+}
+
+// Identifies the code object now at an address, so a freed one whose address was reused by
+// another (a module body run once, then `exec`'d code...) gets a new code record.
+static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
+    u64 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
+    u64 h = py_mix(py_u64(code, cfg->co_filename & 0xff) ^ (first << 40),
+                   py_u64(code, cfg->co_name & 0xff));
+    return (u32)(h ^ (h >> 32));
+}
+
+// Copy a compact str's bytes; returns the number of bytes copied.
+static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch *s, u64 obj,
+                                       u8 *dst, u32 cap, u32 *state) {
+    if (!obj || PY_READ(s->str, PY_STR_HEAD, (void *)obj))
+        return 0;
+    u64 length = py_u64(s->str, cfg->str_length & 0x3f);
+    u32 st = *(const u32 *)(s->str + (cfg->str_state & 0x3f));
+    *state = st;
+    u32 kind = (st >> 2) & 7;
+    u32 off = ((st >> 5) & 3) == 3 ? cfg->str_ascii : cfg->str_compact;
+    u64 size = length * (kind ? kind : 1);
+    if (size > cap - 1)
+        size = cap - 1;
+    size &= cap - 1;
+    if (!size || PY_READ(dst, size, (void *)(obj + off)))
+        return 0;
+    return size;
+}
+
+// A code record from the PyCodeObject header in s->code (all but ts, pid and tid): names,
+// file, first line, flags and as much of the line table as fits.
+static __always_inline void py_fill_code(struct py_config *cfg, struct py_scratch *s, u64 code,
+                                         struct py_code_rec *r) {
+    r->type = PY_REC_CODE;
+    r->code = code;
+    r->generation = cfg->generation;
+    r->checksum = py_checksum(cfg, s->code);
+    r->firstlineno = *(const s32 *)(s->code + (cfg->co_firstlineno & 0xff));
+    r->flags = *(const u32 *)(s->code + (cfg->co_flags & 0xff));
+    r->argcount = *(const u32 *)(s->code + (cfg->co_argcount & 0xff));
+    r->name_state = r->qualname_state = r->file_state = 0;
+    r->name_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_name & 0xff), r->name,
+                              PY_NAME_MAX, &r->name_state);
+    r->qualname_len = 0;
+    if (cfg->co_qualname != PY_NO_OFFSET)
+        r->qualname_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_qualname & 0xff),
+                                      r->qualname, PY_NAME_MAX, &r->qualname_state);
+    r->file_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_filename & 0xff), r->file,
+                              PY_FILE_MAX, &r->file_state);
+    u64 table = py_u64(s->code, cfg->co_linetable & 0xff);
+    u64 total = 0;
+    r->linetable_len = 0;
+    if (table && !PY_READ(&total, sizeof(total), (void *)(table + cfg->bytes_size))) {
+        u64 size = total > PY_LINETABLE_MAX - 1 ? PY_LINETABLE_MAX - 1 : total;
+        size &= PY_LINETABLE_MAX - 1;
+        if (size && !PY_READ(r->linetable, size, (void *)(table + cfg->bytes_data)))
+            r->linetable_len = size;
+    }
+    r->linetable_total = total;
+}
+
+#endif  // CMTRACE_PYWALK_H
