@@ -13,17 +13,6 @@ from dataclasses import dataclass, field
 from cmtrace.analysis.calls import ENTERS, EXITS, CallLog
 from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
 
-CAUSES = (
-    "suspended-generator",
-    "contextmanager-without-finally",
-    "manual-enter",
-    "finalizer-never-ran",
-    "enter-raised",  # refines with-exited-without-close, needs --calls evidence
-    "exit-raised",  # refines with-exited-without-close, needs --calls evidence
-    "with-exited-without-close",
-    "no-context-manager",
-    "unknown",
-)
 ENTER_METHODS = ENTERS  # the dunder methods the context manager protocol calls
 EXIT_METHODS = EXITS
 # Lines whose only effect on an object can be to drop the last reference to it.
@@ -68,14 +57,7 @@ def classify(frames: list[Frame], src: SourceIndex, ctx: Context) -> Verdict:
         return Verdict("unknown", "record with Python stacks to see the opening line",
                        ["no Python stack was captured when the fd was opened"])  # fmt: skip
     held_by = with_frame(frames, src)
-    for rule in (
-        _suspended_generator,
-        _contextmanager_without_finally,
-        _manual_enter,
-        _finalizer_never_ran,
-        _with_exited_without_close,
-        _no_context_manager,
-    ):
+    for _, rule in _RULES:
         verdict = rule(frames, src, ctx, held_by)
         if verdict is not None:
             verdict.with_frame = held_by
@@ -341,6 +323,23 @@ def _no_context_manager(frames, src, ctx, held_by) -> Verdict | None:
         "explicitly when done."
     )
     return Verdict("no-context-manager", fix, [f"opened at {site.where()} in {site.qualname}"])
+
+
+# The causes in the order they are tried: the first rule that fits wins, so two builds agree.
+# enter-raised and exit-raised refine with-exited-without-close (its rule returns them when
+# --calls evidence shows which call raised); unknown is what no rule fits.
+_RULES = (
+    ("suspended-generator", _suspended_generator),
+    ("contextmanager-without-finally", _contextmanager_without_finally),
+    ("manual-enter", _manual_enter),
+    ("finalizer-never-ran", _finalizer_never_ran),
+    ("with-exited-without-close", _with_exited_without_close),
+    ("no-context-manager", _no_context_manager),
+)
+_REFINED_BY = {"with-exited-without-close": ("enter-raised", "exit-raised")}
+CAUSES = tuple(cause for name, _ in _RULES for cause in (*_REFINED_BY.get(name, ()), name)) + (
+    "unknown",
+)
 
 
 LOOP_SHUTDOWN_FUNCTIONS = ("shutdown_asyncgens", "_cancel_all_tasks")
