@@ -197,4 +197,24 @@ struct py_code_rec {
     u8 linetable[PY_LINETABLE_MAX];
 };
 
+// ---- ptrace backend: control messages, Python -> engine (cmtrace/record/ptrace/wire.py) ----
+// The engine (cmtrace/record/ptrace/engine.c) reads them from its control fd whenever it gets
+// SIGUSR1 (and every tick); while it holds a process at exec it blocks on them.
+enum ctl_kind {
+    CTL_CONFIG = 1,  // walk Python stacks of process `pid` with `config`
+    CTL_FORGET = 2,  // stop walking `pid` (the layout failed validation)
+    CTL_RESUME = 3,  // let `pid`, held after its exec, run on
+    CTL_STOP = 4,    // attach mode: detach from everything and exit; run mode: ignored
+};
+
+struct ctl_msg {
+    u32 kind;  // enum ctl_kind
+    u32 pid;
+    struct py_config config;  // CTL_CONFIG only
+};
+
+// The engine's records are framed as in the BPF ring buffer: an 8-byte header (u32 payload
+// length, u32 zero) before each record, the payload padded to 8 bytes.
+#define ENGINE_FRAME_HEADER 8
+
 #endif  // CMTRACE_EVENTS_H

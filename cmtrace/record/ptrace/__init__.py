@@ -1,0 +1,1 @@
+"""The ptrace recording backend: engine.c (the stop loop, in C) and its Python side."""

@@ -1,0 +1,211 @@
+"""Start and talk to the ptrace engine (engine.c, a helper binary of its own).
+
+The engine runs as its own process: in run mode it forks the command (so it is the parent, and
+Yama's ptrace_scope 1 allows it), in attach mode it seizes the target's threads; its loop never
+enters Python. This module finds the binary (built by `pip install` next to this file, or built
+here on first use from engine.c with the C compiler when running from a checkout), starts it
+with three pipes and exchanges probes/events.h's records and control messages over them.
+
+    engine = Engine.run(["python3", "app.py"], follow=True, hold_exec=True)
+    engine = Engine.attach(pid)
+    batch, python_records = engine.read()    # whatever arrived (collect.Batch + stack/code recs)
+    engine.configure(pid, config)             # wire.PyConfig, as the BPF map gets it
+    engine.resume(pid)                        # after an EV_EXEC, with hold_exec
+    stats = engine.wait()                     # the engine's counters; stats["exit_code"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmtrace.record.ptrace import wire
+
+BINARY = "cmtrace-ptrace-engine"
+SOURCE = Path(__file__).with_name("engine.c")
+CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
+PIPE_SIZE = 1 << 20  # the transport: blocking writes into it are the engine's backpressure
+F_SETPIPE_SZ = 1031
+READ_CHUNK = 1 << 20
+
+EXIT_PTRACE_REFUSED = 77
+
+
+class EngineUnavailable(Exception):
+    """The engine binary is missing and cannot be built here; str() says why and what to do."""
+
+
+def probes_dir() -> Path:
+    from cmtrace import probes  # noqa: PLC0415 (the installed package's copy of the headers)
+
+    return Path(probes.__file__).parent
+
+
+def _sources() -> list[Path]:
+    return [SOURCE, probes_dir() / "events.h", probes_dir() / "pywalk.h"]
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in _sources():
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def build(output: Path, compiler: str | None = None, include: Path | None = None) -> Path:
+    """Compile engine.c into `output` (setup.py at install, with the checkout's probes/ as
+    `include`; engine_binary on first use)."""
+    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise EngineUnavailable(
+            "the ptrace engine needs a C compiler to be built: install gcc (or set CC)"
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
+    command = [cc, *CFLAGS, f"-I{include or probes_dir()}", "-o", str(tmp), str(SOURCE)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise EngineUnavailable(f"building the ptrace engine failed:\n{done.stderr.strip()}")
+    os.replace(tmp, output)
+    return output
+
+
+def engine_binary() -> Path:
+    """The engine to run: installed next to this module, else built once per source version
+    into the user's cache (a checkout or an editable install)."""
+    installed = Path(__file__).with_name(BINARY)
+    if installed.exists() and os.access(installed, os.X_OK):
+        return installed
+    if not SOURCE.exists():
+        raise EngineUnavailable(f"{installed} is missing: reinstall cmtrace")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmtrace"
+    built = cache / f"{BINARY}-{_source_digest()}"
+    if not built.exists():
+        build(built)
+    return built
+
+
+def _pipe() -> tuple[int, int]:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        import fcntl  # noqa: PLC0415
+
+        fcntl.fcntl(write_end, F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only means more, shorter waits
+    return read_end, write_end
+
+
+@dataclass
+class Batch:
+    """fd records read together: payloads start at `offsets` inside `buf` (collect.Batch)."""
+
+    buf: bytes
+    offsets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass
+class Engine:
+    process: subprocess.Popen
+    records: int  # read end of the record stream
+    control: int  # write end of the control channel
+    stats_fd: int
+    _pending: bytes = field(default=b"", repr=False)
+    _eof: bool = field(default=False, repr=False)
+
+    @classmethod
+    def run(cls, argv: list[str], follow: bool = True, hold_exec: bool = False,
+            seccomp: bool = True, **popen) -> Engine:  # fmt: skip
+        options = (["-f"] if follow else []) + (["-H"] if hold_exec else [])
+        options += [] if seccomp else ["-n"]
+        return cls._start(options + ["--", *argv], popen)
+
+    @classmethod
+    def attach(cls, pid: int, follow: bool = True, duration: float | None = None,
+               hold_exec: bool = False, **popen) -> Engine:  # fmt: skip
+        options = (["-f"] if follow else []) + (["-H"] if hold_exec else [])
+        options += ["-d", str(duration)] if duration else []
+        return cls._start(options + ["-p", str(pid)], popen)
+
+    @classmethod
+    def _start(cls, arguments: list[str], popen: dict) -> Engine:
+        records_r, records_w = _pipe()
+        control_r, control_w = _pipe()
+        stats_r, stats_w = os.pipe2(os.O_CLOEXEC)
+        fds = (records_w, control_r, stats_w)
+        command = [str(engine_binary()), "-o", str(records_w), "-c", str(control_r),
+                   "-s", str(stats_w), *arguments]  # fmt: skip
+        try:
+            process = subprocess.Popen(command, pass_fds=fds, **popen)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return cls(process, records_r, control_w, stats_r)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def read(self, timeout: float = 0.0) -> tuple[Batch, list[bytes]]:
+        """Everything that has arrived (waiting up to `timeout` s for the first bytes)."""
+        chunks = [self._pending]
+        wait = timeout
+        while not self._eof and select.select([self.records], [], [], wait)[0]:
+            data = os.read(self.records, READ_CHUNK)
+            if not data:
+                self._eof = True
+                break
+            chunks.append(data)
+            wait = 0.0
+        buf = b"".join(chunks)
+        used, offsets, python_records = wire.split_frames(buf)
+        self._pending = buf[used:]
+        return Batch(buf[:used], offsets), python_records
+
+    @property
+    def finished(self) -> bool:
+        """The record stream has ended (the engine exited or closed it)."""
+        return self._eof
+
+    def _send(self, message: bytes) -> None:
+        try:
+            os.write(self.control, message)
+            os.kill(self.process.pid, signal.SIGUSR1)
+        except (BrokenPipeError, ProcessLookupError):
+            pass  # the engine is gone: its end of the stream says how it ended
+
+    def configure(self, pid: int, config: wire.PyConfig) -> None:
+        self._send(wire.control_message(wire.CTL_CONFIG, pid, config))
+
+    def forget(self, pid: int) -> None:
+        self._send(wire.control_message(wire.CTL_FORGET, pid))
+
+    def resume(self, pid: int) -> None:
+        self._send(wire.control_message(wire.CTL_RESUME, pid))
+
+    def stop(self) -> None:
+        """Attach mode: detach from everything and exit (run mode records to the end)."""
+        self._send(wire.control_message(wire.CTL_STOP, 0))
+
+    def wait(self, timeout: float | None = None) -> dict:
+        """Wait for the engine to exit; its counters (JSON line on the stats pipe)."""
+        self.process.wait(timeout)
+        with os.fdopen(self.stats_fd, "r") as stats:
+            line = stats.readline()
+        os.close(self.control)
+        stats_dict = json.loads(line) if line else {"exit_code": self.process.returncode}
+        stats_dict["engine_status"] = self.process.returncode
+        return stats_dict
+
+    def close(self) -> None:
+        os.close(self.records)
