@@ -7,7 +7,9 @@ what the compiler says. No root, no BPF: this needs only gcc (skipped, saying so
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import shutil
 import struct
@@ -16,11 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from cmtrace.interp.discover import Interpreter
+from cmtrace.interp.layouts import TABLE
 from cmtrace.record import syscalls
 from cmtrace.record.bpf import collect, symbolize, usdt
+from cmtrace.record.ptrace import wire
 from cmtrace.trace import schema
 
-PROBES = Path(__file__).resolve().parents[2] / "probes"
+ROOT = Path(__file__).resolve().parents[2]
+PROBES = ROOT / "probes"
+ENGINE = ROOT / "cmtrace" / "record" / "ptrace" / "engine.c"
 
 FD_EVENT_FIELDS = (
     "ts", "pid", "tid", "type", "nr", "fd", "fd2", "err", "flags", "arg", "stack_id",
@@ -42,10 +49,12 @@ READ_SIZES = {"ts": "PY_TSTATE_READ", "frame": "PY_FRAME_READ", "code": "PY_CODE
               "str": "PY_STR_HEAD"}  # fmt: skip
 CALL_ARG_KINDS = {"ARG_REG": "CALL_ARG_REG", "ARG_MEM": "CALL_ARG_MEM",
                   "ARG_CONST": "CALL_ARG_CONST"}  # fmt: skip
+CONTROL_KINDS = ("CTL_CONFIG", "CTL_FORGET", "CTL_RESUME", "CTL_STOP")
 CONSTANTS = (
     "PY_REC_STACK", "PY_REC_CODE", "PY_REC_MIN", "PY_NO_OFFSET", "PY_MAX_FRAMES", "DATA_LEN",
     "F_DUPFD_", "F_DUPFD_CLOEXEC_", *READ_SIZES.values(), *CALL_ARG_KINDS.values(),
-    *EVENT_KINDS, *(f"PY_STACK_{flag}" for flag in STACK_FLAGS),
+    *EVENT_KINDS, *(f"PY_STACK_{flag}" for flag in STACK_FLAGS), *CONTROL_KINDS,
+    "ENGINE_FRAME_HEADER",
 )  # fmt: skip
 # Syscall numbers the records carry that are not in the syscall table (EV_EXIT's nr).
 RECORD_ONLY_SYSCALLS = {"exit"}
@@ -74,6 +83,12 @@ def _c_program() -> str:
     put("py_stack_rec.frames", "offsetof(struct py_stack_rec, frames)")
     put("sizeof py_frame", "sizeof(struct py_frame)")
     put("sizeof fd_event_data", "sizeof(struct fd_event_data)")
+    put("sizeof py_config", "sizeof(struct py_config)")
+    for name, _ in wire.PyConfig._fields_:
+        put(f"py_config.{name}", f"offsetof(struct py_config, {name})")
+    put("sizeof ctl_msg", "sizeof(struct ctl_msg)")
+    for name, _ in wire.CtlMsg._fields_:
+        put(f"ctl_msg.{name}", f"offsetof(struct ctl_msg, {name})")
     for name in CONSTANTS:
         put(name, name)
     for name in _syscall_names_in_header():
@@ -188,3 +203,43 @@ def test_fcntl_commands(header):
 def test_usdt_argument_kinds(header):
     for python_name, c_name in CALL_ARG_KINDS.items():
         assert getattr(usdt, python_name) == header[c_name], python_name
+
+
+def test_walker_config_layout(header):
+    """wire.PyConfig (the engine's copy of the BPF map's leaf) field by field; a field missing
+    from it would not compile above."""
+    assert ctypes.sizeof(wire.PyConfig) == header["sizeof py_config"]
+    for name, _ in wire.PyConfig._fields_:
+        assert getattr(wire.PyConfig, name).offset == header[f"py_config.{name}"], name
+
+
+def test_walker_config_is_filled_whole():
+    """symbolize._fill_config sets exactly the fields of struct py_config (a ctypes structure
+    takes an unknown attribute silently, so a renamed field would be lost)."""
+
+    class Leaf:
+        __slots__ = tuple(name for name, _ in wire.PyConfig._fields_ if name != "pad")
+
+    interp = Interpreter(pid=os.getpid(), path="python", version="3.11", runtime=1 << 20,
+                         code_type=2, none=3, layout=TABLE[11])  # fmt: skip
+    leaf = Leaf()
+    symbolize._fill_config(leaf, interp, generation=1)
+    assert all(hasattr(leaf, name) for name in Leaf.__slots__)
+
+
+def test_control_messages(header):
+    assert ctypes.sizeof(wire.CtlMsg) == header["sizeof ctl_msg"]
+    for name, _ in wire.CtlMsg._fields_:
+        assert getattr(wire.CtlMsg, name).offset == header[f"ctl_msg.{name}"], name
+    for name in CONTROL_KINDS:
+        assert getattr(wire, name) == header[name], name
+    assert wire.FRAME_HEADER == header["ENGINE_FRAME_HEADER"]
+    assert wire.PYTHON_RECORD_MIN_TYPE == header["PY_REC_MIN"]
+
+
+def test_engine_traces_every_syscall_of_the_table():
+    """The engine's table (and so its seccomp filter) has every birth and every syscall the
+    probes handle at entry, plus execve for EV_EXEC's path; clone and friends are ptrace events."""
+    in_engine = set(re.findall(r"\{NR_(\w+), H_\w+", ENGINE.read_text()))
+    wanted = {s.name for s in syscalls.BIRTHS} | set(syscalls.ENTER_ONLY) | {"execve"}
+    assert in_engine == wanted
