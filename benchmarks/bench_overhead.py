@@ -1,9 +1,13 @@
 """What tracing costs the traced program: cmtrace vs strace vs tracemalloc, side by side.
 
     sudo /opt/cmtrace/venv/bin/python benchmarks/bench_overhead.py [--rounds 3] [--json FILE]
+    sudo ... bench_overhead.py --pin both --rounds 5 --workloads raw@3,calls@3 \
+        --modes bare,strace-f,strace-seccomp,strace,ptrace-run,ptrace-attach
 
 Workloads (each run in a fresh target process, Debian's /usr/bin/python3 by default):
   open@3    200,000 x `with open('/dev/null', 'rb'): pass`, 3 Python frames on the stack
+  raw@3     200,000 x `with open('/dev/null', 'rb', buffering=0): pass` (openat, fstat, close:
+            the ptrace backend's target loop)
   open@48   the same loop with 48 Python frames on the stack
   calls@3   10,000,000 Python function calls, no fd syscall at all (3 frames)
   calls@48  the same with 48 frames
@@ -13,9 +17,19 @@ Ways to run each workload:
   cmtrace-nostacks  `cmtrace -p PID --no-python-stacks` (the fd lifecycle alone)
   cmtrace-calls     `cmtrace -p PID --calls` (not a default mode: needs an interpreter whose
                     USDT probes fire, e.g. --python /opt/cmtrace/pythons/bin/python3.9)
-  strace            `strace -f -e trace=openat,close -p PID` (open@3 only; fewer iterations,
+  strace            `strace -f -e trace=openat,close -p PID` (fewer iterations by default,
                     because each one costs ~90x: per-iteration times stay comparable)
+  strace-f          `strace -f -qq -e trace=openat,close -o /dev/null CMD` (strace starts it)
+  strace-seccomp    the same with --seccomp-bpf: only openat and close stop the target
+  ptrace-run        `cmtrace run --backend ptrace -- CMD` (Python stacks on)
+  ptrace-attach     `cmtrace -p PID --backend ptrace`; both ptrace modes are skipped, saying
+                    "not built yet", while `cmtrace run` has no --backend option
   tracemalloc       `python -X dev -X tracemalloc=25`
+The strace and ptrace modes run on the raw@3, open@3 and calls@3 workloads only.
+--pin pinned|unpinned|both: pinned runs the whole tool (tracer and target) under `taskset -c 0`,
+as a user would pin it; ratios are to bare with the same pinning. Each row gives the median,
+min and max over the rounds, and the load average is printed before and after (a ptrace stop
+is two wake-ups, and a wake-up across CPUs costs 20-60 us on a loaded 2-CPU guest).
 Rounds are interleaved (every workload and mode once per round, in turn) and the median of the
 rounds is reported, because absolute times drift on a shared 2-core machine. Ratios are to bare
 in the same run. For cmtrace runs, lost events come from the trace's meta.json, and the number of
@@ -45,12 +59,26 @@ DEFAULT_TARGET_PYTHON = "/usr/bin/python3"
 DEFAULT_CMTRACE_PYTHON = "/opt/cmtrace/venv/bin/python"
 WORKLOADS = {  # name -> (loop, frames)
     "open@3": ("open", 3),
+    "raw@3": ("raw", 3),
     "open@48": ("open", 48),
     "calls@3": ("calls", 3),
     "calls@48": ("calls", 48),
 }
 MODES = ("bare", "cmtrace", "cmtrace-nostacks", "strace", "tracemalloc")
-EXTRA_MODES = ("cmtrace-calls",)  # opt-in with --modes
+# opt-in with --modes
+EXTRA_MODES = ("cmtrace-calls", "strace-f", "strace-seccomp", "ptrace-run", "ptrace-attach")
+STRACE_RUN = ("strace", "-f", "-qq", "-e", "trace=openat,close", "-o", "/dev/null")
+# Modes where the tool starts the target (the rest attach to a running one), as a prefix argv.
+RUN_PREFIXES = {
+    "strace-f": STRACE_RUN,
+    "strace-seccomp": (*STRACE_RUN[:1], "--seccomp-bpf", *STRACE_RUN[1:]),
+}
+BPF_MODES = ("cmtrace", "cmtrace-nostacks", "cmtrace-calls")  # these need root
+PTRACE_MODES = ("ptrace-run", "ptrace-attach")
+TRACE_MODES = BPF_MODES + PTRACE_MODES  # write a cmtrace trace (lost events, births checked)
+TOOL_MODES = ("strace", "strace-f", "strace-seccomp", *PTRACE_MODES)  # 3 workloads only
+TOOL_WORKLOADS = ("raw@3", "open@3", "calls@3")
+PINS = {"unpinned": (), "pinned": ("taskset", "-c", "0")}
 CALLS_PER_OPEN = 50  # the call loop runs 50x the iterations (~0.5 s): each call is ~50 ns
 
 
@@ -58,6 +86,12 @@ CALLS_PER_OPEN = 50  # the call loop runs 50x the iterations (~0.5 s): each call
 def open_loop(n: int) -> None:
     for _ in range(n):
         with open("/dev/null", "rb"):
+            pass
+
+
+def raw_open_loop(n: int) -> None:
+    for _ in range(n):
+        with open("/dev/null", "rb", buffering=0):
             pass
 
 
@@ -82,11 +116,11 @@ def nest(levels: int, loop, n: int) -> float:
 
 def child_main(kind: str, frames: int, n: int) -> None:
     """<module> -> child_main -> nest x (frames - 3) -> loop: `frames` frames at the syscall."""
-    loop = open_loop if kind == "open" else call_loop
+    loop = {"open": open_loop, "raw": raw_open_loop, "calls": call_loop}[kind]
     print("ready", flush=True)
     sys.stdin.readline()  # the tracer is attached
     seconds = nest(frames - 3, loop, n)
-    print(json.dumps({"seconds": seconds, "iterations": n}), flush=True)
+    print(json.dumps({"seconds": seconds, "iterations": n, "pid": os.getpid()}), flush=True)
     sys.stdin.readline()  # stay traced until the driver has read the tracer's counters
 
 
@@ -107,22 +141,54 @@ class Config:
     strace_iterations: int
     workdir: Path
     bpf_stats: bool = False
-    results: dict = field(default_factory=dict)  # (workload, mode) -> [Sample]
+    results: dict = field(default_factory=dict)  # (workload, mode, pin) -> [Sample]
 
 
 def iterations_for(config: Config, workload: str, mode: str) -> int:
-    n = config.strace_iterations if mode == "strace" else config.iterations
+    n = config.strace_iterations if mode.startswith("strace") else config.iterations
     return n * CALLS_PER_OPEN if WORKLOADS[workload][0] == "calls" else n
 
 
-def start_target(config: Config, workload: str, mode: str, n: int) -> subprocess.Popen:
+def run_prefix(config: Config, mode: str, trace: Path) -> list[str]:
+    """The tool that starts the target in run modes (none for the attaching ones)."""
+    if mode == "ptrace-run":
+        return [
+            config.cmtrace_python,
+            "-m",
+            "cmtrace",
+            "run",
+            "--backend",
+            "ptrace",
+            "-q",
+            "-o",
+            str(trace),
+            "--",
+        ]
+    return list(RUN_PREFIXES.get(mode, ()))
+
+
+def start_target(
+    config: Config, workload: str, mode: str, n: int, pin: str, trace: Path
+) -> subprocess.Popen:
     kind, frames = WORKLOADS[workload]
     flags = ["-X", "dev", "-X", "tracemalloc=25"] if mode == "tracemalloc" else []
-    argv = [config.target_python, *flags, str(HERE), "--child", kind, str(frames), str(n)]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = [config.target_python, *flags, str(HERE), "--child", kind, str(frames), str(n)]
+    argv = [*PINS[pin], *run_prefix(config, mode, trace), *child]
+    stderr = open(trace.with_suffix(".stderr"), "w")  # the tool's own messages, for errors
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+    stderr.close()
     if proc.stdout.readline().strip() != "ready":
-        raise RuntimeError(f"target {argv} did not start")
+        raise RuntimeError(f"target {argv} did not start: {read_stderr(trace)}")
     return proc
+
+
+def read_stderr(trace: Path) -> str:
+    try:
+        return trace.with_suffix(".stderr").read_text()[-2000:]
+    except OSError:
+        return ""
 
 
 def wait_for_line(stream, needle: str, timeout: float) -> list[str]:
@@ -144,7 +210,7 @@ def wait_for_line(stream, needle: str, timeout: float) -> list[str]:
     return lines
 
 
-def attach(config: Config, mode: str, pid: int, trace: Path) -> subprocess.Popen:
+def attach(config: Config, mode: str, pid: int, trace: Path, pin: str) -> subprocess.Popen:
     if mode == "strace":
         argv = ["strace", "-f", "-e", "trace=openat,close", "-o", str(trace), "-p", str(pid)]
         needle = "attached"
@@ -154,7 +220,10 @@ def attach(config: Config, mode: str, pid: int, trace: Path) -> subprocess.Popen
             argv.append("--no-python-stacks")
         elif mode == "cmtrace-calls":
             argv.append("--calls")
+        elif mode == "ptrace-attach":
+            argv += ["--backend", "ptrace"]
         needle = "cmtrace: attached to"
+    argv = [*PINS[pin], *argv]
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tracer.lines = wait_for_line(tracer.stderr, needle, timeout=180)
     return tracer
@@ -177,16 +246,20 @@ def bpf_prog_time(pid: int) -> tuple[int, int]:
     return total_ns, total_runs
 
 
-def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
+def attaches(mode: str) -> bool:
+    return mode not in ("bare", "tracemalloc", "ptrace-run", *RUN_PREFIXES)
+
+
+def run_once(config: Config, workload: str, mode: str, pin: str, seq: int) -> Sample:
     n = iterations_for(config, workload, mode)
-    target = start_target(config, workload, mode, n)
-    trace = config.workdir / f"{workload.replace('@', '-')}-{mode}-{seq}"
+    trace = config.workdir / f"{workload.replace('@', '-')}-{mode}-{pin}-{seq}"
+    target = start_target(config, workload, mode, n, pin, trace)
     tracer = None
     kernel_ns = None
     try:
-        if mode != "bare" and mode != "tracemalloc":
-            tracer = attach(config, mode, target.pid, trace)
-        counting = config.bpf_stats and mode.startswith("cmtrace")
+        if attaches(mode):
+            tracer = attach(config, mode, target.pid, trace, pin)
+        counting = config.bpf_stats and mode in BPF_MODES
         before = bpf_prog_time(tracer.pid) if counting else (0, 0)
         target.stdin.write("go\n")
         target.stdin.flush()
@@ -194,7 +267,8 @@ def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
         if counting:
             kernel_ns = (bpf_prog_time(tracer.pid)[0] - before[0]) / result["iterations"]
         target.stdin.close()  # the target may exit now
-        target.wait(timeout=60)
+        if target.wait(timeout=120) != 0 and not attaches(mode):
+            raise RuntimeError(f"{mode} exited {target.returncode}: {read_stderr(trace)}")
         if tracer is not None and tracer.wait(timeout=120) != 0:
             complain_about(mode, tracer, trace)
     finally:
@@ -202,8 +276,8 @@ def run_once(config: Config, workload: str, mode: str, seq: int) -> Sample:
             if proc is not None and proc.poll() is None:
                 proc.kill()
     sample = Sample(result["seconds"] / result["iterations"] * 1e9, kernel_ns=kernel_ns)
-    if mode.startswith("cmtrace"):
-        sample.lost_events, sample.births_recorded = trace_counts(trace, target.pid)
+    if mode in TRACE_MODES:
+        sample.lost_events, sample.births_recorded = trace_counts(trace, result["pid"])
         shutil.rmtree(trace, ignore_errors=True)
     return sample
 
@@ -213,7 +287,7 @@ def complain_about(mode: str, tracer: subprocess.Popen, trace: Path) -> None:
     was completed (the timing is then still valid; say so)."""
     tail = "".join(tracer.lines).strip().splitlines()[-1:]
     meta = trace / "meta.json"
-    if mode.startswith("cmtrace") and meta.is_file():
+    if mode in TRACE_MODES and meta.is_file():
         if json.loads(meta.read_text()).get("status") == "complete":
             print(
                 f"  warning: {mode} exited {tracer.returncode} after completing the trace: {tail}",
@@ -235,67 +309,89 @@ def trace_counts(trace: Path, pid: int) -> tuple[int, int]:
 
 
 def applicable(workload: str, mode: str) -> bool:
-    return mode != "strace" or workload == "open@3"
+    return mode not in TOOL_MODES or workload in TOOL_WORKLOADS
 
 
-def run_rounds(config: Config, workloads: list[str], modes: list[str], rounds: int) -> None:
+def run_rounds(
+    config: Config, workloads: list[str], modes: list[str], pins: list[str], rounds: int
+) -> None:
     for round_no in range(rounds):
         for workload in workloads:
             for mode in modes:
                 if not applicable(workload, mode):
                     continue
-                sample = run_once(config, workload, mode, round_no)
-                config.results.setdefault((workload, mode), []).append(sample)
-                print(
-                    f"  round {round_no + 1}/{rounds} {workload:9} {mode:17} "
-                    f"{sample.per_iteration_ns:10.1f} ns/iter"
-                    + (f"  lost {sample.lost_events}" if sample.lost_events is not None else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
+                for pin in pins:
+                    run_and_note(config, workload, mode, pin, round_no, rounds)
 
 
-def summarize(config: Config, workloads: list[str], modes: list[str]) -> list[dict]:
+def run_and_note(
+    config: Config, workload: str, mode: str, pin: str, round_no: int, rounds: int
+) -> None:
+    sample = run_once(config, workload, mode, pin, round_no)
+    config.results.setdefault((workload, mode, pin), []).append(sample)
+    print(
+        f"  round {round_no + 1}/{rounds} {workload:9} {mode:17} {pin:8} "
+        f"{sample.per_iteration_ns:10.1f} ns/iter"
+        + (f"  lost {sample.lost_events}" if sample.lost_events is not None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def summarize(
+    config: Config, workloads: list[str], modes: list[str], pins: list[str]
+) -> list[dict]:
     rows = []
     for workload in workloads:
-        bare = statistics.median(s.per_iteration_ns for s in config.results[(workload, "bare")])
-        for mode in modes:
-            samples = config.results.get((workload, mode))
-            if not samples:
-                continue
-            median = statistics.median(s.per_iteration_ns for s in samples)
-            lost = [s.lost_events for s in samples if s.lost_events is not None]
-            births = [s.births_recorded for s in samples if s.births_recorded is not None]
-            kernel = [s.kernel_ns for s in samples if s.kernel_ns is not None]
-            rows.append(
-                {
-                    "workload": workload,
-                    "mode": mode,
-                    "iterations": iterations_for(config, workload, mode),
-                    "per_iteration_ns": round(median, 1),
-                    "ratio_to_bare": round(median / bare, 2),
-                    "rounds_ns": [round(s.per_iteration_ns, 1) for s in samples],
-                    "lost_events_max": max(lost) if lost else None,
-                    "births_recorded_min": min(births) if births else None,
-                    "bpf_ns_per_iteration": round(statistics.median(kernel), 1) if kernel else None,
-                }
-            )
+        for pin in pins:
+            for mode in modes:
+                row = summary_row(config, workload, mode, pin)
+                if row is not None:
+                    rows.append(row)
     return rows
+
+
+def summary_row(config: Config, workload: str, mode: str, pin: str) -> dict | None:
+    bare_samples = config.results[(workload, "bare", pin)]
+    bare = statistics.median(s.per_iteration_ns for s in bare_samples)
+    samples = config.results.get((workload, mode, pin))
+    if not samples:
+        return None
+    times = [s.per_iteration_ns for s in samples]
+    median = statistics.median(times)
+    lost = [s.lost_events for s in samples if s.lost_events is not None]
+    births = [s.births_recorded for s in samples if s.births_recorded is not None]
+    kernel = [s.kernel_ns for s in samples if s.kernel_ns is not None]
+    return {
+        "workload": workload,
+        "mode": mode,
+        "pin": pin,
+        "iterations": iterations_for(config, workload, mode),
+        "per_iteration_ns": round(median, 1),
+        "ratio_to_bare": round(median / bare, 2),
+        "min_ratio": round(min(times) / bare, 2),
+        "max_ratio": round(max(times) / bare, 2),
+        "rounds_ns": [round(t, 1) for t in times],
+        "lost_events_max": max(lost) if lost else None,
+        "births_recorded_min": min(births) if births else None,
+        "bpf_ns_per_iteration": round(statistics.median(kernel), 1) if kernel else None,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'workload':10} {'mode':17} {'iterations':>10} {'per iter':>11} {'x bare':>7} "
-        f"{'lost':>5} {'BPF ns/iter':>11}"
+        f"{'workload':10} {'mode':17} {'pin':8} {'iterations':>10} {'per iter':>11} "
+        f"{'x bare':>7} {'min-max x':>13} {'lost':>5} {'BPF ns/iter':>11}"
     )
     for row in rows:
         unit = "us" if row["per_iteration_ns"] >= 1000 else "ns"
         value = row["per_iteration_ns"] / (1000 if unit == "us" else 1)
         lost = "" if row["lost_events_max"] is None else str(row["lost_events_max"])
         bpf = "" if row["bpf_ns_per_iteration"] is None else f"{row['bpf_ns_per_iteration']:.0f}"
+        spread = f"{row['min_ratio']:.2f}-{row['max_ratio']:.2f}"
         print(
-            f"{row['workload']:10} {row['mode']:17} {row['iterations']:>10} "
-            f"{value:8.2f} {unit} {row['ratio_to_bare']:6.2f}x {lost:>5} {bpf:>11}"
+            f"{row['workload']:10} {row['mode']:17} {row['pin']:8} {row['iterations']:>10} "
+            f"{value:8.2f} {unit} {row['ratio_to_bare']:6.2f}x {spread:>13} {lost:>5} {bpf:>11}"
         )
 
 
@@ -303,13 +399,26 @@ def check_recorded(rows: list[dict]) -> list[str]:
     """cmtrace runs of the open loop must have recorded (at least) one birth per iteration."""
     problems = []
     for row in rows:
-        if row["births_recorded_min"] is not None and row["workload"].startswith("open"):
+        opens = WORKLOADS[row["workload"]][0] in ("open", "raw")
+        if row["births_recorded_min"] is not None and opens:
             if row["births_recorded_min"] < row["iterations"]:
                 problems.append(
                     f"{row['workload']} {row['mode']}: only {row['births_recorded_min']} births "
                     f"recorded for {row['iterations']} opens"
                 )
     return problems
+
+
+def ptrace_backend_built(cmtrace_python: str) -> bool:
+    """Whether this cmtrace offers the ptrace backend (`cmtrace run --backend ptrace`)."""
+    done = subprocess.run(
+        [cmtrace_python, "-m", "cmtrace", "run", "--help"], capture_output=True, text=True
+    )
+    return done.returncode == 0 and "--backend" in done.stdout and "ptrace" in done.stdout
+
+
+def format_load(load: tuple[float, float, float]) -> str:
+    return " ".join(f"{x:.2f}" for x in load)
 
 
 @contextlib.contextmanager
@@ -333,6 +442,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--strace-iterations", type=int, default=20_000)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--pin",
+        choices=("unpinned", "pinned", "both"),
+        default="unpinned",
+        help="pinned: the whole tool under taskset -c 0",
+    )
     parser.add_argument("--python", default=DEFAULT_TARGET_PYTHON, help="target interpreter")
     parser.add_argument("--cmtrace-python", default=DEFAULT_CMTRACE_PYTHON)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -352,17 +467,27 @@ def main(argv: list[str]) -> int:
         return 0
     args = parse_args(argv)
     workloads, modes = args.workloads.split(","), args.modes.split(",")
+    pins = list(PINS) if args.pin == "both" else [args.pin]
     if "bare" not in modes:
         modes.insert(0, "bare")
     unknown = sorted(set(modes) - set(MODES) - set(EXTRA_MODES))
     if unknown:
-        print(f"bench_overhead: unknown mode {unknown[0]} (modes: {', '.join(MODES + EXTRA_MODES)})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"bench_overhead: unknown mode {unknown[0]} (modes: {', '.join(MODES + EXTRA_MODES)})",
+            file=sys.stderr,
+        )
         return 2
-    if os.geteuid() != 0 and any(m.startswith("cmtrace") or m == "strace" for m in modes):
-        print("bench_overhead: attaching tracers needs root: run it with sudo", file=sys.stderr)
+    if os.geteuid() != 0 and any(m in BPF_MODES for m in modes):
+        print("bench_overhead: the BPF modes need root: run it with sudo", file=sys.stderr)
         return 2
-    if "strace" in modes and shutil.which("strace") is None:
+    if any(m in PTRACE_MODES for m in modes) and not ptrace_backend_built(args.cmtrace_python):
+        for mode in [m for m in modes if m in PTRACE_MODES]:
+            print(
+                f"bench_overhead: {mode}: not built yet (`cmtrace run` has no --backend ptrace)",
+                file=sys.stderr,
+            )
+            modes.remove(mode)
+    if any(m.startswith("strace") for m in modes) and shutil.which("strace") is None:
         print("bench_overhead: strace is missing: apt-get install strace", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cmtrace-bench-") as tmp, bpf_stats(args.bpf_stats):
@@ -374,12 +499,16 @@ def main(argv: list[str]) -> int:
             Path(tmp),
             bpf_stats=args.bpf_stats,
         )
-        run_rounds(config, workloads, modes, args.rounds)
-    rows = summarize(config, workloads, modes)
+        load_before = os.getloadavg()
+        run_rounds(config, workloads, modes, pins, args.rounds)
+        load_after = os.getloadavg()
+    rows = summarize(config, workloads, modes, pins)
     print(f"python {args.python}, {args.rounds} rounds interleaved, median per iteration")
+    print(f"load average before {format_load(load_before)}, after {format_load(load_after)}")
     print_table(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        doc = {"load_before": load_before, "load_after": load_after, "rows": rows}
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
     problems = check_recorded(rows)
     for problem in problems:
         print(f"bench_overhead: {problem}", file=sys.stderr)

@@ -19,4 +19,12 @@ if [ -x "$PY39" ]; then
 else
     echo "=== --calls benchmark skipped: $PY39 missing (run make interpreters)"
 fi
+# The ptrace backend's targets (issue 11): strace and the ptrace backend side by side on the
+# raw open loop and the fd-free call loop, the whole tool pinned to CPU 0 and unpinned. The
+# ptrace modes say "not built yet" until `cmtrace run` offers --backend ptrace.
+echo "=== benchmarks/bench_overhead.py: ptrace backend vs strace"
+"$PYTHON" benchmarks/bench_overhead.py --pin both --rounds 5 --workloads raw@3,calls@3 \
+    --strace-iterations 200000 \
+    --modes bare,strace-f,strace-seccomp,strace,ptrace-run,ptrace-attach ||
+    { echo "=== ptrace benchmark failed" >&2; rc=1; }
 exit $rc
