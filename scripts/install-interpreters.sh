@@ -7,7 +7,13 @@
 #                              The wrapper runs `chroot $PYTHONS/debchroot /usr/bin/python3.X "$@"`:
 #                              chroot changes directory to /, so pass scripts as paths inside
 #                              $PYTHONS/debchroot (copy them to $PYTHONS/debchroot/tmp first).
-# pyenv builds under /root/.pyenv/versions are used by the tests where present; not installed here.
+# pyenv builds under /root/.pyenv/versions are used by the tests where present; not installed here,
+# but copied (hard links where the filesystem allows: no space, ~1 s) to $PYTHONS/pyenv/3.X.Y so an
+# unprivileged user can run them (/root is 0700), with one wrapper each, $PYTHONS/bin/pyenv-3.X:
+#   pyenv-3.8 ... pyenv-3.13   the copy's bin/python3.X with its lib/ first on LD_LIBRARY_PATH
+#                              (the builds' RUNPATH names /root/.pyenv/..., which nobody may read).
+# The sid chroot wrappers need root for chroot; every other wrapper runs as any user (the report
+# says which ones `nobody` can run).
 # Idempotent: a second run checks each interpreter starts and prints the versions (~1 s).
 # Needs root, apt and a Debian mirror (the one in this machine's apt sources).
 set -euo pipefail
@@ -17,6 +23,9 @@ CMTRACE_HOME=${CMTRACE_HOME:-/opt/cmtrace}
 PYTHONS=${PYTHONS:-$CMTRACE_HOME/pythons}
 RECORD=$CMTRACE_HOME/installed.txt
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+PYENV_VERSIONS=${PYENV_VERSIONS:-/root/.pyenv/versions}
+MIN_PYENV_MINOR=8 # the walker's oldest layout is 3.8
+NOBODY=(setpriv --reuid nobody --regid nogroup --clear-groups --inh-caps=-all --bounding-set=-all)
 SID_VERSIONS=(3.13 3.14 3.15)
 # The bullseye packages python3.9 needs that bookworm's libc does not provide.
 PY39_DEBS=(python3.9-minimal libpython3.9-minimal libpython3.9-stdlib libssl1.1 libffi7 libmpdec3)
@@ -118,13 +127,60 @@ install_sid() {
     done
 }
 
+# Copy one pyenv build outside /root (once: a copy that exists is kept) and write its wrapper.
+copy_pyenv_build() {
+    local src=$1 version minor dest
+    version=$(basename "$src")
+    minor=${version%.*}
+    dest=$PYTHONS/pyenv/$version
+    if [ ! -x "$dest/bin/python$minor" ]; then
+        say "copying pyenv $version to $dest"
+        rm -rf "$dest.tmp"
+        mkdir -p "$PYTHONS/pyenv"
+        cp -al "$src" "$dest.tmp" 2>/dev/null || { rm -rf "$dest.tmp" && cp -a "$src" "$dest.tmp"; }
+        mv "$dest.tmp" "$dest"
+    fi
+    cat >"$PYTHONS/bin/pyenv-$minor" <<EOF
+#!/bin/sh
+LD_LIBRARY_PATH=$dest/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH} exec $dest/bin/python$minor "\$@"
+EOF
+    chmod 755 "$PYTHONS/bin/pyenv-$minor"
+}
+
+install_pyenv_copies() {
+    [ -d "$PYENV_VERSIONS" ] || return 0
+    local src minor
+    for src in "$PYENV_VERSIONS"/3.*; do
+        minor=$(basename "$src" | cut -d. -f2)
+        [ "$minor" -ge "$MIN_PYENV_MINOR" ] 2>/dev/null || continue
+        [ -x "$src/bin/python3" ] || continue
+        copy_pyenv_build "$src"
+    done
+}
+
+# Which wrappers an unprivileged user can run (the chroot ones cannot: chroot needs root).
+report_unprivileged() {
+    command -v setpriv >/dev/null || return 0
+    local wrapper runs=() cannot=()
+    for wrapper in "$PYTHONS"/bin/*; do
+        if (cd / && "${NOBODY[@]}" "$wrapper" -c pass) >/dev/null 2>&1; then
+            runs+=("$(basename "$wrapper")")
+        else
+            cannot+=("$(basename "$wrapper")")
+        fi
+    done
+    say "runnable by nobody: ${runs[*]:-none}; root only: ${cannot[*]:-none}"
+}
+
 report() {
     local wrapper version
-    for wrapper in "$PYTHONS"/bin/python3.*; do
+    for wrapper in "$PYTHONS"/bin/python3.* "$PYTHONS"/bin/pyenv-3.*; do
+        [ -e "$wrapper" ] || continue
         version=$("$wrapper" -c 'import sys; print(sys.version.split()[0])' 2>&1) ||
             die "$wrapper does not start: $version"
         say "$(basename "$wrapper") -> $version ($wrapper)"
     done
+    report_unprivileged
     if [ -d /root/.pyenv/versions ]; then
         say "pyenv builds (used where present): $(ls /root/.pyenv/versions | tr '\n' ' ')"
     fi
@@ -137,4 +193,5 @@ MIRROR=${MIRROR:-$(find_mirror)}
 mkdir -p "$PYTHONS/bin"
 install_py39
 install_sid
+install_pyenv_copies
 report
