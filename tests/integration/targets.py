@@ -104,3 +104,44 @@ def marks(name: str) -> dict[str, int]:
         if match:
             result[match.group(1)] = number
     return result
+
+
+# An unprivileged user with no capability at all, as the ptrace backend's tests run cmtrace.
+AS_NOBODY = (
+    "setpriv",
+    "--reuid",
+    "nobody",
+    "--regid",
+    "nogroup",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+)
+
+
+def unprivileged() -> tuple[list[Target], list[str]]:
+    """(targets an unprivileged user can run, "name: reason" for the others). The pyenv builds
+    run through their copies outside /root (wrappers PYTHONS_BIN/pyenv-3.X, written by
+    scripts/install-interpreters.sh); chroot wrappers need root; each one is tried as nobody."""
+    found, missing = discover()
+    candidates = []
+    for target in found:
+        if target.chroot is not None:
+            missing.append(f"{target.name}: its wrapper chroots, which needs root")
+        elif target.name.startswith("pyenv-"):
+            wrapper = PYTHONS_BIN / target.name
+            if wrapper.exists():
+                candidates.append(Target(target.name, str(wrapper), shared_libpython=True))
+            else:
+                missing.append(f"{target.name}: no copy outside /root (run `make interpreters`)")
+        else:
+            candidates.append(target)
+    usable = []
+    for target in candidates:
+        as_user = AS_NOBODY if os.geteuid() == 0 else ()
+        argv = [*as_user, target.command, "-c", "pass"]
+        if subprocess.run(argv, capture_output=True, cwd="/").returncode == 0:
+            usable.append(target)
+        else:
+            missing.append(f"{target.name}: {target.command} does not run as nobody")
+    return usable, missing
