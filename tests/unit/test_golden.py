@@ -16,10 +16,10 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
+from tracebuild import ALL_CAUSES, marked_causes
 
 from cmtrace.cli import main
 
@@ -88,7 +88,6 @@ def test_no_stale_goldens() -> None:
 # Ground truth from the programs (tests/programs/leaks), not from the code: what each trace
 # must show however the renders change.
 ALL_CAUSES_SITES = 7  # CAUSE: markers in all_causes.py, two leaked fds each
-CAUSE_MARK = re.compile(r"# CAUSE:([a-z][a-z-]*)")
 
 
 def _report(trace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
@@ -98,12 +97,7 @@ def _report(trace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict
 @pytest.mark.parametrize("trace", ["all_causes", "all_causes_attach"])
 def test_all_causes_finds_every_marked_cause(trace, tmp_path, monkeypatch) -> None:
     report = _report(trace, tmp_path, monkeypatch)
-    source = (DATA.parent / "programs" / "leaks" / "all_causes.py").read_text().splitlines()
-    marked = {
-        n: found.group(1)
-        for n, line in enumerate(source, start=1)
-        if (found := CAUSE_MARK.search(line))
-    }
+    marked = marked_causes(ALL_CAUSES)
     assert len(marked) == ALL_CAUSES_SITES
     found: dict[int, list[str]] = {}
     for leak in report["leaks"]:

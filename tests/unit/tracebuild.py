@@ -6,14 +6,21 @@ lifetimes it expects from them; nothing here derives an expectation from the cod
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
-from cmtrace.trace import schema
-from cmtrace.trace.writer import TraceWriter, prepare_output_dir
+from cmtrace.trace import schema  # noqa: E402
+from cmtrace.trace.writer import TraceWriter, prepare_output_dir  # noqa: E402
 
+# The `# CAUSE:` markers of the leak programs have one parser, the integration tests' own.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from targets import marked_causes  # noqa: E402, F401 (re-exported for the unit tests)
+
+LEAKS = Path(__file__).resolve().parents[1] / "programs" / "leaks"
+ALL_CAUSES = LEAKS / "all_causes.py"
 PID = 100
 FILE = "/srv/app/handlers.py"  # a user file: not stdlib, not site-packages, not cmtrace
 
