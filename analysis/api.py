@@ -12,9 +12,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmtrace.analysis.calls import CallLog
-from cmtrace.analysis.causes import Context, Verdict, classify, refine_close, with_frame
-from cmtrace.analysis.code import Frame, SourceIndex, frames_by_stack, innermost_user
+from cmtrace.analysis.causes import (
+    CloseStack,
+    Context,
+    Verdict,
+    classify,
+    close_death,
+    runs_exit,
+    runs_finalizer,
+    winds_loop_down,
+)
+from cmtrace.analysis.code import SourceIndex
 from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
+from cmtrace.analysis.stacks import Stacks
 from cmtrace.trace import schema
 from cmtrace.trace.reader import RawTrace, event_parts, read_event_part, read_events, read_trace
 
@@ -47,7 +57,6 @@ class Trace:
         self.raw = raw
         self.path = raw.path
         self.meta = raw.meta
-        self.stacks = raw.stacks
         self.sources = raw.sources
         self.preexisting = raw.preexisting
         self.snapshot = raw.snapshot
@@ -117,8 +126,14 @@ class Trace:
         return read_events(self.path, columns=None).to_pandas()
 
     @cached_property
-    def frames(self) -> dict[int, list[Frame]]:
-        return frames_by_stack(self.stacks)
+    def stacks(self) -> pd.DataFrame:
+        """Frames per stack id (schema.STACK_FRAMES), as recorded."""
+        return self.raw.stacks.cast(schema.STACK_FRAMES).to_pandas()
+
+    @cached_property
+    def frames(self) -> Stacks:
+        """Stack id -> frames (`.get(stack_id, [])`), held as columns (cmtrace.analysis.stacks)."""
+        return Stacks(self.raw.stacks)
 
     @property
     def child_pids(self) -> set[int]:
@@ -141,37 +156,73 @@ class Trace:
     def _refine_deaths(self, fds: pd.DataFrame) -> None:
         """Split explicit closes into exit / close / finalizer / loop-shutdown by close stack.
 
-        Decided once per distinct close stack; only rows whose death changes are written.
+        The per-frame facts are decided once per distinct frame and spread to stacks as
+        columns; the decision is made once per distinct (innermost frame, facts), and only
+        rows whose death changes are written.
         """
         rows = np.flatnonzero((fds["death"] == schema.OP_CLOSE).to_numpy())
-        stacks = fds["close_stack"].to_numpy()[rows]
-        distinct = pd.unique(stacks)
-        refined = np.array(
-            [refine_close(self.frames.get(int(s), []), self.src) for s in distinct], dtype=object
-        )
-        per_row = refined[pd.Index(distinct).get_indexer(stacks)] if len(rows) else refined
+        if not len(rows):
+            return
+        stacks = self.frames
+        number, distinct = pd.factorize(fds["close_stack"].to_numpy()[rows])
+        position = stacks.positions(np.asarray(distinct))
+        recorded = position >= 0
+        at = np.where(recorded, position, 0)
+
+        def spread(per_stack: np.ndarray, fill) -> np.ndarray:
+            return (
+                np.where(recorded, per_stack[at], fill)
+                if len(per_stack)
+                else np.full(len(at), fill)
+            )
+
+        inner = spread(stacks.innermost(), -1)
+        facts = [
+            spread(stacks.any_frame(stacks.frame_facts(name, test)), False)
+            for name, test in (
+                ("loop_shutdown", lambda f: winds_loop_down(f, self.src)),
+                ("exit", runs_exit),
+                ("finalizer", runs_finalizer),
+            )
+        ]
+        key = inner.astype(np.int64) * 8 + facts[0] * 4 + facts[1] * 2 + facts[2]
+        group, keys = pd.factorize(key)
+        refined = np.array([self._close_death(int(k)) for k in keys], dtype=object)
+        per_row = refined[group][number]
         changed = per_row != schema.OP_CLOSE
         if changed.any():
             column = fds.columns.get_loc("death")
             fds.iloc[rows[changed], column] = per_row[changed]
 
+    def _close_death(self, key: int) -> str:
+        """close_death of a key of _refine_deaths: innermost frame code * 8 + three facts."""
+        code = key // 8
+        close = CloseStack(
+            inner=self.frames.frame(code) if code >= 0 else None,
+            loop_shutdown=bool(key & 4),
+            in_exit=bool(key & 2),
+            in_finalizer=bool(key & 1),
+        )
+        return close_death(close, self.src)
+
     def _add_sites(self, fds: pd.DataFrame) -> None:
         """Site (innermost user frame) and with statement of every open stack.
 
-        Computed once per distinct stack and spread with categorical codes: millions of rows
-        share a handful of stacks, and categoricals keep filtering cheap.
+        Computed per distinct stack from the stack columns and spread with categorical codes:
+        millions of rows share their stacks, and categoricals keep filtering cheap.
         """
-        position, stacks = pd.factorize(fds["open_stack"].to_numpy())
+        position, distinct = pd.factorize(fds["open_stack"].to_numpy())
+        stacks = self.frames
+        where = stacks.positions(np.asarray(distinct))
+        recorded = where >= 0
+        at = np.where(recorded, where, 0)
         cells = []
-        for stack in stacks:
-            frames = self.frames.get(int(stack), [])
-            site = _site_frame(frames)
-            cells.append(_frame_cells(site) + _frame_cells(with_frame(frames, self.src)))
-        for i, column in enumerate(SITE_COLUMNS + WITH_COLUMNS):
-            per_stack = [row[i] for row in cells]
+        for per_stack in (stacks.site_frames(), stacks.with_frames(self.src)):
+            codes = np.where(recorded, per_stack[at], -1) if len(per_stack) else where
+            cells.extend(stacks.frame_cells(codes))
+        for column, per_stack in zip(SITE_COLUMNS + WITH_COLUMNS, cells):
             if column.endswith("_line"):
-                values = np.array([np.nan if v is None else v for v in per_stack], dtype=float)
-                fds[column] = pd.array(values[position], dtype="Int64")
+                fds[column] = pd.array(per_stack[position], dtype="Int64")
             else:
                 categories = pd.Categorical(per_stack)
                 fds[column] = pd.Categorical.from_codes(
@@ -179,38 +230,55 @@ class Trace:
                 )
 
     def _add_causes(self, fds: pd.DataFrame) -> None:
-        """cause, fix and evidence of every leak: one verdict per (open stack, pid, still open),
-        spread as categoricals (millions of rows share a few verdicts)."""
+        """cause, fix and evidence of every leak, spread as categoricals.
+
+        One verdict per evidence group (open stack, pid, still open), where the pid is kept
+        only when evidence is known per process (the end snapshot for an fd still open, --calls
+        where it fired): 10,000 fds leaked by one line in 100 processes cost one verdict.
+        """
         leaks = np.flatnonzero(fds["leak"].to_numpy())
-        keys = list(
-            zip(
-                fds["open_stack"].to_numpy()[leaks].tolist(),
-                fds["pid"].to_numpy()[leaks].tolist(),
-                fds["died_ns"].isna().to_numpy()[leaks].tolist(),
-            )
-        )
-        verdicts = self._verdicts(fds, set(keys)) if len(leaks) else {}
+        keys = self._evidence_keys(fds, leaks)
+        verdicts = self._verdicts(fds, leaks, keys) if len(leaks) else {}
+        distinct = list(dict.fromkeys(keys))
+        number = {key: i for i, key in enumerate(distinct)}
+        group = np.array([number[key] for key in keys], dtype=np.int64)
         for column, value in (
             ("cause", lambda v: v.cause),
             ("fix", lambda v: v.fix),
             ("evidence", lambda v: "; ".join(v.evidence)),
         ):
-            texts = [value(verdicts[k]) for k in keys]
-            categories = pd.Index(sorted(set(texts)), dtype=object)
+            texts = np.array([value(verdicts[k]) for k in distinct], dtype=object)
+            categories = pd.Index(sorted(set(texts.tolist())), dtype=object)
             codes = np.full(len(fds), -1, dtype=np.int32)
-            codes[leaks] = categories.get_indexer(texts)
+            codes[leaks] = categories.get_indexer(texts)[group] if len(leaks) else []
             fds[column] = pd.Categorical.from_codes(codes, categories=categories)
 
-    def _verdicts(self, fds: pd.DataFrame, keys: set[tuple]) -> dict[tuple, Verdict]:
+    def _evidence_keys(self, fds: pd.DataFrame, leaks: np.ndarray) -> list[tuple]:
+        """(open stack, pid or -1, still open) of each leaked row (see _add_causes)."""
+        stacks = fds["open_stack"].to_numpy()[leaks].tolist()
+        pids = fds["pid"].to_numpy()[leaks].tolist()
+        still_open = fds["died_ns"].isna().to_numpy()[leaks].tolist()
+        per_process = set(self._still_running())
+        with_calls = set(self.calls.pids) if self.calls else set()
+        return [
+            (stack, pid if (open_ and pid in per_process) or pid in with_calls else -1, open_)
+            for stack, pid, open_ in zip(stacks, pids, still_open)
+        ]
+
+    def _verdicts(
+        self, fds: pd.DataFrame, leaks: np.ndarray, keys: list[tuple]
+    ) -> dict[tuple, Verdict]:
         siblings = self._sibling_deaths(fds)
         running = self._still_running()
         verdicts: dict[tuple, Verdict] = {}
-        opened = self._one_birth_per_key(fds, keys) if self.calls else {}
-        for stack, pid, open_at_end in keys:
+        opened = self._one_birth_per_key(fds, leaks, keys) if self.calls else {}
+        distinct = list(dict.fromkeys(keys))
+        sites = self._site_keys(np.array([stack for stack, _, _ in distinct], dtype=np.int64))
+        for (stack, pid, open_at_end), site in zip(distinct, sites):
             ctx = Context(
                 still_running=running.get(pid, {}) if open_at_end else {},
                 snapshot_taken=self.snapshot is not None,
-                sibling_deaths=siblings.get(self._site_key(stack), {}),
+                sibling_deaths=siblings.get(site, {}),
                 calls=self.calls,
                 opened=opened.get((stack, pid, open_at_end)),
             )
@@ -225,38 +293,49 @@ class Trace:
         return CallLog.from_trace(self.path, self.meta, self.frames)
 
     @staticmethod
-    def _one_birth_per_key(fds: pd.DataFrame, keys: set[tuple]) -> dict[tuple, tuple]:
+    def _one_birth_per_key(
+        fds: pd.DataFrame, leaks: np.ndarray, keys: list[tuple]
+    ) -> dict[tuple, tuple]:
         """(pid, tid, born_ns) of the first leaked fd of each verdict key: --calls evidence is
         read around one birth (the fds of one key come from the same code path)."""
-        leaked = fds[fds["leak"]]
         out: dict[tuple, tuple] = {}
-        for stack, pid, tid, born, still_open in zip(
-            leaked["open_stack"].tolist(), leaked["pid"].tolist(), leaked["tid"].tolist(),
-            leaked["born_ns"].tolist(), leaked["died_ns"].isna().tolist(),
-        ):  # fmt: skip
-            out.setdefault((stack, pid, still_open), (int(pid), int(tid), int(born)))
+        pids = fds["pid"].to_numpy()[leaks].tolist()
+        tids = fds["tid"].to_numpy()[leaks].tolist()
+        born = fds["born_ns"].to_numpy()[leaks].tolist()
+        for key, pid, tid, t in zip(keys, pids, tids, born):
+            out.setdefault(key, (int(pid), int(tid), int(t)))
         return out
 
-    def _site_key(self, stack: int) -> tuple:
-        site = _site_frame(self.frames.get(stack, []))
-        return (site.file, site.line) if site else (None, None)
+    def _site_keys(self, stack_ids: np.ndarray) -> list[tuple]:
+        """(site file, site line) of each stack, (None, None) for a stack without frames."""
+        stacks = self.frames
+        where = stacks.positions(stack_ids)
+        site = stacks.site_frames()
+        codes = np.where(where >= 0, site[np.maximum(where, 0)], -1) if len(site) else where
+        files, lines, _ = stacks.frame_cells(codes)
+        return [
+            (file, int(line)) if file is not None else (None, None)
+            for file, line in zip(files.tolist(), lines.tolist())
+        ]
 
     def _sibling_deaths(self, fds: pd.DataFrame) -> dict[tuple, dict[str, int]]:
         """(site file, line) -> how the fds opened there that did not leak died, with counts.
 
         Counted per (open stack, death) on codes, then summed per site: a site is a function
-        of the open stack, and millions of rows share a few stacks."""
+        of the open stack, and millions of rows share their stacks."""
         death = fds["death"].array
         closed = np.flatnonzero(~fds["leak"].to_numpy() & (death.codes >= 0))
         stack_number, stacks = pd.factorize(fds["open_stack"].to_numpy()[closed])
         kinds = len(death.categories)
         counts = pd.Series(stack_number * kinds + death.codes[closed]).value_counts(sort=False)
+        pairs = counts.index.to_numpy()
+        sites = self._site_keys(np.asarray(stacks, dtype=np.int64)) if len(stacks) else []
         out: dict[tuple, dict[str, int]] = {}
-        for pair, n in sorted(counts.items()):
-            file, line = self._site_key(int(stacks[pair // kinds]))
-            if file is None or line is None:
+        for pair, n in zip(pairs.tolist(), counts.to_numpy().tolist()):
+            site = sites[pair // kinds]
+            if site[0] is None:
                 continue  # fds without a site have no siblings
-            by_death = out.setdefault((file, int(line)), {})
+            by_death = out.setdefault(site, {})
             name = death.categories[pair % kinds]
             by_death[name] = by_death.get(name, 0) + int(n)
         return out
@@ -446,17 +525,6 @@ def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
         file = fill_text(fds["site_file"], NO_STACK).astype(str)
         return file + ":" + fds["site_line"].fillna(0).astype(int).astype(str)
     return fds[by].astype(str)
-
-
-def _site_frame(frames: list[Frame]) -> Frame | None:
-    """The opening site of a stack: its innermost user frame, else its innermost frame."""
-    return innermost_user(frames) or (frames[0] if frames else None)
-
-
-def _frame_cells(frame: Frame | None) -> list:
-    if frame is None:
-        return [None, None, None]
-    return [frame.file, frame.line, frame.qualname or frame.function]
 
 
 def _site_dict(file, line, function) -> dict | None:

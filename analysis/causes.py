@@ -345,30 +345,61 @@ CAUSES = tuple(cause for name, _ in _RULES for cause in (*_REFINED_BY.get(name, 
 LOOP_SHUTDOWN_FUNCTIONS = ("shutdown_asyncgens", "_cancel_all_tasks")
 
 
-def _loop_shutting_down(frames: list[Frame], src: SourceIndex) -> bool:
-    """Closed while asyncio.run() winds its loop down: its leftover tasks are cancelled and the
-    async generators nobody closed are finalized (aclose scheduled by the loop's hook)."""
-    for frame in frames:
-        if frame.function in LOOP_SHUTDOWN_FUNCTIONS and "asyncio" in frame.file:
-            return True
-        if frame.file.endswith("asyncio/runners.py") and frame.function in ("close", "run"):
-            if "shutdown_asyncgens" in (src.text(frame.file, frame.line) or ""):
-                return True
+def winds_loop_down(frame: Frame, src: SourceIndex) -> bool:
+    """Is this frame asyncio.run() winding its loop down? Its leftover tasks are cancelled and
+    the async generators nobody closed are finalized (aclose scheduled by the loop's hook)."""
+    if frame.function in LOOP_SHUTDOWN_FUNCTIONS and "asyncio" in frame.file:
+        return True
+    if frame.file.endswith("asyncio/runners.py") and frame.function in ("close", "run"):
+        return "shutdown_asyncgens" in (src.text(frame.file, frame.line) or "")
     return False
+
+
+def runs_exit(frame: Frame) -> bool:
+    return frame.function in EXIT_METHODS
+
+
+def runs_finalizer(frame: Frame) -> bool:
+    return frame.function == "__del__"
+
+
+@dataclass(frozen=True)
+class CloseStack:
+    """What decides how an explicit close happened: the close stack's innermost frame and
+    whether any of its frames winds a loop down, runs an __exit__, or runs a __del__ (the
+    predicates above, decided once per distinct frame by cmtrace.analysis.stacks)."""
+
+    inner: Frame | None  # None: no Python stack at the close
+    loop_shutdown: bool = False
+    in_exit: bool = False
+    in_finalizer: bool = False
+
+    @classmethod
+    def of(cls, frames: list[Frame], src: SourceIndex) -> CloseStack:
+        return cls(
+            inner=frames[0] if frames else None,
+            loop_shutdown=any(winds_loop_down(f, src) for f in frames),
+            in_exit=any(runs_exit(f) for f in frames),
+            in_finalizer=any(runs_finalizer(f) for f in frames),
+        )
 
 
 def refine_close(frames: list[Frame], src: SourceIndex) -> str:
     """How an explicit close happened, from its stack: exit, close, finalizer or loop-shutdown."""
-    if not frames:
+    return close_death(CloseStack.of(frames, src), src)
+
+
+def close_death(close: CloseStack, src: SourceIndex) -> str:
+    """refine_close from a close stack's facts."""
+    inner = close.inner
+    if inner is None:
         return "close"
-    functions = {f.function for f in frames}
-    if _loop_shutting_down(frames, src):
+    if close.loop_shutdown:
         return "loop-shutdown"
-    if functions & set(EXIT_METHODS):
+    if close.in_exit:
         return "exit"
-    if "__del__" in functions:
+    if close.in_finalizer:
         return "finalizer"
-    inner = frames[0]
     if src.with_at(inner.file, inner.line):
         return "exit"  # a C-level __exit__ (files, sockets) runs on the with line
     text = src.text(inner.file, inner.line) or ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import pandas as pd
 
@@ -26,7 +27,9 @@ GENERATOR_FLAGS = (
 )
 
 
+@lru_cache(maxsize=1 << 16)
 def is_user_file(file: str | None) -> bool:
+    """Decided once per file name: a deep stack asks it for every frame."""
     if not file:
         return False
     if _INSTALLED.search(file) or _CMTRACE.search(file):
@@ -58,38 +61,6 @@ class Frame:
         return {"function": self.qualname or self.function, "file": self.file, "line": self.line}
 
 
-def frames_by_stack(stacks: pd.DataFrame) -> dict[int, list[Frame]]:
-    """Stack id -> frames, innermost first (the first pid's copy when several recorded it)."""
-    if stacks is None or stacks.empty:
-        return {}
-    table = stacks.drop_duplicates(["stack_id", "depth"]).sort_values(["stack_id", "depth"])
-    out: dict[int, list[Frame]] = {}
-    columns = ["stack_id", "function", "qualname", "file", "line", "firstlineno", "code_flags"]
-    for row in table[columns].itertuples(index=False):
-        out.setdefault(int(row.stack_id), []).append(
-            Frame(
-                function=_text(row.function),
-                qualname=_text(row.qualname) or _text(row.function),
-                file=_text(row.file),
-                line=_int(row.line),
-                firstlineno=_int(row.firstlineno),
-                code_flags=_int(row.code_flags, 0),
-            )
-        )
-    return out
-
-
-def _text(value) -> str:
-    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
-
-
-def _int(value, default: int = -1) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
 def innermost_user(frames: list[Frame]) -> Frame | None:
     return next((f for f in frames if f.is_user), None)
 
@@ -115,10 +86,9 @@ class SourceIndex:
             except ValueError:
                 index.facts[file] = {}
         body = sources.loc[~has_facts, ["file", "line", "text"]]
-        index.lines = {
-            (f, int(n)): (t if isinstance(t, str) else "")
-            for f, n, t in body.itertuples(index=False)
-        }
+        texts = body["text"].astype(object).where(body["text"].notna(), "")
+        keys = zip(body["file"].tolist(), body["line"].astype("int64").tolist())
+        index.lines = dict(zip(keys, texts.tolist()))  # columns to lists: no row objects
         return index
 
     def _load_local(self, file: str) -> None:

@@ -23,11 +23,16 @@ CORE_EVENT_COLUMNS = (
 )  # fmt: skip
 
 
+# Text columns of stacks/ read dictionary-encoded: millions of frame rows repeat a few thousand
+# function names and files.
+STACK_TEXT_COLUMNS = ("function", "qualname", "file")
+
+
 @dataclass
 class RawTrace:
     path: Path
     meta: dict
-    stacks: pd.DataFrame
+    stacks: pa.Table  # STACK_FRAMES with STACK_TEXT_COLUMNS dictionary-encoded (read_stacks)
     sources: pd.DataFrame
     preexisting: pd.DataFrame
     snapshot: dict | None  # end-of-trace thread stacks, when the recorder wrote them
@@ -40,7 +45,7 @@ def read_trace(path: str | Path) -> RawTrace:
     return RawTrace(
         path=path,
         meta=meta,
-        stacks=read_table(path / "stacks", schema.STACK_FRAMES).to_pandas(),
+        stacks=read_stacks(path),
         sources=read_table(path / "sources", schema.SOURCES).to_pandas(),
         preexisting=read_table(path / "preexisting.parquet", schema.PREEXISTING).to_pandas(),
         snapshot=_read_json(path / "snapshot.json"),
@@ -150,24 +155,41 @@ def read_events(path: Path, columns=CORE_EVENT_COLUMNS) -> pa.Table:
     return read_table(path / "events", _subset(schema.EVENTS, names))
 
 
-def read_table(path: Path, table_schema: pa.Schema) -> pa.Table:
-    """All parts of a table (a directory of parts or one file); the empty table when absent."""
+def read_stacks(path: Path) -> pa.Table:
+    """stacks/ (STACK_FRAMES), its STACK_TEXT_COLUMNS as dictionary<int32, string>; one
+    dictionary per column over all parts. `.cast(schema.STACK_FRAMES)` gives plain strings."""
+    encoded = pa.schema(
+        [
+            pa.field(f.name, pa.dictionary(pa.int32(), pa.string()))
+            if f.name in STACK_TEXT_COLUMNS
+            else f
+            for f in schema.STACK_FRAMES
+        ]
+    )
+    return read_table(path / "stacks", encoded, dictionary=STACK_TEXT_COLUMNS)
+
+
+def read_table(path: Path, table_schema: pa.Schema, dictionary: tuple = ()) -> pa.Table:
+    """All parts of a table (a directory of parts or one file); the empty table when absent.
+    Columns named in `dictionary` are read dictionary-encoded (table_schema says so too)."""
     if path.is_dir():
         files = sorted(p for p in path.glob("*.parquet") if not p.name.startswith("."))
     elif path.is_file():
         files = [path]
     else:
         files = []
-    tables = [_read_part(f, table_schema) for f in files]
+    tables = [_read_part(f, table_schema, dictionary) for f in files]
     tables = [t for t in tables if t.num_rows] or [table_schema.empty_table()]
     table = pa.concat_tables(tables)
     return table.unify_dictionaries()
 
 
-def _read_part(file: Path, table_schema: pa.Schema) -> pa.Table:
+def _read_part(file: Path, table_schema: pa.Schema, dictionary: tuple = ()) -> pa.Table:
     try:
         present = pq.read_schema(file).names
-        table = pq.read_table(file, columns=[n for n in table_schema.names if n in present])
+        names = [n for n in table_schema.names if n in present]
+        encoded = [n for n in names if n in dictionary] or None
+        table = pq.read_table(file, columns=names, read_dictionary=encoded)
     except (OSError, pa.ArrowException) as exc:
         raise TraceError(
             f"{file} is not readable Parquet ({exc}): the trace is corrupt; delete that part "
