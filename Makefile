@@ -12,11 +12,12 @@ RUFF := $(VENV)/bin/ruff
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-k doctor'
 PYTEST_ARGS ?=
 
-.PHONY: help root setup install uninstall demo interpreters test pytest vm-test bench lint
+.PHONY: help root setup install uninstall demo interpreters test pytest unit vm-test bench lint
 
 help:
 	@echo "make demo          set up, then trace the built-in leaking demo program"
 	@echo "make test          set up, install test interpreters, run the tests, then the VM stage"
+	@echo "make unit          the unit tests only: seconds, no root, no set-up (PYTHON=... to choose)"
 	@echo "make install       set up only (apt packages, headers link, tracefs, $(VENV), /usr/local/bin/cmtrace)"
 	@echo "make uninstall     remove what the set-up created (recorded in /opt/cmtrace/installed.txt)"
 	@echo "make interpreters  install the CPython builds the tests run on (/opt/cmtrace/pythons)"
@@ -53,6 +54,12 @@ test: setup interpreters
 
 pytest: setup interpreters
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS) tests/
+
+# The unit layer (tests/unit): pure Python over hand-built tables and the saved traces in
+# tests/data, so no root, no BPF and no set-up run. It tests this checkout's code, wherever it is
+# (tests/conftest.py), with any Python that has the dependencies: make unit PYTHON=python3.
+unit:
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests/unit
 
 vm-test: root
 	@scripts/vm/vm-test.sh
