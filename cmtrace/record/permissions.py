@@ -535,27 +535,31 @@ def check_filter_install(filter_errno: int) -> Verdict:
     )
 
 
+def seccomp_verdicts(me: ProcStatus, probe: bool | None) -> list[Verdict]:
+    """Whether a seccomp filter on us lets ptrace (and installing run mode's filter) through.
+    probe: True always tries, None only when a filter is present (nothing else can say)."""
+    if not (probe or (probe is None and me.seccomp != 0)):
+        return [check_seccomp(me)]
+    seize_errno, filter_errno = probe_run()
+    if seize_errno != 0:
+        return [check_seccomp(me, seize_errno)]
+    return [check_seccomp(me, seize_errno), check_filter_install(filter_errno)]
+
+
 def ptrace_run_access(proc: Path = PROC, probe: bool | None = None) -> Access:
     """Run mode: the engine forks the command and seizes it. Only a seccomp filter on us or
     Yama >= 2 stands in the way. probe: True always tries, None only when a filter is present
     (nothing else can say), False never."""
     me = read_status("self", proc)
     verdicts = [check_yama(me, yama_scope(proc), "run")]
-    if probe or (probe is None and me.seccomp != 0):
-        seize_errno, filter_errno = probe_run()
-        verdicts.append(check_seccomp(me, seize_errno))
-        if seize_errno == 0:
-            verdicts.append(check_filter_install(filter_errno))
-    else:
-        verdicts.append(check_seccomp(me))
+    verdicts += seccomp_verdicts(me, probe)
     if me.uid.effective != 0 and not me.has_cap(CAP_SYS_ADMIN):
         verdicts.append(
             Verdict(
                 "no_new_privs",
                 INFO,
-                "the command runs with no_new_privs (the "
-                "seccomp filter needs it): setuid programs it starts do not "
-                "gain privileges",
+                "the command runs with no_new_privs (the seccomp filter needs it): "
+                "setuid programs it starts do not gain privileges",
             )
         )
     return Access("ptrace", "run", tuple(verdicts))
@@ -573,13 +577,13 @@ def ptrace_attach_access(pid: int, proc: Path = PROC, probe: bool | None = None)
         me = dataclasses.replace(me, cap_eff=me.cap_eff & ~(1 << CAP_SYS_PTRACE))
     verdicts = [
         check_yama(me, yama_scope(proc), "attach"),
-        check_seccomp(me),
+        seccomp_verdicts(me, probe)[0],
         check_credentials(me, target),
         check_capability_subset(me, target),
         check_dumpable(me, target, is_dumpable(target, dump_owner(pid, proc))),
         check_existing_tracer(target, proc),
     ]
-    undecided = me.seccomp != 0 or verdicts[0].short == "ptrace_scope 1"
+    undecided = verdicts[0].short == "ptrace_scope 1" or verdicts[1].status == WARN
     if probe or (probe is None and undecided):
         verdicts = reconcile(verdicts, probe_seize(pid))
     return Access("ptrace", "attach", tuple(verdicts))

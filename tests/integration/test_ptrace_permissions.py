@@ -233,3 +233,52 @@ def test_in_a_user_namespace_sandbox_auto_picks_ptrace():
 def test_root_in_the_initial_namespace_gets_bpf_and_the_kernel_agrees():
     out = json.loads(run_python("root", CMTRACE_PYTHON, SANDBOX))
     assert (out["bpf_errno"], out["backend"], out["reason"]) == (0, "bpf", "backend bpf")
+
+
+# A container-like sandbox: a seccomp filter that makes ptrace(2) fail with EPERM (as Docker's
+# profile did before 4.8), installed under no_new_privs, then exec of argv[1:]. x86_64 numbers.
+NO_PTRACE_FILTER = textwrap.dedent(
+    """
+    import ctypes, os, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    code = [(0x20, 0, 0, 0),            # A = seccomp_data.nr
+            (0x15, 0, 1, 101),          # A == __NR_ptrace ?
+            (0x06, 0, 0, 0x00050001),   #   SECCOMP_RET_ERRNO | EPERM
+            (0x06, 0, 0, 0x7FFF0000)]   # SECCOMP_RET_ALLOW
+    insns = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in code))
+    prog = ctypes.create_string_buffer(struct.pack("HxxxxxxQ", len(code), ctypes.addressof(insns)))
+    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+    assert libc.prctl(22, 2, prog, 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
+    os.execv(sys.argv[1], sys.argv[1:])
+    """
+)
+FILTERED_VERDICTS = textwrap.dedent(
+    """
+    import json, sys
+    from cmtrace.record import permissions
+    run = permissions.ptrace_run_access()  # probes: a filter is installed
+    attach = permissions.ptrace_attach_access(int(sys.argv[1]))
+    print(json.dumps({name: [access.allowed, access.denial and access.denial.short]
+                      for name, access in (("run", run), ("attach", attach))}))
+    """
+)
+
+
+def test_a_seccomp_filter_refusing_ptrace_is_found_by_the_probe():
+    with sleeper("root") as target:
+        filtered = [TARGET_PYTHON, "-c", NO_PTRACE_FILTER]
+        truth = run_python(
+            "root", filtered[0], filtered[2], TARGET_PYTHON, "-c", SEIZE, str(target.pid)
+        )
+        out = run_python(
+            "root",
+            filtered[0],
+            filtered[2],
+            CMTRACE_PYTHON,
+            "-c",
+            FILTERED_VERDICTS,
+            str(target.pid),
+        )
+    assert int(truth) == EPERM  # the filter works: root itself cannot seize
+    refused = [False, "ptrace blocked by seccomp"]
+    assert json.loads(out) == {"run": refused, "attach": refused}
