@@ -330,13 +330,14 @@ class Trace:
         counts = pd.Series(stack_number * kinds + death.codes[closed]).value_counts(sort=False)
         pairs = counts.index.to_numpy()
         sites = self._site_keys(np.asarray(stacks, dtype=np.int64)) if len(stacks) else []
+        names = death.categories.tolist()
         out: dict[tuple, dict[str, int]] = {}
         for pair, n in zip(pairs.tolist(), counts.to_numpy().tolist()):
             site = sites[pair // kinds]
             if site[0] is None:
                 continue  # fds without a site have no siblings
             by_death = out.setdefault(site, {})
-            name = death.categories[pair % kinds]
+            name = names[pair % kinds]
             by_death[name] = by_death.get(name, 0) + int(n)
         return out
 

@@ -36,13 +36,14 @@ class Stacks:
     def __init__(self, table: pa.Table | None):
         table = _as_arrow(table)
         stack_id, depth, text_codes, texts, numbers = _columns(table)
+        # Frame codes first, on the rows as read, so that reordering moves one int32 column.
+        row_frame, first_row = _frame_codes([*text_codes.values(), *numbers.values()])
         order = _stack_order(stack_id, depth)
         if order is not None:
-            stack_id, numbers = stack_id[order], {k: v[order] for k, v in numbers.items()}
-            text_codes = {k: v[order] for k, v in text_codes.items()}
+            stack_id, row_frame = stack_id[order], row_frame[order]
         self.ids, self.starts = _stack_starts(stack_id)
+        self.row_frame = row_frame
         del stack_id, depth
-        self.row_frame, first_row = _frame_codes([*text_codes.values(), *numbers.values()])
         self.files = np.asarray(texts["file"], dtype=object)
         self.frame_file = text_codes["file"][first_row]
         self.frame_line = numbers["line"][first_row]
