@@ -25,6 +25,7 @@ import errno
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -535,6 +536,26 @@ def check_filter_install(filter_errno: int) -> Verdict:
     )
 
 
+def check_engine() -> Verdict:
+    """The ptrace backend runs a C helper: installed with cmtrace, or built on first use, which
+    needs a C compiler (the same lookup as engine.build)."""
+    from cmtrace.record.ptrace import engine  # noqa: PLC0415 (only the ptrace checks need it)
+
+    installed = Path(engine.__file__).with_name(engine.BINARY)
+    if os.access(installed, os.X_OK):
+        return Verdict("engine", OK, f"{installed}")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler:
+        return Verdict("engine", OK, f"built from engine.c on first use with {compiler}")
+    return Verdict(
+        "engine",
+        FAIL,
+        "the ptrace engine is not installed and no C compiler can build it",
+        "install gcc (or set CC) and retry, or reinstall cmtrace with a compiler present",
+        "no ptrace engine",
+    )
+
+
 def seccomp_verdicts(me: ProcStatus, probe: bool | None) -> list[Verdict]:
     """Whether a seccomp filter on us lets ptrace (and installing run mode's filter) through.
     probe: True always tries, None only when a filter is present (nothing else can say)."""
@@ -551,7 +572,7 @@ def ptrace_run_access(proc: Path = PROC, probe: bool | None = None) -> Access:
     Yama >= 2 stands in the way. probe: True always tries, None only when a filter is present
     (nothing else can say), False never."""
     me = read_status("self", proc)
-    verdicts = [check_yama(me, yama_scope(proc), "run")]
+    verdicts = [check_engine(), check_yama(me, yama_scope(proc), "run")]
     verdicts += seccomp_verdicts(me, probe)
     if me.uid.effective != 0 and not me.has_cap(CAP_SYS_ADMIN):
         verdicts.append(
@@ -578,12 +599,13 @@ def ptrace_attach_access(pid: int, proc: Path = PROC, probe: bool | None = None)
     verdicts = [
         check_yama(me, yama_scope(proc), "attach"),
         seccomp_verdicts(me, probe)[0],
+        check_engine(),
         check_credentials(me, target),
         check_capability_subset(me, target),
         check_dumpable(me, target, is_dumpable(target, dump_owner(pid, proc))),
         check_existing_tracer(target, proc),
     ]
-    undecided = verdicts[0].short == "ptrace_scope 1" or verdicts[1].status == WARN
+    undecided = any(v.check in GUESSED and v.status in (FAIL, WARN) for v in verdicts)
     if probe or (probe is None and undecided):
         verdicts = reconcile(verdicts, probe_seize(pid))
     return Access("ptrace", "attach", tuple(verdicts))

@@ -274,6 +274,19 @@ def test_seccomp_check_uses_the_probe_when_a_filter_is_installed():
     assert refused.status == FAIL and "EPERM" in refused.reason
 
 
+def test_engine_needs_an_installed_binary_or_a_compiler(monkeypatch, tmp_path: Path):
+    from cmtrace.record.ptrace import engine
+
+    if (Path(engine.__file__).parent / engine.BINARY).exists():
+        pytest.skip("an installed engine binary is found whatever the compiler")
+    monkeypatch.setenv("CC", "/usr/bin/some-cc")
+    assert permissions.check_engine().status == OK
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
+    verdict = permissions.check_engine()
+    assert (verdict.status, verdict.short) == (FAIL, "no ptrace engine") and "gcc" in verdict.fix
+
+
 def test_reconcile_lets_the_probe_overrule_a_guess():
     scope1 = permissions.Verdict("ptrace_scope", FAIL, "scope 1", "fix", "ptrace_scope 1")
     allowed = permissions.reconcile([scope1], 0)
