@@ -33,6 +33,7 @@ from pathlib import Path
 
 from cmtrace.errors import TargetError
 from cmtrace.record import environment
+from cmtrace.record.procfs import PF_KTHREAD
 
 PROC = Path("/proc")
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"  # the statuses of cmtrace doctor
@@ -42,7 +43,6 @@ CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
-PF_KTHREAD = 0x00200000  # /proc/PID/stat flags: a kernel thread
 
 # What to tell the user, by situation (one wording, used by every check and by choose.py).
 FIX_SUDO = "run cmtrace with sudo"
@@ -401,7 +401,6 @@ def check_existing_tracer(target: ProcStatus, proc: Path = PROC) -> Verdict:
 
 
 # ---- probes: the kernel's own answer ---------------------------------------------------------
-PTRACE_SEIZE = 0x4206
 # Runs in a throwaway interpreter so a seccomp filter that kills on ptrace kills only the probe.
 # argv[1] = pid to seize, or 0: fork a child that installs an allow-all seccomp filter under
 # NO_NEW_PRIVS (what run mode's child does) and seize that child. Prints "seize filter" errnos.
@@ -419,6 +418,7 @@ if pid == 0:
         prog = struct.pack("HxxxxxxQ", 1, ctypes.addressof(insn))
         buf = ctypes.create_string_buffer(prog, len(prog))
         err = 0
+        # PR_SET_NO_NEW_PRIVS, then PR_SET_SECCOMP with SECCOMP_MODE_FILTER (RET_ALLOW only)
         if libc.prctl(38, 1, None, 0, 0) != 0 or libc.prctl(22, 2, buf, 0, 0) != 0:
             err = ctypes.get_errno()
         os.write(w, b"%d\n" % err)
@@ -428,7 +428,7 @@ if pid == 0:
     child = pid
 else:
     child = None
-rc = libc.ptrace(0x4206, pid, None, None)
+rc = libc.ptrace(0x4206, pid, None, None)  # PTRACE_SEIZE, no options: the target runs on
 seize_errno = 0 if rc == 0 else ctypes.get_errno()
 if child is not None:
     os.kill(child, signal.SIGKILL)

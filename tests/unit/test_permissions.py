@@ -24,6 +24,7 @@ from cmtrace.record.permissions import (
     INFO,
     OK,
 )
+from cmtrace.record.procfs import PF_KTHREAD
 
 ALL_CAPS = (1 << 41) - 1
 IDENTITY_MAP = "         0          0 4294967295\n"
@@ -320,7 +321,7 @@ def test_attach_to_own_dumpable_process_is_allowed(proc: FakeProc):
 
 def test_attach_refuses_kernel_threads_and_missing_pids(proc: FakeProc):
     proc.me(0, cap_eff=ALL_CAPS)
-    proc.process(2, status_text(2, (0,)), flags=permissions.PF_KTHREAD, comm="kthreadd")
+    proc.process(2, status_text(2, (0,)), flags=PF_KTHREAD, comm="kthreadd")
     with pytest.raises(TargetError, match="kernel thread"):
         permissions.ptrace_attach_access(2, proc.root, probe=False)
     with pytest.raises(TargetError, match="no process") as info:
