@@ -91,7 +91,10 @@ def at(text: str, nth: int = 0) -> int:
 
 
 def frame(function: str, line: int, file: str = APP, flags: int = 0, qualname: str = "") -> Frame:
-    return Frame(function, qualname or function, file, line, line, flags)
+    return Frame(
+        function=function, qualname=qualname or function, file=file, line=line,
+        firstlineno=line, code_flags=flags,
+    )  # fmt: skip
 
 
 MAIN = "main"
