@@ -1,94 +1,32 @@
-"""`cmtrace export --format perfetto`: fd lifetimes as Chrome trace-event JSON.
-
-One track per pid/thread; each fd an async slice from birth to death named by its opening site,
-which the Perfetto UI (ui.perfetto.dev) and chrome://tracing open.
-"""
+"""`cmtrace export --format perfetto`: fd lifetimes for other tools (cmtrace.present.perfetto)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
-from pathlib import Path
 
-import pandas as pd
+from cmtrace.analysis import load
+from cmtrace.cli.common import add_output_option, add_trace_argument, write_output
+from cmtrace.errors import EXIT_OK
+from cmtrace.present.perfetto import render_perfetto
 
-from cmtrace.analysis import Trace, load
-from cmtrace.errors import EXIT_OK, UsageError
-
-CATEGORY = "fd"
+# --format value -> renderer; one format today, the option is there for the next.
+RENDERERS = {"perfetto": render_perfetto}
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
         help="export fd lifetimes for other tools (Perfetto)",
         description="Chrome trace-event JSON with one async slice per fd lifetime.",
     )
-    parser.add_argument("trace", metavar="TRACE")
-    parser.add_argument("--format", choices=("perfetto",), default="perfetto")
-    parser.add_argument("-o", "--output", metavar="FILE", help="default: stdout")
+    add_trace_argument(parser)
+    parser.add_argument(
+        "--format", choices=tuple(RENDERERS), default="perfetto", help="default: perfetto"
+    )
+    add_output_option(parser, help="default: stdout")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    text = json.dumps(perfetto_trace(load(args.trace)), separators=(",", ":"))
-    if args.output:
-        try:
-            Path(args.output).write_text(text)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output} ({exc.strerror})") from None
-    else:
-        sys.stdout.write(text + "\n")
+    write_output(RENDERERS[args.format](load(args.trace)), args.output)
     return EXIT_OK
-
-
-def _label(row) -> str:
-    if row.site_file is None or pd.isna(row.site_file):
-        return f"{row.kind} fd {row.fd}"
-    return f"{os.path.basename(str(row.site_file))}:{int(row.site_line)} {row.site_function}"
-
-
-def _us(ns: float) -> float:
-    return round(float(ns) / 1000.0, 3)
-
-
-def perfetto_trace(trace: Trace) -> dict:
-    """The trace-event document: metadata names, then a b/e pair per fd lifetime."""
-    fds = trace.fds[~trace.fds["preexisting"]]
-    events: list[dict] = []
-    commands = {
-        int(t["pid"]): " ".join(t.get("cmdline") or []) or str(t["pid"])
-        for t in trace.meta.get("targets", [])
-        if isinstance(t, dict) and "pid" in t
-    }
-    for pid in sorted(set(fds["pid"].astype(int))):
-        name = commands.get(pid, f"pid {pid}")
-        events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": pid,
-                       "args": {"name": name}})  # fmt: skip
-    for pid, tid in sorted(set(zip(fds["pid"].astype(int), fds["tid"].astype(int)))):
-        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                       "args": {"name": f"thread {tid}"}})  # fmt: skip
-    end = trace.end_ns
-    for life_id, row in zip(fds.index, fds.itertuples(index=False)):
-        name = _label(row)
-        died = end if pd.isna(row.died_ns) else int(row.died_ns)
-        ident = f"0x{int(life_id):x}"
-        common = {"cat": CATEGORY, "name": name, "id": ident, "pid": int(row.pid),
-                  "tid": int(row.tid)}  # fmt: skip
-        args = {
-            "fd": int(row.fd),
-            "kind": None if pd.isna(row.kind) else str(row.kind),
-            "path": None if pd.isna(row.path) else str(row.path),
-            "death": None if pd.isna(row.death) else str(row.death),
-            "leak": bool(row.leak),
-            "cause": None if row.cause is None or pd.isna(row.cause) else str(row.cause),
-        }
-        events.append({**common, "ph": "b", "ts": _us(max(int(row.born_ns), 0)), "args": args})
-        events.append({**common, "ph": "e", "ts": _us(max(died, int(row.born_ns), 0))})
-    return {
-        "traceEvents": events,
-        "displayTimeUnit": "ms",
-        "otherData": {"cmtrace_trace": str(trace.path), "lost_events": trace.lost_events},
-    }

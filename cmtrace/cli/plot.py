@@ -1,38 +1,34 @@
-"""`cmtrace plot`: one figure with three panels that show where fds pile up.
-
-1. live fds over time, stacked by opening site: the leak is the band that keeps rising;
-2. fd lifetime histogram per site (closed fds), log scale;
-3. leak rate per site (leaked fds per second of trace).
-"""
+"""`cmtrace plot`: the trace's figure (cmtrace.present.plot) as PNG, SVG or PDF."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from cmtrace.analysis import Trace, load, read_exclude_file
+from cmtrace.analysis import load
+from cmtrace.cli.common import (
+    add_exclude_option,
+    add_output_option,
+    add_top_option,
+    add_trace_argument,
+    exclude_patterns,
+    write_output,
+)
 from cmtrace.errors import EXIT_OK, UsageError
-
-TOP_SITES = 6
-FORMATS = ("png", "svg", "pdf")
+from cmtrace.present.plot import FORMATS, TOP_SITES, render_image
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plot",
         help="plot live fds per site, lifetimes and leak rates",
         description="One figure: live fds over time by site, lifetime histogram, leak rate.",
     )
-    parser.add_argument("trace", metavar="TRACE")
-    parser.add_argument(
-        "-o", "--output", metavar="FILE", help="FILE.png or FILE.svg (default: PNG on stdout)"
-    )
-    parser.add_argument("--top", type=int, default=TOP_SITES, metavar="N", help="sites drawn")
-    parser.add_argument("--exclude", metavar="FILE", help="file of site patterns to ignore")
+    add_trace_argument(parser)
+    add_output_option(parser, help="FILE.png, FILE.svg or FILE.pdf (default: PNG on stdout)")
+    add_top_option(parser, default=TOP_SITES, help="sites drawn")
+    add_exclude_option(parser)
     parser.set_defaults(func=run)
 
 
@@ -40,122 +36,16 @@ def run(args: argparse.Namespace) -> int:
     fmt = _format_of(args.output)
     if args.output is None and sys.stdout.isatty():
         raise UsageError("refusing to write an image to a terminal: give -o FILE.png")
-    exclude = read_exclude_file(args.exclude) if args.exclude else None
-    figure = make_figure(load(args.trace), top=args.top, exclude=exclude)
-    if args.output:
-        try:
-            figure.savefig(args.output, format=fmt, dpi=110)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.output} ({exc.strerror})") from None
-    else:
-        figure.savefig(sys.stdout.buffer, format=fmt, dpi=110)
+    image = render_image(load(args.trace), fmt, top=args.top, exclude=exclude_patterns(args))
+    write_output(image, args.output)
     return EXIT_OK
 
 
 def _format_of(output: str | None) -> str:
+    """The image format -o names by its suffix (PNG on stdout)."""
     if output is None:
         return "png"
     suffix = Path(output).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise UsageError(f"-o {output}: name the file .png, .svg or .pdf")
     return suffix
-
-
-def _short(label: str, width: int = 48) -> str:
-    """file:line with the directories trimmed so the legend stays readable."""
-    file, _, line = label.rpartition(":")
-    name = os.path.basename(file) or file
-    parent = os.path.basename(os.path.dirname(file))
-    text = f"{parent}/{name}:{line}" if parent else f"{name}:{line}"
-    return text if len(text) <= width else "..." + text[-width + 3 :]
-
-
-def make_figure(trace: Trace, top: int = TOP_SITES, exclude: list[str] | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sites = trace.sites(exclude)
-    labels = [f"{s.site_file}:{s.site_line}" for s in sites.itertuples(index=False)][:top]
-    figure, axes = plt.subplots(
-        3, 1, figsize=(11, 12), constrained_layout=True, gridspec_kw={"height_ratios": [3, 2, 1.4]}
-    )
-    figure.suptitle(f"cmtrace: {trace.path}  ({trace.duration_s:.1f} s)", fontsize=13)
-    _live_panel(axes[0], trace, labels)
-    _lifetime_panel(axes[1], trace, labels)
-    _rate_panel(axes[2], sites.head(top))
-    return figure
-
-
-def _live_panel(ax, trace: Trace, labels: list[str]) -> None:
-    freq = f"{max(trace.end_ns // 300, 1_000_000)}ns"
-    timeline = trace.timeline(by="site", freq=freq)
-    ax.set_title("Live file descriptors by opening site (a leak keeps rising)")
-    ax.set_xlabel("time since trace start (s)")
-    ax.set_ylabel("open fds")
-    if timeline.empty or not labels:
-        ax.text(0.5, 0.5, "no fds opened during the trace", ha="center", transform=ax.transAxes)
-        return
-    seconds = timeline.index.total_seconds()
-    shown = [label for label in labels if label in timeline.columns]
-    others = timeline.drop(columns=shown).sum(axis=1)
-    series = [timeline[label].to_numpy() for label in shown]
-    names = [_short(label) for label in shown]
-    if others.any():
-        series.append(others.to_numpy())
-        names.append("other sites")
-    ax.stackplot(seconds, *series, labels=names, alpha=0.85, step="post")
-    ax.legend(loc="upper left", fontsize=8, title="site (file:line)", title_fontsize=8)
-    ax.grid(alpha=0.3)
-
-
-def _lifetime_panel(ax, trace: Trace, labels: list[str]) -> None:
-    fds = trace.fds
-    closed = fds[fds["died_ns"].notna() & ~fds["preexisting"] & ~fds["inherited"]]
-    site = (
-        closed["site_file"].astype(str)
-        + ":"
-        + closed["site_line"].fillna(0).astype(int).astype(str)
-    )
-    ax.set_title("Lifetime of closed fds per site")
-    ax.set_xlabel("lifetime (ms, log scale)")
-    ax.set_ylabel("fds")
-    durations = (closed["died_ns"].astype("float64") - closed["born_ns"]) / 1e6
-    drawn = False
-    low = max(float(durations.min()) if len(durations) else 1e-3, 1e-3)
-    high = max(float(durations.max()) if len(durations) else 1.0, low * 10)
-    bins = np.logspace(np.log10(low), np.log10(high), 40)
-    for label in labels:
-        values = durations[(site == label).to_numpy()].clip(lower=low)
-        if len(values):
-            ax.hist(values, bins=bins, histtype="step", linewidth=1.6, label=_short(label))
-            drawn = True
-    if not drawn:
-        ax.text(0.5, 0.5, "no fd of these sites was closed", ha="center", transform=ax.transAxes)
-        return
-    ax.set_xscale("log")
-    ax.legend(fontsize=8, title="site (file:line)", title_fontsize=8)
-    ax.grid(alpha=0.3)
-
-
-def _rate_panel(ax, sites) -> None:
-    ax.set_title("Leak rate per site")
-    ax.set_xlabel("leaked fds per second of trace")
-    leaking = sites[sites["leaked"] > 0]
-    if leaking.empty:
-        ax.text(0.5, 0.5, "no leaks", ha="center", transform=ax.transAxes)
-        ax.set_yticks([])
-        return
-    names = [
-        f"{_short(f'{s.site_file}:{s.site_line}')}  {s.cause or ''}"
-        for s in leaking.itertuples(index=False)
-    ][::-1]
-    rates = leaking["leaks_per_s"].to_numpy()[::-1]
-    bars = ax.barh(names, rates, color="#c0392b", height=0.5)
-    ax.set_ylim(-0.75, max(len(names), 3) - 0.25)
-    for bar, n in zip(bars, leaking["leaked"].to_numpy()[::-1]):
-        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {int(n)} leaked",
-                va="center", fontsize=8)  # fmt: skip
-    ax.tick_params(axis="y", labelsize=8)
-    ax.grid(axis="x", alpha=0.3)

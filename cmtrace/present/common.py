@@ -1,0 +1,75 @@
+"""Pieces every report format shares: the headline, the caveats, the totals line, a site's leaks.
+
+The text report, the HTML report and the end-of-recording summary print the same sentences, so
+they are written once here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from cmtrace.analysis import Trace
+from cmtrace.analysis.api import NO_STACK, fill_text
+
+# A row of Trace.sites() as itertuples() yields it (site_file, site_line, leaked, cause...).
+SiteRow = Any
+
+
+def leaks_at(leaks: pd.DataFrame, site: SiteRow) -> pd.DataFrame:
+    """The leaked lifetimes opened at `site` (same file and line; fds without a stack share
+    the NO_STACK site)."""
+    return leaks[
+        (fill_text(leaks["site_file"], NO_STACK) == site.site_file)
+        & (leaks["site_line"].fillna(0).astype(int) == int(site.site_line))
+    ]
+
+
+def headline(trace: Trace, leaks: pd.DataFrame, leaking: pd.DataFrame) -> str:
+    pids = trace.fds["pid"].nunique()
+    head = (
+        f"cmtrace: {trace.path} ({trace.status}, {trace.duration_s:.1f} s, "
+        f"{pids} process{'es' if pids != 1 else ''})"
+    )
+    if leaks.empty:
+        return head + "\nno leaked file descriptors"
+    kinds = leaks.groupby("kind", observed=True).size().sort_values(ascending=False)
+    kind_text = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return head + (
+        f"\n{len(leaks)} leaked file descriptor{'s' if len(leaks) != 1 else ''} "
+        f"({kind_text}) from {len(leaking)} site{'s' if len(leaking) != 1 else ''}"
+    )
+
+
+def caveats(trace: Trace) -> list[str]:
+    """What makes the counts less than certain: an interrupted tracer, lost events, no stacks."""
+    out = []
+    if trace.interrupted:
+        out.append(
+            "INTERRUPTED: the tracer stopped without finishing; the last second may be missing"
+        )
+    if trace.lost_events:
+        out.append(
+            f"LOST EVENTS: {trace.lost_events} events were dropped by the kernel; counts may be off"
+        )
+    reason = trace.no_python_reason
+    if reason:
+        out.append(f"no Python stacks: {reason}")
+    for target in trace.meta.get("python") or []:
+        calls = str(target.get("calls") or "")
+        if calls.startswith("not recorded"):  # --calls asked for, but this interpreter cannot
+            out.append(f"--calls in pid {target.get('pid')}: {calls}")
+    return out
+
+
+def totals(trace: Trace, sites: pd.DataFrame) -> str:
+    opened = int(sites["opened"].sum()) if not sites.empty else 0
+    leaked = int(sites["leaked"].sum()) if not sites.empty else 0
+    text = (
+        f"totals: {opened} fds opened during the trace, {opened - leaked} closed, "
+        f"{leaked} leaked; {trace.lost_events} lost events"
+    )
+    if trace.pairing.unknown_closes:
+        text += f"; {trace.pairing.unknown_closes} closes of fds opened before the trace"
+    return text

@@ -1,0 +1,150 @@
+"""The HTML report: one self-contained file (`cmtrace report --format html`).
+
+Inline CSS, inline JS (table sorting), inline SVG timelines. No network, so it can be mailed or
+attached to a ticket; strip_source leaves the code out.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+import pandas as pd
+
+from cmtrace.analysis import Trace
+from cmtrace.present.common import SiteRow, caveats, headline, leaks_at, totals
+
+_HTML_STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;width:100%}
+th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{cursor:pointer;background:#f3f3f3;user-select:none}th:after{content:" \\2195";color:#aaa}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+code,pre{font:12px/1.35 ui-monospace,monospace}pre{background:#f7f7f7;padding:6px;margin:4px 0}
+td:first-child{max-width:34em}td code{word-break:break-all}pre{white-space:pre-wrap}
+.cause{font-weight:600;color:#a40000}.warn{color:#8a5a00}.caveat{color:#a40000;font-weight:600}
+details summary{cursor:pointer;color:#0550ae}svg{vertical-align:middle}
+"""
+
+_HTML_SCRIPT = """
+document.querySelectorAll('table.sortable th').forEach(function(th){
+  th.addEventListener('click', function(){
+    var table = th.closest('table'), body = table.tBodies[0], col = th.cellIndex;
+    var rows = Array.prototype.slice.call(body.rows);
+    var asc = th.dataset.asc !== '1'; th.dataset.asc = asc ? '1' : '0';
+    rows.sort(function(a, b){
+      var x = a.cells[col].dataset.v || a.cells[col].textContent;
+      var y = b.cells[col].dataset.v || b.cells[col].textContent;
+      var nx = parseFloat(x), ny = parseFloat(y);
+      var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : x.localeCompare(y);
+      return asc ? c : -c;
+    });
+    rows.forEach(function(r){ body.appendChild(r); });
+  });
+});
+"""
+
+
+def render_html(trace: Trace, exclude: list[str] | None = None, strip_source: bool = False) -> str:
+    sites = trace.sites(exclude)
+    leaks = trace.leaks(exclude)
+    curves = _site_curves(trace)
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>cmtrace report: {escape(str(trace.path))}</title>",
+        f"<style>{_HTML_STYLE}</style></head><body>",
+        f"<h1>cmtrace report: {escape(str(trace.path))}</h1>",
+        f"<p>{escape(headline(trace, leaks, sites[sites['leaked'] > 0]))}</p>",
+    ]
+    parts += [f"<p class='caveat'>{escape(c)}</p>" for c in caveats(trace)]
+    parts.append("<h2>Sites</h2><table class='sortable' id='sites'><thead><tr>")
+    for title in ("site", "function", "leaked", "opened", "closed", "leaks/s", "cause", "kind",
+                  "live fds over time"):  # fmt: skip
+        parts.append(f"<th>{title}</th>")
+    parts.append("</tr></thead><tbody>")
+    for site in sites.itertuples(index=False):
+        parts.append(_html_site_row(trace, leaks, site, curves, strip_source))
+    parts.append("</tbody></table>")
+    warnings = trace.warnings()
+    if warnings:
+        parts.append("<h2>Warnings</h2><ul>")
+        for w in warnings:
+            where = f"{w['site']['file']}:{w['site']['line']}" if w["site"] else "no stack"
+            parts.append(
+                f"<li class='warn'>{w['count']} fds opened at <code>{escape(where)}</code> "
+                "were closed by a finalizer, not by close() or a with statement</li>"
+            )
+        parts.append("</ul>")
+    parts.append(f"<p>{escape(totals(trace, sites))}</p>")
+    parts.append(f"<script>{_HTML_SCRIPT}</script></body></html>")
+    return "".join(parts)
+
+
+def _site_curves(trace: Trace) -> dict[str, list[int]]:
+    """Live fds over time per site (about 200 samples), for the sparklines."""
+    freq = f"{max(trace.end_ns // 200, 1_000_000)}ns"
+    timeline = trace.timeline(by="site", freq=freq)
+    return {str(c): timeline[c].tolist() for c in timeline.columns}
+
+
+def _sparkline(values: list[int], width: int = 160, height: int = 36) -> str:
+    if not values:
+        return ""
+    top = max(max(values), 1)
+    step = width / max(len(values) - 1, 1)
+    points = " ".join(
+        f"{i * step:.1f},{height - 2 - v / top * (height - 14):.1f}" for i, v in enumerate(values)
+    )
+    return (
+        f"<svg width='{width}' height='{height}' role='img' aria-label='live fds, max {top}'>"
+        f"<polyline fill='none' stroke='#c00' stroke-width='1.5' points='{points}'/>"
+        f"<text x='{width - 2}' y='10' font-size='9' text-anchor='end'>max {top}</text></svg>"
+    )
+
+
+def _html_site_row(
+    trace: Trace,
+    leaks: pd.DataFrame,
+    site: SiteRow,
+    curves: dict[str, list[int]],
+    strip_source: bool,
+) -> str:
+    where = f"{site.site_file}:{site.site_line}"
+    detail = [f"<code>{escape(where)}</code>"]
+    text = None if strip_source else trace.src.text(site.site_file, int(site.site_line))
+    if text:
+        detail.append(f"<pre class='src'>{int(site.site_line):>5} | {escape(text.strip())}</pre>")
+    rows = leaks_at(leaks, site)
+    if not rows.empty:
+        first = rows.iloc[0]
+        stack = trace.user_stack(int(first["open_stack"]))
+        lines = []
+        for frame in stack:
+            line = f"{frame['file']}:{frame['line']} in {frame['function']}"
+            src = None if strip_source else trace.src.text(frame["file"], frame["line"])
+            code = f"\n      <span class='src'>{escape(src.strip())}</span>" if src else ""
+            lines.append(escape(line) + code)
+        if lines:
+            detail.append(
+                "<details><summary>opening stack</summary><pre>"
+                + "\n".join(lines)
+                + "</pre></details>"
+            )
+        if first["fix"]:
+            detail.append(f"<div>fix: {escape(str(first['fix']))}</div>")
+        paths = ", ".join(p for p in site.paths if p)
+        if paths:
+            detail.append(f"<div>paths: <code>{escape(paths)}</code></div>")
+    curve = curves.get(where, [])
+    cells = [
+        f"<td data-v='{escape(where)}'>{''.join(detail)}</td>",
+        f"<td>{escape(str(site.site_function))}</td>",
+        f"<td class='n'>{int(site.leaked)}</td>",
+        f"<td class='n'>{int(site.opened)}</td>",
+        f"<td class='n'>{int(site.closed)}</td>",
+        f"<td class='n'>{site.leaks_per_s:.2f}</td>",
+        f"<td class='cause'>{escape(str(site.cause or ''))}</td>",
+        f"<td>{escape(str(site.kind or ''))}</td>",
+        f"<td data-v='{max(curve) if curve else 0}'>{_sparkline(curve)}</td>",
+    ]
+    return "<tr>" + "".join(cells) + "</tr>"

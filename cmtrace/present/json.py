@@ -1,0 +1,102 @@
+"""The JSON report: DESIGN "Report contract" (`cmtrace report --format json`).
+
+Scripts and CI read this document: keys are added, never renamed or dropped, without a new
+REPORT_SCHEMA.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+
+from cmtrace.analysis import Trace
+
+REPORT_SCHEMA = 1
+
+
+def render_json(trace: Trace, exclude: list[str] | None = None) -> str:
+    return json.dumps(report_dict(trace, exclude=exclude), indent=1, default=_json_default)
+
+
+def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any]:
+    leaks = trace.leaks(exclude)
+    stacks = {int(s): trace.stack(int(s)) for s in leaks["open_stack"].unique()}
+    ns_pids = _namespace_pids(trace.meta)
+    out_leaks = []
+    for row in leaks.itertuples(index=False):
+        extra = {"ns_pid": ns_pids[int(row.pid)]} if int(row.pid) in ns_pids else {}
+        out_leaks.append(
+            {
+                **extra,
+                "pid": int(row.pid),
+                "tid": int(row.tid),
+                "fd": int(row.fd),
+                "kind": _value(row.kind),
+                "path": _value(row.path),
+                "opened_ns": int(row.born_ns),
+                "closed_by": _value(row.closed_by),
+                "stack": stacks.get(int(row.open_stack), []),
+                "site": _frame(row.site_file, row.site_line, row.site_function),
+                "with": _frame(row.with_file, row.with_line, row.with_function),
+                "cause": _value(row.cause),
+                "fix": _value(row.fix),
+                "evidence": _value(row.evidence),
+            }
+        )
+    sites = trace.sites(exclude)
+    return {
+        "schema": REPORT_SCHEMA,
+        "trace": {**trace.meta, "path": str(trace.path)},
+        "lost_events": trace.lost_events,
+        "interrupted": trace.interrupted,
+        "unknown_closes": trace.pairing.unknown_closes,
+        "leaks": out_leaks,
+        "warnings": trace.warnings(),
+        "sites": [
+            {
+                "file": _value(s.site_file),
+                "line": int(s.site_line),
+                "function": _value(s.site_function),
+                "leaked": int(s.leaked),
+                "opened": int(s.opened),
+                "closed": int(s.closed),
+                "leaks_per_s": round(float(s.leaks_per_s), 3),
+                "cause": _value(s.cause),
+            }
+            for s in sites.itertuples(index=False)
+        ],
+    }
+
+
+def _namespace_pids(meta: dict[str, Any]) -> dict[int, int]:
+    """host pid -> pid in its own namespace, for the targets and the followed processes met in
+    a pid namespace of their own (the leak then carries both)."""
+    return {
+        int(t["pid"]): int(t["ns_pid"])
+        for t in [*(meta.get("targets") or []), *(meta.get("processes") or [])]
+        if isinstance(t, dict) and t.get("ns_pid") not in (None, t.get("pid"))
+    }
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars as their Python value; anything else json cannot write, as text."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _value(value: Any) -> Any:
+    """A cell as JSON: missing (None, pd.NA, NaN) is null, numpy scalars become Python ones."""
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
+def _frame(file: Any, line: Any, function: Any) -> dict[str, Any] | None:
+    file = _value(file)
+    if file is None:
+        return None
+    line = _value(line)
+    return {"function": _value(function), "file": file, "line": int(line) if line else -1}

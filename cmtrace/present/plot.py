@@ -1,0 +1,135 @@
+"""`cmtrace plot`: one figure with three panels that show where fds pile up.
+
+1. live fds over time, stacked by opening site: the leak is the band that keeps rising;
+2. fd lifetime histogram per site (closed fds), log scale;
+3. leak rate per site (leaked fds per second of trace).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from cmtrace.analysis import Trace
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+TOP_SITES = 6
+FORMATS = ("png", "svg", "pdf")
+DPI = 110
+
+
+def render_image(
+    trace: Trace, fmt: str, top: int = TOP_SITES, exclude: list[str] | None = None
+) -> bytes:
+    """The figure as an image file's bytes, `fmt` one of FORMATS."""
+    buffer = io.BytesIO()
+    make_figure(trace, top=top, exclude=exclude).savefig(buffer, format=fmt, dpi=DPI)
+    return buffer.getvalue()
+
+
+def _short(label: str, width: int = 48) -> str:
+    """file:line with the directories trimmed so the legend stays readable."""
+    file, _, line = label.rpartition(":")
+    name = os.path.basename(file) or file
+    parent = os.path.basename(os.path.dirname(file))
+    text = f"{parent}/{name}:{line}" if parent else f"{name}:{line}"
+    return text if len(text) <= width else "..." + text[-width + 3 :]
+
+
+def make_figure(trace: Trace, top: int = TOP_SITES, exclude: list[str] | None = None) -> Figure:
+    # matplotlib is imported here, not at the top: it takes a second and only plot needs it.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sites = trace.sites(exclude)
+    labels = [f"{s.site_file}:{s.site_line}" for s in sites.itertuples(index=False)][:top]
+    figure, axes = plt.subplots(
+        3, 1, figsize=(11, 12), constrained_layout=True, gridspec_kw={"height_ratios": [3, 2, 1.4]}
+    )
+    figure.suptitle(f"cmtrace: {trace.path}  ({trace.duration_s:.1f} s)", fontsize=13)
+    _live_panel(axes[0], trace, labels)
+    _lifetime_panel(axes[1], trace, labels)
+    _rate_panel(axes[2], sites.head(top))
+    return figure
+
+
+def _live_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
+    freq = f"{max(trace.end_ns // 300, 1_000_000)}ns"
+    timeline = trace.timeline(by="site", freq=freq)
+    ax.set_title("Live file descriptors by opening site (a leak keeps rising)")
+    ax.set_xlabel("time since trace start (s)")
+    ax.set_ylabel("open fds")
+    if timeline.empty or not labels:
+        ax.text(0.5, 0.5, "no fds opened during the trace", ha="center", transform=ax.transAxes)
+        return
+    seconds = timeline.index.total_seconds()
+    shown = [label for label in labels if label in timeline.columns]
+    others = timeline.drop(columns=shown).sum(axis=1)
+    series = [timeline[label].to_numpy() for label in shown]
+    names = [_short(label) for label in shown]
+    if others.any():
+        series.append(others.to_numpy())
+        names.append("other sites")
+    ax.stackplot(seconds, *series, labels=names, alpha=0.85, step="post")
+    ax.legend(loc="upper left", fontsize=8, title="site (file:line)", title_fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _lifetime_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
+    fds = trace.fds
+    closed = fds[fds["died_ns"].notna() & ~fds["preexisting"] & ~fds["inherited"]]
+    site = (
+        closed["site_file"].astype(str)
+        + ":"
+        + closed["site_line"].fillna(0).astype(int).astype(str)
+    )
+    ax.set_title("Lifetime of closed fds per site")
+    ax.set_xlabel("lifetime (ms, log scale)")
+    ax.set_ylabel("fds")
+    durations = (closed["died_ns"].astype("float64") - closed["born_ns"]) / 1e6
+    drawn = False
+    low = max(float(durations.min()) if len(durations) else 1e-3, 1e-3)
+    high = max(float(durations.max()) if len(durations) else 1.0, low * 10)
+    bins = np.logspace(np.log10(low), np.log10(high), 40)
+    for label in labels:
+        values = durations[(site == label).to_numpy()].clip(lower=low)
+        if len(values):
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.6, label=_short(label))
+            drawn = True
+    if not drawn:
+        ax.text(0.5, 0.5, "no fd of these sites was closed", ha="center", transform=ax.transAxes)
+        return
+    ax.set_xscale("log")
+    ax.legend(fontsize=8, title="site (file:line)", title_fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _rate_panel(ax: Axes, sites: pd.DataFrame) -> None:
+    ax.set_title("Leak rate per site")
+    ax.set_xlabel("leaked fds per second of trace")
+    leaking = sites[sites["leaked"] > 0]
+    if leaking.empty:
+        ax.text(0.5, 0.5, "no leaks", ha="center", transform=ax.transAxes)
+        ax.set_yticks([])
+        return
+    names = [
+        f"{_short(f'{s.site_file}:{s.site_line}')}  {s.cause or ''}"
+        for s in leaking.itertuples(index=False)
+    ][::-1]
+    rates = leaking["leaks_per_s"].to_numpy()[::-1]
+    bars = ax.barh(names, rates, color="#c0392b", height=0.5)
+    ax.set_ylim(-0.75, max(len(names), 3) - 0.25)
+    for bar, n in zip(bars, leaking["leaked"].to_numpy()[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {int(n)} leaked",
+                va="center", fontsize=8)  # fmt: skip
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="x", alpha=0.3)

@@ -1,0 +1,107 @@
+"""The text report (`cmtrace report`, and the summary a recording prints when it ends)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+from typing import TextIO
+
+import pandas as pd
+
+from cmtrace.analysis import Trace, load, read_exclude_file
+from cmtrace.present.common import SiteRow, caveats, headline, leaks_at, totals
+
+STACK_FRAMES_SHOWN = 8  # innermost user frames printed per site
+
+
+def render_text(trace: Trace, top: int = 20, exclude: list[str] | None = None) -> str:
+    """The leaking sites ranked (the `top` first), finalizer warnings, then the totals."""
+    lines: list[str] = []
+    leaks = trace.leaks(exclude)
+    sites = trace.sites(exclude)
+    leaking = sites[sites["leaked"] > 0]
+    lines.append(headline(trace, leaks, leaking))
+    lines.extend(caveats(trace))
+    for rank, site in enumerate(leaking.head(top).itertuples(index=False), start=1):
+        lines.append("")
+        lines.extend(_site_block(trace, leaks, site, rank))
+    if len(leaking) > top:
+        lines.append(f"\n... and {len(leaking) - top} more leaking sites (--top N shows more)")
+    warnings = trace.warnings()
+    if warnings:
+        lines.append("")
+        lines.append("warnings (closed by a finalizer, not by close()/with: like ResourceWarning):")
+        for w in warnings[:top]:
+            where = f"{w['site']['file']}:{w['site']['line']}" if w["site"] else "<no stack>"
+            fn = w["site"]["function"] if w["site"] else ""
+            lines.append(f"  {w['count']:>6} fds opened at {where} in {fn}")
+    lines.append("")
+    lines.append(totals(trace, sites))
+    return "\n".join(lines) + "\n"
+
+
+def print_summary(
+    trace_dir: str | Path,
+    file: TextIO = sys.stdout,
+    top: int = 10,
+    exclude: str | Path | list[str] | None = None,
+) -> int:
+    """The end-of-recording summary (text report of the top sites); returns the leak count.
+
+    `exclude` is an exclude file (`--exclude FILE`) or its patterns; excluded sites are left
+    out of the summary and of the count (which `--fail-on-leak` turns into exit code 3).
+    """
+    if isinstance(exclude, (str, Path)):
+        exclude = read_exclude_file(exclude)
+    trace = load(trace_dir)
+    file.write(render_text(trace, top=top, exclude=exclude))
+    return int(len(trace.leaks(exclude)))
+
+
+def _site_block(trace: Trace, leaks: pd.DataFrame, site: SiteRow, rank: int) -> list[str]:
+    rows = leaks_at(leaks, site)
+    where = f"{site.site_file}:{site.site_line}"
+    out = [
+        f"#{rank} {int(site.leaked)} leaked of {int(site.opened)} opened "
+        f"({site.leaks_per_s:.2f}/s)  {site.kind or ''}  cause: {site.cause or 'unknown'}",
+        f"   opened at {where} in {site.site_function}",
+    ]
+    text = trace.src.text(site.site_file, int(site.site_line))
+    if text:
+        out.append(f"   {int(site.site_line):>6} | {text.strip()}")
+    paths = [p for p in site.paths if p]
+    if paths:
+        out.append("   paths: " + ", ".join(paths))
+    if not rows.empty:
+        out.extend(_leak_details(trace, rows))
+    return out
+
+
+def _leak_details(trace: Trace, rows: pd.DataFrame) -> list[str]:
+    """With statement, how the fds died, the opening stack, fix and evidence: from the site's
+    first leak (the rest share its site, hence its cause)."""
+    out = []
+    first = rows.iloc[0]
+    if first["with_file"] is not None and not pd.isna(first["with_file"]):
+        wtext = trace.src.text(first["with_file"], int(first["with_line"])) or ""
+        out.append(f"   with statement: {first['with_file']}:{int(first['with_line'])}"
+                   f"  {wtext.strip()}")  # fmt: skip
+    closed_by = rows["closed_by"].fillna("still open at end").value_counts()
+    out.append("   closed by: " + ", ".join(f"{k} ({n})" for k, n in closed_by.items()))
+    stack = trace.user_stack(int(first["open_stack"]))
+    if stack:
+        out.append("   stack (innermost first):")
+        for frame in stack[:STACK_FRAMES_SHOWN]:
+            out.append(f"     {frame['file']}:{frame['line']} in {frame['function']}")
+    if first["fix"]:
+        out.extend(_wrapped("   fix: ", first["fix"]))
+    if first["evidence"]:
+        out.extend(_wrapped("   evidence: ", first["evidence"]))
+    return out
+
+
+def _wrapped(head: str, text: str, width: int = 100) -> list[str]:
+    """Long explanations wrapped under their label, so a terminal shows them whole."""
+    lines = textwrap.wrap(str(text), width - len(head), break_on_hyphens=False) or [""]
+    return [head + lines[0]] + [" " * len(head) + line for line in lines[1:]]
