@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +13,12 @@ import pyarrow.compute as pc
 
 from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.causes import (
+    CLOSE_FACTS,
     CloseStack,
     Context,
     Verdict,
     classify,
     close_death,
-    runs_exit,
-    runs_finalizer,
-    winds_loop_down,
 )
 from cmtrace.analysis.code import SourceIndex
 from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
@@ -178,14 +176,15 @@ class Trace:
 
         inner = spread(stacks.innermost(), -1)
         facts = [
-            spread(stacks.any_frame(stacks.frame_facts(name, test)), False)
-            for name, test in (
-                ("loop_shutdown", lambda f: winds_loop_down(f, self.src)),
-                ("exit", runs_exit),
-                ("finalizer", runs_finalizer),
+            spread(stacks.any_frame(stacks.frame_facts(name, functions, test)), False)
+            for name, functions, test in (
+                (name, functions, partial(test, src=self.src))
+                for name, functions, test in CLOSE_FACTS
             )
         ]
-        key = inner.astype(np.int64) * 8 + facts[0] * 4 + facts[1] * 2 + facts[2]
+        key = inner.astype(np.int64) << len(facts)
+        for bit, fact in enumerate(facts):
+            key |= fact.astype(np.int64) << (len(facts) - 1 - bit)
         group, keys = pd.factorize(key)
         refined = np.array([self._close_death(int(k)) for k in keys], dtype=object)
         per_row = refined[group][number]
@@ -195,15 +194,15 @@ class Trace:
             fds.iloc[rows[changed], column] = per_row[changed]
 
     def _close_death(self, key: int) -> str:
-        """close_death of a key of _refine_deaths: innermost frame code * 8 + three facts."""
-        code = key // 8
-        close = CloseStack(
-            inner=self.frames.frame(code) if code >= 0 else None,
-            loop_shutdown=bool(key & 4),
-            in_exit=bool(key & 2),
-            in_finalizer=bool(key & 1),
-        )
-        return close_death(close, self.src)
+        """close_death of a key of _refine_deaths: the innermost frame's code, then one bit
+        per CLOSE_FACTS entry."""
+        count = len(CLOSE_FACTS)
+        code = key >> count
+        facts = {
+            name: bool(key >> (count - 1 - bit) & 1) for bit, (name, _, _) in enumerate(CLOSE_FACTS)
+        }
+        inner = self.frames.frame(code) if code >= 0 else None
+        return close_death(CloseStack(inner=inner, **facts), self.src)
 
     def _add_sites(self, fds: pd.DataFrame) -> None:
         """Site (innermost user frame) and with statement of every open stack.

@@ -343,6 +343,7 @@ CAUSES = tuple(cause for name, _ in _RULES for cause in (*_REFINED_BY.get(name, 
 
 
 LOOP_SHUTDOWN_FUNCTIONS = ("shutdown_asyncgens", "_cancel_all_tasks")
+LOOP_RUNNER = ("asyncio/runners.py", ("close", "run"))  # asyncio.Runner's methods that wind down
 
 
 def winds_loop_down(frame: Frame, src: SourceIndex) -> bool:
@@ -350,7 +351,7 @@ def winds_loop_down(frame: Frame, src: SourceIndex) -> bool:
     the async generators nobody closed are finalized (aclose scheduled by the loop's hook)."""
     if frame.function in LOOP_SHUTDOWN_FUNCTIONS and "asyncio" in frame.file:
         return True
-    if frame.file.endswith("asyncio/runners.py") and frame.function in ("close", "run"):
+    if frame.file.endswith(LOOP_RUNNER[0]) and frame.function in LOOP_RUNNER[1]:
         return "shutdown_asyncgens" in (src.text(frame.file, frame.line) or "")
     return False
 
@@ -361,6 +362,15 @@ def runs_exit(frame: Frame) -> bool:
 
 def runs_finalizer(frame: Frame) -> bool:
     return frame.function == "__del__"
+
+
+# The close-stack facts: (name, the function names it can hold for, the predicate). Stacks
+# test the names on their distinct function names and call the predicate on those frames only.
+CLOSE_FACTS = (
+    ("loop_shutdown", LOOP_SHUTDOWN_FUNCTIONS + LOOP_RUNNER[1], winds_loop_down),
+    ("in_exit", EXIT_METHODS, lambda frame, src: runs_exit(frame)),
+    ("in_finalizer", ("__del__",), lambda frame, src: runs_finalizer(frame)),
+)
 
 
 @dataclass(frozen=True)
@@ -376,12 +386,8 @@ class CloseStack:
 
     @classmethod
     def of(cls, frames: list[Frame], src: SourceIndex) -> CloseStack:
-        return cls(
-            inner=frames[0] if frames else None,
-            loop_shutdown=any(winds_loop_down(f, src) for f in frames),
-            in_exit=any(runs_exit(f) for f in frames),
-            in_finalizer=any(runs_finalizer(f) for f in frames),
-        )
+        facts = {name: any(test(f, src) for f in frames) for name, _, test in CLOSE_FACTS}
+        return cls(inner=frames[0] if frames else None, **facts)
 
 
 def refine_close(frames: list[Frame], src: SourceIndex) -> str:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import pandas as pd
 
 from cmtrace.trace import schema
@@ -121,6 +122,19 @@ class SourceIndex:
             if text.startswith(("with ", "async with ")):  # no facts: trust the text
                 return [line, line, line, text.startswith("async")]
         return found
+
+    def with_lines(self, file: str, lines: np.ndarray) -> np.ndarray:
+        """`with_at(file, line) is not None` for many lines of one file at once."""
+        lines = np.asarray(lines, dtype=np.int64)
+        spans = [stmt[:2] for stmt in self.file_facts(file).get("with", [])]
+        held = np.zeros(len(lines), dtype=bool)
+        if spans:
+            first, last = np.array(spans, dtype=np.int64).T
+            held = ((first <= lines[:, None]) & (lines[:, None] <= last)).any(axis=1)
+        for i in np.flatnonzero(~held).tolist():  # no statement holds it: the text decides
+            text = (self.lines.get((file, int(lines[i]))) or "").lstrip()
+            held[i] = text.startswith(("with ", "async with "))
+        return held
 
     def function_at(self, file: str, line: int) -> tuple[str, dict] | None:
         """The innermost function (qualname, facts) whose lines hold `line`."""

@@ -46,6 +46,8 @@ class Stacks:
         del stack_id, depth
         self.files = np.asarray(texts["file"], dtype=object)
         self.frame_file = text_codes["file"][first_row]
+        self.function_names = texts["function"]
+        self.frame_function = text_codes["function"][first_row]  # -1: null (reads False)
         self.frame_line = numbers["line"][first_row]
         self.frame_text = {k: _decode(texts[k], v[first_row]) for k, v in text_codes.items()}
         self.frame_numbers = {k: v[first_row] for k, v in numbers.items()}
@@ -97,11 +99,19 @@ class Stacks:
         found = (self.ids[where] == stack_ids) if len(self.ids) else np.zeros(len(where), bool)
         return np.where(found, where, -1)
 
-    def frame_facts(self, name: str, test: Callable[[Frame], bool]) -> np.ndarray:
-        """A boolean fact of every distinct frame (test called once per distinct frame)."""
+    def frame_facts(
+        self, name: str, functions: tuple[str, ...], test: Callable[[Frame], bool]
+    ) -> np.ndarray:
+        """A boolean fact of every distinct frame that can hold only for frames of the given
+        function names: the names are matched on the dictionary, `test` called once per
+        distinct frame of those functions."""
         if name not in self._memo:
-            codes = range(len(self._objects))
-            self._memo[name] = np.array([bool(test(self.frame(c))) for c in codes], dtype=bool)
+            named = np.append(np.isin(np.asarray(self.function_names, dtype=object), functions),
+                              False)  # fmt: skip
+            fact = np.zeros(len(self._objects), dtype=bool)
+            for code in np.flatnonzero(named[self.frame_function]).tolist():
+                fact[code] = bool(test(self.frame(code)))
+            self._memo[name] = fact
         return self._memo[name]
 
     def first_frame(self, per_frame: np.ndarray) -> np.ndarray:
@@ -136,9 +146,12 @@ class Stacks:
         (the with statement holding an fd opened there)."""
         if "with" not in self._memo:
             at_with = np.zeros(len(self._objects), dtype=bool)
-            for code in np.flatnonzero(self.is_user).tolist():
-                frame = self.frame(code)
-                at_with[code] = src.with_at(frame.file, frame.line) is not None
+            user = np.flatnonzero(self.is_user)
+            by_file = pd.Series(user).groupby(self.frame_file[user])
+            for file_code, codes in by_file:
+                codes = codes.to_numpy()
+                file = str(self.files[file_code])
+                at_with[codes] = src.with_lines(file, self.frame_line[codes])
             self._memo["with"] = self.first_frame(at_with)
         return self._memo["with"]
 
