@@ -13,7 +13,6 @@ from cmtrace.present.diff import diff_traces, render_json, render_text
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "diff",
-        help="compare the leaks of two traces (before and after a fix)",
         description="Leaked fds per opening site in BEFORE and AFTER.",
     )
     parser.add_argument("before", metavar="BEFORE", help="trace directory before the change")

@@ -16,7 +16,6 @@ RENDERERS = {"perfetto": render_perfetto}
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export fd lifetimes for other tools (Perfetto)",
         description="Chrome trace-event JSON with one async slice per fd lifetime.",
     )
     add_trace_argument(parser)

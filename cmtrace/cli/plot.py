@@ -22,7 +22,6 @@ from cmtrace.present.plot import FORMATS, TOP_SITES, render_image
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plot",
-        help="plot live fds per site, lifetimes and leak rates",
         description="One figure: live fds over time by site, lifetime histogram, leak rate.",
     )
     add_trace_argument(parser)

@@ -24,7 +24,6 @@ __all__ = ["print_summary", "register", "run"]  # print_summary: until `run`/`-p
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="explain the leaks of a recorded trace",
         description="Leak sites ranked by count and growth, each with its cause and fix.",
     )
     add_trace_argument(parser)
