@@ -22,7 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cmtrace.record.bpf.symbolize import Symbolizer, inline_pystack, install_python_target  # noqa: E402
+from cmtrace.record.bpf.loader import inline_pystack  # noqa: E402
+from cmtrace.record.bpf.stacks import Symbolizer  # noqa: E402
+from cmtrace.record.bpf.targets import PythonTargets  # noqa: E402
 
 PROGRAM = r"""
 BPF_RINGBUF_OUTPUT(events, 4096);
@@ -94,7 +96,9 @@ def bpf_time(bpf) -> tuple[int, int]:
     return total_ns, total_cnt
 
 
-def run_once(bpf, python: str, kind: str, frames: int, n: int, traced: bool) -> float:
+def run_once(
+    bpf, targets: PythonTargets, python: str, kind: str, frames: int, n: int, traced: bool
+) -> float:
     depth = frames - 3  # <module> -> nest(...)* -> loop -> (open: C; calls: f)
     proc = subprocess.Popen(
         [python, "-c", WORKLOAD, kind, str(depth), str(n)],
@@ -103,7 +107,7 @@ def run_once(bpf, python: str, kind: str, frames: int, n: int, traced: bool) -> 
     )
     time.sleep(0.3)  # let it reach nest(0) and block
     if traced:
-        target = install_python_target(bpf, proc.pid)
+        target = targets.install(proc.pid)
         assert target.status in ("ok", "pending"), target.reason
     out, _ = proc.communicate(b"go\n", timeout=600)
     return float(out)
@@ -121,7 +125,8 @@ def main() -> int:
         text=inline_pystack(PROGRAM), cflags=[f"-I{REPO / 'probes'}", "-Wno-unused-function"]
     )
     received = [0]
-    symbolizer = Symbolizer()
+    targets = PythonTargets(bpf)
+    symbolizer = Symbolizer(targets.interpreters)
 
     def on_record(_ctx, data, size):
         raw = ctypes.string_at(data, size)
@@ -149,7 +154,7 @@ def main() -> int:
             for case in cases:
                 for traced in (False, True):
                     before = bpf_time(bpf)
-                    took = run_once(bpf, args.python, *case, n=args.n, traced=traced)
+                    took = run_once(bpf, targets, args.python, *case, n=args.n, traced=traced)
                     results[case]["traced" if traced else "bare"].append(took)
                     ns, cnt = (a - b for a, b in zip(bpf_time(bpf), before))
                     if traced and cnt:

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from cmtrace.errors import EXIT_ENVIRONMENT, EXIT_OK, TargetError
-from cmtrace.interp import discover
+from cmtrace.interp import discover, elfnotes
+from cmtrace.record import environment
+from cmtrace.record.environment import TRACEFS, mounted_filesystems
 
 OK, WARN, MISSING, FAIL, INFO = "ok", "warn", "missing", "fail", "info"
-TRACEFS = Path("/sys/kernel/tracing")
-MIN_KERNEL = (5, 8)  # BPF ring buffer (BPF_MAP_TYPE_RINGBUF)
 SUBPROCESS_TIMEOUT_S = 90  # a bcc compile takes 1-2 s here, ~15 s under an emulated VM
 
 # Capability numbers (linux/capability.h) by name, for CapEff decoding.
@@ -130,25 +130,10 @@ def effective_capabilities(status_text: str | None = None) -> set[str]:
     return {name for bit, name in enumerate(CAPABILITIES) if mask >> bit & 1}
 
 
-def mounted_filesystems() -> dict[str, str]:
-    """mount point -> filesystem type, from /proc/self/mounts."""
-    mounts = {}
-    for line in (read_text("/proc/self/mounts") or "").splitlines():
-        parts = line.split()
-        if len(parts) >= 3:
-            mounts[parts[1]] = parts[2]
-    return mounts
-
-
-def parse_release(release: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", release)
-    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-
-
 # ------------------------------------------------------------------------------ host checks
 def check_kernel_version(diag: Diagnosis) -> None:
-    release = os.uname().release
-    if parse_release(release) >= MIN_KERNEL:
+    release = environment.kernel_release()
+    if environment.kernel_new_enough(release):
         diag.add("kernel", OK, f"{release} (BPF ring buffer needs >= 5.8)")
     else:
         diag.add(
@@ -298,9 +283,10 @@ def check_mounts(diag: Diagnosis) -> bool:
 
 
 def check_headers(diag: Diagnosis) -> None:
-    release = os.uname().release
-    build = Path(f"/lib/modules/{release}/build")
-    if (build / "include").is_dir():
+    release = environment.kernel_release()
+    build = environment.module_build_dir(release)
+    headers = environment.kernel_headers(release)
+    if headers is not None and headers.kind == "build":
         target = os.path.realpath(build)
         if release in target:
             diag.add("kernel headers", OK, f"matching: {build} -> {target}")
@@ -308,8 +294,8 @@ def check_headers(diag: Diagnosis) -> None:
             diag.add("kernel headers", OK,
                      f"linked: {build} -> {target} (not {release}; enough for tracepoints "
                      "and uprobes, struct offsets come from BTF)")  # fmt: skip
-    elif Path("/sys/kernel/kheaders.tar.xz").exists():
-        diag.add("kernel headers", OK, "from the kernel itself (/sys/kernel/kheaders.tar.xz)")
+    elif headers is not None:
+        diag.add("kernel headers", OK, f"from the kernel itself ({headers.path})")
     else:
         diag.add("kernel headers", FAIL, f"none at {build}",
                  f"sudo make install (links generic headers), or apt install "
@@ -512,21 +498,19 @@ def describe_python(pid: int, mappings: list[tuple[str, str]], info: dict[str, A
     major, minor = int(match.group(1)), int(match.group(2))
     info.update(version=f"{major}.{minor}", interpreter_elf=path,
                 layout_source=layout_source(major, minor))  # fmt: skip
-    from cmtrace.record.bpf import usdt  # noqa: PLC0415 (pyelftools is a runtime dependency)
-
-    probes: list = []
+    probes: list[elfnotes.Probe] = []
     for region, path in mappings:  # probes may sit in the executable or in libpython
         handle = open_mapped_file(pid, region, path)
         if handle is None:
             continue
         with handle:
             try:
-                probes += usdt.probes_in(handle)
+                probes += elfnotes.probes_in(handle)
             except Exception:  # not an ELF we can parse: no probes to report
                 continue
     info["usdt_probes"] = sorted({f"{p.provider}:{p.name}" for p in probes})
     info["usdt_function_entry"] = "python:function__entry" in info["usdt_probes"]
-    info["calls"] = usdt.calls_unavailable(minor, probes) or "available"
+    info["calls"] = elfnotes.calls_unavailable(minor, probes) or "available"
     discovered = discover_with_interpreter_module(pid)
     if discovered is not None:
         info.update(discovered)

@@ -7,7 +7,7 @@ builds alike. Mapped files are opened through `/proc/PID/map_files/` (falling ba
 `/proc/PID/root/`), so interpreters in chroots, containers and deleted files work.
 
 Used by both backends; imports neither bcc nor the collector. The BPF side (per-pid config of
-probes/pystack.h) is `cmtrace.interp.walker.install_python_target`.
+probes/pystack.h) is `cmtrace.record.bpf.targets.PythonTargets`.
 """
 
 from __future__ import annotations

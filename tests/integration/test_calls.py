@@ -21,7 +21,7 @@ import targets
 from conftest import Target, Tracer, error_line, run_cmtrace
 
 import cmtrace.analysis as cma
-from cmtrace.record.bpf import usdt
+from cmtrace.interp import elfnotes
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 PROGRAMS = Path(__file__).parents[1] / "programs" / "leaks"
@@ -192,24 +192,24 @@ def test_calls_needs_stacks(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "spec,expected",
     [
-        ("8@%r13", usdt.Arg(usdt.ARG_REG, usdt.REGISTERS["r13"])),
-        ("-4@%eax", usdt.Arg(usdt.ARG_REG, usdt.REGISTERS["rax"])),
-        ("-4@%r14d", usdt.Arg(usdt.ARG_REG, usdt.REGISTERS["r14"])),
-        ("8@-16(%rbp)", usdt.Arg(usdt.ARG_MEM, usdt.REGISTERS["rbp"], -16)),
-        ("8@(%rdi)", usdt.Arg(usdt.ARG_MEM, usdt.REGISTERS["rdi"], 0)),
-        ("-4@$5", usdt.Arg(usdt.ARG_CONST, value=5)),
+        ("8@%r13", elfnotes.Arg(elfnotes.ARG_REG, elfnotes.REGISTERS["r13"])),
+        ("-4@%eax", elfnotes.Arg(elfnotes.ARG_REG, elfnotes.REGISTERS["rax"])),
+        ("-4@%r14d", elfnotes.Arg(elfnotes.ARG_REG, elfnotes.REGISTERS["r14"])),
+        ("8@-16(%rbp)", elfnotes.Arg(elfnotes.ARG_MEM, elfnotes.REGISTERS["rbp"], -16)),
+        ("8@(%rdi)", elfnotes.Arg(elfnotes.ARG_MEM, elfnotes.REGISTERS["rdi"], 0)),
+        ("-4@$5", elfnotes.Arg(elfnotes.ARG_CONST, value=5)),
     ],
 )
-def test_usdt_argument_forms(spec: str, expected: usdt.Arg) -> None:
+def test_usdt_argument_forms(spec: str, expected: elfnotes.Arg) -> None:
     """The operand forms gcc writes into stapsdt notes, as pt_regs slots (x86_64 order)."""
-    assert usdt.parse_arg(spec) == expected
+    assert elfnotes.parse_arg(spec) == expected
 
 
 def test_usdt_notes_match_readelf() -> None:
     """cmtrace's note reader agrees with binutils on every interpreter that has probes."""
     for interpreter in FOUND:
         for path in interpreter_files(interpreter):
-            ours = {(p.name, p.address, p.semaphore) for p in usdt.call_probes(path)}
+            ours = {(p.name, p.address, p.semaphore) for p in elfnotes.call_probes(path)}
             theirs = {(n["name"], n["location"], n["semaphore"]) for n in probe_notes(path)}
             assert ours == theirs, (interpreter.name, path)
 

@@ -70,6 +70,6 @@ def test_no_cookie_no_layout():
 
 @pytest.mark.parametrize("minor", sorted(layouts.TABLE))
 def test_table_layouts_fit_what_the_kernel_walker_reads(minor):
-    from cmtrace.record.bpf.symbolize import _check_reach
+    from cmtrace.record.bpf.targets import check_reach
 
-    _check_reach(layouts.table_layout(minor))
+    check_reach(layouts.table_layout(minor))

@@ -20,13 +20,11 @@ from pathlib import Path
 import pytest
 import targets
 
-from cmtrace.record.bpf.symbolize import (
-    STACK_FINALIZING,
-    Symbolizer,
-    inline_pystack,
-    install_python_target,
-)
+from cmtrace.record.bpf.loader import inline_pystack
+from cmtrace.record.bpf.stacks import Symbolizer
+from cmtrace.record.bpf.targets import PythonTargets
 from cmtrace.trace import schema
+from cmtrace.trace.schema import STACK_FINALIZING
 
 bcc = pytest.importorskip("bcc", reason="bcc is not importable (run under /opt/cmtrace/venv)")
 PROBES = Path(__file__).resolve().parents[2] / "probes"
@@ -82,6 +80,7 @@ def harness():
         pytest.skip("loading BPF programs needs root")
     bpf = bcc.BPF(text=inline_pystack(HARNESS), cflags=[f"-I{PROBES}", "-Wno-unused-function"])
     bpf.handlers = []  # the ring buffer opens once per BPF object: records go to the last handler
+    bpf.python_targets = PythonTargets(bpf)  # walker configs, and the interpreters they name
     bpf["events"].open_ring_buffer(lambda ctx, data, size: bpf.handlers[-1](ctx, data, size))
     return bpf
 
@@ -92,7 +91,7 @@ class Capture:
 
     def __init__(self, bpf) -> None:
         self.bpf = bpf
-        self.symbolizer = Symbolizer()
+        self.symbolizer = Symbolizer(bpf.python_targets.interpreters)
         self.opens: dict[str, list[OpenEv]] = defaultdict(list)  # label after MARK_PREFIX
         self.records: dict[tuple, int] = defaultdict(int)  # (type, pid, code or stack id) -> n
         self.stacks: dict[int, list[dict]] = {}  # signed stack id -> rows, innermost first
@@ -136,7 +135,7 @@ def run_marked_program(bpf, command: list[str], interpreter_of=lambda proc: proc
     try:
         assert proc.stdout.readline() == b"ready\n"
         pid = interpreter_of(proc)
-        found = install_python_target(bpf, pid)
+        found = bpf.python_targets.install(pid)
         assert found.status == "ok", found.reason
         proc.stdin.write(b"go\n")
         proc.stdin.flush()
@@ -246,7 +245,7 @@ def test_program_that_exits_at_once_still_gets_its_stack(harness, target, reques
     capture = Capture(harness)
     code = f"import os\ntry: os.open('{MARK_PREFIX}exit', 0)\nexcept OSError: pass"
     pid, release = held_child([target.command, "-c", code])
-    found = install_python_target(harness, pid)
+    found = harness.python_targets.install(pid)
     release()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from cmtrace.interp import elfnotes
 from cmtrace.interp.discover import Interpreter
 from cmtrace.interp.layouts import TABLE
-from cmtrace.record import syscalls
-from cmtrace.record.bpf import collect, symbolize, usdt
+from cmtrace.record import records, syscalls
+from cmtrace.record.bpf import ring, targets
 from cmtrace.record.ptrace import wire
 from cmtrace.trace import schema
 
@@ -123,28 +124,28 @@ def _struct_offsets(fmt: struct.Struct, names: tuple[str, ...]) -> dict[str, int
 
 
 def test_fd_record_header(header):
-    dtype = collect.RECORD_HEADER
+    dtype = records.RECORD_HEADER
     assert dtype.names == FD_EVENT_FIELDS
     assert {name: dtype.fields[name][1] for name in dtype.names} == {
         name: header[f"fd_event.{name}"] for name in FD_EVENT_FIELDS
     }
-    assert collect.HEADER_SIZE == dtype.itemsize == header["sizeof fd_event"]
+    assert records.HEADER_SIZE == dtype.itemsize == header["sizeof fd_event"]
 
 
 def test_every_record_type_sits_where_the_ring_reader_looks(header):
     # RingReader reads the type 8 bytes (the ring's own record header) before the payload's
     # `type`; Symbolizer.on_record reads it at the payload's offset 16.
-    ring_type_at = collect.RingReader._HEAD.size - 2 - 8
+    ring_type_at = ring.RingReader._HEAD.size - 2 - 8
     for struct_name in ("fd_event", "py_stack_rec", "py_code_rec"):
         assert header[f"{struct_name}.type"] == ring_type_at == 16
 
 
 def test_record_kinds(header):
     for name in EVENT_KINDS:
-        assert getattr(collect, name) == header[name], name
-    assert collect.PYTHON_RECORD_MIN_TYPE == header["PY_REC_MIN"]
-    assert symbolize.REC_STACK == header["PY_REC_STACK"]
-    assert symbolize.REC_CODE == header["PY_REC_CODE"]
+        assert getattr(records, name) == header[name], name
+    assert records.PYTHON_RECORD_MIN_TYPE == header["PY_REC_MIN"]
+    assert records.REC_STACK == header["PY_REC_STACK"]
+    assert records.REC_CODE == header["PY_REC_CODE"]
     assert max(header[name] for name in EVENT_KINDS) < header["PY_REC_MIN"]
 
 
@@ -154,33 +155,33 @@ def test_stack_flags(header):
 
 
 def test_stack_record(header):
-    assert _struct_offsets(symbolize._STACK_HEAD, STACK_REC_FIELDS) == {
+    assert _struct_offsets(records.STACK_HEAD, STACK_REC_FIELDS) == {
         name: header[f"py_stack_rec.{name}"] for name in STACK_REC_FIELDS
     }
-    assert symbolize._STACK_HEAD.size == header["py_stack_rec.frames"]
-    assert symbolize._FRAME.size == header["sizeof py_frame"]
+    assert records.STACK_HEAD.size == header["py_stack_rec.frames"]
+    assert records.FRAME.size == header["sizeof py_frame"]
 
 
 def test_code_record(header):
-    assert _struct_offsets(symbolize._CODE_HEAD, CODE_REC_FIELDS) == {
+    assert _struct_offsets(records.CODE_HEAD, CODE_REC_FIELDS) == {
         name: header[f"py_code_rec.{name}"] for name in CODE_REC_FIELDS
     }
-    tails = (symbolize._NAME_AT, symbolize._QUALNAME_AT, symbolize._FILE_AT,
-             symbolize._LINETABLE_AT)  # fmt: skip
+    tails = (records.NAME_AT, records.QUALNAME_AT, records.FILE_AT,
+             records.LINETABLE_AT)  # fmt: skip
     assert tails == tuple(header[f"py_code_rec.{name}"] for name in CODE_REC_TAILS)
 
 
 def test_read_limits_are_the_read_sizes_less_one_field(header):
-    """The "always 8 less" of symbolize._READ_LIMITS (312/104/152/32 against pystack's
+    """The "always 8 less" of records.READ_LIMITS (312/104/152/32 against pystack's
     320/112/160/40): a layout offset is where an 8-byte field starts, and the walker reads the
     field from its buffer of PY_*_READ bytes, so the last usable offset is the size minus 8."""
     field = 8
     derived = {group: header[macro] - field for group, macro in READ_SIZES.items()}
-    assert symbolize._READ_LIMITS == derived
+    assert records.READ_LIMITS == derived
 
 
 def test_no_offset_marker(header):
-    assert symbolize._NO == header["PY_NO_OFFSET"]
+    assert records.CONFIG_NO_OFFSET == header["PY_NO_OFFSET"]
 
 
 def test_syscall_numbers(header):
@@ -202,7 +203,7 @@ def test_fcntl_commands(header):
 
 def test_usdt_argument_kinds(header):
     for python_name, c_name in CALL_ARG_KINDS.items():
-        assert getattr(usdt, python_name) == header[c_name], python_name
+        assert getattr(elfnotes, python_name) == header[c_name], python_name
 
 
 def test_walker_config_layout(header):
@@ -214,7 +215,7 @@ def test_walker_config_layout(header):
 
 
 def test_walker_config_is_filled_whole():
-    """symbolize._fill_config sets exactly the fields of struct py_config (a ctypes structure
+    """targets.fill_config sets exactly the fields of struct py_config (a ctypes structure
     takes an unknown attribute silently, so a renamed field would be lost)."""
 
     class Leaf:
@@ -223,7 +224,7 @@ def test_walker_config_is_filled_whole():
     interp = Interpreter(pid=os.getpid(), path="python", version="3.11", runtime=1 << 20,
                          code_type=2, none=3, layout=TABLE[11])  # fmt: skip
     leaf = Leaf()
-    symbolize._fill_config(leaf, interp, generation=1)
+    targets.fill_config(leaf, interp, generation=1)
     assert all(hasattr(leaf, name) for name in Leaf.__slots__)
 
 

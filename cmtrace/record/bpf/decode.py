@@ -1,263 +1,45 @@
-"""The collector: loads the probes with bcc, filters on the traced pids, drains the ring buffer.
+"""Drained fd records -> Arrow tables that follow cmtrace.trace.schema (EVENTS, CALLS).
 
-It knows nothing of pandas or reports. Records come out of the kernel in batches (the probes
-submit without wake-ups, we consume every DRAIN_INTERVAL); fd records are decoded in bulk with
-numpy into Arrow tables that follow cmtrace.trace.schema.EVENTS; Python stack and code records
-(type >= 100) go to the symbolizer.
+Decoding is vectorised with numpy: the kernel may send a few hundred thousand records a second
+and the recorder must keep up on the second core. Only records with a data tail (a path or an
+address) and the rare multi-fd births (pipe, socketpair, SCM_RIGHTS) take a Python path.
 """
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
-import mmap
 import socket
 import struct
-import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cmtrace.errors import EnvironmentProblem
 from cmtrace.record import syscalls
+from cmtrace.record.bpf.ring import Batch
+from cmtrace.record.records import (
+    EV_ADDR,
+    EV_BIRTH,
+    EV_CALL,
+    EV_CLOEXEC,
+    EV_CLOSE,
+    EV_CLOSE_RANGE,
+    EV_EXEC,
+    EV_EXIT,
+    EV_FAIL,
+    EV_FORK,
+    HEADER_SIZE,
+    PYTHON_RECORD_MIN_TYPE,
+    RECORD_HEADER,
+)
 from cmtrace.trace import schema
 
-TRACEFS = Path("/sys/kernel/tracing")
-RECORD_HEADER = np.dtype(
-    [
-        ("ts", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("type", "<u2"), ("nr", "<u2"),
-        ("fd", "<i4"), ("fd2", "<i4"), ("err", "<i4"), ("flags", "<u8"), ("arg", "<u8"),
-        ("stack_id", "<u8"), ("stack_flags", "<u4"), ("datalen", "<u4"),
-    ]
-)  # fmt: skip
-HEADER_SIZE = RECORD_HEADER.itemsize  # 64, struct fd_event in probes/fdtrace.bpf.c
-PYTHON_RECORD_MIN_TYPE = 100
-
-EV_BIRTH, EV_CLOSE, EV_CLOSE_RANGE, EV_FAIL, EV_CLOEXEC, EV_ADDR, EV_FORK, EV_EXEC, EV_EXIT = range(
-    1, 10
-)
 OP_BY_TYPE = {
     EV_BIRTH: schema.OP_BIRTH, EV_CLOSE: schema.OP_CLOSE, EV_CLOSE_RANGE: schema.OP_CLOSE_RANGE,
     EV_FAIL: schema.OP_FAIL, EV_CLOEXEC: schema.OP_CLOEXEC, EV_ADDR: schema.OP_ADDR,
     EV_FORK: schema.OP_FORK, EV_EXEC: schema.OP_EXEC, EV_EXIT: schema.OP_EXIT,
 }  # fmt: skip
 PROCESS_SYSCALL = {EV_FORK: "fork", EV_EXEC: "execve", EV_EXIT: "exit"}
-EV_CALL = 10  # --calls: an __enter__/__exit__ entry or return (decode_calls, not an fd event)
-
-DRAIN_INTERVAL = 0.02  # seconds between ring-buffer drains
-# Entry programs of their own for the hottest syscalls (see probes/fdtrace.bpf.c).
-DEDICATED_ENTRY = {
-    "close": "on_close_enter",
-    "ioctl": "on_ioctl_enter",
-    "openat": "on_openat_enter",
-}
-
-
-def probes_dir() -> Path:
-    return Path(str(resources.files("cmtrace.probes")))
-
-
-def import_bcc():
-    """Import bcc lazily: only recording needs it, and its absence deserves a clear message."""
-    try:
-        import bcc  # noqa: PLC0415
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            "the bcc Python module is missing: run `make install` (or `apt-get install "
-            "python3-bpfcc`) and use /opt/cmtrace/venv/bin/python or the cmtrace command"
-        ) from exc
-    return bcc
-
-
-def available_syscall_tracepoints() -> set[str]:
-    root = TRACEFS / "events" / "syscalls"
-    return {p.name for p in root.iterdir()} if root.is_dir() else set()
-
-
-class RingReader:
-    """Consumer of a BPF ring buffer through its mmap'ed pages, without a callback per record.
-
-    The kernel maps the data area twice in a row, so a record that wraps around the end reads
-    as one contiguous slice. A drain copies everything between the consumer and producer
-    positions in one go, walks the 8-byte record headers (length with BUSY/DISCARD bits), stops
-    at the first record still being written, and only then advances the consumer position.
-    """
-
-    BUSY = 1 << 31
-    DISCARD = 1 << 30
-    _HEAD = struct.Struct("<I20xH")  # record length, then the payload's `type` field
-
-    def __init__(self, map_fd: int, size: int):
-        page = mmap.PAGESIZE
-        self.size = size
-        self.mask = size - 1
-        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._producer = mmap.mmap(
-            map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
-        )
-        self._page = page
-
-    def read(self) -> tuple[bytes, list[int], list[bytes]]:
-        """(copy of the new bytes, payload offsets of fd records in it, Python records)."""
-        consumer = int.from_bytes(self._consumer[0:8], "little")
-        producer = int.from_bytes(self._producer[0:8], "little")
-        if producer == consumer:
-            return b"", [], []
-        start = self._page + (consumer & self.mask)
-        buf = self._producer[start : start + (producer - consumer)]
-        pos, end, fd_offsets, python_records = 0, len(buf), [], []
-        busy, discard, unpack = self.BUSY, self.DISCARD, self._HEAD.unpack_from
-        while pos < end:
-            header, rtype = unpack(buf, pos)
-            if header & busy:
-                break
-            length = header & ~(busy | discard)
-            if not header & discard:
-                if rtype >= PYTHON_RECORD_MIN_TYPE:
-                    python_records.append(buf[pos + 8 : pos + 8 + length])
-                else:
-                    fd_offsets.append(pos + 8)
-            pos += (length + 15) & ~7  # 8-byte header, payload rounded up to 8
-        self._consumer[0:8] = (consumer + pos).to_bytes(8, "little")
-        return buf, fd_offsets, python_records
-
-    def close(self) -> None:
-        self._consumer.close()
-        self._producer.close()
-
-
-@dataclass
-class Batch:
-    """fd records drained together: payloads start at `offsets` inside `buf`."""
-
-    buf: bytes
-    offsets: list[int]
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-
-@dataclass
-class Collector:
-    """Owns the loaded BPF program; `drain()` returns what arrived since the last call."""
-
-    follow: bool = False
-    ring_pages: int = 8192  # 32 MiB
-    python_stacks: bool = True
-    calls: bool = (
-        False  # compile the --calls USDT program (cmtrace.record.bpf.usdt attaches it per process)
-    )
-    on_python_record: Callable[[bytes], None] | None = None
-    boot_ns: int = field(default_factory=time.monotonic_ns)  # trace start, monotonic clock
-    missing_tracepoints: list[str] = field(default_factory=list)
-    stack_failure: str | None = None  # why Python stacks were given up at load, if they were
-
-    def load(self) -> None:
-        """Compile, load and attach the probes. If the kernel refuses the Python stack walker
-        (an older verifier may find it too complex), record without stacks and say why."""
-        bcc = import_bcc()
-        if self.python_stacks:
-            try:
-                self._load(bcc, with_stacks=True)
-                return
-            except EnvironmentProblem as exc:
-                self.stack_failure = f"the Python stack walker could not be loaded ({exc.detail})"
-                self.python_stacks = False
-        self._load(bcc, with_stacks=False)
-
-    def _load(self, bcc, with_stacks: bool) -> None:
-        cflags = [
-            f"-DRINGBUF_PAGES={self.ring_pages}",
-            "-DMAX_TRACED=8192",
-            f"-I{probes_dir()}",
-        ]
-        source = (probes_dir() / "fdtrace.bpf.c").read_text()
-        if with_stacks:
-            from cmtrace.record.bpf.symbolize import inline_pystack  # noqa: PLC0415 (bcc quirk, see there)
-
-            source = inline_pystack(source, probes_dir() / "pystack.h")
-        if self.calls:
-            cflags.append("-DCMTRACE_CALLS")
-        self.missing_tracepoints = []
-        try:
-            self.bpf = bcc.BPF(text=source, cflags=cflags)
-            self._attach_syscalls()
-        except Exception as exc:  # bcc raises plain Exception on compile/load failures
-            if getattr(self, "bpf", None) is not None:
-                self.bpf.cleanup()
-                self.bpf = None
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            problem = EnvironmentProblem(
-                f"the BPF probes could not be loaded ({detail}): run `cmtrace doctor` to see "
-                "what this kernel lacks (headers, BPF permission)"
-            )
-            problem.detail = detail
-            raise problem from exc
-        if self.follow:
-            self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
-        self.ring = RingReader(self.bpf["events"].map_fd, self.ring_pages * 4096)
-        self.boot_ns = time.monotonic_ns()  # the trace starts when the probes are live
-
-    def _attach_syscalls(self) -> None:
-        have = available_syscall_tracepoints()
-        for name in syscalls.EXIT_PROBED + syscalls.ENTER_ONLY:
-            if f"sys_enter_{name}" not in have:
-                self.missing_tracepoints.append(name)
-                continue
-            enter = DEDICATED_ENTRY.get(name, "on_sys_enter")
-            self.bpf.attach_tracepoint(tp=f"syscalls:sys_enter_{name}", fn_name=enter)
-            if name in syscalls.EXIT_PROBED:
-                self.bpf.attach_tracepoint(tp=f"syscalls:sys_exit_{name}", fn_name="on_sys_exit")
-
-    def trace_pid(self, pid: int) -> None:
-        self.bpf["traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
-
-    def hold_at_exec(self, pid: int, python_children: bool = True) -> None:
-        """Have the kernel stop pid (SIGSTOP) right after each of its execs, and, with
-        `python_children`, any followed process right after it execs a python* image; the
-        recorder sends SIGCONT when it has seen the exec event."""
-        self.bpf["settings"][ctypes.c_int(1)] = ctypes.c_uint32(pid)
-        self.bpf["settings"][ctypes.c_int(2)] = ctypes.c_uint32(int(python_children))
-
-    def drain(self) -> Batch:
-        """Consume everything the kernel has submitted; Python records go to the symbolizer."""
-        buf, offsets, python_records = self.ring.read()
-        if self.on_python_record is not None:
-            for record in python_records:
-                self.on_python_record(record)
-        return Batch(buf, offsets)
-
-    def lost_events(self) -> int:
-        return int(sum(self.bpf["lost"][ctypes.c_int(0)]))
-
-    def stop(self) -> None:
-        """Stop new events at once (the filter empties) while the probes stay attached."""
-        self.bpf["traced"].clear()
-
-    def close(self) -> None:
-        """Detach every probe. Each detach waits for an RCU grace period (~80 ms here), so
-        they run in parallel threads (the ctypes calls release the GIL) and share them."""
-        bpf = getattr(self, "bpf", None)
-        if bpf is None:
-            return
-        self.ring.close()
-        attached = list(bpf.tracepoint_fds)
-        with ThreadPoolExecutor(max_workers=max(1, len(attached))) as pool:
-            list(pool.map(bpf.detach_tracepoint, attached))
-        bpf.cleanup()
-        self.bpf = None
-
-
-# ---- decoding ---------------------------------------------------------------------------------
-# Decoding is vectorised with numpy: the kernel may send a few hundred thousand records a second
-# and the collector must keep up on the second core. Only records with a data tail (a path or an
-# address) and the rare multi-fd births (pipe, socketpair, SCM_RIGHTS) take a Python path.
 
 STACK_FINALIZING = schema.STACK_FINALIZING
 _NR_SPACE = 1024
@@ -275,6 +57,8 @@ _MULTI_FD_NRS = {syscalls.BY_NAME[n].nr for n in ("pipe", "pipe2", "socketpair",
 _MEMFD_NR = syscalls.BY_NAME["memfd_create"].nr
 _FCNTL_NR = syscalls.BY_NAME["fcntl"].nr
 _DUP2_NR = syscalls.BY_NAME["dup2"].nr
+# connect and bind name the peer or local address; accept and accept4 the peer's
+_SOCKADDR_NRS = {syscalls.BY_NAME[n].nr for n in ("connect", "bind", "accept", "accept4")}
 
 
 _HEADER_COLUMNS = np.arange(HEADER_SIZE)
@@ -386,7 +170,9 @@ def decode_calls(batch: Batch, boot_ns: int) -> pa.Table:
     )
 
 
-def _decode_paths(batch: Batch, offsets, head, etype, nr) -> pa.Array:
+def _decode_paths(
+    batch: Batch, offsets: np.ndarray, head: np.ndarray, etype: np.ndarray, nr: np.ndarray
+) -> pa.Array:
     """Paths as one Arrow string array: plain-text tails (file names) are sliced out of the
     batch in one gather; the few tails that need formatting (addresses, exec) go through
     Python."""
@@ -424,7 +210,9 @@ def _decode_paths(batch: Batch, offsets, head, etype, nr) -> pa.Array:
 _VOCABS = {"op": _OP_VOCAB, "syscall": _SYSCALL_VOCAB, "kind": _KIND_VOCAB}
 
 
-def _to_table(columns: dict, masks: dict, paths: pa.Array, keep: np.ndarray) -> pa.Table:
+def _to_table(
+    columns: dict[str, np.ndarray], masks: dict[str, np.ndarray], paths: pa.Array, keep: np.ndarray
+) -> pa.Table:
     arrays = []
     for fld in schema.EVENTS:
         if fld.name == "path":
@@ -440,14 +228,22 @@ def _to_table(columns: dict, masks: dict, paths: pa.Array, keep: np.ndarray) -> 
     return pa.Table.from_arrays(arrays, schema=schema.EVENTS)
 
 
-def _dictionary_column(arrow_type, codes: np.ndarray, mask, vocab: pa.Array) -> pa.Array:
+def _dictionary_column(
+    arrow_type: pa.DictionaryType, codes: np.ndarray, mask: np.ndarray | None, vocab: pa.Array
+) -> pa.Array:
     """Codes into a vocabulary, re-coded to the values present (small per-part dictionaries)."""
     present, compact = np.unique(codes, return_inverse=True)
     indices = pa.array(compact.astype(arrow_type.index_type.to_pandas_dtype()), mask=mask)
     return pa.DictionaryArray.from_arrays(indices, vocab.take(pa.array(present)))
 
 
-def _expand_multi_fd(columns: dict, rows: np.ndarray, batch: Batch, offsets: np.ndarray, head):
+def _expand_multi_fd(
+    columns: dict[str, np.ndarray],
+    rows: np.ndarray,
+    batch: Batch,
+    offsets: np.ndarray,
+    head: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pa.Array, np.ndarray]:
     """pipe/pipe2/socketpair: one row per end naming its peer; recvmsg: one row per fd received.
     Returns _to_table's arguments for the new rows."""
     out: dict[str, list] = {name: [] for name in columns}
@@ -473,7 +269,7 @@ def _expand_multi_fd(columns: dict, rows: np.ndarray, batch: Batch, offsets: np.
 
 
 def _decode_tail(etype: int, nr: int, tail: bytes) -> str | None:
-    if etype in (EV_ADDR, EV_BIRTH) and nr in (42, 49, 43, 288):  # connect, bind, accept*
+    if etype in (EV_ADDR, EV_BIRTH) and nr in _SOCKADDR_NRS:
         return format_sockaddr(tail)
     if etype == EV_EXIT:
         return _text(tail.split(b"\0", 1)[0])

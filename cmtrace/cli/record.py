@@ -1,0 +1,182 @@
+"""`cmtrace -p PID` and `cmtrace run -- CMD`: record a trace, then print what leaked.
+
+Argparse only: the flags become a RecordOptions for the engine (cmtrace.record.session) and a
+Summary for the report printed at the end; exit codes follow cmtrace.errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from cmtrace.errors import EXIT_LEAKS, CmtraceError, TraceError, UsageError
+from cmtrace.record import session
+from cmtrace.record.options import RecordOptions
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the end-of-recording summary shows, and whether leaks fail the command."""
+
+    top: int = 10  # leak sites listed
+    exclude: Path | None = None  # file of site patterns whose fds are expected to live
+    fail_on_leak: bool = False  # exit 3 when leaks are found
+
+    def validate(self) -> None:
+        if self.exclude is not None and not self.exclude.is_file():
+            raise UsageError(f"--exclude {self.exclude}: no such file (one site pattern a line)")
+
+
+# ---- argparse ---------------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    attach = sub.add_parser(
+        "attach",
+        help="attach to a running process (also: cmtrace -p PID)",
+        usage="cmtrace -p PID [-o DIR] [--duration S] [-f] [options]",
+        description=(
+            "Attach to a running process and record the birth and death of every file "
+            "descriptor, with the Python stack that made it, until the process exits, "
+            "--duration ends, or Ctrl-C / SIGTERM (the process keeps running untouched). "
+            "Then print the fds that leaked."
+        ),
+    )
+    attach.add_argument("-p", "--pid", type=int, required=True, help="process to trace")
+    attach.add_argument(
+        "-f", "--follow-children", action="store_true",
+        help="also trace its child processes, existing descendants included",
+    )  # fmt: skip
+    attach.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    _add_recording_options(attach)
+    attach.set_defaults(func=run_attach)
+
+    run = sub.add_parser(
+        "run",
+        help="start a command under trace",
+        usage="cmtrace run [-o DIR] [options] -- CMD [ARGS...]",
+        description=(
+            "Start CMD already traced (its first openat included), following its children. "
+            "Its stdin/stdout/stderr pass through; under sudo it runs as $SUDO_USER. The "
+            "summary goes to stderr and cmtrace exits with CMD's status."
+        ),
+    )
+    _add_recording_options(run)
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    run.set_defaults(func=run_command)
+
+
+def _add_recording_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", metavar="DIR", type=Path,
+        help="trace directory (default ./cmtrace-PID-YYYYmmdd-HHMMSS); must not hold anything "
+        "but a trace, which --force replaces",
+    )  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="replace a trace in -o DIR")
+    parser.add_argument(
+        "--fail-on-leak", action="store_true", help="exit 3 when leaks are found (for CI)"
+    )
+    parser.add_argument(
+        "--exclude", metavar="FILE", type=Path,
+        help="file of site patterns (e.g. myapp/db.py:Pool.*) whose fds are expected to live",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-python-stacks", action="store_true",
+        help="record fds without walking Python stacks (cheapest)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--calls", action="store_true",
+        help="also record __enter__/__exit__/__aenter__/__aexit__ entries and returns through "
+        "the interpreter's USDT probes (builds that have them: Debian 3.8-3.10, 3.15+), so the "
+        "report can prove an __exit__ or __enter__ raised; every Python call gets slower",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ring-mb", type=int, default=32, metavar="MB",
+        help="kernel ring buffer size, a power of two (default 32)",
+    )  # fmt: skip
+    parser.add_argument("--top", type=int, default=10, help="leak sites shown in the summary")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+def record_options(args: argparse.Namespace) -> RecordOptions:
+    """The engine's options from either sub-parser's flags."""
+    command = list(getattr(args, "command", None) or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return RecordOptions(
+        pid=getattr(args, "pid", None),
+        command=tuple(command),
+        follow_children=getattr(args, "follow_children", False),
+        duration=getattr(args, "duration", None),
+        output=args.output,
+        force=args.force,
+        python_stacks=not args.no_python_stacks,
+        calls=args.calls,
+        ring_mb=args.ring_mb,
+        quiet=args.quiet,
+    )
+
+
+def summary_options(args: argparse.Namespace) -> Summary:
+    return Summary(top=args.top, exclude=args.exclude, fail_on_leak=args.fail_on_leak)
+
+
+# ---- the commands -----------------------------------------------------------------------------
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    return attach(record_options(args), summary_options(args))
+
+
+def run_command(args: argparse.Namespace) -> int:
+    return run(record_options(args), summary_options(args))
+
+
+def attach(options: RecordOptions, summary: Summary) -> int:
+    """Record options.pid, print the summary to stdout; 3 for leaks under --fail-on-leak."""
+    options.validate()  # bad options are refused before anything else is looked at
+    summary.validate()
+    done = session.attach(options)
+    leaks = _summarise(done, summary, sys.stdout)
+    return EXIT_LEAKS if summary.fail_on_leak and leaks else 0
+
+
+def run(options: RecordOptions, summary: Summary) -> int:
+    """Record options.command, print the summary to stderr; exit with the command's status
+    (3 for leaks under --fail-on-leak when the command itself succeeded)."""
+    session.check_command(options.command)
+    options.validate()
+    summary.validate()
+    done = session.run(options)
+    if done.failure is not None:
+        return done.failure.exit_code
+    leaks = _summarise(done, summary, sys.stderr)
+    if summary.fail_on_leak and leaks and done.exit_code == 0:
+        return EXIT_LEAKS
+    return done.exit_code
+
+
+def _summarise(done: session.Finished, summary: Summary, out: TextIO) -> int:
+    """Print the leak report, say where the trace is, then detach; returns the leak count."""
+    leaks = print_summary(done.path, summary, out)
+    done.recording.progress(f"trace written to {done.path}")
+    done.recording.close()
+    return leaks
+
+
+def print_summary(path: Path, summary: Summary, out: TextIO) -> int:
+    """Print the leak report of a finished trace; return the number of leaks."""
+    from cmtrace.cli import report  # noqa: PLC0415 (pandas: only once a trace is written)
+
+    try:
+        return report.print_summary(path, file=out, top=summary.top, exclude=summary.exclude)
+    except CmtraceError:
+        raise
+    except Exception as exc:  # the trace is complete on disk whatever the analysis does
+        raise TraceError(
+            f"the trace in {path} is complete but could not be summarised "
+            f"({type(exc).__name__}: {exc}); please report this bug with the trace attached"
+        ) from exc

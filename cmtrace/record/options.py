@@ -1,0 +1,42 @@
+"""What a recording is asked to do: the engine's one input, built by `cmtrace -p`/`run`,
+`cmtrace demo`, or any other front end (never an argparse Namespace)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmtrace.errors import UsageError
+
+PAGE_SIZE = 4096  # the ring buffer is sized in pages (RINGBUF_PAGES in probes/fdtrace.bpf.c)
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """Either `pid` (attach to a running process) or `command` (start it under trace)."""
+
+    pid: int | None = None  # attach to this process (`cmtrace -p PID`)
+    command: tuple[str, ...] = ()  # start this command already traced (`cmtrace run -- CMD`)
+    follow_children: bool = False  # -p: its descendants too (run always follows)
+    duration: float | None = None  # -p: stop after this many seconds
+    output: Path | None = None  # trace directory; None: ./cmtrace-PID-YYYYmmdd-HHMMSS
+    force: bool = False  # replace a trace already in `output`
+    python_stacks: bool = True  # walk Python stacks in the kernel (off: fds only, cheapest)
+    calls: bool = False  # also record __enter__/__exit__ calls through USDT probes
+    ring_mb: int = 32  # kernel ring buffer, MiB, a power of two
+    quiet: bool = False  # no progress lines on stderr
+
+    def validate(self) -> None:
+        """Refuse contradictory or impossible options before anything is attached or started."""
+        if self.calls and not self.python_stacks:
+            raise UsageError(
+                "--calls needs Python stacks (they tie each __exit__ to its with statement): "
+                "drop --no-python-stacks"
+            )
+        self.ring_pages()
+
+    def ring_pages(self) -> int:
+        megabytes = self.ring_mb
+        if megabytes <= 0 or megabytes & (megabytes - 1):
+            raise UsageError(f"--ring-mb {megabytes}: give a power of two such as 16 or 64")
+        return megabytes * 1024 * 1024 // PAGE_SIZE
