@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cmtrace.errors import TargetError
 
@@ -104,9 +105,9 @@ def kind_of_link(target: str) -> str:
     return "file"
 
 
-def open_fds(pid: int) -> list[dict]:
+def open_fds(pid: int) -> list[dict[str, Any]]:
     """The fds open in pid right now: fd, kind, path (readlink), cloexec (from fdinfo)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     fd_dir = Path(f"/proc/{pid}/fd")
     try:
         names = os.listdir(fd_dir)

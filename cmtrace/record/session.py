@@ -331,7 +331,9 @@ class Recording:
             writer.meta.setdefault("warnings", []).append(f"source capture failed: {exc}")
 
     def _degraded(self) -> dict[str, dict[str, str | None]]:
-        reasons = {str(t.pid): t.reason for t in self.targets.values() if t.reason}
+        reasons: dict[str, str | None] = {
+            str(t.pid): t.reason for t in self.targets.values() if t.reason
+        }
         if not self.stacks:
             reasons["*"] = (
                 "Python stacks disabled (--no-python-stacks)"
