@@ -1,26 +1,33 @@
 """The trace dataset's contract: table schemas and the vocabularies of their columns.
 
 Everything that writes or reads a trace directory imports its column names from here, so the
-collector, the analysis layer and outside readers (pandas, DuckDB) agree on one layout.
+recorder (cmtrace.record, through writer.py), the reader (reader.py, under cmtrace.analysis) and
+outside readers (pandas, DuckDB) agree on one layout.
 
 A trace directory holds::
 
-    meta.json                 see META_* below and trace.py
+    meta.json                 the recording's facts (writer.py's TraceWriter), see the end of this file
     events/part-*.parquet     EVENTS: one row per kernel event, in time order within a part
     stacks/part-*.parquet     STACK_FRAMES: symbolized frames of each interned stack id
     sources/part-*.parquet    SOURCES: source lines and per-function facts captured at record time
     preexisting.parquet       PREEXISTING: fds already open when the tracer attached
     calls/part-*.parquet      CALLS: __enter__/__exit__ entries and returns (`--calls` only)
 
-The collector is deliberately dumb: it records what the kernel saw. Implicit deaths (exec closing
+The recorder is deliberately dumb: it records what the kernel saw. Implicit deaths (exec closing
 CLOEXEC fds, process exit, dup2 onto a live fd) and fork inheritance are derived from the event
-stream by the analysis layer (cmtrace.analysis.lifetimes), the one place that models fd tables.
+stream by the analysis layer (cmtrace.analysis: pairing, processes, lifetimes), the one place
+that models fd tables.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
+# The dataset's version, written as meta.json's "schema". Readers conform older parts (missing
+# columns become nulls) and refuse a newer major: bump it when a column changes meaning or type,
+# not when one is added.
 SCHEMA_VERSION = 1
 
 # --- events ---------------------------------------------------------------------------------
@@ -134,6 +141,16 @@ CALLS = pa.schema(
 )
 
 # --- meta.json keys -------------------------------------------------------------------------
+# status: "recording" while a tracer writes, "complete" when it finished; a reader that finds
+# "recording" while that tracer (tracer_pid on boot_id) is gone reports "interrupted".
 STATUS_RECORDING = "recording"
 STATUS_COMPLETE = "complete"
 STATUS_INTERRUPTED = "interrupted"
+
+
+def boot_id() -> str:
+    """This boot's id, as meta.json's boot_id records it ("" when the kernel does not say)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""

@@ -1,8 +1,11 @@
 """Record-time capture of the target's source: lines and the per-function facts causes need.
 
-The collector calls `capture_sources(pid, files)` at the end of recording with the files seen in
-stacks. The rows (schema.SOURCES) go into the trace, so a laptop analysing the trace later, with
-none of the target's files, gives the same answer as the server that recorded it.
+The recording session (cmtrace.record.session) keeps a SourceCollector, which reads each file
+the first time a stack names it; at the end its rows (schema.SOURCES) go into the trace through
+the writer, so a laptop analysing the trace later, with none of the target's files, gives the
+same answer as the server that recorded it. The analysis layer (cmtrace.analysis.code) reads the
+rows back and uses `file_facts` for files a trace lacks: the facts format is part of the dataset
+contract, defined here once.
 
 For each file there is one row per source line (text, enclosing function) and one row with
 `line == 0` whose `facts` holds the file's facts as JSON (see `file_facts`).

@@ -1,4 +1,10 @@
-"""The trace dataset on disk: a directory of Parquet parts plus meta.json.
+"""Writing the trace dataset: a directory of Parquet parts plus meta.json (layout: schema.py).
+
+The recording session (cmtrace.record) is the one writer: it creates the directory with
+`prepare_output_dir`, then a TraceWriter, which writes meta.json and one empty part of each
+table at once, appends events/stacks/calls parts as the session drains them, the sources
+(cmtrace.trace.sources) and pre-existing fds, and finally `finish()` sets the status.
+cmtrace.trace.reader reads what this writes; nothing here needs pandas.
 
 Writers append parts atomically (written under a dot-name, then renamed: pyarrow and DuckDB skip
 dot-files, so a reader never sees half a part), at least once a second, so a SIGKILLed tracer
@@ -33,13 +39,6 @@ TABLES = {
 
 class DiskFull(TraceError):
     """Writing a part failed for lack of space: recording stops, what is written stays readable."""
-
-
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
 
 
 def is_trace_dir(path: Path) -> bool:
@@ -89,7 +88,7 @@ class TraceWriter:
             "cmtrace_version": __version__,
             "status": schema.STATUS_RECORDING,
             "tracer_pid": os.getpid(),
-            "boot_id": boot_id(),
+            "boot_id": schema.boot_id(),
             "kernel": platform.release(),
             "start_wall": time.time(),
             "end_wall": None,
@@ -155,32 +154,3 @@ class TraceWriter:
 
     def finish(self, status: str = schema.STATUS_COMPLETE, **updates) -> None:
         self.write_meta(status=status, end_wall=time.time(), **updates)
-
-
-def read_meta(path: Path) -> dict:
-    """meta.json of a trace, with `status` corrected to interrupted when its tracer is gone."""
-    path = Path(path)
-    if not path.exists():
-        raise TraceError(f"{path} does not exist: give the directory a recording wrote")
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except FileNotFoundError:
-        raise TraceError(f"{path} is not a cmtrace trace (no meta.json)") from None
-    except (OSError, ValueError) as exc:
-        raise TraceError(f"{path}/meta.json is unreadable ({exc}): the trace is corrupt") from exc
-    if meta.get("status") == schema.STATUS_RECORDING and not _tracer_alive(meta):
-        meta["status"] = schema.STATUS_INTERRUPTED
-    return meta
-
-
-def _tracer_alive(meta: dict) -> bool:
-    if meta.get("boot_id") and meta.get("boot_id") != boot_id():
-        return False
-    pid = meta.get("tracer_pid")
-    if not pid:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"cmtrace" in cmdline

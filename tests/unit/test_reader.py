@@ -159,9 +159,6 @@ def test_current_schema_version_loads(trace: Path) -> None:
     assert load(trace).meta["schema"] == schema.SCHEMA_VERSION
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 10: meta.json's schema version is not checked on read yet"
-)
 def test_newer_schema_version_is_refused(trace: Path) -> None:
     _set_meta(trace, schema=schema.SCHEMA_VERSION + 1)
     with pytest.raises(TraceError, match="schema"):
