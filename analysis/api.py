@@ -24,7 +24,14 @@ from cmtrace.analysis.code import SourceIndex
 from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
 from cmtrace.analysis.stacks import Stacks
 from cmtrace.trace import schema
-from cmtrace.trace.reader import RawTrace, event_parts, read_event_part, read_events, read_trace
+from cmtrace.trace.reader import (
+    RawTrace,
+    event_parts,
+    read_event_part,
+    read_events,
+    read_stacks,
+    read_trace,
+)
 
 NO_STACK = "<no Python stack>"  # the site of fds opened without a captured Python stack
 SITE_COLUMNS = ["site_file", "site_line", "site_function"]
@@ -38,7 +45,7 @@ SITE_TABLE_COLUMNS = SITE_COLUMNS + [
 
 def load(path: str | Path, local_sources: bool = True) -> Trace:
     """Load a trace directory. `local_sources=False` uses only the source captured in the trace."""
-    return Trace(read_trace(path), local_sources=local_sources)
+    return Trace(read_trace(path, stacks=False), local_sources=local_sources)
 
 
 class Trace:
@@ -126,12 +133,13 @@ class Trace:
     @cached_property
     def stacks(self) -> pd.DataFrame:
         """Frames per stack id (schema.STACK_FRAMES), as recorded."""
-        return self.raw.stacks.cast(schema.STACK_FRAMES).to_pandas()
+        table = self.raw.stacks if self.raw.stacks is not None else read_stacks(self.path)
+        return table.cast(schema.STACK_FRAMES).to_pandas()
 
     @cached_property
     def frames(self) -> Stacks:
         """Stack id -> frames (`.get(stack_id, [])`), held as columns (cmtrace.analysis.stacks)."""
-        return Stacks(self.raw.stacks)
+        return Stacks(self.raw.stacks if self.raw.stacks is not None else self.path)
 
     @property
     def child_pids(self) -> set[int]:
@@ -488,13 +496,17 @@ def _top_values(site: np.ndarray, count: int, values: pd.Categorical, n: int) ->
     known = codes >= 0
     counts = pd.Series(site[known].astype(np.int64) * width + codes[known]).value_counts()
     pairs = counts.index.to_numpy()
-    ranked = pd.DataFrame(
-        {"site": pairs // width, "name": names[pairs % width], "count": counts.to_numpy()}
-    ).sort_values(["site", "count", "name"], ascending=[True, False, True])
+    where, code, count_of = pairs // width, pairs % width, counts.to_numpy()
+    alphabetical = np.empty(width, dtype=np.int64)
+    alphabetical[np.argsort(names.astype(str), kind="stable")] = np.arange(len(names))
+    order = np.lexsort((alphabetical[code], -count_of, where))  # by site, count, name
+    where, code = where[order], code[order]
+    starts = np.flatnonzero(np.diff(where, prepend=-1) != 0)
+    rank = np.arange(len(where)) - np.repeat(starts, np.diff(np.append(starts, len(where))))
+    kept = rank < n  # only the top n of each site become Python strings
     out: list[list] = [[] for _ in range(count)]
-    for where, name in zip(ranked["site"].tolist(), ranked["name"].tolist()):
-        if len(out[where]) < n:
-            out[where].append(name)
+    for site_number, name in zip(where[kept].tolist(), names[code[kept]].tolist()):
+        out[site_number].append(name)
     return out
 
 

@@ -79,28 +79,30 @@ class Vocab:
 
 
 class StackIds:
-    """Stack ids (64-bit hashes) as int32 codes: a trace has thousands of distinct stacks, not
-    millions, and half-width codes save 4 bytes per event and 8 per lifetime. Code 0 is id 0
-    ("no Python stack"), so zero-filled arrays mean the same in both."""
+    """Stack ids (64-bit hashes) as int32 codes: half-width codes save 4 bytes per event and 8
+    per lifetime. Code 0 is id 0 ("no Python stack"), so zero-filled arrays mean the same in
+    both. A deep trace has hundreds of thousands of distinct stacks: ids are looked up as
+    arrays (a hash index), never one by one in Python."""
 
     def __init__(self) -> None:
-        self.ids: list[int] = [0]
-        self.index: dict[int, int] = {0: 0}
+        self.ids = np.zeros(1, dtype=np.int64)
+        self._index = pd.Index(self.ids)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """Codes of a column of ids (hashing, no sort: each distinct id is looked up once)."""
         positions, uniques = pd.factorize(values)
-        lookup = np.array([self._code(int(u)) for u in uniques] + [0], dtype=np.int32)
+        uniques = np.asarray(uniques, dtype=np.int64)
+        codes = self._index.get_indexer(uniques)
+        new = codes < 0
+        if new.any():
+            codes[new] = len(self.ids) + np.arange(int(new.sum()))
+            self.ids = np.concatenate([self.ids, uniques[new]])
+            self._index = pd.Index(self.ids)
+        lookup = np.append(codes, 0).astype(np.int32)
         return lookup[positions]  # a null (position -1) becomes stack 0
 
-    def _code(self, stack_id: int) -> int:
-        if stack_id not in self.index:
-            self.index[stack_id] = len(self.ids)
-            self.ids.append(stack_id)
-        return self.index[stack_id]
-
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return np.asarray(self.ids, dtype=np.int64)[codes]
+        return self.ids[codes]
 
 
 class Sparse:

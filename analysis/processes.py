@@ -229,7 +229,11 @@ def add_children(
         end = min(later) if later else np.iinfo(np.int64).max
         rows = rows_of.get(child, np.zeros(0, dtype=np.int64))
         keep.append(rows[(ev.t[rows] >= t) & (ev.t[rows] < end)])
-    select = np.unique(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+    # The children's rows in event order: a mask over the events, not a sort of the rows.
+    chosen = np.zeros(len(ev), dtype=bool)
+    for rows in keep:
+        chosen[rows] = True
+    select = np.flatnonzero(chosen)
     lives, changes, stats = pair(ev, seeds, select)
     merge_stats(total, stats)
     copy_dup_sources(table, table.add(lives, changes), ev)

@@ -11,12 +11,14 @@ each stack. Python `Frame` objects are made only for the stacks that are printed
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from cmtrace.analysis.code import Frame, SourceIndex, is_user_file
+from cmtrace.trace.reader import read_stacks
 
 # The frame fields of schema.STACK_FRAMES that make up a Frame, with the value of a null.
 TEXT_FIELDS = ("function", "qualname", "file")
@@ -33,17 +35,12 @@ class Stacks:
       (function, qualname, file as str), `frame_numbers`, `is_user`.
     """
 
-    def __init__(self, table: pa.Table | None):
-        table = _as_arrow(table)
-        stack_id, depth, text_codes, texts, numbers = _columns(table)
+    def __init__(self, source: pa.Table | pd.DataFrame | Path | None):
+        """From a stacks table, or from a trace directory: read a column at a time (the
+        frame rows of a deep trace run to tens of millions)."""
+        stack_id, depth, text_codes, texts, numbers = _columns(source)
         # Frame codes first, on the rows as read, so that reordering moves one int32 column.
         row_frame, first_row = _frame_codes([*text_codes.values(), *numbers.values()])
-        order = _stack_order(stack_id, depth)
-        if order is not None:
-            stack_id, row_frame = stack_id[order], row_frame[order]
-        self.ids, self.starts = _stack_starts(stack_id)
-        self.row_frame = row_frame
-        del stack_id, depth
         self.files = np.asarray(texts["file"], dtype=object)
         self.frame_file = text_codes["file"][first_row]
         self.function_names = texts["function"]
@@ -51,6 +48,13 @@ class Stacks:
         self.frame_line = numbers["line"][first_row]
         self.frame_text = {k: _decode(texts[k], v[first_row]) for k, v in text_codes.items()}
         self.frame_numbers = {k: v[first_row] for k, v in numbers.items()}
+        del text_codes, numbers  # the per-row columns: only row_frame is kept
+        order = _stack_order(stack_id, depth)
+        if order is not None:
+            stack_id, row_frame = stack_id[order], row_frame[order]
+        del depth, order
+        self.ids, self.starts = _stack_starts(stack_id)
+        self.row_frame = row_frame
         user_file = np.array([is_user_file(f) for f in self.files] + [False], dtype=bool)
         self.is_user = user_file[self.frame_file]  # code -1 (null file) reads the last entry
         self._objects: list[Frame | None] = [None] * len(first_row)
@@ -177,41 +181,46 @@ class Stacks:
         return self._memo["place"]
 
 
-def _as_arrow(table) -> pa.Table:
-    """The stacks table as Arrow (a DataFrame from a caller, or nothing, is accepted too)."""
-    if table is None:
-        return pa.table({"stack_id": pa.array([], pa.int64()), "depth": pa.array([], pa.int16())})
-    if isinstance(table, pd.DataFrame):
-        return pa.Table.from_pandas(table, preserve_index=False)
-    return table
-
-
-def _columns(table: pa.Table):
+def _columns(source):
     """The stack columns as numpy: ids, depths, text codes (-1: null) with their dictionaries,
     and the number fields with nulls filled."""
-    stack_id = _numbers(table, "stack_id", 0, np.int64)
-    depth = _numbers(table, "depth", 0, np.int64)
+    column = _column_reader(source)
+    stack_id = _numbers(column("stack_id"), 0, np.int64)
+    depth = _numbers(column("depth"), 0, np.int32, len(stack_id))
     text_codes, texts = {}, {}
     for name in TEXT_FIELDS:
-        text_codes[name], texts[name] = _text_codes(table, name)
-    numbers = {name: _numbers(table, name, fill, np.int64) for name, fill in NUMBER_FIELDS.items()}
+        text_codes[name], texts[name] = _text_codes(column(name), len(stack_id))
+    numbers = {
+        name: _numbers(column(name), fill, np.int32, len(stack_id))
+        for name, fill in NUMBER_FIELDS.items()
+    }
     return stack_id, depth, text_codes, texts, numbers
 
 
-def _numbers(table: pa.Table, name: str, fill: int, dtype) -> np.ndarray:
-    if name not in table.column_names:
-        return np.full(table.num_rows, fill, dtype=dtype)
-    column = table.column(name)
+def _column_reader(source) -> Callable[[str], pa.ChunkedArray | None]:
+    """name -> that column of the stacks (None when absent); from a trace directory, each
+    column is read from disk when asked for, so only one is held as Arrow at a time."""
+    if isinstance(source, Path):
+        return lambda name: read_stacks(source, [name]).column(name)
+    if source is None:
+        return lambda name: pa.chunked_array([], pa.int64()) if name == "stack_id" else None
+    if isinstance(source, pd.DataFrame):
+        source = pa.Table.from_pandas(source, preserve_index=False)
+    return lambda name: source.column(name) if name in source.column_names else None
+
+
+def _numbers(column: pa.ChunkedArray | None, fill: int, dtype, rows: int = 0) -> np.ndarray:
+    if column is None:
+        return np.full(rows, fill, dtype=dtype)
     if column.null_count:
         column = column.fill_null(fill)
     return column.to_numpy().astype(dtype, copy=False)
 
 
-def _text_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list]:
+def _text_codes(column: pa.ChunkedArray | None, rows: int) -> tuple[np.ndarray, list]:
     """(int32 codes, dictionary) of a text column, -1 for null; one dictionary for all chunks."""
-    if name not in table.column_names or table.num_rows == 0:
-        return np.full(table.num_rows, -1, dtype=np.int32), []
-    column = table.column(name)
+    if column is None or rows == 0:
+        return np.full(rows, -1, dtype=np.int32), []
     if not pa.types.is_dictionary(column.type):
         column = column.dictionary_encode()
     column = column.unify_dictionaries()
