@@ -8,6 +8,7 @@ BPF probes through the ring buffer; the ptrace engine the same bytes through a p
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,3 +51,15 @@ CONFIG_NO_OFFSET = 0xFFFF  # PY_NO_OFFSET: in struct py_config, a field this int
 SETTING_FOLLOW = 0  # follow children
 SETTING_HOLD_PID = 1  # pid to stop at each exec
 SETTING_HOLD_PYTHON = 2  # also stop followed processes that exec a python* image
+
+
+@dataclass
+class Batch:
+    """fd records read together (from the ring buffer, or the ptrace engine's pipe): their
+    payloads start at `offsets` inside `buf`. cmtrace.record.bpf.decode turns one into Arrow."""
+
+    buf: bytes
+    offsets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.offsets)

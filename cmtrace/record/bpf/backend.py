@@ -19,11 +19,11 @@ from cmtrace.record.bpf import loader
 from cmtrace.record.bpf.calls import CallProbes
 from cmtrace.record.bpf.decode import decode, decode_calls
 from cmtrace.record.bpf.loader import BPF, ProbeLoadError
-from cmtrace.record.bpf.ring import Batch, RingReader
+from cmtrace.record.bpf.ring import RingReader
 from cmtrace.record.bpf.stacks import Symbolizer
 from cmtrace.record.bpf.targets import Interpreters, PythonTargets
 from cmtrace.record.options import PAGE_SIZE
-from cmtrace.record.records import SETTING_FOLLOW, SETTING_HOLD_PID, SETTING_HOLD_PYTHON
+from cmtrace.record.records import SETTING_FOLLOW, SETTING_HOLD_PID, SETTING_HOLD_PYTHON, Batch
 
 CALLS_READY_WAIT_S = 30  # --calls: how long to wait for a pending interpreter before arming
 

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmtrace.record import syscalls
-from cmtrace.record.bpf.ring import Batch
 from cmtrace.record.records import (
     EV_ADDR,
     EV_BIRTH,
@@ -31,6 +30,7 @@ from cmtrace.record.records import (
     HEADER_SIZE,
     PYTHON_RECORD_MIN_TYPE,
     RECORD_HEADER,
+    Batch,
 )
 from cmtrace.trace import schema
 

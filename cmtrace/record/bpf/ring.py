@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass
 
 from cmtrace.record.records import PYTHON_RECORD_MIN_TYPE, TYPE_OFFSET
 
@@ -67,14 +66,3 @@ class RingReader:
     def close(self) -> None:
         self._consumer.close()
         self._producer.close()
-
-
-@dataclass
-class Batch:
-    """fd records drained together: payloads start at `offsets` inside `buf`."""
-
-    buf: bytes
-    offsets: list[int]
-
-    def __len__(self) -> int:
-        return len(self.offsets)
