@@ -23,6 +23,10 @@ from cmtrace.trace.reader import read_stacks
 # The frame fields of schema.STACK_FRAMES that make up a Frame, with the value of a null.
 TEXT_FIELDS = ("function", "qualname", "file")
 NUMBER_FIELDS = {"line": -1, "firstlineno": -1, "code_flags": 0}
+STACK_COLUMNS = ("stack_id", "depth", *TEXT_FIELDS, *NUMBER_FIELDS)
+# Compressed stacks/ above this are read a column at a time (each part opened once per column,
+# but one column held as Arrow at a time); below it, in one read.
+ONE_READ_BYTES = 32 << 20
 
 
 class Stacks:
@@ -201,7 +205,10 @@ def _column_reader(source) -> Callable[[str], pa.ChunkedArray | None]:
     """name -> that column of the stacks (None when absent); from a trace directory, each
     column is read from disk when asked for, so only one is held as Arrow at a time."""
     if isinstance(source, Path):
-        return lambda name: read_stacks(source, [name]).column(name)
+        on_disk = sum(f.stat().st_size for f in (source / "stacks").glob("*.parquet"))
+        if on_disk > ONE_READ_BYTES:
+            return lambda name: read_stacks(source, [name]).column(name)
+        source = read_stacks(source, STACK_COLUMNS)  # small: one read of every part
     if source is None:
         return lambda name: pa.chunked_array([], pa.int64()) if name == "stack_id" else None
     if isinstance(source, pd.DataFrame):
