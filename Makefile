@@ -23,7 +23,7 @@ help:
 	@echo "make interpreters  install the CPython builds the tests run on (/opt/cmtrace/pythons)"
 	@echo "make vm-test       only the VM stage (Debian VM built and booted locally, tests inside it)"
 	@echo "make bench         run every benchmark under benchmarks/"
-	@echo "make lint          ruff format --check + ruff check"
+	@echo "make lint          ruff format --check + ruff check + mypy"
 
 root:
 	@[ "$$(id -u)" = 0 ] || { echo "make: run as root: sudo make $(MAKECMDGOALS)" >&2; exit 2; }
@@ -76,6 +76,10 @@ bench: setup
 		exit $$rc; \
 	fi
 
+# mypy: build/mypy/cmtrace/analysis links to analysis/ so mypy finds cmtrace.analysis there
+# ([tool.mypy] mypy_path; setuptools' package-dir is invisible to it).
 lint:
 	$(RUFF) format --check .
 	$(RUFF) check .
+	@mkdir -p build/mypy/cmtrace && ln -sfn ../../../analysis build/mypy/cmtrace/analysis
+	$(PYTHON) -m mypy

@@ -56,13 +56,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-class _VerbParsers(argparse._SubParsersAction):  # type: ignore[type-arg]
+class _VerbParsers(argparse._SubParsersAction):
     """Sub-parsers whose --help summary is the one in VERBS, whichever module adds them."""
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
         if name in SUMMARIES:
             kwargs["help"] = SUMMARIES[name]
-        return super().add_parser(name, **kwargs)
+        parser: argparse.ArgumentParser = super().add_parser(name, **kwargs)
+        return parser
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ fail (recording cannot work until fixed); info (a fact, no verdict).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -17,9 +18,10 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cmtrace.errors import EXIT_ENVIRONMENT, EXIT_OK, TargetError
 from cmtrace.interp import discover, elfnotes
@@ -387,7 +389,7 @@ def diagnose_host(diag: Diagnosis, load_test: bool = True) -> None:
         check_probe_load(diag, bool(privileged and tracefs_ok and bcc_ok))
 
 
-def guarded(diag: Diagnosis, name: str, check, *args):
+def guarded(diag: Diagnosis, name: str, check: Callable[..., Any], *args: Any) -> Any:
     """Run one check; a file we may not read becomes an info line, never a traceback."""
     try:
         return check(*args)
@@ -411,7 +413,7 @@ def python_mappings(pid: int) -> list[tuple[str, str]]:
     return sorted(((r, p) for p, r in found.items()), key=lambda rp: "libpython" not in rp[1])
 
 
-def open_mapped_file(pid: int, region: str, path: str):
+def open_mapped_file(pid: int, region: str, path: str) -> BinaryIO | None:
     """Open a file mapped by pid as the process sees it (containers, chroots): map_files first."""
     for candidate in (f"/proc/{pid}/map_files/{region}", f"/proc/{pid}/root{path}", path):
         try:
@@ -495,6 +497,7 @@ def describe_process(pid: int) -> dict[str, Any]:
 def describe_python(pid: int, mappings: list[tuple[str, str]], info: dict[str, Any]) -> None:
     region, path = mappings[0]
     match = PYTHON_ELF.search(path)
+    assert match is not None  # python_mappings keeps only the paths PYTHON_ELF matches
     major, minor = int(match.group(1)), int(match.group(2))
     info.update(version=f"{major}.{minor}", interpreter_elf=path,
                 layout_source=layout_source(major, minor))  # fmt: skip
@@ -584,7 +587,7 @@ def print_table(diag: Diagnosis) -> None:
 
 
 # ------------------------------------------------------------------------------ command
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     diag = Diagnosis()
     diagnose_host(diag, load_test=not args.no_load_test)
     if args.pid is not None:
@@ -597,10 +600,9 @@ def run(args) -> int:
     return EXIT_OK if diag.can_record else EXIT_ENVIRONMENT
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "doctor",
-        help="check what this machine (and a process) offers cmtrace, and how to fix what lacks",
         description="Check kernel, permissions, mounts, headers and bcc; with -p, a process. "
         "Exit 0 if recording can work, 2 if not.",
     )

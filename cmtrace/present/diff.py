@@ -49,6 +49,7 @@ def diff_traces(before: Trace, after: Trace, exclude: list[str] | None = None) -
         if not (leaked_before or leaked_after):
             continue
         ref = b or a
+        assert ref is not None  # the key came from one of the two tables
         sites.append(
             {
                 "file": ref["file"],

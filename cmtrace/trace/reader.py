@@ -189,7 +189,7 @@ def read_events(path: Path, columns: Sequence[str] | None = CORE_EVENT_COLUMNS) 
     return read_table(path / "events", _subset(schema.EVENTS, names))
 
 
-def read_stacks(path: Path, columns=None) -> pa.Table:
+def read_stacks(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """stacks/ (STACK_FRAMES, only `columns` when given), its STACK_TEXT_COLUMNS as
     dictionary<int32, string>, one dictionary per column over all parts.
     `.cast(schema.STACK_FRAMES)` gives plain strings."""
@@ -251,7 +251,8 @@ def _conform(table: pa.Table, table_schema: pa.Schema, file: Path) -> pa.Table:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else None
     except FileNotFoundError:
         return None
     except (OSError, ValueError):

@@ -18,6 +18,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 MAX_SOURCE_BYTES = 4 << 20  # a generated multi-megabyte module is not worth its space
 FACTS_LINE = 0  # the row holding a file's facts
@@ -178,7 +179,7 @@ class _FactVisitor(ast.NodeVisitor):
     def _visit_function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
         decorators = {_decorator_name(d) for d in node.decorator_list}
         qualname = self._qualname(node.name)
-        fn = {
+        fn: dict[str, Any] = {
             "first": min([node.lineno] + [d.lineno for d in node.decorator_list]),
             "def": node.lineno,
             "last": node.end_lineno,
@@ -222,7 +223,7 @@ class _FactVisitor(ast.NodeVisitor):
     visit_With = _visit_with
     visit_AsyncWith = _visit_with
 
-    def _visit_try(self, node) -> None:
+    def _visit_try(self, node: ast.Try) -> None:
         protected = bool(node.finalbody)
         self.protection[-1] += protected
         for child in node.body + node.handlers + node.orelse:

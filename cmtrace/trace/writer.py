@@ -19,8 +19,9 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -111,7 +112,7 @@ class TraceWriter:
         if self.owner is not None:
             os.chown(path, *self.owner)
 
-    def _atomic_write(self, final: Path, write) -> None:
+    def _atomic_write(self, final: Path, write: Callable[[BinaryIO], object]) -> None:
         tmp = final.with_name("." + final.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -144,13 +145,13 @@ class TraceWriter:
         table = pa.Table.from_pylist(rows, schema=schema.PREEXISTING)
         self._atomic_write(self.path / "preexisting.parquet", lambda fh: pq.write_table(table, fh))
 
-    def write_json(self, name: str, data) -> None:
+    def write_json(self, name: str, data: Any) -> None:
         text = json.dumps(data, indent=1, default=str).encode()
         self._atomic_write(self.path / name, lambda fh: fh.write(text))
 
-    def write_meta(self, **updates) -> None:
+    def write_meta(self, **updates: Any) -> None:
         self.meta.update(updates)
         self.write_json("meta.json", self.meta)
 
-    def finish(self, status: str = schema.STATUS_COMPLETE, **updates) -> None:
+    def finish(self, status: str = schema.STATUS_COMPLETE, **updates: Any) -> None:
         self.write_meta(status=status, end_wall=time.time(), **updates)
