@@ -820,7 +820,7 @@ static pid_t root_pid;
 static int detach_requested;
 
 static void apply_control(const struct ctl_msg *m) {
-    struct proc *p = find_proc((pid_t)m->pid, 0);
+    struct proc *p = find_proc((pid_t)m->pid, m->kind == CTL_CONFIG);
     switch (m->kind) {
     case CTL_CONFIG:
         if (p) {

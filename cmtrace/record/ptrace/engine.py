@@ -122,6 +122,7 @@ class Engine:
     stats_fd: int
     _pending: bytes = field(default=b"", repr=False)
     _eof: bool = field(default=False, repr=False)
+    _heard: bool = field(default=False, repr=False)  # records came: its handlers are set
 
     @classmethod
     def run(cls, argv: list[str], follow: bool = True, hold_exec: bool = False,
@@ -139,11 +140,15 @@ class Engine:
 
     @classmethod
     def _start(cls, arguments: list[str], popen: dict) -> Engine:
+        """`popen` may hold `binary` (another engine build), `wrapper` (a command the engine
+        runs under, e.g. setpriv to drop privileges) and subprocess.Popen's own arguments."""
+        binary = popen.pop("binary", None) or engine_binary()
+        wrapper = list(popen.pop("wrapper", ()))
         records_r, records_w = _pipe()
         control_r, control_w = _pipe()
         stats_r, stats_w = os.pipe2(os.O_CLOEXEC)
         fds = (records_w, control_r, stats_w)
-        command = [str(engine_binary()), "-o", str(records_w), "-c", str(control_r),
+        command = [*wrapper, str(binary), "-o", str(records_w), "-c", str(control_r),
                    "-s", str(stats_w), *arguments]  # fmt: skip
         try:
             process = subprocess.Popen(command, pass_fds=fds, **popen)
@@ -166,6 +171,7 @@ class Engine:
                 self._eof = True
                 break
             chunks.append(data)
+            self._heard = True
             wait = 0.0
         buf = b"".join(chunks)
         used, offsets, python_records = wire.split_frames(buf)
@@ -178,9 +184,12 @@ class Engine:
         return self._eof
 
     def _send(self, message: bytes) -> None:
+        """Write a control message; SIGUSR1 has the engine read it at once (else at its next
+        tick), once the engine has shown it is running (before, the signal would kill it)."""
         try:
             os.write(self.control, message)
-            os.kill(self.process.pid, signal.SIGUSR1)
+            if self._heard:
+                os.kill(self.process.pid, signal.SIGUSR1)
         except (BrokenPipeError, ProcessLookupError):
             pass  # the engine is gone: its end of the stream says how it ended
 

@@ -1,0 +1,209 @@
+"""The ptrace engine on its own (cmtrace/record/ptrace/engine.c), driven from Python.
+
+Real ptrace, real processes: Debian's /usr/bin/python3 runs test programs under the engine, as
+root and as `nobody` (an ordinary user traces its own command); the records are decoded with
+the collector's decoder and the stacks with the symbolizer, then compared with what the program
+says it did and, as root, with what the BPF walker records for the same program. Faults: the
+engine killed with SIGKILL in run mode takes the command with it (nothing is left running with
+a filter and no tracer, which would fail every fd syscall with ENOSYS); attach mode detaches
+and leaves the target running; job control (SIGSTOP/SIGCONT) works under the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from conftest import REPO, run_cmtrace, wait_until
+
+from cmtrace.record.ptrace import engine as engine_module
+from cmtrace.record.ptrace.driver import EngineRecording
+from cmtrace.trace import reader
+
+PYTHON = "/usr/bin/python3"
+LEAKS = REPO / "tests" / "programs" / "leaks"
+NOBODY = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups")
+USERS = {"root": (), "nobody": NOBODY}
+TIMEOUT = 60
+
+if not Path(PYTHON).exists() or shutil.which("setpriv") is None:
+    pytest.skip(f"needs {PYTHON} and setpriv", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def binary() -> Path:
+    """An engine build every user can run (the per-user cache under /root is not)."""
+    where = Path(tempfile.mkdtemp(prefix="cmtrace-engine-"))
+    where.chmod(0o755)
+    built = engine_module.build(where / engine_module.BINARY)
+    built.chmod(0o755)
+    yield built
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def record(argv: list[str], binary: Path, user: str = "root", **popen):
+    """Run argv under the engine to its end: (events as pandas, stack rows by id, stats, out)."""
+    recording = EngineRecording.run(argv, binary=binary, wrapper=USERS[user], cwd="/",
+                                    stdout=subprocess.PIPE, **popen)  # fmt: skip
+    tables, deadline = [], time.monotonic() + TIMEOUT
+    while not recording.finished and time.monotonic() < deadline:
+        tables.append(recording.poll())
+    out = recording.engine.process.stdout.read().decode()
+    stats = recording.wait(timeout=TIMEOUT)
+    events = pa.concat_tables(tables).to_pandas() if tables else None
+    stacks: dict[int, list[dict]] = {}
+    for row in recording.frames():
+        stacks.setdefault(row["stack_id"], []).append(row)
+    return events, stacks, stats, out
+
+
+def frames_of(stacks: dict, stack_id: int) -> list[tuple[str, int]]:
+    return [(row["function"], row["line"]) for row in stacks.get(stack_id, [])]
+
+
+def own_opens(events, stacks: dict, program: Path):
+    """Events on `program` made by its own code (the interpreter and importlib open it too)."""
+    innermost = {sid: rows[0]["file"] for sid, rows in stacks.items() if rows}
+    on_file = events[events["path"] == str(program)]
+    return on_file[[innermost.get(sid) == str(program) for sid in on_file["stack_id"]]]
+
+
+def line_of(path: Path, text: str) -> int:
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if text in line)
+
+
+@pytest.mark.parametrize("user", USERS)
+def test_run_mode_fds_and_stacks(binary, user):
+    program = LEAKS / "fdtable.py"
+    events, stacks, stats, out = record([PYTHON, str(program)], binary, user)
+    truth = json.loads(out.strip().splitlines()[-1])
+    assert stats["exit_code"] == 0 and stats["write_errors"] == 0 and stats["dropped"] == 0
+    pid, child = truth["pid"], truth["child"]
+    mine = own_opens(events, stacks, program)
+    births = mine[(mine["op"] == "birth") & (mine["pid"] == pid)]
+    assert births["fd"].tolist() == [truth["f"], truth["kept"]]
+    child_births = mine[(mine["op"] == "birth") & (mine["pid"] == child)]
+    assert len(child_births) == 1
+    pipe = events[(events["syscall"].isin(["pipe", "pipe2"])) & (events["pid"] == pid)]
+    assert sorted(pipe["fd"].tolist()[-2:]) == sorted([truth["r"], truth["w"]])
+    forks = events[(events["op"] == "fork") & (events["pid"] == pid)]
+    assert forks["arg"].tolist() == [child]
+    dup2 = events[(events["syscall"] == "dup2") & (events["pid"] == pid)]
+    assert dup2[["fd", "src_fd"]].values.tolist() == [[truth["f"], truth["r"]]]
+    kept_line = line_of(program, "kept = os.open(")
+    kept_stack = frames_of(stacks, births["stack_id"].iloc[1])
+    assert kept_stack == [("<module>", kept_line)], kept_stack
+    child_line = line_of(program, "leaked_in_child = os.open(")
+    assert frames_of(stacks, child_births["stack_id"].iloc[0]) == [("<module>", child_line)]
+    assert set(events[events["pid"] == pid]["op"]) >= {"birth", "close", "exec", "exit", "fork"}
+
+
+def test_stacks_agree_with_the_bpf_walker(binary, bpf_ready, tmp_path):
+    """The same program under both backends: every open of its own file has the same frames."""
+    program = LEAKS / "no_context_manager.py"
+    events, stacks, stats, _ = record([PYTHON, str(program)], binary)
+    mine = own_opens(events, stacks, program)
+    mine = mine[mine["op"] == "birth"]
+    ptrace_frames = [frames_of(stacks, sid) for sid in mine["stack_id"]]
+    trace = tmp_path / "trace"
+    result = run_cmtrace("run", "-o", str(trace), "--", PYTHON, str(program))
+    assert result.returncode == 0, result.stderr
+    bpf_events = reader.read_events(trace).to_pandas()
+    bpf_rows = reader.read_stacks(trace).to_pandas()
+    bpf_stacks: dict[int, list[dict]] = {}
+    for row in bpf_rows.sort_values("depth").to_dict("records"):
+        bpf_stacks.setdefault(row["stack_id"], []).append(row)
+    bpf_mine = own_opens(bpf_events, bpf_stacks, program)
+    bpf_mine = bpf_mine[bpf_mine["op"] == "birth"]
+    bpf_frames = [frames_of(bpf_stacks, sid) for sid in bpf_mine["stack_id"]]
+    assert ptrace_frames == bpf_frames
+    leak_line = line_of(program, "# LEAK-SITE")
+    assert [frames[0] for frames in ptrace_frames].count(("open_log", leak_line)) == 3
+
+
+LOOPER = """
+import os, sys, time
+errors, child = 0, 0
+if len(sys.argv) > 2:
+    child = os.fork()
+print(os.getpid(), child, flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    try:
+        os.close(os.open("/dev/null", os.O_RDONLY))
+    except OSError as exc:
+        errors += 1
+        with open(sys.argv[-1] + f".{os.getpid()}.errors", "a") as log:
+            log.write(f"{exc.errno}\\n")
+    time.sleep(0.005)
+print("errors", errors, flush=True)
+"""
+
+
+def proc_state(pid: int) -> str | None:
+    """The process's state letter, None once it is gone (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+    return None if state in ("Z", "X") else state
+
+
+def test_engine_killed_in_run_mode_kills_the_command(binary, tmp_path):
+    script = tmp_path / "looper.py"
+    script.write_text(LOOPER)
+    log = tmp_path / "log"
+    recording = EngineRecording.run([PYTHON, str(script), "60", "fork", str(log)],
+                                    binary=binary, stdout=subprocess.PIPE)  # fmt: skip
+    pid, child = map(int, recording.engine.process.stdout.readline().split())
+    wait_until(lambda: len(recording.poll()) > 0, TIMEOUT, "events from the command")
+    os.kill(recording.engine.pid, signal.SIGKILL)
+    recording.engine.process.wait(TIMEOUT)
+    wait_until(lambda: proc_state(pid) is None and proc_state(child) is None, TIMEOUT,
+               "the command and its child to die with the engine")  # fmt: skip
+    assert not list(tmp_path.glob("log.*.errors")), "a process ran on with failing syscalls"
+
+
+def test_attach_detaches_and_leaves_the_target_running(binary, tmp_path):
+    script = tmp_path / "looper.py"
+    script.write_text(LOOPER)
+    log = tmp_path / "log"
+    target = subprocess.Popen([PYTHON, str(script), "4", str(log)], stdout=subprocess.PIPE)
+    try:
+        pid = int(target.stdout.readline().split()[0])
+        recording = EngineRecording.attach(pid, binary=binary)
+        tables: list[pa.Table] = []
+        wait_until(lambda: tables.append(recording.poll()) or sum(map(len, tables)) >= 20,
+                   TIMEOUT, "events from the attached target")  # fmt: skip
+        os.kill(pid, signal.SIGSTOP)  # job control under the engine: a group stop, then on
+        wait_until(lambda: proc_state(pid) == "T", TIMEOUT, "the target to stop")
+        os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: proc_state(pid) not in ("T", "t"), TIMEOUT, "the target to go on")
+        recording.engine.stop()
+        while not recording.finished:
+            tables.append(recording.poll())
+        stats = recording.wait(TIMEOUT)
+        assert stats["engine_status"] == 0, stats
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "TracerPid:\t0\n" in status, "still traced after the detach"
+        assert target.wait(TIMEOUT) == 0
+        assert target.stdout.read().split() == [b"errors", b"0"]
+        events = pa.concat_tables(tables).to_pandas()
+        stacks: dict[int, list[dict]] = {}
+        for row in recording.frames():
+            stacks.setdefault(row["stack_id"], []).append(row)
+        opens = events[(events["path"] == "/dev/null") & (events["op"] == "birth")]
+        assert len(opens) >= 10
+        loop_line = line_of(script, 'os.close(os.open("/dev/null"')
+        assert frames_of(stacks, opens["stack_id"].iloc[-1]) == [("<module>", loop_line)]
+    finally:
+        target.kill()
+        target.wait()
