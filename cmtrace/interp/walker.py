@@ -30,6 +30,10 @@ MAX_LINETABLE = 1 << 20
 GLIBC_PTHREAD_TID = 0x2D0  # offsetof(struct pthread, tid), glibc x86_64: maps pthread_t -> tid
 
 
+# x86_64 user addresses end below 2**47 (4-level paging) or 2**56 (5-level); off_t is signed.
+USER_SPACE_END = 1 << 63
+
+
 class Memory:
     """Reads of another process's memory; short reads raise OSError."""
 
@@ -47,8 +51,10 @@ class Memory:
         self.close()
 
     def read(self, addr: int, size: int) -> bytes:
-        if addr <= 0:
-            raise OSError(f"read at null address {addr:#x}")
+        # A torn or stale pointer can be any 64-bit value: os.pread takes a signed off_t, so
+        # anything past the user address space is a failed read, not an OverflowError.
+        if not 0 < addr < USER_SPACE_END or size < 0:
+            raise OSError(f"read at invalid address {addr:#x}")
         data = os.pread(self._fd, size, addr)
         if len(data) != size:
             raise OSError(f"short read at {addr:#x}")
