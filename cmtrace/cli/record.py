@@ -169,10 +169,10 @@ def _summarise(done: session.Finished, summary: Summary, out: TextIO) -> int:
 
 def print_summary(path: Path, summary: Summary, out: TextIO) -> int:
     """Print the leak report of a finished trace; return the number of leaks."""
-    from cmtrace.cli import report  # noqa: PLC0415 (pandas: only once a trace is written)
+    from cmtrace.present import text  # noqa: PLC0415 (pandas: only once a trace is written)
 
     try:
-        return report.print_summary(path, file=out, top=summary.top, exclude=summary.exclude)
+        return text.print_summary(path, file=out, top=summary.top, exclude=summary.exclude)
     except CmtraceError:
         raise
     except Exception as exc:  # the trace is complete on disk whatever the analysis does

@@ -16,9 +16,7 @@ from cmtrace.cli.common import (
 from cmtrace.errors import EXIT_LEAKS, EXIT_OK
 from cmtrace.present.html import render_html
 from cmtrace.present.json import render_json
-from cmtrace.present.text import print_summary, render_text
-
-__all__ = ["print_summary", "register", "run"]  # print_summary: until `run`/`-p` call present
+from cmtrace.present.text import render_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -10,7 +10,7 @@ import pytest
 from conftest import TARGET_PYTHON, Target, Tracer, run_cmtrace
 
 import cmtrace.analysis as cma
-from cmtrace.cli.report import print_summary
+from cmtrace.present.text import print_summary
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 PROGRAMS = Path(__file__).parents[1] / "programs" / "leaks"
