@@ -132,9 +132,11 @@ def test_stacks_agree_with_the_bpf_walker(binary, bpf_ready, tmp_path):
 LOOPER = """
 import os, sys, time
 errors, child = 0, 0
-if len(sys.argv) > 2:
+if sys.argv[2] == "fork":
     child = os.fork()
-print(os.getpid(), child, flush=True)
+if child:
+    with open(sys.argv[-1] + ".pids", "w") as pids:
+        pids.write(f"{os.getpid()} {child}")
 end = time.monotonic() + float(sys.argv[1])
 while time.monotonic() < end:
     try:
@@ -161,10 +163,10 @@ def test_engine_killed_in_run_mode_kills_the_command(binary, tmp_path):
     script = tmp_path / "looper.py"
     script.write_text(LOOPER)
     log = tmp_path / "log"
-    recording = EngineRecording.run([PYTHON, str(script), "60", "fork", str(log)],
-                                    binary=binary, stdout=subprocess.PIPE)  # fmt: skip
-    pid, child = map(int, recording.engine.process.stdout.readline().split())
-    wait_until(lambda: len(recording.poll()) > 0, TIMEOUT, "events from the command")
+    recording = EngineRecording.run([PYTHON, str(script), "60", "fork", str(log)], binary=binary)
+    pids = Path(f"{log}.pids")  # the engine holds the exec until poll() has configured it
+    wait_until(lambda: len(recording.poll()) > 0 and pids.exists(), TIMEOUT, "the command")
+    pid, child = map(int, pids.read_text().split())
     os.kill(recording.engine.pid, signal.SIGKILL)
     recording.engine.process.wait(TIMEOUT)
     wait_until(lambda: proc_state(pid) is None and proc_state(child) is None, TIMEOUT,
@@ -178,15 +180,21 @@ def test_attach_detaches_and_leaves_the_target_running(binary, tmp_path):
     log = tmp_path / "log"
     target = subprocess.Popen([PYTHON, str(script), "4", str(log)], stdout=subprocess.PIPE)
     try:
-        pid = int(target.stdout.readline().split()[0])
+        pid = target.pid
         recording = EngineRecording.attach(pid, binary=binary)
         tables: list[pa.Table] = []
         wait_until(lambda: tables.append(recording.poll()) or sum(map(len, tables)) >= 20,
                    TIMEOUT, "events from the attached target")  # fmt: skip
-        os.kill(pid, signal.SIGSTOP)  # job control under the engine: a group stop, then on
-        wait_until(lambda: proc_state(pid) == "T", TIMEOUT, "the target to stop")
+        # job control under the engine: SIGSTOP holds the target (a group stop, PTRACE_LISTEN:
+        # no more events), SIGCONT lets it go on
+        os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: proc_state(pid) in ("T", "t"), TIMEOUT, "the target to stop")
+        time.sleep(0.2)
+        tables.append(recording.poll(0.2))
+        assert len(recording.poll(0.5)) == 0, "events while the target is stopped"
         os.kill(pid, signal.SIGCONT)
-        wait_until(lambda: proc_state(pid) not in ("T", "t"), TIMEOUT, "the target to go on")
+        wait_until(lambda: tables.append(recording.poll()) or len(tables[-1]) > 0, TIMEOUT,
+                   "events after SIGCONT")  # fmt: skip
         recording.engine.stop()
         while not recording.finished:
             tables.append(recording.poll())
@@ -201,7 +209,7 @@ def test_attach_detaches_and_leaves_the_target_running(binary, tmp_path):
         for row in recording.frames():
             stacks.setdefault(row["stack_id"], []).append(row)
         opens = events[(events["path"] == "/dev/null") & (events["op"] == "birth")]
-        assert len(opens) >= 10
+        assert len(opens) >= 2
         loop_line = line_of(script, 'os.close(os.open("/dev/null"')
         assert frames_of(stacks, opens["stack_id"].iloc[-1]) == [("<module>", loop_line)]
     finally:
