@@ -3,6 +3,7 @@ that do not. `# LEAK:<label>` marks the line that opens one leaked fd, described
 expected.LEAKS[label]; `# WARN:<label>` one that a finalizer closes during its test
 (expected.WARNINGS[label]: a warning of that test, no leak)."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -87,3 +88,8 @@ def test_allowed_one():
 @pytest.mark.cmtrace(skip=True)
 def test_not_checked():
     HELD.append(open(__file__))  # LEAK:not_checked
+
+
+@pytest.mark.skipif(not os.environ.get("SUITE_FAIL"), reason="SUITE_FAIL=1 makes it fail")
+def test_fails_without_leaking():
+    pytest.fail("fails on purpose: exit status 1, outcome failed")
