@@ -81,5 +81,6 @@ bench: setup
 lint:
 	$(RUFF) format --check .
 	$(RUFF) check .
-	@mkdir -p build/mypy/cmtrace && ln -sfn ../../../analysis build/mypy/cmtrace/analysis
+	@mkdir -p build/mypy/cmtrace && ln -sfn ../../../analysis build/mypy/cmtrace/analysis && \
+		ln -sfn ../../../probes build/mypy/cmtrace/probes
 	$(PYTHON) -m mypy

@@ -159,7 +159,7 @@ def _fast_elf_facts(data) -> _ElfFacts:
     def file_offset(vaddr: int) -> int:
         for p_offset, p_vaddr, p_filesz in loads:
             if p_vaddr <= vaddr < p_vaddr + p_filesz:
-                return vaddr - p_vaddr + p_offset
+                return int(vaddr - p_vaddr + p_offset)
         raise ValueError(f"address {vaddr:#x} is not in the file")
 
     tags: dict[int, int] = {}
@@ -175,7 +175,7 @@ def _fast_elf_facts(data) -> _ElfFacts:
     gnu_hash = file_offset(tags[_DT_GNU_HASH])
 
     def string(offset: int) -> bytes:
-        return data[strtab + offset : data.find(b"\0", strtab + offset)]
+        return bytes(data[strtab + offset : data.find(b"\0", strtab + offset)])
 
     needed = any(string(off).startswith(b"libpython") for off in needed_offsets)
     symbols = {}

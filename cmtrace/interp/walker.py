@@ -61,10 +61,10 @@ class Memory:
         return data
 
     def u64(self, addr: int) -> int:
-        return struct.unpack("<Q", self.read(addr, 8))[0]
+        return int(struct.unpack("<Q", self.read(addr, 8))[0])
 
     def i32(self, addr: int) -> int:
-        return struct.unpack("<i", self.read(addr, 4))[0]
+        return int(struct.unpack("<i", self.read(addr, 4))[0])
 
     def u8(self, addr: int) -> int:
         return self.read(addr, 1)[0]
@@ -89,7 +89,8 @@ class CodeInfo:
 
 def thread_states(mem: Memory, interp: Interpreter) -> list[int]:
     """Addresses of every PyThreadState of every interpreter."""
-    layout, result = interp.layout, []
+    layout = interp.layout
+    result: list[int] = []
     istate = mem.u64(interp.interpreters_head_addr)
     for _ in range(MAX_INTERPRETERS):
         if not istate:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # struct fd_event: the 64-byte header of every fd record, then `datalen` bytes of tail.
-RECORD_HEADER = np.dtype(
+RECORD_HEADER: np.dtype[np.void] = np.dtype(
     [
         ("ts", "<u8"), ("pid", "<u4"), ("tid", "<u4"), ("type", "<u2"), ("nr", "<u2"),
         ("fd", "<i4"), ("fd2", "<i4"), ("err", "<i4"), ("flags", "<u8"), ("arg", "<u8"),

@@ -86,7 +86,7 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
     if not len(batch):
         return schema.EVENTS.empty_table()
     head, offsets = _headers(batch)
-    etype = head["type"].astype(np.int64)
+    etype: np.ndarray = head["type"].astype(np.int64)
     nr = np.minimum(head["nr"].astype(np.int64), _NR_SPACE - 1)
     flags = head["flags"]
     is_birth = etype == EV_BIRTH
@@ -103,7 +103,7 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
     cloexec |= (nr == _FCNTL_NR) & (flags == syscalls.F_DUPFD_CLOEXEC)
     cloexec = np.where(etype == EV_CLOEXEC, head["arg"] != 0, cloexec)
     cloexec_valid = is_birth | (etype == EV_CLOEXEC)
-    stack_flags = head["stack_flags"].astype(np.int64)
+    stack_flags: np.ndarray = head["stack_flags"].astype(np.int64)
     columns = {
         "t_ns": head["ts"].astype(np.int64) - boot_ns,
         "pid": head["pid"].astype(np.int32),
@@ -176,7 +176,7 @@ def _decode_paths(
     """Paths as one Arrow string array: plain-text tails (file names) are sliced out of the
     batch in one gather; the few tails that need formatting (addresses, exec) go through
     Python."""
-    datalen = head["datalen"].astype(np.int64)
+    datalen: np.ndarray = head["datalen"].astype(np.int64)
     text = (datalen > 0) & np.isin(nr, _TEXT_TAIL_NRS) & ((etype == EV_BIRTH) | (etype == EV_FAIL))
     lengths = np.where(text, datalen, 0)
     ends = np.cumsum(lengths)
@@ -263,7 +263,7 @@ def _expand_multi_fd(
                 out[name].append(variant.get(name, base[name]))
     arrays = {name: np.array(values, dtype=columns[name].dtype) for name, values in out.items()}
     count = len(arrays["fd"])
-    nothing = np.zeros(count, bool)
+    nothing: np.ndarray = np.zeros(count, bool)
     paths = pa.nulls(count, pa.string())
     return arrays, {"cloexec": nothing, "kind": nothing}, paths, ~nothing
 

@@ -55,7 +55,7 @@ def import_bcc() -> ModuleType:
             "the bcc Python module is missing: run `make install` (or `apt-get install "
             "python3-bpfcc`) and use /opt/cmtrace/venv/bin/python or the cmtrace command"
         ) from exc
-    return bcc
+    return bcc  # type: ignore[no-any-return]  # bcc has no type information
 
 
 def inline_pystack(source: str, header: Path | None = None) -> str:
