@@ -33,7 +33,7 @@ record() { # record KIND PATH: remember something we created, once
 }
 
 # ---------------------------------------------------------------- apt packages
-RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip)
+RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc)
 # Tools the tests and `make interpreters` use: strace (benchmark baseline), capsh/setpriv
 # (unprivileged doctor tests), readelf, mmdebstrap (sid interpreters), unshare/chroot (namespaces),
 # chromium (the HTML report is opened headless; not in the VM guest, which does not run that
@@ -181,6 +181,14 @@ install_cmtrace() {
     chmod -R a+rX "$VENV"
 }
 
+# The ptrace backend's engine (a helper binary: a C compiler is all it needs), built next to
+# its source so every user of this checkout runs the same one; rebuilt when a source changed.
+build_ptrace_engine() {
+    say "building the ptrace engine"
+    "$VENV/bin/python" -m cmtrace.record.ptrace.engine >/dev/null
+    chmod a+rx "$REPO/cmtrace/record/ptrace/cmtrace-ptrace-engine"
+}
+
 link_command() {
     if [ -L "$BIN_LINK" ] && [ "$(readlink "$BIN_LINK")" = "$VENV/bin/cmtrace" ]; then
         return
@@ -239,4 +247,5 @@ link_headers
 mount_tracing
 make_venv
 if [ "$MODE" = runtime ]; then install_cmtrace ""; else install_cmtrace dev; fi
+build_ptrace_engine
 link_command

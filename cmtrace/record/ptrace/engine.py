@@ -81,7 +81,7 @@ def engine_binary() -> Path:
     """The engine to run: installed next to this module, else built once per source version
     into the user's cache (a checkout or an editable install)."""
     installed = Path(__file__).with_name(BINARY)
-    if installed.exists() and os.access(installed, os.X_OK):
+    if os.access(installed, os.X_OK) and not _older_than_sources(installed):
         return installed
     if not SOURCE.exists():
         raise EngineUnavailable(f"{installed} is missing: reinstall cmtrace")
@@ -90,6 +90,12 @@ def engine_binary() -> Path:
     if not built.exists():
         build(built)
     return built
+
+
+def _older_than_sources(binary: Path) -> bool:
+    """A checkout's build (scripts/setup.sh) after engine.c or a header changed: stale."""
+    built = binary.stat().st_mtime
+    return any(path.exists() and path.stat().st_mtime > built for path in _sources())
 
 
 def _pipe() -> tuple[int, int]:
@@ -218,3 +224,7 @@ class Engine:
 
     def close(self) -> None:
         os.close(self.records)
+
+
+if __name__ == "__main__":  # scripts/setup.sh: `python -m cmtrace.record.ptrace.engine`
+    print(build(Path(__file__).with_name(BINARY)))
