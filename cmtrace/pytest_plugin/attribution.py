@@ -121,8 +121,6 @@ def attribute(fds: pd.DataFrame, timelines: dict[int, Timeline]) -> pd.DataFrame
             if window is None:
                 continue
             end = line.ends.get(window.owner, NEVER)
-            died = row.died_ns
-            still_open = died is None or pd.isna(died) or float(died) > end
             rows.append(
                 {
                     **row._asdict(),
@@ -131,11 +129,24 @@ def attribute(fds: pd.DataFrame, timelines: dict[int, Timeline]) -> pd.DataFrame
                     "fixture": window.fixture,
                     "worker": line.worker,
                     "owner_end_ns": end,
-                    "leaked": bool(still_open),
+                    "leaked": outlived(row, end),
                 }
             )
     columns = list(fds.columns) + ["owner", "phase", "fixture", "worker", "owner_end_ns", "leaked"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=columns, dtype=object).astype(
+        {"born_ns": "int64", "leaked": bool}
+    )
+
+
+def outlived(row, end: float) -> bool:
+    """Was the fd still open when its owner ended? An owner that never ended (its process died
+    in the test) keeps the trace's own verdict: open when the process ended."""
+    died = row.died_ns
+    if died is None or pd.isna(died):
+        return True
+    if end == NEVER:
+        return bool(getattr(row, "leak", False))
+    return float(died) > end
 
 
 # Code of the test harness itself: an fd whose innermost frame outside the standard library is
