@@ -205,6 +205,7 @@ enum ctl_kind {
     CTL_FORGET = 2,  // stop walking `pid` (the layout failed validation)
     CTL_RESUME = 3,  // let `pid`, held after its exec, run on
     CTL_STOP = 4,    // attach mode: detach from everything and exit; run mode: ignored
+    CTL_HOLD_NEXT = 5,  // let `pid` run to its next stop and hold it there (CPython not loaded yet)
 };
 
 struct ctl_msg {

@@ -215,3 +215,24 @@ def test_attach_detaches_and_leaves_the_target_running(binary, tmp_path):
     finally:
         target.kill()
         target.wait()
+
+
+# Heap frames (3.8-3.10) and data-stack frames (3.12), in builds with a shared libpython
+# (pyenv's, through wrappers that exec them: the engine holds the process until CPython is
+# loaded, then configures it).
+PYENV = {minor: Path(f"/opt/cmtrace/pythons/bin/pyenv-3.{minor}") for minor in (8, 9, 10, 12)}
+
+
+@pytest.mark.parametrize("minor", PYENV)
+def test_every_frame_layout(binary, minor):
+    python = PYENV[minor]
+    if not python.exists():
+        pytest.skip(f"{python} is not installed (make interpreters)")
+    program = LEAKS / "no_context_manager.py"
+    events, stacks, stats, _ = record([str(python), str(program)], binary)
+    assert stats["exit_code"] == 0
+    opens = own_opens(events, stacks, program)
+    leak_line = line_of(program, "# LEAK-SITE")
+    main_line = line_of(program, "        open_log(__file__)")
+    sites = [frames_of(stacks, sid)[:2] for sid in opens[opens["op"] == "birth"]["stack_id"]]
+    assert sites.count([("open_log", leak_line), ("main", main_line)]) == 3, sites

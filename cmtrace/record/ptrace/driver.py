@@ -31,6 +31,7 @@ from cmtrace.record.ptrace import wire
 from cmtrace.record.ptrace.engine import Engine
 
 POLL_S = 0.02
+PENDING_POLL_S = 0.001
 PENDING_GIVE_UP_S = 10.0
 
 
@@ -62,7 +63,8 @@ class EngineRecording:
 
     def poll(self, timeout: float = POLL_S) -> pa.Table:
         """The fd events that arrived (waiting up to `timeout`), configuring new images."""
-        batch, python_records = self.engine.read(timeout)
+        # a process held until its interpreter is loaded: look again at its next stop, soon
+        batch, python_records = self.engine.read(PENDING_POLL_S if self._pending else timeout)
         for record in python_records:
             self.symbolizer.on_record(record)
         if len(batch):
@@ -75,12 +77,19 @@ class EngineRecording:
         for pid, since in list(self._pending.items()):
             if self._configure(pid) or time.monotonic() - since > PENDING_GIVE_UP_S:
                 self._pending.pop(pid, None)
+                self.engine.resume(pid)
+            else:
+                self.engine.hold_next(pid)
         return decode.decode(batch, self.boot_ns)
 
     def _on_exec(self, pid: int) -> None:
-        if not self._configure(pid):
+        """The engine holds pid after its exec: configure it, or (CPython not loaded yet, as
+        with a shared libpython) have it held again at each stop until it can be."""
+        if self._configure(pid):
+            self.engine.resume(pid)
+        else:
             self._pending[pid] = time.monotonic()
-        self.engine.resume(pid)
+            self.engine.hold_next(pid)
 
     def _configure(self, pid: int) -> bool:
         """Configure pid's walker; False: not initialised yet (retry), True: done or declined."""

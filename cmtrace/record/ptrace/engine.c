@@ -311,7 +311,7 @@ struct proc {
 
 struct thread {
     pid_t tid;
-    u8 used, held;
+    u8 used, held, hold_next;
     struct proc *proc;
     const struct syscall_shape *pending;  // a birth waiting for its exit stop
     u64 args[6];
@@ -837,6 +837,13 @@ static void apply_control(const struct ctl_msg *m) {
             if (threads[i].used && threads[i].held && threads[i].tid == (pid_t)m->pid)
                 threads[i].held = 0;
         break;
+    case CTL_HOLD_NEXT:
+        for (int i = 0; i < MAX_THREADS; i++)
+            if (threads[i].used && threads[i].tid == (pid_t)m->pid) {
+                threads[i].held = 0;
+                threads[i].hold_next = 1;
+            }
+        break;
     case CTL_STOP:
         if (attach_mode)
             detach_requested = 1;
@@ -1263,6 +1270,10 @@ static void run_loop(double duration) {
             t = add_thread(tid, find_proc(tid, 1));
         int listen = 0;
         int sig = on_stop(t, status, &listen);
+        if (t->hold_next) {  // the collector waits for CPython to be loaded: stop here too
+            t->hold_next = 0;
+            hold_until_resumed(t);
+        }
         if (listen)
             ptrace(PTRACE_LISTEN, tid, 0, 0);
         else

@@ -208,6 +208,10 @@ class Engine:
     def resume(self, pid: int) -> None:
         self._send(wire.control_message(wire.CTL_RESUME, pid))
 
+    def hold_next(self, pid: int) -> None:
+        """Let pid, held after its exec, run to its next stop and hold it there again."""
+        self._send(wire.control_message(wire.CTL_HOLD_NEXT, pid))
+
     def stop(self) -> None:
         """Attach mode: detach from everything and exit (run mode records to the end)."""
         self._send(wire.control_message(wire.CTL_STOP, 0))

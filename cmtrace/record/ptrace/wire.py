@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import struct
 
-CTL_CONFIG, CTL_FORGET, CTL_RESUME, CTL_STOP = 1, 2, 3, 4
+CTL_CONFIG, CTL_FORGET, CTL_RESUME, CTL_STOP, CTL_HOLD_NEXT = 1, 2, 3, 4, 5
 FRAME_HEADER = 8
 PYTHON_RECORD_MIN_TYPE = 100
 _FRAME_HEAD = struct.Struct("<II")
