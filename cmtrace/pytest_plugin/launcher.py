@@ -52,6 +52,7 @@ def record_session(config: pytest.Config) -> int:
     try:
         marks = work / "marks"
         marks.mkdir()
+        hand_to_recorded_user(work, marks)
         kept = config.getoption("cmtrace_trace")
         trace = Path(kept).resolve() if kept else work / "trace"
         status, recorder_errors = run_recorded(config, backend_args, marks, trace)
@@ -67,6 +68,15 @@ def record_session(config: pytest.Config) -> int:
         return status
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def hand_to_recorded_user(*directories: Path) -> None:
+    """Under sudo, `cmtrace run` runs pytest as $SUDO_USER: its side files must be writable."""
+    from cmtrace.record.spawn import run_as_user  # noqa: PLC0415
+
+    user = run_as_user()
+    for directory in directories if user is not None else ():
+        os.chown(directory, user.pw_uid, user.pw_gid)
 
 
 def backend_arguments(requested: str) -> list[str]:

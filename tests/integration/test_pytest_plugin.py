@@ -233,3 +233,14 @@ def test_ptrace_without_the_backend_is_a_usage_error() -> None:
     done = run_suite("--cmtrace", "--cmtrace-backend", "ptrace")
     assert done.returncode == 4, done.stdout + done.stderr
     assert "this cmtrace has no ptrace backend yet" in done.stderr
+
+
+def test_under_sudo_the_tests_run_as_the_user(bpf_ready, tmp_path: Path) -> None:
+    """`sudo pytest --cmtrace`: cmtrace run starts pytest as $SUDO_USER, which must still be
+    able to write its boundary marks (every test attributed as before)."""
+    out = tmp_path / "leaks.json"
+    done = run_suite("--cmtrace", f"--cmtrace-json={out}", env={"SUDO_USER": "nobody"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_document(
+        json.loads(out.read_text()), {"suite_leaks.py::test_fails_without_leaking": "skipped"}
+    )
