@@ -284,7 +284,8 @@ static u32 stack_count, code_count;
 
 static struct set_entry *set_slot(struct set_entry *set, u64 key, u64 key2) {
     u64 h = (key ^ (key2 * 0xff51afd7ed558ccdull)) * 0x9E3779B97F4A7C15ull;
-    for (u32 i = (u32)(h >> (64 - SET_BITS)), n = 0; n < SET_SIZE; i = (i + 1) & (SET_SIZE - 1), n++)
+    u32 i = (u32)(h >> (64 - SET_BITS));
+    for (u32 n = 0; n < SET_SIZE; i = (i + 1) & (SET_SIZE - 1), n++)
         if (!set[i].used || (set[i].key == key && set[i].key2 == key2))
             return &set[i];
     return NULL;
@@ -456,7 +457,8 @@ static void emit_stack(struct thread *t, u64 id, u32 flags) {
     r.generation = t->proc->cfg.generation;
     r.pad = 0;
     memcpy(r.frames, s->frames, s->nframes * sizeof(struct py_frame));
-    put_record(&r, (u32)(offsetof(struct py_stack_rec, frames) + s->nframes * sizeof(struct py_frame)));
+    size_t frames = s->nframes * sizeof(struct py_frame);
+    put_record(&r, (u32)(offsetof(struct py_stack_rec, frames) + frames));
     stat.stacks++;
 }
 
@@ -705,7 +707,8 @@ static int on_syscall_entry(struct thread *t, long nr, const u64 *args) {
         return 0;
     }
     if (sh->nr == NR_fcntl && cmd == F_SETFD_) {  // fcntl is a birth but for this command
-        static const struct syscall_shape setfd = {NR_fcntl, H_CLOEXEC, NO_ARG, NO_ARG, NO_ARG, NO_ARG, 0};
+        static const struct syscall_shape setfd = {NR_fcntl, H_CLOEXEC, NO_ARG, NO_ARG,
+                                                   NO_ARG, NO_ARG, 0};
         emit_at_entry(t, &setfd, args);
         return 0;
     }
@@ -759,16 +762,17 @@ static void on_syscall_exit(struct thread *t, s64 ret) {
 // ---- seccomp filter ---------------------------------------------------------------------------
 
 #define MAX_FILTER 256
+#define LOAD_WORD (BPF_LD | BPF_W | BPF_ABS)
 
 // RET_TRACE for the table's syscalls, ALLOW for all others: one load of the number, one compare
 // per syscall; those with an argument check jump to a block of their own after the returns
 // (cBPF jumps only forward, at most 255 instructions).
 static int build_filter(struct sock_filter *f) {
     int n = 0;
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    f[n++] = (struct sock_filter)BPF_STMT(LOAD_WORD, offsetof(struct seccomp_data, arch));
     f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
     f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
-    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    f[n++] = (struct sock_filter)BPF_STMT(LOAD_WORD, offsetof(struct seccomp_data, nr));
     int allow = n + (int)N_SHAPES, trace = allow + 1, block = trace + 1;
     for (size_t i = 0; i < N_SHAPES; i++, n++) {
         int target = trace;
@@ -776,8 +780,8 @@ static int build_filter(struct sock_filter *f) {
             const struct filter_check *c = &FILTER_CHECKS[SHAPES[i].check];
             int at = block;
             target = block;
-            f[at++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS,
-                                                   offsetof(struct seccomp_data, args) + 8 * c->arg);
+            f[at++] = (struct sock_filter)BPF_STMT(
+                LOAD_WORD, offsetof(struct seccomp_data, args) + 8 * c->arg);  // low half
             for (int v = 0; v < c->nvalues; v++, at++)
                 f[at] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, c->values[v],
                                                      (u8)(c->nvalues - v), 0);
