@@ -213,6 +213,7 @@ static u64 now_ns(void) {
 #define BLOCK 4096
 #define N_BLOCKS 16
 #define SMALL_READ 256
+#define POINTER_READ 8
 static pid_t mem_pid;
 static u64 mem_epoch;
 static struct {
@@ -239,7 +240,8 @@ static long target_read(void *dst, u32 size, const void *src) {
     if (!addr || !size)
         return -1;
     u64 base = addr & ~(u64)(BLOCK - 1);
-    if (size > SMALL_READ || addr + size > base + BLOCK)
+    // a pointer (one word) is read once per stop: a whole block for it costs more than it saves
+    if (size <= POINTER_READ || size > SMALL_READ || addr + size > base + BLOCK)
         return read_direct(dst, addr, size);
     unsigned slot = (unsigned)((base / BLOCK) * 0x9E3779B1u) % N_BLOCKS;
     if (blocks[slot].epoch != mem_epoch || blocks[slot].addr != base) {
