@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmtrace.record.ptrace import wire
+from cmtrace.record.records import Batch
 
 BINARY = "cmtrace-ptrace-engine"
 SOURCE = Path(__file__).with_name("engine.c")
@@ -107,17 +108,6 @@ def _pipe() -> tuple[int, int]:
     except OSError:
         pass  # a smaller pipe only means more, shorter waits
     return read_end, write_end
-
-
-@dataclass
-class Batch:
-    """fd records read together: payloads start at `offsets` inside `buf` (collect.Batch)."""
-
-    buf: bytes
-    offsets: list[int]
-
-    def __len__(self) -> int:
-        return len(self.offsets)
 
 
 @dataclass
