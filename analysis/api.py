@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from functools import cached_property, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from cmtrace.analysis.causes import (
     close_death,
 )
 from cmtrace.analysis.code import SourceIndex
-from cmtrace.analysis.lifetimes import PairingStats, build_lifetimes, is_leak
+from cmtrace.analysis.lifetimes import EventFacts, PairingStats, build_lifetimes, is_leak
 from cmtrace.analysis.stacks import Stacks
 from cmtrace.trace import schema
 from cmtrace.trace.reader import (
@@ -78,7 +79,7 @@ class Trace:
         return self.status == schema.STATUS_INTERRUPTED
 
     @cached_property
-    def _summary(self) -> dict:
+    def _summary(self) -> EventFacts:
         """Facts of the event stream needed beside the lifetimes (three columns read, a part at
         a time: whole columns would cost hundreds of MB on a large trace)."""
         rows, last, lost, children = 0, [], 0, set()
@@ -175,12 +176,13 @@ class Trace:
         recorded = position >= 0
         at = np.where(recorded, position, 0)
 
-        def spread(per_stack: np.ndarray, fill) -> np.ndarray:
-            return (
+        def spread(per_stack: np.ndarray, fill: object) -> np.ndarray:
+            spread_out: np.ndarray = (
                 np.where(recorded, per_stack[at], fill)
                 if len(per_stack)
                 else np.full(len(at), fill)
             )
+            return spread_out
 
         inner = spread(stacks.innermost(), -1)
         facts = [
@@ -223,7 +225,7 @@ class Trace:
         where = stacks.positions(np.asarray(distinct))
         recorded = where >= 0
         at = np.where(recorded, where, 0)
-        cells = []
+        cells: list[np.ndarray] = []
         for per_stack in (stacks.site_frames(), stacks.with_frames(self.src)):
             codes = np.where(recorded, per_stack[at], -1) if len(per_stack) else where
             cells.extend(stacks.frame_cells(codes))
@@ -256,7 +258,7 @@ class Trace:
         ):
             texts = np.array([value(verdicts[k]) for k in distinct], dtype=object)
             categories = pd.Index(sorted(set(texts.tolist())), dtype=object)
-            codes = np.full(len(fds), -1, dtype=np.int32)
+            codes: np.ndarray = np.full(len(fds), -1, dtype=np.int32)
             codes[leaks] = categories.get_indexer(texts)[group] if len(leaks) else []
             fds[column] = pd.Categorical.from_codes(codes, categories=categories)
 
@@ -433,7 +435,9 @@ class Trace:
         alive = (fds["born_ns"] <= at) & (died.isna() | (died > at))
         return fds[alive.to_numpy()]
 
-    def timeline(self, by: str = "site", freq: str = "100ms", leaks_only: bool = False):
+    def timeline(
+        self, by: str = "site", freq: str = "100ms", leaks_only: bool = False
+    ) -> pd.DataFrame:
         """Live fd counts over time, one column per site (or kind/pid/path), one row per bin."""
         fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])]
         if leaks_only:
@@ -445,7 +449,7 @@ class Trace:
         died = fds["died_ns"].astype("float64").to_numpy()
         died_bin = np.where(np.isnan(died), bins, np.ceil(np.nan_to_num(died) / step))
         codes, names = pd.factorize(labels, sort=True)
-        delta = np.zeros((bins + 1, max(len(names), 1)), dtype=np.int64)
+        delta: np.ndarray = np.zeros((bins + 1, max(len(names), 1)), dtype=np.int64)
         np.add.at(delta, (born_bin.astype(int), codes), 1)
         np.add.at(delta, (np.clip(died_bin.astype(int), 0, bins), codes), -1)
         live = np.cumsum(delta, axis=0)[:bins]
@@ -497,7 +501,7 @@ def _top_values(site: np.ndarray, count: int, values: pd.Categorical, n: int) ->
     counts = pd.Series(site[known].astype(np.int64) * width + codes[known]).value_counts()
     pairs = counts.index.to_numpy()
     where, code, count_of = pairs // width, pairs % width, counts.to_numpy()
-    alphabetical = np.empty(width, dtype=np.int64)
+    alphabetical: np.ndarray = np.empty(width, dtype=np.int64)
     alphabetical[np.argsort(names.astype(str), kind="stable")] = np.arange(len(names))
     order = np.lexsort((alphabetical[code], -count_of, where))  # by site, count, name
     where, code = where[order], code[order]
@@ -524,8 +528,10 @@ def _op_codes(table: pa.Table) -> tuple[np.ndarray, list[str]]:
 def _numbers(part: pa.Table, name: str) -> np.ndarray:
     """A numeric column as float64, NaN for nulls (and everywhere when the part lacks it)."""
     if name not in part.column_names:
-        return np.full(part.num_rows, np.nan)
-    return part.column(name).to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+        nothing: np.ndarray = np.full(part.num_rows, np.nan)
+        return nothing
+    numbers: np.ndarray = part.column(name).to_numpy(zero_copy_only=False)
+    return numbers.astype(np.float64, copy=False)
 
 
 def _index_of(names: list[str], value: str) -> int:
@@ -539,7 +545,7 @@ def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
     return fds[by].astype(str)
 
 
-def _site_dict(file, line, function) -> dict | None:
+def _site_dict(file: object, line: Any, function: object) -> dict | None:
     if file is None or (isinstance(file, float) and np.isnan(file)):
         return None
     return {"function": function, "file": file, "line": int(line)}
@@ -558,7 +564,7 @@ def read_exclude_file(path: str | Path) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def site_matches(pattern: str, file: str | None, line, function: str | None) -> bool:
+def site_matches(pattern: str, file: str | None, line: Any, function: str | None) -> bool:
     """Does a site match an exclude pattern `FILE[:FUNCTION_OR_LINE]` (shell-style globs)?"""
     file_pat, _, rest = pattern.partition(":")
     file = file if isinstance(file, str) else NO_STACK

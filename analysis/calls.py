@@ -15,6 +15,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -42,6 +43,12 @@ class Call:
         return f"{self.method.qualname or self.function} ({self.method.file}:{self.method.firstlineno})"
 
 
+class StackFrames(Protocol):
+    """Stack id -> its frames, innermost first (`default` when not recorded): analysis.stacks."""
+
+    def get(self, stack_id: int, default: list[Frame], /) -> list[Frame]: ...
+
+
 class CallLog:
     """Paired calls, per (pid, tid), in entry order."""
 
@@ -51,7 +58,7 @@ class CallLog:
         self._starts = {key: [c.entry_ns for c in calls] for key, calls in by_thread.items()}
 
     @classmethod
-    def from_trace(cls, path: Path, meta: dict, frames: dict[int, list[Frame]]) -> CallLog:
+    def from_trace(cls, path: Path, meta: dict, frames: StackFrames) -> CallLog:
         """The calls of a trace directory (empty when it was recorded without --calls)."""
         armed = {
             int(t["pid"])
@@ -66,9 +73,7 @@ class CallLog:
         return cls.from_table(calls, frames, firing)
 
     @classmethod
-    def from_table(
-        cls, calls: pd.DataFrame, frames: dict[int, list[Frame]], armed_pids: set[int]
-    ) -> CallLog:
+    def from_table(cls, calls: pd.DataFrame, frames: StackFrames, armed_pids: set[int]) -> CallLog:
         by_thread: dict[tuple[int, int], list[Call]] = {}
         ordered = calls.sort_values("t_ns", kind="stable")
         for (pid, tid), rows in ordered.groupby(["pid", "tid"], sort=False):
@@ -87,7 +92,9 @@ class CallLog:
                 return call
         return None
 
-    def exit_after(self, pid: int, tid: int, t_ns: int, caller: Frame, span: tuple[int, int]):
+    def exit_after(
+        self, pid: int, tid: int, t_ns: int, caller: Frame, span: tuple[int, int]
+    ) -> Call | None:
         """The first __exit__/__aexit__ entered after t_ns by the `with` statement whose frame is
         `caller` (same file and function, line within the statement's span)."""
         calls = self.by_thread.get((pid, tid), [])
@@ -98,7 +105,7 @@ class CallLog:
         return None
 
 
-def _pair(rows: pd.DataFrame, frames: dict[int, list[Frame]]) -> list[Call]:
+def _pair(rows: pd.DataFrame, frames: StackFrames) -> list[Call]:
     """Entries and returns of one thread into calls: a return closes the latest open entry of
     the same method. A coroutine (__aenter__/__aexit__) fires an entry at every resume and a
     return at every suspension: an entry that does not start at the method's first line is a
@@ -137,7 +144,7 @@ def _pair(rows: pd.DataFrame, frames: dict[int, list[Frame]]) -> list[Call]:
     return [Call(**call) for call in done]
 
 
-def _resumed_call(done: list[dict], function: str, method: Frame | None, line) -> dict | None:
+def _resumed_call(done: list[dict], function: str, method: Frame | None, line: Any) -> dict | None:
     """The suspended call of coroutine method `method` that an entry at `line` resumes."""
     if function not in ASYNC or method is None or pd.isna(line):
         return None

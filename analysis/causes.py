@@ -1,8 +1,7 @@
 """Why an fd leaked: one cause per leak from the evidence in the trace, and how deaths happened.
 
-The causes are tried in a fixed order and the first that fits wins, so two builds agree
-(issue 5): suspended-generator, contextmanager-without-finally, manual-enter, finalizer-never-ran,
-with-exited-without-close, no-context-manager, else unknown with the evidence shown.
+The causes are tried in a fixed order and the first that fits wins, so two builds agree: that
+order is the table _RULES (CAUSES lists every cause it can give, unknown last).
 """
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from cmtrace.analysis.calls import ENTERS, EXITS, CallLog
+from cmtrace.analysis.calls import ENTERS, EXITS, Call, CallLog
 from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
 
 ENTER_METHODS = ENTERS  # the dunder methods the context manager protocol calls
@@ -117,7 +116,9 @@ def _is_contextmanager(frame: Frame, src: SourceIndex) -> bool:
     return bool(found and found[1].get("contextmanager"))
 
 
-def _suspended_generator(frames, src, ctx, held_by) -> Verdict | None:
+def _suspended_generator(
+    frames: list[Frame], src: SourceIndex, ctx: Context, held_by: Frame | None
+) -> Verdict | None:
     site = innermost_user(frames)
     for index, gen in enumerate(frames):
         if not (gen.is_user and gen.is_generator):
@@ -153,22 +154,35 @@ def _suspended_generator(frames, src, ctx, held_by) -> Verdict | None:
 def _with_exited_per_calls(gen: Frame, src: SourceIndex, ctx: Context) -> bool:
     """--calls evidence that the with statement `gen` was suspended in later called its
     __exit__/__aexit__: the generator or coroutine was resumed past the block after all."""
-    return _has_call_evidence(ctx) and _exit_call(gen, src, ctx, ctx.opened[2]) is not None
+    evidence = _call_evidence(ctx)
+    return evidence is not None and _exit_call(gen, src, evidence, evidence.born) is not None
 
 
-def _has_call_evidence(ctx: Context) -> bool:
-    """--calls recorded, and its probes fired, in the process that opened the fd."""
-    return bool(ctx.calls) and ctx.opened is not None and ctx.opened[0] in ctx.calls.pids
+@dataclass
+class _CallEvidence:
+    """--calls evidence about one fd: the paired calls, and the thread and time that opened it."""
+
+    calls: CallLog
+    pid: int
+    tid: int
+    born: int
 
 
-def _exit_call(holder: Frame, src: SourceIndex, ctx: Context, after: int):
+def _call_evidence(ctx: Context) -> _CallEvidence | None:
+    """The --calls evidence, when --calls was recorded and its probes fired in the process that
+    opened the fd (None otherwise)."""
+    if not ctx.calls or ctx.opened is None or ctx.opened[0] not in ctx.calls.pids:
+        return None
+    return _CallEvidence(ctx.calls, *ctx.opened)
+
+
+def _exit_call(holder: Frame, src: SourceIndex, evidence: _CallEvidence, after: int) -> Call | None:
     """The first __exit__/__aexit__ that the with statement `holder` executes called after
     `after` on the opening thread (None: none seen, or `holder` is not at a with statement)."""
     stmt = src.with_at(holder.file, holder.line)
     if not stmt:
         return None
-    pid, tid, _born = ctx.opened
-    return ctx.calls.exit_after(pid, tid, after, holder, (stmt[0], stmt[2]))
+    return evidence.calls.exit_after(evidence.pid, evidence.tid, after, holder, (stmt[0], stmt[2]))
 
 
 def _called_by_contextlib(frames: list[Frame], index: int) -> bool:
@@ -179,7 +193,9 @@ def _called_by_contextlib(frames: list[Frame], index: int) -> bool:
     )
 
 
-def _contextmanager_without_finally(frames, src, ctx, held_by) -> Verdict | None:
+def _contextmanager_without_finally(
+    frames: list[Frame], src: SourceIndex, ctx: Context, held_by: Frame | None
+) -> Verdict | None:
     for index, frame in enumerate(frames):
         if not frame.is_user:
             continue
@@ -208,7 +224,9 @@ def _contextmanager_without_finally(frames, src, ctx, held_by) -> Verdict | None
     return None
 
 
-def _manual_enter(frames, src, ctx, held_by) -> Verdict | None:
+def _manual_enter(
+    frames: list[Frame], src: SourceIndex, ctx: Context, held_by: Frame | None
+) -> Verdict | None:
     for index, frame in enumerate(frames):
         if frame.function not in ENTER_METHODS:
             continue
@@ -227,7 +245,9 @@ def _manual_enter(frames, src, ctx, held_by) -> Verdict | None:
     return None
 
 
-def _finalizer_never_ran(frames, src, ctx, held_by) -> Verdict | None:
+def _finalizer_never_ran(
+    frames: list[Frame], src: SourceIndex, ctx: Context, held_by: Frame | None
+) -> Verdict | None:
     for frame in frames:
         if not frame.is_user:
             continue
@@ -250,7 +270,9 @@ def _finalizer_never_ran(frames, src, ctx, held_by) -> Verdict | None:
     return None
 
 
-def _with_exited_without_close(frames, src, ctx, held_by) -> Verdict | None:
+def _with_exited_without_close(
+    frames: list[Frame], src: SourceIndex, ctx: Context, held_by: Frame | None
+) -> Verdict | None:
     if held_by is None or not _block_ended(held_by, src, ctx):
         return None
     site = innermost_user(frames) or frames[0]
@@ -270,10 +292,10 @@ def _refine_with_calls(verdict: Verdict, site: Frame, src: SourceIndex, ctx: Con
                        held_by: Frame) -> Verdict:  # fmt: skip
     """With --calls evidence: did the __enter__ that opened the fd raise (the with statement
     then never calls __exit__), or did the statement's __exit__ raise, return, or never run?"""
-    if not _has_call_evidence(ctx):
+    evidence = _call_evidence(ctx)
+    if evidence is None:
         return verdict
-    pid, tid, born = ctx.opened
-    enter = ctx.calls.enter_around(pid, tid, born)
+    enter = evidence.calls.enter_around(evidence.pid, evidence.tid, evidence.born)
     if enter is not None and enter.raised:
         return Verdict(
             "enter-raised",
@@ -285,8 +307,8 @@ def _refine_with_calls(verdict: Verdict, site: Frame, src: SourceIndex, ctx: Con
              "that __enter__ raised (USDT function__return with an exception set, --calls)",
              f"so the with statement at {held_by.where()} never ran its block or __exit__"],
         )  # fmt: skip
-    after = enter.return_ns if enter is not None and enter.return_ns is not None else born
-    exit_call = _exit_call(held_by, src, ctx, after)  # held_by is at a with statement
+    after = enter.return_ns if enter is not None and enter.return_ns is not None else evidence.born
+    exit_call = _exit_call(held_by, src, evidence, after)  # held_by is at a with statement
     if exit_call is None:
         verdict.evidence.append(f"--calls saw no __exit__ called by the with statement at "
                                 f"{held_by.where()}")  # fmt: skip
@@ -306,12 +328,14 @@ def _refine_with_calls(verdict: Verdict, site: Frame, src: SourceIndex, ctx: Con
     return verdict
 
 
-def _defined_at(call, site: Frame) -> str:
+def _defined_at(call: Call, site: Frame) -> str:
     method = call.method
     return f"{method.file}:{method.firstlineno}" if method is not None else site.where()
 
 
-def _no_context_manager(frames, src, ctx, held_by) -> Verdict | None:
+def _no_context_manager(
+    frames: list[Frame], src: SourceIndex, ctx: Context, held_by: Frame | None
+) -> Verdict | None:
     if held_by is not None or any(f.function in ENTER_METHODS for f in frames):
         return None
     site = innermost_user(frames)

@@ -127,7 +127,7 @@ class SourceIndex:
         """`with_at(file, line) is not None` for many lines of one file at once."""
         lines = np.asarray(lines, dtype=np.int64)
         spans = [stmt[:2] for stmt in self.file_facts(file).get("with", [])]
-        held = np.zeros(len(lines), dtype=bool)
+        held: np.ndarray = np.zeros(len(lines), dtype=bool)
         if spans:
             first, last = np.array(spans, dtype=np.int64).T
             held = ((first <= lines[:, None]) & (lines[:, None] <= last)).any(axis=1)
@@ -147,7 +147,7 @@ class SourceIndex:
 
     def class_of(self, file: str, qualname: str) -> dict | None:
         """The class a method belongs to (by qualname prefix), with its facts."""
-        classes = self.file_facts(file).get("classes", {})
+        classes: dict[str, dict] = self.file_facts(file).get("classes", {})
         owner = qualname.rsplit(".", 1)[0] if "." in qualname else ""
         return classes.get(owner)
 

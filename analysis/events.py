@@ -7,10 +7,11 @@ int32 codes, and `arg`/`flags` are kept only for the process events that read th
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Union, overload
 
 import numpy as np
 import pandas as pd
@@ -19,24 +20,23 @@ import pyarrow as pa
 from cmtrace.trace import schema
 from cmtrace.trace.reader import CORE_EVENT_COLUMNS, event_parts, read_event_part
 
-EventSource = Union[pa.Table, pd.DataFrame, Path]
+EventTable = Union[pa.Table, pd.DataFrame]  # events already in memory
+EventSource = Union[EventTable, Path]  # or a trace directory
 
 
-def _raw_column(events: EventSource, name: str):
+def _raw_column(events: EventTable, name: str) -> pd.Series | pa.ChunkedArray:
     if isinstance(events, pd.DataFrame):
         return events[name]
     return events.column(name)
 
 
-def _column(events: EventSource, name: str) -> np.ndarray:
+def _column(events: EventTable, name: str) -> np.ndarray:
     """A numeric or boolean column as numpy (object dtype when it holds nulls)."""
-    column = _raw_column(events, name)
-    if isinstance(column, pd.Series):
-        return column.to_numpy()
-    return column.to_numpy()
+    values: np.ndarray = _raw_column(events, name).to_numpy()  # a Series or a ChunkedArray
+    return values
 
 
-def _dictionary_codes(events: EventSource, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _dictionary_codes(events: EventTable, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(codes, categories) of a low-cardinality string column; code -1 for null."""
     col = _raw_column(events, name)
     if isinstance(col, pd.Series):
@@ -57,11 +57,11 @@ def _dictionary_codes(events: EventSource, name: str) -> tuple[np.ndarray, np.nd
 class Vocab:
     """Strings as int32 codes (-1 = null): millions of lifetimes share a few kinds and paths."""
 
-    def __init__(self, names) -> None:
+    def __init__(self, names: Iterable[object]) -> None:
         self.names: list[str] = [str(n) for n in names]
         self.index = {name: i for i, name in enumerate(self.names)}
 
-    def code(self, name) -> int:
+    def code(self, name: object) -> int:
         if name is None or (isinstance(name, float) and name != name):
             return -1
         name = str(name)
@@ -70,8 +70,9 @@ class Vocab:
             self.names.append(name)
         return self.index[name]
 
-    def encode(self, values) -> np.ndarray:
-        return np.array([self.code(v) for v in values], dtype=np.int32)
+    def encode(self, values: Iterable[object]) -> np.ndarray:
+        codes: np.ndarray = np.array([self.code(v) for v in values], dtype=np.int32)
+        return codes
 
     def categorical(self, codes: np.ndarray) -> pd.Categorical:
         categories = pd.Index(self.names, dtype=object)
@@ -85,7 +86,7 @@ class StackIds:
     arrays (a hash index), never one by one in Python."""
 
     def __init__(self) -> None:
-        self.ids = np.zeros(1, dtype=np.int64)
+        self.ids: np.ndarray = np.zeros(1, dtype=np.int64)
         self._index = pd.Index(self.ids)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
@@ -99,10 +100,12 @@ class StackIds:
             self.ids = np.concatenate([self.ids, uniques[new]])
             self._index = pd.Index(self.ids)
         lookup = np.append(codes, 0).astype(np.int32)
-        return lookup[positions]  # a null (position -1) becomes stack 0
+        stack_codes: np.ndarray = lookup[positions]  # a null (position -1) becomes stack 0
+        return stack_codes
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return self.ids[codes]
+        ids: np.ndarray = self.ids[codes]
+        return ids
 
 
 class Sparse:
@@ -117,11 +120,15 @@ class Sparse:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index):
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+    @overload
+    def __getitem__(self, index: np.ndarray) -> np.ndarray: ...
+    def __getitem__(self, index: int | np.ndarray) -> int | np.ndarray:
         """The value at a row (an int), or at each row of an index array."""
         scalar = np.ndim(index) == 0
         wanted = np.atleast_1d(np.asarray(index, dtype=np.int64))
-        out = np.zeros(len(wanted), dtype=np.int64)
+        out: np.ndarray = np.zeros(len(wanted), dtype=np.int64)
         if len(self.rows):
             position = np.minimum(np.searchsorted(self.rows, wanted), len(self.rows) - 1)
             found = self.rows[position] == wanted
@@ -181,7 +188,7 @@ LOST = OP_CODES[schema.OP_LOST]
 _ARG_OPS = np.array([CLOSE_RANGE, FORK, LOST], dtype=np.int8)
 
 
-def _filled(values: np.ndarray, fill, dtype) -> np.ndarray:
+def _filled(values: np.ndarray, fill: int, dtype: type) -> np.ndarray:
     if values.dtype == object:
         values = np.where(pd.isna(values), fill, values)
     elif np.issubdtype(values.dtype, np.floating):
@@ -203,10 +210,14 @@ def _read_event_dir(path: Path) -> Events:
     freed, its string dictionaries are mapped onto one vocabulary per column, its stack ids onto
     int32 codes, and only the process events keep their arg and flags."""
     total, files = event_parts(path, CORE_EVENT_COLUMNS)
-    numeric = {c: np.empty(total, dtype=d) for c, (d, _) in _NUMERIC_EVENT_COLUMNS.items()}
-    codes = {c: np.empty(total, dtype=np.int32) for c in _TEXT_EVENT_COLUMNS if c != "op"}
-    op = np.empty(total, dtype=np.int8)  # op codes go straight to OP_CODES
-    stack = np.empty(total, dtype=np.int32)
+    numeric: dict[str, np.ndarray] = {
+        c: np.empty(total, dtype=d) for c, (d, _) in _NUMERIC_EVENT_COLUMNS.items()
+    }
+    codes: dict[str, np.ndarray] = {
+        c: np.empty(total, dtype=np.int32) for c in _TEXT_EVENT_COLUMNS if c != "op"
+    }
+    op: np.ndarray = np.empty(total, dtype=np.int8)  # op codes go straight to OP_CODES
+    stack: np.ndarray = np.empty(total, dtype=np.int32)
     vocabs = {c: Vocab([]) for c in _TEXT_EVENT_COLUMNS}
     stack_ids = StackIds()
     sparse_rows, sparse_arg, sparse_flags = [], [], []
@@ -242,7 +253,7 @@ def _read_event_dir(path: Path) -> Events:
     return _in_time_order(cols)
 
 
-def _prefetched_parts(files: list[Path]):
+def _prefetched_parts(files: list[Path]) -> Iterator[pa.Table]:
     """The events parts in order, the next one read (Parquet decoding, which releases the GIL)
     in a thread while the caller converts the current one: one part more in memory."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cmtrace-read") as pool:
@@ -263,25 +274,33 @@ def _in_time_order(cols: Events) -> Events:
 
 def _op_map(vocab: Vocab) -> np.ndarray:
     """Vocabulary code (last entry: null) -> OP_CODES code, -1 for an unknown op."""
-    return np.array([OP_CODES.get(name, -1) for name in vocab.names] + [-1], dtype=np.int8)
+    op_codes: np.ndarray = np.array(
+        [OP_CODES.get(name, -1) for name in vocab.names] + [-1], dtype=np.int8
+    )
+    return op_codes
 
 
-def _part_numbers(part: pa.Table, name: str, fill, rows: np.ndarray | None = None) -> np.ndarray:
+def _part_numbers(
+    part: pa.Table, name: str, fill: int, rows: np.ndarray | None = None
+) -> np.ndarray:
     """A part's numeric column as numpy, nulls filled (only `rows` of it when given)."""
     if name not in part.column_names:
-        return np.full(part.num_rows if rows is None else len(rows), fill)
+        filler: np.ndarray = np.full(part.num_rows if rows is None else len(rows), fill)
+        return filler
     column = part.column(name)
     if rows is not None:
         column = column.take(pa.array(rows, type=pa.int64()))
     if column.null_count:
         column = column.fill_null(fill)
-    return column.to_numpy()
+    numbers: np.ndarray = column.to_numpy()
+    return numbers
 
 
 def _part_codes(part: pa.Table, name: str, vocab: Vocab) -> np.ndarray:
     """A part's string column as codes of `vocab` (-1 for null), via its own dictionary."""
     if name not in part.column_names:
-        return np.full(part.num_rows, -1, dtype=np.int32)
+        nulls: np.ndarray = np.full(part.num_rows, -1, dtype=np.int32)
+        return nulls
     out = []
     for chunk in part.column(name).chunks:
         if not pa.types.is_dictionary(chunk.type):
@@ -297,6 +316,10 @@ def _part_codes(part: pa.Table, name: str, vocab: Vocab) -> np.ndarray:
 def read_events(events: EventSource) -> Events:
     if isinstance(events, Path):
         return _read_event_dir(events)
+    return _read_event_table(events)
+
+
+def _read_event_table(events: EventTable) -> Events:
     op_codes, op_names = _dictionary_codes(events, "op")
     op = _op_map(Vocab(op_names))[op_codes]
     sys_codes, sys_names = _dictionary_codes(events, "syscall")

@@ -20,6 +20,9 @@ process-wide events (fork, exec, exit, close_range) are applied one by one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypedDict
+
 import numpy as np
 import pandas as pd
 
@@ -136,7 +139,16 @@ def build_lifetimes(
     return _to_frame(table.lives, *vocabs), total
 
 
-def _event_facts(ev: Events, children: np.ndarray) -> dict:
+class EventFacts(TypedDict):
+    """Facts of the event stream reported beside the lifetimes."""
+
+    rows: int
+    last_ns: int  # the last event's time
+    lost: int  # events the recorder counted as lost
+    children: set[int]  # pids created by a traced fork
+
+
+def _event_facts(ev: Events, children: np.ndarray) -> EventFacts:
     lost = ev.arg[np.flatnonzero(ev.op == LOST)]
     return {
         "rows": len(ev),
@@ -160,7 +172,7 @@ def _to_frame(
     in_order = len(born) < 2 or bool(np.all(born[1:] >= born[:-1]))  # no traced forks
     order = None if in_order else np.argsort(born, kind="stable")
 
-    def take(name: str, convert=None):
+    def take(name: str, convert: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """The column in frame order; the unsorted array is released at once (peak memory)."""
         values = getattr(lives, name)
         values = values if order is None else values[order]

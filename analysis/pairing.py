@@ -77,6 +77,14 @@ class Lives:
 NO_DEATH = np.iinfo(np.int64).max
 
 
+def cloexec_changes(life: np.ndarray, t: np.ndarray, value: np.ndarray) -> np.recarray:
+    """A table of CLOEXEC changes: (life index, t, new value) records, field types as given."""
+    table: np.recarray = np.rec.fromarrays(  # type: ignore[call-overload]  # stubs want formats=
+        [life, t, value], names="life,t,value"
+    )
+    return table
+
+
 @dataclass
 class Seed:
     """Lifetimes that start outside the event stream: pre-existing and inherited fds."""
@@ -154,7 +162,7 @@ def _group_order(pid: np.ndarray, fd: np.ndarray) -> tuple[np.ndarray, np.ndarra
         del high
     sizes = np.bincount(groups, minlength=n_groups)
     del groups
-    new_group = np.zeros(len(order), dtype=bool)
+    new_group: np.ndarray = np.zeros(len(order), dtype=bool)
     new_group[np.cumsum(sizes)[:-1]] = True
     new_group[:1] = True
     return order, new_group
@@ -175,7 +183,9 @@ def _owners(rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(is_birth).astype(rows.index_type), owner_life
 
 
-def _first_closes(rows: _Rows, owner_life: np.ndarray, n_lives: int, stats: PairingStats):
+def _first_closes(
+    rows: _Rows, owner_life: np.ndarray, n_lives: int, stats: PairingStats
+) -> np.ndarray:
     """Row of the close that ends each lifetime (-1: none); other closes are unknown closes.
 
     Rows are sorted, so the owners of close rows never decrease: a lifetime's first close is
@@ -184,17 +194,17 @@ def _first_closes(rows: _Rows, owner_life: np.ndarray, n_lives: int, stats: Pair
     is_close = rows.op == CLOSE
     close_rows = np.flatnonzero(is_close & (owner_life >= 0)).astype(rows.index_type)
     close_lives = owner_life[close_rows]
-    first = np.ones(len(close_rows), dtype=bool)
+    first: np.ndarray = np.ones(len(close_rows), dtype=bool)
     first[1:] = close_lives[1:] != close_lives[:-1]
     stats.unknown_closes = int(is_close.sum() - first.sum())
-    closed_at_row = np.full(n_lives, -1, dtype=rows.index_type)
+    closed_at_row: np.ndarray = np.full(n_lives, -1, dtype=rows.index_type)
     closed_at_row[close_lives[first]] = close_rows[first]
     return closed_at_row
 
 
 def _next_births(rows: _Rows, births: np.ndarray) -> np.ndarray:
     """Row of the next birth of the same (pid, fd) after each birth (-1: none)."""
-    next_birth = np.full(len(births), -1, dtype=rows.index_type)
+    next_birth: np.ndarray = np.full(len(births), -1, dtype=rows.index_type)
     if len(births) > 1:
         group_of_birth = np.cumsum(rows.new_group, dtype=rows.index_type)[births]
         same = group_of_birth[1:] == group_of_birth[:-1]
@@ -204,7 +214,7 @@ def _next_births(rows: _Rows, births: np.ndarray) -> np.ndarray:
 
 def pair(
     ev: Events, seeds: list[Seed], select: np.ndarray | None = None
-) -> tuple[Lives, np.ndarray, PairingStats]:
+) -> tuple[Lives, np.recarray, PairingStats]:
     """Pair the fd events of `ev` (births, closes, cloexec, addr) plus seed lifetimes.
 
     `select` (a mask over `ev`, or sorted event indices) restricts the pairing to some
@@ -279,18 +289,24 @@ def _source_rows(order: np.ndarray, n_seed: int, idx: np.ndarray) -> np.ndarray:
 def _seed_field(seeds: list[Seed], name: str) -> np.ndarray:
     if not seeds:
         return np.zeros(0, dtype=object)
-    return np.concatenate([np.asarray(getattr(s, name)) for s in seeds])
+    values: np.ndarray = np.concatenate([np.asarray(getattr(s, name)) for s in seeds])
+    return values
 
 
 def _seed_flag(seeds: list[Seed], name: str) -> np.ndarray:
     if not seeds:
         return np.zeros(0, dtype=bool)
-    return np.concatenate([np.full(len(s.pid), getattr(s, name), dtype=bool) for s in seeds])
+    flags: np.ndarray = np.concatenate(
+        [np.full(len(s.pid), getattr(s, name), dtype=bool) for s in seeds]
+    )
+    return flags
 
 
-def _pick(event_values: np.ndarray, rows: np.ndarray, seeds: list[Seed], seed_name: str, dtype):
+def _pick(
+    event_values: np.ndarray, rows: np.ndarray, seeds: list[Seed], seed_name: str, dtype: type
+) -> np.ndarray:
     """A value per birth row (`rows`: event indices, or -(seed index + 1) for seeds)."""
-    out = np.asarray(event_values[np.maximum(rows, 0)], dtype=dtype)
+    out: np.ndarray = np.asarray(event_values[np.maximum(rows, 0)], dtype=dtype)
     from_seed = np.flatnonzero(rows < 0)
     if len(from_seed):  # few rows: assign them rather than a where() over all rows
         seed_values = np.asarray(_seed_field(seeds, seed_name), dtype=dtype)
@@ -303,17 +319,17 @@ def _lives_from_births(ev: Events, seeds: list[Seed], rows: np.ndarray, born: np
     rows = rows.astype(np.intp)  # index once at full width, not once per column gathered
     from_seed = np.flatnonzero(rows < 0)
 
-    def pick(event_values: np.ndarray, seed_name: str, dtype) -> np.ndarray:
+    def pick(event_values: np.ndarray, seed_name: str, dtype: type) -> np.ndarray:
         return _pick(event_values, rows, seeds, seed_name, dtype)
 
     def pick_flag(name: str) -> np.ndarray:
         """A seed's flag (inherited, preexisting), False for lifetimes born from events."""
-        out = np.zeros(len(rows), dtype=bool)
+        out: np.ndarray = np.zeros(len(rows), dtype=bool)
         out[from_seed] = _seed_flag(seeds, name)[-rows[from_seed] - 1]
         return out
 
     def src_fd() -> np.ndarray:
-        out = ev.src_fd[np.maximum(rows, 0)].astype(np.int32)
+        out: np.ndarray = ev.src_fd[np.maximum(rows, 0)].astype(np.int32)
         out[from_seed] = -1
         return out
 
@@ -406,7 +422,7 @@ def _apply_updates(
     updates: _Updates,
     rank: np.ndarray,
     stats: PairingStats,
-) -> np.ndarray:
+) -> np.recarray:
     """Apply addr (socket address) and cloexec updates; return the CLOEXEC change table.
 
     Updates name lifetimes in (pid, fd) order; `rank` maps those numbers to the lives' order.
@@ -426,4 +442,4 @@ def _apply_updates(
     socket = ev.kind_names.code("socket")
     lives.kind[targets] = np.where(lives.kind[targets] < 0, socket, lives.kind[targets])
     cx = ~addr
-    return np.rec.fromarrays([life[cx], t[cx], ev.cloexec[ev_rows[cx]]], names="life,t,value")
+    return cloexec_changes(life[cx], t[cx], ev.cloexec[ev_rows[cx]])

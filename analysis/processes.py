@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from cmtrace.analysis.events import BIRTH, CLOSE_RANGE, EXEC, EXIT, Events, Vocab
-from cmtrace.analysis.pairing import DEATH_CODE, Lives, PairingStats, Seed, pair
+from cmtrace.analysis.pairing import (
+    DEATH_CODE,
+    Lives,
+    PairingStats,
+    Seed,
+    cloexec_changes,
+    pair,
+)
 from cmtrace.trace import schema
 
 CLOSE_RANGE_CLOEXEC = 4  # linux/close_range.h: mark the range CLOEXEC instead of closing it
@@ -21,24 +28,26 @@ class Table:
     """All lifetimes built so far, with per-pid lookup and the CLOEXEC change log."""
 
     def __init__(self) -> None:
-        self.parts: list[Lives] = []
-        self.changes: list[np.ndarray] = []
-        self.lives: Lives | None = None
+        self._lives: Lives | None = None  # until the first add
         self.by_pid: dict[int, np.ndarray] = {}
-        self.change_log = np.rec.fromarrays(
-            [np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)],
-            names="life,t,value",
+        self.change_log: np.recarray = cloexec_changes(
+            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
         )
 
-    def add(self, lives: Lives, changes: np.ndarray) -> np.ndarray:
+    @property
+    def lives(self) -> Lives:
+        """Every lifetime added so far (the model reads them only after the first add)."""
+        if self._lives is None:
+            raise ValueError("no lifetimes added to the table yet")
+        return self._lives
+
+    def add(self, lives: Lives, changes: np.recarray) -> np.ndarray:
         """Append lifetimes; return their global indices."""
-        offset = len(self.lives) if self.lives is not None else 0
-        self.lives = lives if self.lives is None else Lives.concat([self.lives, lives])
-        changes = np.rec.fromarrays(
-            [changes.life + offset, changes.t, changes.value], names="life,t,value"
-        )
+        offset = len(self._lives) if self._lives is not None else 0
+        self._lives = lives if self._lives is None else Lives.concat([self._lives, lives])
+        changes = cloexec_changes(changes.life + offset, changes.t, changes.value)
         self.change_log = np.rec.array(np.concatenate([self.change_log, changes]))
-        new = np.arange(offset, offset + len(lives))
+        new: np.ndarray = np.arange(offset, offset + len(lives))
         if len(new):
             pids = lives.pid
             order = np.argsort(pids, kind="stable")
@@ -51,17 +60,18 @@ class Table:
     def live_at(self, pid: int, t: int) -> np.ndarray:
         """Global indices of the lifetimes of pid open at time t (born before, not yet dead)."""
         cand = self.by_pid.get(int(pid))
-        if cand is None or self.lives is None:
+        if cand is None or self._lives is None:
             return np.zeros(0, dtype=np.int64)
-        lv = self.lives
+        lv = self._lives
         born, died = lv.born[cand], lv.died[cand]
         # An inherited fd is born at the fork instant, so "at t" includes it.
         started = (born < t) | ((born == t) & lv.inherited[cand])
-        return cand[started & (died > t)]
+        live: np.ndarray = cand[started & (died > t)]
+        return live
 
     def cloexec_at(self, lives_idx: np.ndarray, t: int) -> np.ndarray:
         """CLOEXEC state of each lifetime at time t: its last change at or before t."""
-        state = self.lives.cloexec[lives_idx].copy()
+        state: np.ndarray = self.lives.cloexec[lives_idx].copy()
         log = self.change_log
         if len(log) and len(lives_idx):
             sel = np.isin(log.life, lives_idx) & (log.t <= t)
@@ -84,7 +94,7 @@ class Table:
         return later_closes
 
 
-def apply_process_events(table: Table, ev: Events, rows: np.ndarray, stats: PairingStats):
+def apply_process_events(table: Table, ev: Events, rows: np.ndarray, stats: PairingStats) -> None:
     """Apply close_range, exec and exit events (rows in time order) to the lifetimes table."""
     args, flags = ev.arg[rows], ev.flags[rows]  # sparse columns: looked up at once
     for i, row in enumerate(rows):
@@ -94,9 +104,8 @@ def apply_process_events(table: Table, ev: Events, rows: np.ndarray, stats: Pair
             lo, hi = ev.fd[row], args[i]
             in_range = live[(table.lives.fd[live] >= lo) & (table.lives.fd[live] <= hi)]
             if flags[i] & CLOSE_RANGE_CLOEXEC:
-                marks = np.rec.fromarrays(
-                    [in_range, np.full(len(in_range), t), np.ones(len(in_range), bool)],
-                    names="life,t,value",
+                marks = cloexec_changes(
+                    in_range, np.full(len(in_range), t), np.ones(len(in_range), bool)
                 )
                 table.change_log = np.rec.array(np.concatenate([table.change_log, marks]))
             else:
@@ -182,7 +191,7 @@ def preexisting_seed(pre: pd.DataFrame | None, ev: Events) -> Seed | None:
         keep = ~(first_birth < snap_t)
         pre, pid, fd = pre[keep].reset_index(drop=True), pid[keep], fd[keep]
     n = len(pre)
-    none = np.full(n, -1, dtype=np.int32)
+    none: np.ndarray = np.full(n, -1, dtype=np.int32)
     return Seed(
         pid=pid,
         fd=fd,
@@ -230,7 +239,7 @@ def add_children(
         rows = rows_of.get(child, np.zeros(0, dtype=np.int64))
         keep.append(rows[(ev.t[rows] >= t) & (ev.t[rows] < end)])
     # The children's rows in event order: a mask over the events, not a sort of the rows.
-    chosen = np.zeros(len(ev), dtype=bool)
+    chosen: np.ndarray = np.zeros(len(ev), dtype=bool)
     for rows in keep:
         chosen[rows] = True
     select = np.flatnonzero(chosen)

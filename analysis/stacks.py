@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ class Stacks:
       (function, qualname, file as str), `frame_numbers`, `is_user`.
     """
 
-    def __init__(self, source: pa.Table | pd.DataFrame | Path | None):
+    def __init__(self, source: StackSource):
         """From a stacks table, or from a trace directory: read a column at a time (the
         frame rows of a deep trace run to tens of millions)."""
         stack_id, depth, text_codes, texts, numbers = _columns(source)
@@ -86,7 +87,7 @@ class Stacks:
             self._objects[code] = made
         return made
 
-    def get(self, stack_id, default=None) -> list[Frame]:
+    def get(self, stack_id: int, default: list[Frame] | None = None) -> list[Frame]:
         """The frames of a stack, innermost first (`default`, or [], when not recorded)."""
         stack_id = int(stack_id)
         frames = self._lists.get(stack_id)
@@ -105,7 +106,8 @@ class Stacks:
         where = np.searchsorted(self.ids, stack_ids)
         where = np.minimum(where, max(len(self.ids) - 1, 0))
         found = (self.ids[where] == stack_ids) if len(self.ids) else np.zeros(len(where), bool)
-        return np.where(found, where, -1)
+        positions: np.ndarray = np.where(found, where, -1)
+        return positions
 
     def frame_facts(
         self, name: str, functions: tuple[str, ...], test: Callable[[Frame], bool]
@@ -116,7 +118,7 @@ class Stacks:
         if name not in self._memo:
             named = np.append(np.isin(np.asarray(self.function_names, dtype=object), functions),
                               False)  # fmt: skip
-            fact = np.zeros(len(self._objects), dtype=bool)
+            fact: np.ndarray = np.zeros(len(self._objects), dtype=bool)
             for code in np.flatnonzero(named[self.frame_function]).tolist():
                 fact[code] = bool(test(self.frame(code)))
             self._memo[name] = fact
@@ -132,11 +134,13 @@ class Stacks:
         position = np.where(hit, np.arange(rows), rows)
         first = np.minimum.reduceat(position, self.starts[:-1])
         padded = np.append(self.row_frame, -1)
-        return padded[first]
+        frames: np.ndarray = padded[first]
+        return frames
 
     def any_frame(self, per_frame: np.ndarray) -> np.ndarray:
         """Per stack: does any of its frames hold `per_frame`?"""
-        return self.first_frame(per_frame) >= 0
+        held: np.ndarray = self.first_frame(per_frame) >= 0
+        return held
 
     def innermost(self) -> np.ndarray:
         """Per stack: the code of its innermost frame (depth 0)."""
@@ -153,7 +157,7 @@ class Stacks:
         """Per stack: the innermost user frame executing a with statement's header, -1: none
         (the with statement holding an fd opened there)."""
         if "with" not in self._memo:
-            at_with = np.zeros(len(self._objects), dtype=bool)
+            at_with: np.ndarray = np.zeros(len(self._objects), dtype=bool)
             user = np.flatnonzero(self.is_user)
             by_file = pd.Series(user).groupby(self.frame_file[user])
             for file_code, codes in by_file:
@@ -168,7 +172,7 @@ class Stacks:
         codes = np.asarray(codes, dtype=np.int64)
         known = codes >= 0
         if not len(self._objects):
-            none = np.full(len(codes), None, dtype=object)
+            none: np.ndarray = np.full(len(codes), None, dtype=object)
             return none, np.full(len(codes), np.nan), none.copy()
         safe = np.where(known, codes, 0)
         text = {k: np.asarray(v, dtype=object)[safe] for k, v in self.frame_text.items()}
@@ -185,7 +189,12 @@ class Stacks:
         return self._memo["place"]
 
 
-def _columns(source):
+StackSource = Union[pa.Table, pd.DataFrame, Path, None]  # None: no stacks recorded
+
+
+def _columns(
+    source: StackSource,
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, list], dict[str, np.ndarray]]:
     """The stack columns as numpy: ids, depths, text codes (-1: null) with their dictionaries,
     and the number fields with nulls filled."""
     column = _column_reader(source)
@@ -201,27 +210,33 @@ def _columns(source):
     return stack_id, depth, text_codes, texts, numbers
 
 
-def _column_reader(source) -> Callable[[str], pa.ChunkedArray | None]:
+def _column_reader(source: StackSource) -> Callable[[str], pa.ChunkedArray | None]:
     """name -> that column of the stacks (None when absent); from a trace directory, each
     column is read from disk when asked for, so only one is held as Arrow at a time."""
     if isinstance(source, Path):
-        on_disk = sum(f.stat().st_size for f in (source / "stacks").glob("*.parquet"))
+        trace = source
+        on_disk = sum(f.stat().st_size for f in (trace / "stacks").glob("*.parquet"))
         if on_disk > ONE_READ_BYTES:
-            return lambda name: read_stacks(source, [name]).column(name)
-        source = read_stacks(source, STACK_COLUMNS)  # small: one read of every part
+            return lambda name: read_stacks(trace, [name]).column(name)
+        source = read_stacks(trace, STACK_COLUMNS)  # small: one read of every part
     if source is None:
         return lambda name: pa.chunked_array([], pa.int64()) if name == "stack_id" else None
-    if isinstance(source, pd.DataFrame):
-        source = pa.Table.from_pandas(source, preserve_index=False)
-    return lambda name: source.column(name) if name in source.column_names else None
+    table: pa.Table = (
+        pa.Table.from_pandas(source, preserve_index=False)
+        if isinstance(source, pd.DataFrame)
+        else source
+    )
+    return lambda name: table.column(name) if name in table.column_names else None
 
 
-def _numbers(column: pa.ChunkedArray | None, fill: int, dtype, rows: int = 0) -> np.ndarray:
+def _numbers(column: pa.ChunkedArray | None, fill: int, dtype: type, rows: int = 0) -> np.ndarray:
     if column is None:
-        return np.full(rows, fill, dtype=dtype)
+        nothing: np.ndarray = np.full(rows, fill, dtype=dtype)
+        return nothing
     if column.null_count:
         column = column.fill_null(fill)
-    return column.to_numpy().astype(dtype, copy=False)
+    numbers: np.ndarray = column.to_numpy()
+    return numbers.astype(dtype, copy=False)
 
 
 def _text_codes(column: pa.ChunkedArray | None, rows: int) -> tuple[np.ndarray, list]:
@@ -238,8 +253,11 @@ def _text_codes(column: pa.ChunkedArray | None, rows: int) -> tuple[np.ndarray, 
 
 def _decode(dictionary: list, codes: np.ndarray) -> list[str]:
     """Text of each code, "" for null (as Frame holds it)."""
-    lookup = np.array([("" if v is None else str(v)) for v in dictionary] + [""], dtype=object)
-    return lookup[codes].tolist()
+    lookup: np.ndarray = np.array(
+        [("" if v is None else str(v)) for v in dictionary] + [""], dtype=object
+    )
+    texts: list[str] = lookup[codes].tolist()
+    return texts
 
 
 def _stack_order(stack_id: np.ndarray, depth: np.ndarray) -> np.ndarray | None:
@@ -256,12 +274,13 @@ def _stack_order(stack_id: np.ndarray, depth: np.ndarray) -> np.ndarray | None:
         return blocks
     order = np.lexsort((np.arange(n), depth, stack_id))  # stable: the first copy comes first
     sid, dep = stack_id[order], depth[order]
-    first = np.ones(n, dtype=bool)
+    first: np.ndarray = np.ones(n, dtype=bool)
     first[1:] = (sid[1:] != sid[:-1]) | (dep[1:] != dep[:-1])
-    return order[first]
+    kept: np.ndarray = order[first]
+    return kept
 
 
-def _whole_blocks(stack_id: np.ndarray, depth: np.ndarray, new_id: np.ndarray):
+def _whole_blocks(stack_id: np.ndarray, depth: np.ndarray, new_id: np.ndarray) -> np.ndarray | None:
     """The common layout, sorted without a sort of the rows: the writer puts each stack's
     frames together, depth 0, 1, 2...; the same stack may come again (another pid). Then the
     first block of each id, in id order, is the answer; None for any other layout."""
@@ -272,22 +291,25 @@ def _whole_blocks(stack_id: np.ndarray, depth: np.ndarray, new_id: np.ndarray):
     lengths = np.diff(np.append(starts, n))
     ids = stack_id[starts]
     by_id = np.lexsort((np.arange(len(ids)), ids))  # blocks only: thousands, not millions
-    first = np.ones(len(by_id), dtype=bool)
+    first: np.ndarray = np.ones(len(by_id), dtype=bool)
     first[1:] = ids[by_id][1:] != ids[by_id][:-1]
     kept = by_id[first]
     # A later copy longer than the first would add depths: leave that to the general path.
     longest = np.maximum.reduceat(lengths[by_id], np.flatnonzero(first))
     if np.any(longest > lengths[kept]):
         return None
-    offsets = np.repeat(starts[kept] - np.cumsum(lengths[kept]) + lengths[kept], lengths[kept])
-    return offsets + np.arange(int(lengths[kept].sum()))
+    offsets: np.ndarray = np.repeat(
+        starts[kept] - np.cumsum(lengths[kept]) + lengths[kept], lengths[kept]
+    )
+    rows: np.ndarray = offsets + np.arange(int(lengths[kept].sum()))
+    return rows
 
 
 def _stack_starts(stack_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(distinct ids, row offsets) of rows sorted by stack id."""
     if not len(stack_id):
         return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    new = np.ones(len(stack_id), dtype=bool)
+    new: np.ndarray = np.ones(len(stack_id), dtype=bool)
     new[1:] = stack_id[1:] != stack_id[:-1]
     starts = np.flatnonzero(new)
     return stack_id[starts], np.append(starts, len(stack_id)).astype(np.int64)
@@ -301,7 +323,7 @@ def _frame_codes(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     n = len(columns[0]) if columns else 0
     if n == 0:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-    key = np.zeros(n, dtype=np.int64)
+    key: np.ndarray = np.zeros(n, dtype=np.int64)
     bits_used = 0
     for column in columns:
         low = int(column.min())

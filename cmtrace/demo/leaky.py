@@ -27,7 +27,7 @@ def read_lines(name):
 
 class Connection:
     def __init__(self, name):
-        self.fd = None
+        self.fd = -1  # the fd __enter__ opens
         self.name = name
 
     def __enter__(self):
