@@ -62,7 +62,14 @@ def record_session(config: pytest.Config) -> int:
             return status or int(pytest.ExitCode.INTERNAL_ERROR)
         from cmtrace.pytest_plugin.results import report_session  # noqa: PLC0415 (pandas)
 
-        report_session(config, trace, marks)
+        complete = report_session(config, trace, marks)["complete"]
+        if not complete:
+            sys.stderr.write(recorder_errors)
+            sys.stderr.write(
+                "pytest --cmtrace: the recording stopped before the session ended (see above): "
+                "the leaks reported are incomplete\n"
+            )
+            status = status or int(pytest.ExitCode.INTERNAL_ERROR)
         if kept:
             sys.stdout.write(f"cmtrace: trace kept in {trace} (cmtrace report {trace})\n")
         return status

@@ -43,7 +43,8 @@ _LIBRARY_ROOT = re.compile(r".*/(?:site-packages|dist-packages|lib/python\d+\.\d
 
 
 def report_session(config: pytest.Config, trace_dir: Path, marks_dir: Path) -> dict:
-    """Print the section, write --cmtrace-json; return the JSON document."""
+    """Print the section, write --cmtrace-json; return the JSON document and whether the
+    recording covered the whole session ("complete")."""
     trace = load(trace_dir)
     document = session_document(trace, read_side_files(marks_dir))
     sys.stdout.write(render_text(document, trace))
@@ -51,7 +52,7 @@ def report_session(config: pytest.Config, trace_dir: Path, marks_dir: Path) -> d
     if json_path:
         out = Path(config.invocation_params.dir, json_path)
         out.write_text(json.dumps(document, indent=2) + "\n")
-    return document
+    return {**document, "complete": trace.status == schema.STATUS_COMPLETE}
 
 
 def read_side_files(marks_dir: Path) -> list[dict]:
