@@ -82,22 +82,7 @@ def make_simple_trace(path: Path, n_events: int, seed: int = 7) -> None:
     cols["syscall"] = np.where(is_open, "openat", "close")
     cols["kind"] = np.where(is_open, "file", None)
     cols["path"] = np.where(is_open, "/var/lib/app/data.db", None)
-    for start in range(0, n, EVENTS_PER_PART):
-        part = slice(start, start + EVENTS_PER_PART)
-        size = len(cols["t_ns"][part])
-        arrays = []
-        for field in schema.EVENTS:
-            if field.name in cols:
-                arrays.append(_column(cols[field.name][part], field))
-            elif field.name in ("src_fd",):
-                arrays.append(pa.array(np.full(size, -1), type=field.type))
-            elif field.name in ("cloexec", "finalizing"):
-                arrays.append(pa.array(np.zeros(size, dtype=bool)))
-            else:
-                arrays.append(pa.array(np.zeros(size), type=field.type))
-        table = pa.Table.from_arrays(arrays, schema=schema.EVENTS)
-        pq.write_table(table, path / "events" / f"part-{start // EVENTS_PER_PART:06d}.parquet",
-                       compression="zstd")  # fmt: skip
+    _write_events(path, cols)
     frames = [
         {"stack_id": 1, "pid": 1000, "depth": 0, "function": "read", "qualname": "Store.read",
          "file": "/srv/app/store.py", "line": 10, "firstlineno": 8, "code_flags": 0, "lasti": 0},

@@ -21,32 +21,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests" / "integration"))  # stack_harness: the walker test's program
 
-from cmtrace.record.bpf.loader import inline_pystack  # noqa: E402
+import stack_harness  # noqa: E402
+
 from cmtrace.record.bpf.stacks import Symbolizer  # noqa: E402
 from cmtrace.record.bpf.targets import PythonTargets  # noqa: E402
 
-PROGRAM = r"""
-BPF_RINGBUF_OUTPUT(events, 4096);
-BPF_PERCPU_ARRAY(lost, u64, 1);
-#include "pystack.h"
-struct ev { u64 ts; u32 pid; u32 tid; u16 type; u16 pad; u32 flags; u64 stack_id; s64 fd; };
+PROBES = r"""
+struct ev { struct stack_ev_head head; s64 fd; };
 static __always_inline int emit(void *ctx, u16 type, s64 fd) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if (!py_targets.lookup(&tgid))
+    struct ev *e = (struct ev *)capture_event(ctx, type, sizeof(struct ev));
+    if (!e)
         return 0;
-    u32 flags = 0;
-    u64 id = capture_python_stack(ctx, pid_tgid, &flags);
-    struct ev *e = events.ringbuf_reserve(sizeof(struct ev));
-    if (!e) {
-        u32 zero = 0;
-        u64 *n = lost.lookup(&zero);
-        if (n) __sync_fetch_and_add(n, 1);
-        return 0;
-    }
-    e->ts = bpf_ktime_get_ns(); e->pid = tgid; e->tid = (u32)pid_tgid; e->type = type;
-    e->flags = flags; e->stack_id = id; e->fd = fd;
+    e->fd = fd;
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
     return 0;
 }
@@ -114,23 +102,19 @@ def run_once(
 
 
 def main() -> int:
-    import bcc
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--python", default="/usr/bin/python3.11")
     parser.add_argument("-n", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    bpf = bcc.BPF(
-        text=inline_pystack(PROGRAM), cflags=[f"-I{REPO / 'probes'}", "-Wno-unused-function"]
-    )
+    bpf = stack_harness.load(PROBES, ring_pages=4096)
     received = [0]
     targets = PythonTargets(bpf)
     symbolizer = Symbolizer(targets.interpreters)
 
     def on_record(_ctx, data, size):
         raw = ctypes.string_at(data, size)
-        if int.from_bytes(raw[16:18], "little") >= 100:
+        if stack_harness.record_type(raw) >= stack_harness.WALKER_RECORDS:
             symbolizer.on_record(raw)
         else:
             received[0] += 1

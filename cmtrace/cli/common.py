@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cmtrace.errors import UsageError
@@ -14,6 +15,20 @@ from cmtrace.errors import UsageError
 
 def add_trace_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("trace", metavar="TRACE", help="trace directory written by a recording")
+
+
+def add_trace_verb(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    description: str,
+    run: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """The sub-parser of a verb that reads one trace (report, plot, export): TRACE, then the
+    verb's own options, which the caller adds to the parser returned; `run` runs the verb."""
+    parser = subparsers.add_parser(name, description=description)
+    add_trace_argument(parser)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_output_option(parser: argparse.ArgumentParser, help: str) -> None:

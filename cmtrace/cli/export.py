@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cmtrace.analysis import load
-from cmtrace.cli.common import add_output_option, add_trace_argument, write_output
+from cmtrace.cli.common import add_output_option, add_trace_verb, write_output
 from cmtrace.errors import EXIT_OK
 from cmtrace.present.perfetto import render_perfetto
 
@@ -14,16 +14,16 @@ RENDERERS = {"perfetto": render_perfetto}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_trace_verb(
+        subparsers,
         "export",
-        description="Chrome trace-event JSON with one async slice per fd lifetime.",
+        "Chrome trace-event JSON with one async slice per fd lifetime.",
+        run,
     )
-    add_trace_argument(parser)
     parser.add_argument(
         "--format", choices=tuple(RENDERERS), default="perfetto", help="default: perfetto"
     )
     add_output_option(parser, help="default: stdout")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from cmtrace.cli.common import (
     add_exclude_option,
     add_output_option,
     add_top_option,
-    add_trace_argument,
+    add_trace_verb,
     exclude_patterns,
     write_output,
 )
@@ -20,15 +20,15 @@ from cmtrace.present.plot import FORMATS, TOP_SITES, render_image
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_trace_verb(
+        subparsers,
         "plot",
-        description="One figure: live fds over time by site, lifetime histogram, leak rate.",
+        "One figure: live fds over time by site, lifetime histogram, leak rate.",
+        run,
     )
-    add_trace_argument(parser)
     add_output_option(parser, help="FILE.png, FILE.svg or FILE.pdf (default: PNG on stdout)")
     add_top_option(parser, default=TOP_SITES, help="sites drawn")
     add_exclude_option(parser)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

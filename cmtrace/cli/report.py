@@ -9,7 +9,7 @@ from cmtrace.cli.common import (
     add_fail_on_leak_option,
     add_site_output_options,
     add_top_option,
-    add_trace_argument,
+    add_trace_verb,
     exclude_patterns,
     write_output,
 )
@@ -20,18 +20,18 @@ from cmtrace.present.text import render_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_trace_verb(
+        subparsers,
         "report",
-        description="Leak sites ranked by count and growth, each with its cause and fix.",
+        "Leak sites ranked by count and growth, each with its cause and fix.",
+        run,
     )
-    add_trace_argument(parser)
     add_site_output_options(parser, formats=("text", "json", "html"))
     add_top_option(parser, default=20, help="sites shown (text)")
     add_fail_on_leak_option(parser)
     parser.add_argument(
         "--strip-source", action="store_true", help="HTML: leave source lines out (for sharing)"
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """The kernel stack walker (probes/pystack.h) on every interpreter found here.
 
-A tiny bcc program of the test's own attaches to sys_enter_openat, calls
+The harness program (stack_harness.py) attaches to sys_enter_openat, calls
 capture_python_stack for the target's opens, and sends (path, stack id, flags) through the
 same ring buffer as the walker's stack and code records. The target
 (tests/programs/py/open_sites.py) opens marker paths at known lines; every stack must
@@ -18,43 +18,26 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import stack_harness
 import targets
 
-from cmtrace.record.bpf.loader import inline_pystack
 from cmtrace.record.bpf.stacks import Symbolizer
 from cmtrace.record.bpf.targets import PythonTargets
 from cmtrace.trace import schema
 from cmtrace.trace.schema import STACK_FINALIZING
 
 bcc = pytest.importorskip("bcc", reason="bcc is not importable (run under /opt/cmtrace/venv)")
-PROBES = Path(__file__).resolve().parents[2] / "probes"
 FOUND, MISSING = targets.discover()
 print("\nkernel walker targets:", ", ".join(t.name for t in FOUND) or "none")
 for reason in MISSING:
     print("kernel walker target not run:", reason)
 
-HARNESS = r"""
-BPF_RINGBUF_OUTPUT(events, 1024);
-#include "pystack.h"
-struct open_ev {
-    u64 ts; u32 pid; u32 tid; u16 type; u16 pad; u32 flags; u64 stack_id; char path[64];
-};
+OPENS = r"""
+struct open_ev { struct stack_ev_head head; char path[64]; };
 TRACEPOINT_PROBE(syscalls, sys_enter_openat) {
-    u64 pid_tgid = bpf_get_current_pid_tgid();
-    u32 tgid = pid_tgid >> 32;
-    if (!py_targets.lookup(&tgid))
-        return 0;
-    u32 flags = 0;
-    u64 id = capture_python_stack(args, pid_tgid, &flags);
-    struct open_ev *e = events.ringbuf_reserve(sizeof(struct open_ev));
+    struct open_ev *e = (struct open_ev *)capture_event(args, 1, sizeof(struct open_ev));
     if (!e)
         return 0;
-    e->ts = bpf_ktime_get_ns();
-    e->pid = tgid;
-    e->tid = (u32)pid_tgid;
-    e->type = 1;
-    e->flags = flags;
-    e->stack_id = id;
     bpf_probe_read_user_str(e->path, sizeof(e->path), args->filename);
     events.ringbuf_submit(e, 0);
     return 0;
@@ -78,7 +61,7 @@ class OpenEv(ctypes.Structure):
 def harness():
     if os.geteuid() != 0:
         pytest.skip("loading BPF programs needs root")
-    bpf = bcc.BPF(text=inline_pystack(HARNESS), cflags=[f"-I{PROBES}", "-Wno-unused-function"])
+    bpf = stack_harness.load(OPENS, ring_pages=1024)
     bpf.handlers = []  # the ring buffer opens once per BPF object: records go to the last handler
     bpf.python_targets = PythonTargets(bpf)  # walker configs, and the interpreters they name
     bpf["events"].open_ring_buffer(lambda ctx, data, size: bpf.handlers[-1](ctx, data, size))
@@ -99,8 +82,8 @@ class Capture:
 
     def on_record(self, _ctx, data, size) -> None:
         raw = ctypes.string_at(data, size)
-        rtype = int.from_bytes(raw[16:18], "little")
-        if rtype >= 100:  # the walker's stack and code records
+        rtype = stack_harness.record_type(raw)
+        if rtype >= stack_harness.WALKER_RECORDS:
             self.symbolizer.on_record(raw)
             pid, key = int.from_bytes(raw[8:12], "little"), int.from_bytes(raw[24:32], "little")
             self.records[(rtype, pid, key)] += 1

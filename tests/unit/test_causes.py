@@ -116,22 +116,16 @@ CONTEXTMANAGER = [
     frame("__enter__", 135, CONTEXTLIB, qualname="_GeneratorContextManager.__enter__"),
     frame(MAIN, at("with scratch_fd(__file__):")),
 ]
-MANUAL = [
-    frame(
-        "__enter__", at("self.fd = os.open(__file__, os.O_RDONLY)"), qualname="Session.__enter__"
-    ),
-    frame(MAIN, at("session.__enter__()")),
-]
+# Session.__enter__ opens the fd; main calls it by hand (MANUAL) or in a with (WITH_EXITED).
+SESSION_OPENS = frame(
+    "__enter__", at("self.fd = os.open(__file__, os.O_RDONLY)"), qualname="Session.__enter__"
+)
+MANUAL = [SESSION_OPENS, frame(MAIN, at("session.__enter__()"))]
 FINALIZER = [
     frame("__init__", at("self.fd = os.open(path, os.O_RDONLY)"), qualname="Handle.__init__"),
     frame(MAIN, at("Handle(__file__)")),
 ]
-WITH_EXITED = [
-    frame(
-        "__enter__", at("self.fd = os.open(__file__, os.O_RDONLY)"), qualname="Session.__enter__"
-    ),
-    frame(MAIN, at("with Session() as lease:")),
-]
+WITH_EXITED = [SESSION_OPENS, frame(MAIN, at("with Session() as lease:"))]
 RAW = [
     frame("open_raw", at("return os.open(path, os.O_RDONLY)")),
     frame(MAIN, at("open_raw(__file__)")),
