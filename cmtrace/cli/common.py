@@ -18,7 +18,7 @@ def add_trace_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_trace_verb(
-    subparsers: argparse._SubParsersAction,
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
     description: str,
     run: Callable[[argparse.Namespace], int],
