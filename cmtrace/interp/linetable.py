@@ -28,7 +28,10 @@ def line_for_offset(fmt: str, table: bytes, firstlineno: int, offset: int) -> in
         LINES_310: _linetable310_line,
         LINES_LOCATIONS: _locations_line,
     }
-    return decoder[fmt](table, firstlineno, offset)
+    try:
+        return decoder[fmt](table, firstlineno, offset)
+    except IndexError:  # a table read cut short (a varint runs past its end): no line known
+        return NO_LINE
 
 
 def _signed_byte(value: int) -> int:
