@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from cmtrace.pytest_plugin.boundaries import BEGIN, END, MARKS_ENV, FdLedger, Marks, open_fds
+from cmtrace.pytest_plugin.boundaries import (
+    BEGIN,
+    END,
+    MARKS_ENV,
+    TRACE_ENV,
+    FdLedger,
+    Marks,
+    open_fds,
+)
 
 BACKENDS = ("auto", "bpf", "ptrace")
 LEAK_FAILED = "cmtrace_leak_failed"  # user property of a teardown report failed for its fds
@@ -98,7 +106,9 @@ class RecordedSession:
     @pytest.hookimpl(hookwrapper=True, tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, Any, None]:
         self.before[item.nodeid] = open_fds()
-        self.marks.mark(BEGIN, kind="phase", nodeid=item.nodeid, phase="setup")
+        item.stash[_FIRST_MARK] = self.marks.mark(
+            BEGIN, kind="phase", nodeid=item.nodeid, phase="setup"
+        )
         yield
         self.marks.mark(END, kind="phase", nodeid=item.nodeid, phase="setup")
 
@@ -115,7 +125,9 @@ class RecordedSession:
         before = self.before.pop(item.nodeid, None)
         leaked = self.ledger.new_since(before) if before is not None else {}
         item.stash[_LEAKED] = leaked
-        self.marks.mark(END, kind="phase", nodeid=item.nodeid, phase="teardown")
+        item.stash[_LAST_MARK] = self.marks.mark(
+            END, kind="phase", nodeid=item.nodeid, phase="teardown"
+        )
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call) -> Generator[None, Any, None]:
@@ -133,16 +145,38 @@ class RecordedSession:
         leaked = item.stash.get(_LEAKED, {})
         if not self.fail or skip or len(leaked) <= allow:
             return
-        lines = [f"{item.nodeid} leaked {len(leaked)} file descriptor(s) (allowed: {allow}):"]
-        lines += [f"  fd {fd}: {target}" for (fd, _, _), target in sorted(leaked.items())]
-        lines.append("  (the opening line and cause are in the file descriptor leaks section)")
-        text = "\n".join(lines)
+        text = self._failure_text(item, leaked, allow)
         if report.passed:
             report.outcome = "failed"
             report.longrepr = text
         else:  # the teardown failed anyway: its error first, then the fds
             report.sections.append(("cmtrace fd leaks", text))
         report.user_properties.append((LEAK_FAILED, True))
+
+    def _failure_text(self, item: pytest.Item, leaked: dict, allow: int) -> str:
+        """The fds, each with its opening line, cause and fix once the recorder has written
+        the test's end marker (see live.py)."""
+        explained = self._explain(item, {fd for fd, _, _ in leaked})
+        lines = [f"{item.nodeid} leaked {len(leaked)} file descriptor(s) (allowed: {allow}):"]
+        for (fd, _, _), target in sorted(leaked.items()):
+            lines.append(f"  fd {fd}: {target}")
+            lines.extend(f"      {line}" for line in explained.get(fd, []))
+        if len(explained) < len(leaked):
+            lines.append("  (the file descriptor leaks section after the session explains them)")
+        return "\n".join(lines)
+
+    def _explain(self, item: pytest.Item, fds: set[int]) -> dict[int, list[str]]:
+        trace = os.environ.get(TRACE_ENV)
+        if not trace or _FIRST_MARK not in item.stash or _LAST_MARK not in item.stash:
+            return {}
+        from cmtrace.pytest_plugin.live import explain  # noqa: PLC0415 (pyarrow, pandas)
+
+        try:
+            return explain(
+                trace, self.marks.pid, fds, item.stash[_FIRST_MARK], item.stash[_LAST_MARK]
+            )
+        except Exception:  # noqa: BLE001 - an explanation must never break the session
+            return {}
 
     def _write_outcome(self, item: pytest.Item) -> None:
         allow, skip = marker_options(item)
@@ -188,6 +222,8 @@ class RecordedSession:
 
 
 _LEAKED = pytest.StashKey[dict]()
+_FIRST_MARK = pytest.StashKey[int]()  # seq of the test's setup BEGIN
+_LAST_MARK = pytest.StashKey[int]()  # seq of the test's teardown END
 
 
 def final_outcome(reports: list[pytest.TestReport]) -> str:

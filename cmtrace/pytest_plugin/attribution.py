@@ -32,6 +32,7 @@ class Owner:
     name: str
     scope: str = FUNCTION_SCOPE
     instance: int = 0  # a fixture set up again (per module, per class) is another owner
+    pid: int = 0  # a fixture's process: each xdist worker numbers its instances from 1
 
 
 @dataclass
@@ -86,7 +87,8 @@ def _window_of(mark: dict, stack: list[Window]) -> Window:
     """The window a BEGIN mark opens: a wider fixture owns what it opens; a function fixture's
     fds belong to the test around it."""
     if mark["kind"] == FIXTURE and mark.get("scope", FUNCTION_SCOPE) != FUNCTION_SCOPE:
-        owner = Owner("fixture", mark["fixture"], mark["scope"], int(mark.get("instance", 0)))
+        instance = int(mark.get("instance", 0))
+        owner = Owner("fixture", mark["fixture"], mark["scope"], instance, int(mark["pid"]))
         return Window(owner, mark["phase"], None)
     if mark["kind"] == FIXTURE:
         around = stack[-1] if stack else None

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 MARKER_DIR = "/dev/null/.cmtrace"  # never a directory: every open below it fails at once
 MARKS_ENV = "CMTRACE_PYTEST_MARKS"  # set by the parent: the directory of the side files
+TRACE_ENV = "CMTRACE_PYTEST_TRACE"  # set by the parent: the trace being recorded
 BEGIN, END = "begin", "end"
 
 
@@ -43,7 +44,7 @@ class Marks:
         path = Path(directory) / f"marks-{self.pid}.jsonl"
         self.out: IO[str] = open(path, "a", buffering=1)  # noqa: SIM115 (open for the session)
 
-    def mark(self, edge: str, **what: Any) -> None:
+    def mark(self, edge: str, **what: Any) -> int:
         """One boundary: `edge` is BEGIN or END; `what` says of which window (kind, nodeid,
         phase, fixture, scope, instance)."""
         self.seq += 1
@@ -54,6 +55,7 @@ class Marks:
             pass  # the point: a failed birth, logged with its path by the recorder
         else:  # pragma: no cover - only if /dev/null were a directory
             raise RuntimeError(f"{MARKER_DIR} is a directory: phase markers would open fds")
+        return self.seq
 
     def write(self, record: dict) -> None:
         """A side-file line (marks and per-test facts such as the outcome)."""

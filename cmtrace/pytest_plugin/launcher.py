@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cmtrace.errors import EXIT_TARGET, CmtraceError
-from cmtrace.pytest_plugin.boundaries import MARKS_ENV
+from cmtrace.pytest_plugin.boundaries import MARKS_ENV, TRACE_ENV
 
 STDERR_ENV = "CMTRACE_PYTEST_STDERR"  # the parent's stderr as /proc/PID/fd/2
 # Runs first in the recorded process (cmtrace closes every fd above 2 it does not own): reopens
@@ -115,7 +115,12 @@ def run_recorded(
 ) -> tuple[int, str]:
     """(pytest's exit status, cmtrace's stderr) of the session run under `cmtrace run`."""
     args = [str(a) for a in config.invocation_params.args]
-    env = {**os.environ, MARKS_ENV: str(marks), STDERR_ENV: f"/proc/{os.getpid()}/fd/2"}
+    env = {
+        **os.environ,
+        MARKS_ENV: str(marks),
+        TRACE_ENV: str(trace),
+        STDERR_ENV: f"/proc/{os.getpid()}/fd/2",
+    }
     command = [
         sys.executable, "-m", "cmtrace", "run", "-q", "--top", "0", "-o", str(trace), "--force",
         *backend_args, "--", sys.executable, "-c", _EXEC_PYTEST, *args,

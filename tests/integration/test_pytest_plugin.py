@@ -196,7 +196,24 @@ def test_fail_gate_fails_leaking_tests_only(bpf_ready, tmp_path: Path) -> None:
     listed = {m.group(2) for m in (re.match(r"(FAILED|FD LEAK) (\S+)", ln) for ln in summary) if m}
     assert listed == failing, done.stdout
     assert any(ln.startswith("FAILED suite_leaks.py::test_fails_without_leaking") for ln in summary)
-    assert "suite_leaks.py::test_body_leaks leaked 1 file descriptor(s) (allowed: 0)" in done.stdout
+    # each failure explains its fds, read from the trace while the session runs
+    marks = marked_lines()
+    for label, spec in EXPECTED["LEAKS"].items():
+        if spec.get("test") and not spec["allowed"]:
+            file, line, function = marks[label]
+            failure = failure_text(done.stdout, spec["test"])
+            assert f"{spec['test']} leaked 1 file descriptor(s) (allowed: 0)" in failure, failure
+            assert f"opened at {file}:{line} in {function}" in failure, failure
+            assert f"cause: {spec['cause']}" in failure, failure
+
+
+def failure_text(stdout: str, test: str) -> str:
+    """The FAILURES block of one test."""
+    heading = re.search(rf"^_+ {re.escape(test)} _+$", stdout, re.M)
+    assert heading, f"no failure block for {test}"
+    rest = stdout[heading.end() :]
+    end = re.search(r"^(_+ \S+ _+|=+ .* =+)$", rest, re.M)
+    return rest[: end.start()] if end else rest
 
 
 def test_xdist_workers_attributed(bpf_ready, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from cmtrace.pytest_plugin.results import finalizer_warnings, library_name
 
 PID, WORKER2 = 100, 200
 T1, T2 = "t.py::test_one", "t.py::test_two"
-SESSION = Owner("fixture", "server", "session", 3)
+SESSION = Owner("fixture", "server", "session", 3, PID)
 
 
 def phase(edge: str, nodeid: str, name: str) -> dict:
@@ -258,3 +258,21 @@ def report(when: str, outcome: str, **extra) -> pytest.TestReport:
 )  # fmt: skip
 def test_final_outcome(reports: list[pytest.TestReport], outcome: str) -> None:
     assert final_outcome(reports) == outcome
+
+
+def test_fixture_instances_of_two_workers_are_two_owners() -> None:
+    """Each xdist worker numbers its fixture instances from 1: the pid tells them apart."""
+    marks = [
+        {**mark, "pid": pid, "seq": seq, "worker": worker, "t_ns": t}
+        for pid, worker in ((PID, "gw0"), (WORKER2, "gw1"))
+        for seq, (t, mark) in enumerate(
+            ((10, fixture(BEGIN, "log", "module", "setup", 1)),
+             (20, fixture(END, "log", "module", "setup", 1))), 1)
+    ]  # fmt: skip
+    table = fds((PID, 4, 15, None, None), (WORKER2, 4, 15, None, None))
+    result = attribute(table, build_timelines(marks))
+    assert sorted((r.owner.pid, r.worker) for r in result.itertuples()) == [
+        (PID, "gw0"),
+        (WORKER2, "gw1"),
+    ]
+    assert result["owner"].nunique() == 2
