@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from cmtrace.record.bpf.loader import inline_pystack
+from cmtrace.record.records import PYTHON_RECORD_MIN_TYPE
 
 PROBES = Path(__file__).resolve().parents[2] / "probes"
 
 # The header is laid out like the walker's own records (type at byte 16, stack id at 24), so a
-# reader tells them apart by type: the walker's are 100 and up.
+# reader tells them apart by type: the walker's are WALKER_RECORDS and up.
 CAPTURE = r"""
 #include "pystack.h"
 BPF_PERCPU_ARRAY(lost, u64, 1);
@@ -41,7 +42,7 @@ static __always_inline struct stack_ev_head *capture_event(void *ctx, u16 type, 
     return e;
 }
 """
-WALKER_RECORDS = 100  # record types from here up are the walker's stack and code records
+WALKER_RECORDS = PYTHON_RECORD_MIN_TYPE  # from here up: the walker's stack and code records
 
 
 def load(probes: str, ring_pages: int):
