@@ -3,6 +3,7 @@ whether it outlived its owner, what a marker allows, and which fds are pytest's 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -276,3 +277,49 @@ def test_fixture_instances_of_two_workers_are_two_owners() -> None:
         (WORKER2, "gw1"),
     ]
     assert result["owner"].nunique() == 2
+
+
+# --- live.py: the trace read while it is written ---------------------------------------------
+def test_live_trace_reads_new_parts_and_finds_openings(tmp_path: Path) -> None:
+    from tracebuild import birth, events_table, fail
+
+    from cmtrace.pytest_plugin.live import LiveTrace
+    from cmtrace.trace.writer import TraceWriter, prepare_output_dir
+
+    prepare_output_dir(tmp_path / "t")
+    writer = TraceWriter(tmp_path / "t", {"mode": "run"})
+    writer.write_part("events", events_table([
+        birth(5, 7, stack_id=70),  # before the window: fd 7 is born again inside it
+        fail(10, path=marker_path(1), errno=20),
+        birth(20, 7, stack_id=71),
+        birth(30, 8, syscall="pipe2", kind="pipe", src_fd=9, stack_id=80),
+        birth(35, 7, pid=999, stack_id=99),  # another process
+    ]))  # fmt: skip
+    live = LiveTrace(tmp_path / "t")
+    assert live.wait_for(100, 2, timeout=0) is None  # the end marker is not written yet
+    writer.write_part("events", events_table([
+        birth(40, 10, syscall="dup", kind="unknown", src_fd=8, stack_id=90),
+        fail(50, path=marker_path(2), errno=20),
+        birth(60, 7, stack_id=72),  # after the window
+    ]))  # fmt: skip
+    assert live.wait_for(100, 2, timeout=0) == 50
+    stacks = live.opening_stacks(100, {7, 8, 9}, since=live.markers[(100, 1)], until=50)
+    assert stacks == {7: 71, 8: 80, 9: 80}  # both ends of the pipe; a dup's source is no birth
+
+
+def test_explain_gives_line_cause_and_fix(tmp_path: Path) -> None:
+    from tracebuild import FILE, birth, fail, write_trace
+
+    from cmtrace.pytest_plugin.live import explain
+
+    frame = {"stack_id": 5, "pid": 100, "depth": 0, "function": "handler", "qualname": "handler",
+             "file": FILE, "line": 12, "firstlineno": 10, "code_flags": 0, "lasti": 4}  # fmt: skip
+    write_trace(tmp_path / "t", [
+        fail(10, path=marker_path(1), errno=20),
+        birth(20, 7, stack_id=5),
+        fail(30, path=marker_path(2), errno=20),
+    ], stacks=[frame])  # fmt: skip
+    lines = explain(str(tmp_path / "t"), 100, {7}, 1, 2)[7]
+    assert lines[0] == f"opened at {FILE}:12 in handler"
+    assert lines[1] == "cause: no-context-manager"
+    assert lines[2].startswith(f"fix: {FILE}:12: opened outside any context")
