@@ -276,16 +276,17 @@ def test_seccomp_check_uses_the_probe_when_a_filter_is_installed():
 
 
 def test_engine_needs_an_installed_binary_or_a_compiler(monkeypatch, tmp_path: Path):
-    from cmtrace.record.ptrace import engine
-
-    if (Path(engine.__file__).parent / engine.BINARY).exists():
-        pytest.skip("an installed engine binary is found whatever the compiler")
+    missing = tmp_path / "not-installed"  # as on a checkout before the first build
     monkeypatch.setenv("CC", "/usr/bin/some-cc")
-    assert permissions.check_engine().status == OK
+    assert permissions.check_engine(missing).status == OK
     monkeypatch.delenv("CC")
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, no gcc
-    verdict = permissions.check_engine()
+    verdict = permissions.check_engine(missing)
     assert (verdict.status, verdict.short) == (FAIL, "no ptrace engine") and "gcc" in verdict.fix
+    installed = tmp_path / "engine"
+    installed.write_text("#!/bin/sh\n")
+    installed.chmod(0o755)
+    assert permissions.check_engine(installed).status == OK  # no compiler needed
 
 
 def test_reconcile_lets_the_probe_overrule_a_guess():
