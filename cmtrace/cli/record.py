@@ -14,6 +14,7 @@ from typing import TextIO
 
 from cmtrace.errors import EXIT_LEAKS, CmtraceError, TraceError, UsageError
 from cmtrace.record import session
+from cmtrace.record.choose import BACKENDS
 from cmtrace.record.options import RecordOptions
 
 
@@ -61,7 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Start CMD already traced (its first openat included), following its children. "
             "Its stdin/stdout/stderr pass through; under sudo it runs as $SUDO_USER. The "
-            "summary goes to stderr and cmtrace exits with CMD's status."
+            "summary goes to stderr and cmtrace exits with CMD's status. With the ptrace "
+            "backend the command is killed if cmtrace is killed (PTRACE_O_EXITKILL: its fd "
+            "syscalls would fail without the tracer); Ctrl-C and SIGTERM reach the command and "
+            "cmtrace records to its end."
         ),
     )
     _add_recording_options(run)
@@ -97,6 +101,12 @@ def _add_recording_options(parser: argparse.ArgumentParser) -> None:
         "--ring-mb", type=int, default=32, metavar="MB",
         help="kernel ring buffer size, a power of two (default 32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="auto",
+        help="how to record: bpf (root or CAP_BPF+CAP_PERFMON; cheapest), ptrace (no "
+        "privilege for run, ptrace permission for -p), or auto (default: bpf when it can, "
+        "else ptrace; the attached line says which and why)",
+    )  # fmt: skip
     parser.add_argument("--top", type=int, default=10, help="leak sites shown in the summary")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
@@ -117,6 +127,7 @@ def record_options(args: argparse.Namespace) -> RecordOptions:
         calls=args.calls,
         ring_mb=args.ring_mb,
         quiet=args.quiet,
+        backend=args.backend,
     )
 
 
@@ -162,7 +173,7 @@ def run(options: RecordOptions, summary: Summary) -> int:
 def _summarise(done: session.Finished, summary: Summary, out: TextIO) -> int:
     """Print the leak report, say where the trace is, then detach; returns the leak count."""
     leaks = print_summary(done.path, summary, out)
-    done.recording.progress(f"trace written to {done.path}")
+    done.recording.progress(f"trace written to {done.path} ({done.recording.backend_reason})")
     done.recording.close()
     return leaks
 

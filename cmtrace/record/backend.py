@@ -87,10 +87,30 @@ class Records:
     calls: pa.Table | None = None  # None: --calls is off
 
 
+class Command(Protocol):
+    """`cmtrace run`'s command, started by the backend (Backend.start_command): held before
+    its first exec until release() (BPF), or held by the tracer at that exec (ptrace)."""
+
+    pid: int
+
+    def release(self) -> None:
+        """Let the command exec (or run on past its exec), already traced."""
+
+    def running(self) -> bool:
+        """The command itself has not exited yet."""
+
+    def exit_code(self) -> int:
+        """Its status as a shell reports it (after running() turned false)."""
+
+    def kill(self) -> None:
+        """Kill it before it ran (the recording could not start)."""
+
+
 class Backend(Protocol):
     """A recorder backend, as the session drives it. In call order:
 
-    load() -> trace(pid), hold_at_exec(pid), watch_python(pid) -> while recording: drain(),
+    load() -> trace(pid) or start_command(), hold_at_exec(pid), watch_python(pid) -> while
+    recording: drain(),
     take_frames(), take_new_files(), lost_events(), and at forks and execs inherit_python(),
     watch_python(), resume() -> stop() -> a last drain(), take_frames(final=True) -> close().
     """
@@ -108,6 +128,13 @@ class Backend(Protocol):
 
     def trace(self, pid: int) -> None:
         """Record this process's fd events from now on (children join when following)."""
+
+    def start_command(self, command: list[str], user: Any) -> Command:
+        """`run`: start command (as `user`, a pwd entry, when not None) so that its first exec
+        is recorded; trace() need not be called for it."""
+
+    def stats(self) -> dict[str, int]:
+        """The backend's own counters for meta.json (`backend_stats`), e.g. ptrace stops."""
 
     def hold_at_exec(self, pid: int) -> None:
         """Stop `pid` (SIGSTOP) right after each exec, and any followed process right after it

@@ -25,6 +25,7 @@ class RecordOptions:
     calls: bool = False  # also record __enter__/__exit__ calls through USDT probes
     ring_mb: int = 32  # kernel ring buffer, MiB, a power of two
     quiet: bool = False  # no progress lines on stderr
+    backend: str = "auto"  # "auto" (BPF when it can, else ptrace) | "bpf" | "ptrace"
 
     def validate(self) -> None:
         """Refuse contradictory or impossible options before anything is attached or started."""
@@ -33,6 +34,8 @@ class RecordOptions:
                 "--calls needs Python stacks (they tie each __exit__ to its with statement): "
                 "drop --no-python-stacks"
             )
+        if self.calls and self.backend == "ptrace":
+            raise UsageError("--calls needs the BPF backend's USDT probes: drop --backend ptrace")
         self.ring_pages()
 
     def ring_pages(self) -> int:

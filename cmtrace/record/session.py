@@ -1,7 +1,8 @@
 """The recording session: one trace recorded over a Backend, until the target exits, the
 duration ends, or SIGINT/SIGTERM arrives.
 
-A Recording wires a backend (cmtrace.record.backend.Backend: the BPF one today) to the dataset
+A Recording wires a backend (cmtrace.record.backend.Backend: BPF or ptrace, picked by
+cmtrace.record.choose from --backend, and never asked which it is) to the dataset
 writer and runs the drain/flush loop; it owns what both backends share: the targets and their
 Python interpreters, following forks and execs, stopping, flushing and the end-of-trace
 evidence (thread snapshots, source lines, meta.json). `attach(options)` and `run(options)` are
@@ -30,7 +31,8 @@ import pyarrow.compute as pc
 
 from cmtrace.errors import CmtraceError, TargetError, UsageError
 from cmtrace.record import procfs, spawn
-from cmtrace.record.backend import Backend, PythonTarget
+from cmtrace.record.backend import Backend, Command, PythonTarget
+from cmtrace.record.choose import Choice, choose_backend
 from cmtrace.record.environment import check_environment
 from cmtrace.record.options import RecordOptions
 from cmtrace.trace import schema
@@ -45,8 +47,17 @@ def default_output(pid: int) -> Path:
     return Path(f"cmtrace-{pid}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
-def make_backend(options: RecordOptions, follow: bool, progress: Callable[[str], None]) -> Backend:
-    """The backend that records: BPF (bcc is imported only when the probes load)."""
+def make_backend(
+    options: RecordOptions, follow: bool, progress: Callable[[str], None], backend: str
+) -> Backend:
+    """The backend that records, by name (bcc or the engine is loaded only when it loads)."""
+    if backend == "ptrace":
+        from cmtrace.record.ptrace.backend import PtraceBackend  # noqa: PLC0415
+
+        return PtraceBackend(
+            follow=follow, python_stacks=options.python_stacks, calls=options.calls,
+            progress=progress,
+        )  # fmt: skip
     from cmtrace.record.bpf.backend import BpfBackend  # noqa: PLC0415 (numpy, bcc: recording only)
 
     return BpfBackend(
@@ -58,17 +69,36 @@ def make_backend(options: RecordOptions, follow: bool, progress: Callable[[str],
     )
 
 
+def choose(options: RecordOptions, mode: str, pid: int | None = None) -> Choice:
+    """The backend for this recording (--backend, or auto: BPF when it can, else ptrace);
+    BPF's own environment checks (kernel, tracefs, headers) run only when BPF is chosen."""
+    choice = choose_backend(options.backend, mode, pid)
+    if choice.backend == "bpf":
+        check_environment()
+    return choice
+
+
 # ---- the recording loop -----------------------------------------------------------------------
 
 
 class Recording:
     """One trace being recorded: a backend + the writer, and the drain/flush loop."""
 
-    def __init__(self, options: RecordOptions, follow: bool, backend: Backend | None = None):
+    def __init__(
+        self,
+        options: RecordOptions,
+        follow: bool,
+        backend: Backend | None = None,
+        choice: Choice | None = None,
+    ):
         self.options = options
         self.follow = follow
         self.quiet = options.quiet
-        self.backend = backend or make_backend(options, follow, self.progress)
+        self.backend = backend or make_backend(
+            options, follow, self.progress, choice.backend if choice else "bpf"
+        )
+        # the words the attached line, the summary and meta.json give for the backend
+        self.backend_reason = choice.reason if choice else f"backend {self.backend.name}"
         self.targets: dict[int, PythonTarget] = {}  # pid -> its interpreter, as found
         self.writer: TraceWriter | None = None
         self.pending: list[pa.Table] = []
@@ -116,6 +146,7 @@ class Recording:
             "follow_children": self.follow,
             "missing_tracepoints": self.backend.missing_tracepoints,
             "backend": self.backend.name,
+            "backend_reason": self.backend_reason,
             **extra_meta,
         }
         self.writer = TraceWriter(path, meta, owner=spawn.requesting_user())
@@ -280,6 +311,7 @@ class Recording:
             python=[target.as_dict() for target in self.targets.values()],
             processes=[{"pid": pid, "ns_pid": inner} for pid, inner in self.ns_pids.items()],
             degraded=self._degraded(),
+            backend_stats=self.backend.stats(),
         )
 
     def close(self) -> None:
@@ -353,7 +385,8 @@ class Recording:
             text = f"{name}, no Python stacks: {target.reason}"
         else:
             text = name
-        return f"{text}, {self.backend.attached_note}" if self.backend.attached_note else text
+        notes = [note for note in (self.backend.attached_note, self.backend_reason) if note]
+        return ", ".join([text, *notes])
 
     def progress(self, text: str) -> None:
         if not self.quiet:
@@ -405,11 +438,11 @@ def attach(options: RecordOptions) -> Finished:
     assert options.pid is not None, "attach needs options.pid"
     options.validate()
     procfs.check_traceable(options.pid)
-    check_environment()
     pid = procfs.tgid_of(options.pid)
+    choice = choose(options, "attach", pid)
     output = options.output or default_output(pid)
     prepare_output_dir(output, options.force)
-    rec = Recording(options, follow=options.follow_children)
+    rec = Recording(options, follow=options.follow_children, choice=choice)
     rec.progress(f"loading probes for pid {pid} ...")
     rec.load()
     targets = list(procfs.descendants(pid)) if options.follow_children else [pid]
@@ -445,43 +478,34 @@ def run(options: RecordOptions) -> Finished:
     command = list(options.command)
     check_command(command)
     options.validate()
-    check_environment()
-    rec = Recording(options, follow=True)
+    choice = choose(options, "run")
+    rec = Recording(options, follow=True, choice=choice)
     rec.progress("loading probes ...")
     rec.load()
-    child, release = spawn.spawn_held(command, spawn.run_as_user())
+    started: Command = rec.backend.start_command(command, spawn.run_as_user())
+    child = started.pid
     output = options.output or default_output(child)
     try:
         prepare_output_dir(output, options.force)
     except CmtraceError:
-        os.kill(child, signal.SIGKILL)
-        os.waitpid(child, 0)
+        started.kill()
         raise
     rec.root_pids = {child}
     rec.open_writer(output, [child], {"mode": "run", "command": command}, cmdline=command)
-    rec.backend.trace(child)
     if rec.stacks:
         rec.held_pid = child
         rec.backend.hold_at_exec(child)
     rec.snapshot_preexisting([child])
     _install_stop_signals(rec, forward_to=child)
-    release()  # the child execs CMD now, already traced
-    status: list[int] = []
-
-    def child_running() -> bool:
-        if status:
-            return False
-        done, st = os.waitpid(child, os.WNOHANG)
-        if done:
-            status.append(st)
-        return not done
-
-    rec.loop(child_running)
+    rec.progress(f"running {os.path.basename(command[0])} (pid {child}, {rec.backend_reason})")
+    started.release()  # the child execs CMD now (or runs on past its exec), already traced
+    rec.loop(started.running)
     if rec.failure is not None:  # the command runs on, untraced; wait for it as promised
         rec.abandon()
         print(f"cmtrace: error: {rec.failure}", file=sys.stderr, flush=True)
-        while child_running():
+        while started.running():
             time.sleep(0.2)
         return Finished(rec, output, failure=rec.failure)
+    exit_code = started.exit_code()  # ptrace: the engine reaped it and says how it ended
     rec.finish()
-    return Finished(rec, output, exit_code=spawn.exit_code(status[0]) if status else 0)
+    return Finished(rec, output, exit_code=exit_code)

@@ -62,6 +62,30 @@ def spawn_held(
     return pid, release
 
 
+class HeldChild:
+    """run's command forked by this process (spawn_held): a Backend's start_command for
+    recorders that watch from outside (BPF); cmtrace waits for it."""
+
+    def __init__(self, command: list[str], user: pwd.struct_passwd | None) -> None:
+        self.pid, self.release = spawn_held(command, user)
+        self._status: int | None = None
+
+    def running(self) -> bool:
+        if self._status is not None:
+            return False
+        done, status = os.waitpid(self.pid, os.WNOHANG)
+        if done:
+            self._status = status
+        return not done
+
+    def exit_code(self) -> int:
+        return exit_code(self._status) if self._status is not None else 0
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+
+
 def is_python_image(path: str | None) -> bool:
     """The kernel's test for exec'd images it holds (is_python_image in fdtrace.bpf.c)."""
     return bool(path) and os.path.basename(path or "").startswith("python")

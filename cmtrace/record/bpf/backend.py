@@ -88,6 +88,15 @@ class BpfBackend:
     def trace(self, pid: int) -> None:
         self.bpf["traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
 
+    def start_command(self, command: list[str], user: Any) -> spawn.HeldChild:
+        """run: the command forked here, held before its exec until release()."""
+        child = spawn.HeldChild(command, user)
+        self.trace(child.pid)
+        return child
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
     def hold_at_exec(self, pid: int, python_children: bool = True) -> None:
         """The kernel stops pid (SIGSTOP) right after each of its execs, and, with
         `python_children`, any followed process right after it execs a python* image."""

@@ -119,6 +119,7 @@ class Engine:
     _pending: bytes = field(default=b"", repr=False)
     _eof: bool = field(default=False, repr=False)
     _heard: bool = field(default=False, repr=False)  # records came: its handlers are set
+    _stats: dict | None = field(default=None, repr=False)  # wait()'s answer, once it ended
 
     @classmethod
     def run(cls, argv: list[str], follow: bool = True, hold_exec: bool = False,
@@ -182,6 +183,8 @@ class Engine:
     def _send(self, message: bytes) -> None:
         """Write a control message; SIGUSR1 has the engine read it at once (else at its next
         tick), once the engine has shown it is running (before, the signal would kill it)."""
+        if self.control < 0:
+            return  # the engine has ended (wait() closed the channel)
         try:
             os.write(self.control, message)
             if self._heard:
@@ -207,17 +210,25 @@ class Engine:
         self._send(wire.control_message(wire.CTL_STOP, 0))
 
     def wait(self, timeout: float | None = None) -> dict:
-        """Wait for the engine to exit; its counters (JSON line on the stats pipe)."""
+        """Wait for the engine to exit; its counters (JSON line on the stats pipe). Again:
+        the same counters."""
+        if self._stats is not None:
+            return self._stats
         self.process.wait(timeout)
         with os.fdopen(self.stats_fd, "r") as stats:
             line = stats.readline()
-        os.close(self.control)
+        if self.control >= 0:
+            os.close(self.control)
+            self.control = -1
         stats_dict = json.loads(line) if line else {"exit_code": self.process.returncode}
         stats_dict["engine_status"] = self.process.returncode
+        self._stats = stats_dict
         return stats_dict
 
     def close(self) -> None:
-        os.close(self.records)
+        if self.records >= 0:
+            os.close(self.records)
+            self.records = -1
 
 
 if __name__ == "__main__":  # scripts/setup.sh: `python -m cmtrace.record.ptrace.engine`
