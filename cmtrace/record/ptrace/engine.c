@@ -222,6 +222,48 @@ static struct {
     u8 data[BLOCK];
 } blocks[N_BLOCKS];
 
+// The reads a stack walk made, replayed at the thread's next walk as one process_vm_readv
+// (a syscall costs far more than the bytes it copies): a walk of an unchanged stack, or of one
+// whose top moved a little, then reads nothing more. Requests are served only from bytes read
+// during the same stop, so a stale plan costs bytes, never a wrong frame.
+#define PLAN_MAX 8
+#define PLAN_BYTES (PY_WINDOW + 4096)
+#define PLAN_SLACK 1024  // a big read (the data-stack window) is planned this much longer
+struct read_plan {
+    u64 addr[PLAN_MAX];
+    u32 len[PLAN_MAX];
+    u32 n;
+};
+
+static struct {
+    u64 addr[PLAN_MAX];
+    u32 len[PLAN_MAX], got[PLAN_MAX], at[PLAN_MAX];  // asked, read, offset in data
+    u32 n;
+    u64 epoch;
+    u8 data[PLAN_BYTES];
+} prefetched;
+static struct read_plan learned;  // the regions the walk in progress used
+static int learning;
+// One more region read by the same call, first: a birth's path, taken while its stack is read
+// rather than with a syscall of its own at the exit stop (got: bytes read, set by prefetch).
+static struct {
+    void *dst;
+    u64 addr;
+    u32 len, got;
+} passenger;
+
+static void learn(u64 addr, u32 len) {
+    if (!learning)
+        return;
+    for (u32 i = 0; i < learned.n; i++)
+        if (learned.addr[i] == addr && learned.len[i] >= len)
+            return;
+    if (learned.n < PLAN_MAX) {
+        learned.addr[learned.n] = addr;
+        learned.len[learned.n++] = len;
+    }
+}
+
 static long read_direct(void *dst, u64 addr, size_t size) {
     struct iovec local = {dst, size}, remote = {(void *)addr, size};
     stat.reads++;
@@ -235,14 +277,69 @@ static void mem_begin(pid_t pid) {
     mem_epoch++;
 }
 
+// Read a plan's regions at once, in order (a region that fails ends the read: the rest are
+// read again, one by one, if the walk asks for them).
+static void prefetch(const struct read_plan *plan) {
+    struct iovec local[PLAN_MAX + 1], remote[PLAN_MAX + 1];
+    u32 total = 0, n = 0, first = passenger.len ? 1 : 0;
+    if (first) {
+        local[0] = (struct iovec){passenger.dst, passenger.len};
+        remote[0] = (struct iovec){(void *)passenger.addr, passenger.len};
+    }
+    passenger.got = 0;
+    for (u32 i = 0; i < plan->n && total + plan->len[i] <= PLAN_BYTES; i++, n++) {
+        prefetched.addr[n] = plan->addr[i];
+        prefetched.len[n] = plan->len[i];
+        prefetched.at[n] = total;
+        local[first + n] = (struct iovec){prefetched.data + total, plan->len[i]};
+        remote[first + n] = (struct iovec){(void *)plan->addr[i], plan->len[i]};
+        total += plan->len[i];
+    }
+    prefetched.n = 0;
+    prefetched.epoch = mem_epoch;
+    if (!n && !first)
+        return;
+    stat.reads++;
+    stat.read_bytes += total + passenger.len;
+    ssize_t got = process_vm_readv(mem_pid, local, first + n, remote, first + n, 0);
+    u32 left = got > 0 ? (u32)got : 0;
+    passenger.got = left < passenger.len ? left : passenger.len;
+    left -= passenger.got;
+    for (u32 i = 0; i < n; i++) {
+        prefetched.got[i] = left < prefetched.len[i] ? left : prefetched.len[i];
+        left -= prefetched.got[i];
+    }
+    prefetched.n = n;
+}
+
+static int from_prefetched(void *dst, u64 addr, u32 size) {
+    if (prefetched.epoch != mem_epoch)
+        return -1;
+    for (u32 i = 0; i < prefetched.n; i++) {
+        u64 base = prefetched.addr[i];
+        if (addr >= base && addr + size <= base + prefetched.got[i]) {
+            memcpy(dst, prefetched.data + prefetched.at[i] + (addr - base), size);
+            learn(base, prefetched.len[i]);
+            return 0;
+        }
+    }
+    return -1;
+}
+
 static long target_read(void *dst, u32 size, const void *src) {
     u64 addr = (u64)src;
     if (!addr || !size)
         return -1;
+    if (!from_prefetched(dst, addr, size))
+        return 0;
     u64 base = addr & ~(u64)(BLOCK - 1);
     // a pointer (one word) is read once per stop: a whole block for it costs more than it saves
-    if (size <= POINTER_READ || size > SMALL_READ || addr + size > base + BLOCK)
-        return read_direct(dst, addr, size);
+    if (size <= POINTER_READ || size > SMALL_READ || addr + size > base + BLOCK) {
+        if (read_direct(dst, addr, size))
+            return -1;
+        learn(addr, size > SMALL_READ ? size + PLAN_SLACK : size);
+        return 0;
+    }
     unsigned slot = (unsigned)((base / BLOCK) * 0x9E3779B1u) % N_BLOCKS;
     if (blocks[slot].epoch != mem_epoch || blocks[slot].addr != base) {
         blocks[slot].addr = base;
@@ -251,6 +348,7 @@ static long target_read(void *dst, u32 size, const void *src) {
     }
     if (!blocks[slot].ok)  // part of the block is not mapped: read just what was asked
         return read_direct(dst, addr, size);
+    learn(base, BLOCK);
     memcpy(dst, blocks[slot].data + (addr - base), size);
     return 0;
 }
@@ -323,7 +421,12 @@ struct thread {
     u64 tstate;    // cached PyThreadState, validated at each use
     u64 key;       // what the thread state's id must equal (ns tid or fsbase), 0 = unknown
     int key_tries;
+    struct read_plan plan;  // what its last walk read
+    u32 path_len;           // a pending birth's path, read at its entry (PATH_UNREAD: not)
+    char path[DATA_LEN];
 };
+
+#define PATH_UNREAD 0xffffffffu
 
 #define MAX_THREADS 16384
 #define MAX_PROCS 8192
@@ -504,18 +607,23 @@ static u64 capture_stack(struct thread *t, u32 *flags) {
     struct py_config *cfg = &p->cfg;
     struct py_scratch *s = &scratch;
     mem_begin(t->tid);
+    prefetch(&t->plan);
+    learned.n = 0;
+    learning = 1;
     u64 finalizing = 0;
     target_read(&finalizing, sizeof finalizing, (void *)cfg->finalizing_addr);
     if (finalizing)
         *flags |= PY_STACK_FINALIZING;
     find_thread_state(t);
+    u32 walk_flags = 0;
+    u64 id = s->top ? py_walk(cfg, s, (u32)p->tgid, &walk_flags) | 1 : 0;
+    learning = 0;
+    t->plan = learned;
     if (!s->top) {
         *flags |= PY_STACK_NO_PYTHON;
         stat.no_stack++;
         return 0;
     }
-    u32 walk_flags = 0;
-    u64 id = py_walk(cfg, s, (u32)p->tgid, &walk_flags) | 1;
     *flags |= walk_flags;
     if (!s->nframes) {
         *flags |= PY_STACK_NO_PYTHON;
@@ -641,7 +749,12 @@ static void emit_birth(struct thread *t, const struct syscall_shape *sh, s64 ret
             rec.e.flags = how_flags;
         }
         rec.e.arg = a[0];
-        rec.e.datalen = read_string(rec.data, a[sh->ptr], DATA_LEN);
+        if (t->path_len != PATH_UNREAD) {
+            memcpy(rec.data, t->path, t->path_len);
+            rec.e.datalen = t->path_len;
+        } else {
+            rec.e.datalen = read_string(rec.data, a[sh->ptr], DATA_LEN);
+        }
         break;
     case H_SIMPLE:
         rec.e.fd2 = sh->src == NO_ARG ? -1 : (s32)a[sh->src];
@@ -697,6 +810,25 @@ static void emit_at_entry(struct thread *t, const struct syscall_shape *sh, cons
     end_event(t);
 }
 
+// Have the stack's read take the path along: as read_string would read it, up to the end of
+// its page (a path running onto the next page is read at the exit stop as before).
+static void take_path_along(struct thread *t, u64 addr) {
+    u64 page_left = BLOCK - (addr & (BLOCK - 1));
+    passenger.dst = t->path;
+    passenger.addr = addr;
+    passenger.len = addr ? (u32)(page_left < DATA_LEN - 1 ? page_left : DATA_LEN - 1) : 0;
+    passenger.got = 0;
+}
+
+// read_string's length of a path of which `got` bytes were read (PATH_UNREAD: it would have
+// read more, or nothing was read).
+static u32 path_length(const char *path, u32 got) {
+    const char *nul = memchr(path, 0, got);
+    if (nul)
+        return (u32)(nul - path);
+    return got == DATA_LEN - 1 ? got : PATH_UNREAD;
+}
+
 // What a syscall does at entry: 1 if its exit stop is needed.
 static int on_syscall_entry(struct thread *t, long nr, const u64 *args) {
     const struct syscall_shape *sh = shape_of(nr);
@@ -729,7 +861,11 @@ static int on_syscall_entry(struct thread *t, long nr, const u64 *args) {
     t->pending = sh;
     memcpy(t->args, args, sizeof t->args);
     t->stack_flags = 0;
+    if (sh->handling == H_PATH)
+        take_path_along(t, args[sh->ptr]);
     t->stack_id = sh->handling == H_SCM ? 0 : capture_stack(t, &t->stack_flags);
+    t->path_len = passenger.len ? path_length(t->path, passenger.got) : PATH_UNREAD;
+    passenger.len = 0;
     return 1;
 }
 
@@ -1010,6 +1146,7 @@ static void on_exec(struct thread *t) {
             drop_thread(&threads[i]);
     p->has_config = 0;  // another image: the collector configures it again
     t->tstate = 0;
+    t->plan.n = 0;
     t->key = 0;
     t->key_tries = 0;
     t->pending = NULL;
