@@ -210,11 +210,11 @@ def render_text(document: dict, trace: Trace) -> str:
     for test in document["tests"]:
         if test["leaks"]:
             lines.append("")
-            lines.extend(_leak_block(test["nodeid"], test["leaks"], trace))
+            lines.extend(_leak_block(test["nodeid"], test["leaks"], trace, test["worker"]))
     for fixture in document["fixtures"]:
         lines.append("")
         name = f"fixture {fixture['name']} ({fixture['scope']} scope)"
-        lines.extend(_leak_block(name, fixture["leaks"], trace))
+        lines.extend(_leak_block(name, fixture["leaks"], trace, fixture["worker"]))
     warned = [t for t in document["tests"] if t["warnings"]]
     if warned:
         lines.append("")
@@ -229,8 +229,8 @@ def render_text(document: dict, trace: Trace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _leak_block(title: str, leaks: list[dict], trace: Trace) -> list[str]:
-    out = [f"{title}: {len(leaks)} leaked fd(s)"]
+def _leak_block(title: str, leaks: list[dict], trace: Trace, worker: str | None) -> list[str]:
+    out = [f"{title}: {len(leaks)} leaked fd(s)" + (f" (xdist worker {worker})" if worker else "")]
     for leak in leaks:
         tolerated = "  (allowed by marker)" if leak["allowed"] else ""
         where = f" fixture {leak['fixture']}" if leak.get("fixture") else ""
