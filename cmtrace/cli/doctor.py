@@ -1,8 +1,11 @@
-"""`cmtrace doctor`: what this host (and optionally one process) offers a BPF fd tracer.
+"""`cmtrace doctor`: what this host (and optionally one process) offers each recorder backend.
 
 Every check reads the machine directly (uname, /proc, tracefs, the kernel config, the ELF of the
-target) and says what to do about what is missing. The exit code tells whether recording can
-work: 0 yes, 2 no (EXIT_ENVIRONMENT). Nothing here changes the machine.
+target) and says what to do about what is missing. The host checks are BPF's; the rows of
+cmtrace.record.choose.doctor_rows say what each backend needs and whether this user has it, and
+what --backend auto would pick. The exit code tells whether recording can work with some
+backend: 0 yes (the last line says which), 2 no (EXIT_ENVIRONMENT). Nothing here changes the
+machine.
 
 Statuses: ok; warn (works, with a limit); missing (a kernel feature cmtrace does not need);
 fail (recording cannot work until fixed); info (a fact, no verdict).
@@ -54,6 +57,8 @@ CONFIG_FEATURES = (
     ("kprobes", "KPROBE_EVENTS", "kprobe_events", MISSING, "not used by cmtrace"),
 )  # fmt: skip
 
+BACKEND_ROW_PREFIXES = ("bpf:", "ptrace ", "backend auto")  # choose.doctor_rows' names
+
 CONTAINER_CGROUP_MARKERS = ("docker", "kubepods", "containerd", "libpod", "lxc", "podman")
 
 
@@ -69,10 +74,23 @@ class Check:
 class Diagnosis:
     checks: list[Check] = field(default_factory=list)
     process: dict[str, Any] | None = None
+    backends: list[str] | None = None  # the backends that can record (None: not judged yet)
+
+    @property
+    def bpf_can_record(self) -> bool:
+        """The host checks are BPF's: any of them failing stops the BPF backend."""
+        return not any(check.status == FAIL and check.name not in self._row_names
+                       for check in self.checks)  # fmt: skip
+
+    @property
+    def _row_names(self) -> set[str]:
+        return {c.name for c in self.checks if c.name.startswith(BACKEND_ROW_PREFIXES)}
 
     @property
     def can_record(self) -> bool:
-        return not any(check.status == FAIL for check in self.checks)
+        if self.backends is None:
+            return self.bpf_can_record
+        return bool(self.backends)
 
     def add(self, name: str, status: str, detail: str, fix: str = "") -> Check:
         check = Check(name, status, detail, fix)
@@ -555,6 +573,7 @@ STATUS_STYLE = {OK: "green", WARN: "yellow", MISSING: "dim", FAIL: "bold red", I
 def to_json(diag: Diagnosis) -> str:
     doc = {
         "ok": diag.can_record,
+        "backends": diag.backends,
         "kernel": os.uname().release,
         "checks": [dataclasses.asdict(c) for c in diag.checks],
         "process": diag.process,
@@ -581,18 +600,37 @@ def print_table(diag: Diagnosis) -> None:
         table.add_row(check.name, f"[{style}]{check.status}[/]", text)
     console.print(table)
     if diag.can_record:
-        console.print("cmtrace doctor: recording can work")
+        which = " or ".join(diag.backends or ["bpf"])
+        console.print(f"cmtrace doctor: recording can work (backend {which})")
     else:
         console.print("cmtrace doctor: recording cannot work: fix the [bold red]fail[/] lines")
 
 
 # ------------------------------------------------------------------------------ command
+def add_backend_rows(diag: Diagnosis, pid: int | None) -> None:
+    """What each backend needs and whether this user has it (choose.doctor_rows), then which
+    backends can record: BPF when its host checks and its access pass, ptrace when this user
+    may trace in every mode asked (run, and attach to pid)."""
+    from cmtrace.record import choose, permissions  # noqa: PLC0415
+
+    for row in choose.doctor_rows(pid):
+        diag.add(row["name"], row["status"], row["detail"], row["fix"])
+    modes = [("run", None)] + ([("attach", pid)] if pid is not None else [])
+    backends = []
+    if diag.bpf_can_record and permissions.bpf_access("run").allowed:
+        backends.append("bpf")
+    if all(permissions.ptrace_access(mode, target).allowed for mode, target in modes):
+        backends.append("ptrace")
+    diag.backends = backends
+
+
 def run(args: argparse.Namespace) -> int:
     diag = Diagnosis()
     diagnose_host(diag, load_test=not args.no_load_test)
     if args.pid is not None:
         diag.process = describe_process(args.pid)
         add_process_checks(diag, diag.process)
+    add_backend_rows(diag, args.pid)
     if args.format == "json":
         print(to_json(diag))
     else:
@@ -603,8 +641,10 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "doctor",
-        description="Check kernel, permissions, mounts, headers and bcc; with -p, a process. "
-        "Exit 0 if recording can work, 2 if not.",
+        description="Check kernel, permissions, mounts, headers and bcc (the BPF backend) and "
+        "what the ptrace backend needs (ptrace_scope, CAP_SYS_PTRACE, seccomp, the engine); "
+        "with -p, a process and whether this user may attach to it. Exit 0 if some backend "
+        "can record (the last line says which), 2 if none.",
     )
     parser.add_argument("-p", "--pid", type=int, help="also examine this process")
     parser.add_argument("--format", choices=("text", "json"), default="text")

@@ -105,30 +105,41 @@ def nobody_can_import_cmtrace() -> bool:
 
 
 @needs_root
-def test_unprivileged_user_cannot_record_and_is_told_why():
+def test_unprivileged_user_records_with_ptrace_and_is_told_why_not_bpf():
+    """An ordinary user cannot load BPF (said, with the fix), but can record its own command
+    with ptrace: exit 0, and auto picks ptrace; attaching to root's pid 1 it cannot: exit 2."""
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
     if not nobody_can_import_cmtrace():
         pytest.skip("this checkout is not readable by user nobody (a parent directory is 0700)")
-    rc, doc, err = run_doctor(
-        prefix=("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
-    )
-    assert rc == 2 and doc is not None, err
-    assert doc["ok"] is False
-    permissions = checks_by_name(doc)["permissions"]
+    nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    rc, doc, err = run_doctor(prefix=nobody)
+    assert rc == 0 and doc is not None, err
+    assert doc["ok"] is True and doc["backends"] == ["ptrace"]
+    checks = checks_by_name(doc)
+    permissions = checks["permissions"]
     assert permissions["status"] == "fail"
     assert f"euid {NOBODY}" in permissions["detail"]
     assert "CAP_BPF" in permissions["detail"] and "root" in permissions["fix"]
+    assert checks["backend auto (run)"] == {
+        "name": "backend auto (run)", "status": "ok", "detail": "backend ptrace: not root",
+        "fix": "",
+    }  # fmt: skip
+    rc, doc, err = run_doctor("-p", "1", prefix=nobody)
+    assert rc == 2 and doc is not None and doc["ok"] is False, err
+    auto = checks_by_name(doc)["backend auto (attach)"]
+    assert auto["status"] == "fail" and "another user's process" in auto["detail"], auto
 
 
 @needs_root
-def test_root_without_capabilities_is_refused_like_a_locked_down_container():
-    """uid 0 with an empty capability set (what a restricted container gives)."""
+def test_root_without_capabilities_is_refused_bpf_like_a_locked_down_container():
+    """uid 0 with an empty capability set (what a restricted container gives): no BPF, ptrace."""
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
     prefix = ("setpriv", "--inh-caps=-all", "--bounding-set=-all")
     rc, doc, err = run_doctor(prefix=prefix)
-    assert rc == 2 and doc is not None, err
+    assert rc == 0 and doc is not None, err  # ptrace needs no capability to run a command
+    assert doc["backends"] == ["ptrace"]
     checks = checks_by_name(doc)
     assert checks["permissions"]["status"] == "fail"
     assert "euid 0" in checks["permissions"]["detail"]
