@@ -228,7 +228,6 @@ static struct {
 // during the same stop, so a stale plan costs bytes, never a wrong frame.
 #define PLAN_MAX 8
 #define PLAN_BYTES (PY_WINDOW + 4096)
-#define PLAN_SLACK 1024  // a big read (the data-stack window) is planned this much longer
 struct read_plan {
     u64 addr[PLAN_MAX];
     u32 len[PLAN_MAX];
@@ -255,9 +254,12 @@ static struct {
 static void learn(u64 addr, u32 len) {
     if (!learning)
         return;
-    for (u32 i = 0; i < learned.n; i++)
-        if (learned.addr[i] == addr && learned.len[i] >= len)
+    for (u32 i = 0; i < learned.n; i++) {
+        if (learned.addr[i] == addr) {
+            learned.len[i] = len > learned.len[i] ? len : learned.len[i];
             return;
+        }
+    }
     if (learned.n < PLAN_MAX) {
         learned.addr[learned.n] = addr;
         learned.len[learned.n++] = len;
@@ -312,6 +314,21 @@ static void prefetch(const struct read_plan *plan) {
     prefetched.n = n;
 }
 
+// The data-stack window grows and shrinks with the call depth: plan some room after it, up to
+// the end of its last page, so a deeper stack next time is still served (another page would
+// cost more than the miss).
+#define WINDOW_ROOM 1024
+static void plan_window_room(struct read_plan *plan, u64 window) {
+    for (u32 i = 0; i < plan->n; i++) {
+        if (plan->addr[i] != window)
+            continue;
+        u64 last = window + plan->len[i];
+        u64 page_end = (last + BLOCK - 1) & ~(u64)(BLOCK - 1);
+        u64 end = page_end - last > WINDOW_ROOM ? last + WINDOW_ROOM : page_end;
+        plan->len[i] = end - window > PY_WINDOW ? PY_WINDOW : (u32)(end - window);
+    }
+}
+
 static int from_prefetched(void *dst, u64 addr, u32 size) {
     if (prefetched.epoch != mem_epoch)
         return -1;
@@ -319,7 +336,7 @@ static int from_prefetched(void *dst, u64 addr, u32 size) {
         u64 base = prefetched.addr[i];
         if (addr >= base && addr + size <= base + prefetched.got[i]) {
             memcpy(dst, prefetched.data + prefetched.at[i] + (addr - base), size);
-            learn(base, prefetched.len[i]);
+            learn(addr, size);
             return 0;
         }
     }
@@ -337,7 +354,7 @@ static long target_read(void *dst, u32 size, const void *src) {
     if (size <= POINTER_READ || size > SMALL_READ || addr + size > base + BLOCK) {
         if (read_direct(dst, addr, size))
             return -1;
-        learn(addr, size > SMALL_READ ? size + PLAN_SLACK : size);
+        learn(addr, size);
         return 0;
     }
     unsigned slot = (unsigned)((base / BLOCK) * 0x9E3779B1u) % N_BLOCKS;
@@ -348,7 +365,7 @@ static long target_read(void *dst, u32 size, const void *src) {
     }
     if (!blocks[slot].ok)  // part of the block is not mapped: read just what was asked
         return read_direct(dst, addr, size);
-    learn(base, BLOCK);
+    learn(addr, size);  // what was asked: the next walk's reads are all in one call anyway
     memcpy(dst, blocks[slot].data + (addr - base), size);
     return 0;
 }
@@ -618,6 +635,8 @@ static u64 capture_stack(struct thread *t, u32 *flags) {
     u32 walk_flags = 0;
     u64 id = s->top ? py_walk(cfg, s, (u32)p->tgid, &walk_flags) | 1 : 0;
     learning = 0;
+    if (s->top && s->win)
+        plan_window_room(&learned, s->win);
     t->plan = learned;
     if (!s->top) {
         *flags |= PY_STACK_NO_PYTHON;
