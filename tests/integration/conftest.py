@@ -80,8 +80,35 @@ def bpf_ready() -> None:
         pytest.skip(reason)
 
 
+# --- which backend records ---------------------------------------------------------------------
+BACKENDS = ("bpf", "ptrace")
+_recording_backend: list[str] = []  # set by the `backend` fixture for the test that takes it
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once per recorder backend: every `cmtrace run` / `cmtrace -p` the helpers
+    here build gets `--backend NAME` (a module opts in with usefixtures("backend"))."""
+    _recording_backend[:] = [request.param]
+    yield request.param
+    _recording_backend.clear()
+
+
+def with_backend(args: tuple[str, ...] | list[str]) -> list[str]:
+    """args with `--backend NAME` after `run` or `-p PID` when a backend is chosen."""
+    args = list(args)
+    if not _recording_backend or not args:
+        return args
+    flag = ["--backend", _recording_backend[0]]
+    if args[0] in ("run", "attach"):
+        return [args[0], *flag, *args[1:]]
+    if args[0] in ("-p", "--pid") and len(args) > 1:
+        return [*args[:2], *flag, *args[2:]]
+    return args
+
+
 def cmtrace_argv(*args: str) -> list[str]:
-    return [CMTRACE_PYTHON, "-m", "cmtrace", *args]
+    return [CMTRACE_PYTHON, "-m", "cmtrace", *with_backend(args)]
 
 
 def run_cmtrace(

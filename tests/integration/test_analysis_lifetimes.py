@@ -13,7 +13,7 @@ from conftest import TARGET_PYTHON, run_cmtrace
 
 import cmtrace.analysis as cma
 
-pytestmark = pytest.mark.usefixtures("bpf_ready")
+pytestmark = pytest.mark.usefixtures("bpf_ready", "backend")
 PROGRAM = Path(__file__).parents[1] / "programs" / "leaks" / "fdtable.py"
 
 

@@ -15,7 +15,7 @@ from conftest import TARGET_PYTHON, Target, Tracer, run_cmtrace
 
 import cmtrace.analysis as cma
 
-pytestmark = pytest.mark.usefixtures("bpf_ready")
+pytestmark = pytest.mark.usefixtures("bpf_ready", "backend")
 
 PROGRAMS = Path(__file__).parents[1] / "programs" / "leaks"
 # (program, its arguments, cause, leaked fds, closed_by)

@@ -28,7 +28,7 @@ from conftest import (
     run_cmtrace,
 )
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready", "backend")]
 
 TEST_USER = "cmtrace-test"
 NO_PYTHON = re.compile(r"no python", re.IGNORECASE)

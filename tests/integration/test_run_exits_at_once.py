@@ -16,6 +16,8 @@ import pytest
 import targets
 from conftest import report_json, run_cmtrace
 
+pytestmark = pytest.mark.usefixtures("backend")  # every test: once per recorder backend
+
 FOUND, MISSING = targets.discover()  # Debian's /usr/bin/python3.11 included, where present
 ONE_LINER = "import os; os.open('/etc/hostname', 0)"
 

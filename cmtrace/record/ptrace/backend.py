@@ -124,6 +124,7 @@ class PtraceBackend:
             if time.monotonic() > deadline:
                 raise EnvironmentProblem(f"the ptrace engine did not seize pid {pid} in time")
             time.sleep(0.005)
+        engine.mark_running()
 
     def hold_at_exec(self, pid: int) -> None:
         """The engine holds every exec (-H) until the image is configured: nothing to ask."""

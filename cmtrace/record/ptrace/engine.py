@@ -192,6 +192,11 @@ class Engine:
         except (BrokenPipeError, ProcessLookupError):
             pass  # the engine is gone: its end of the stream says how it ended
 
+    def mark_running(self) -> None:
+        """The engine has shown it runs (it seized its target: its handlers were installed
+        before), so control messages can be signalled at once, not at its next tick."""
+        self._heard = True
+
     def configure(self, pid: int, config: wire.PyConfig) -> None:
         self._send(wire.control_message(wire.CTL_CONFIG, pid, config))
 
