@@ -85,10 +85,12 @@ BACKENDS = ("bpf", "ptrace")
 _recording_backend: list[str] = []  # set by the `backend` fixture for the test that takes it
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the test once per recorder backend: every `cmtrace run` / `cmtrace -p` the helpers
-    here build gets `--backend NAME` (a module opts in with usefixtures("backend"))."""
+    """Run the module's tests once per recorder backend: every `cmtrace run` / `cmtrace -p`
+    the helpers here build gets `--backend NAME` (a module opts in with
+    usefixtures("backend"); a module-scoped fixture that records takes `backend` too, so it
+    records once per backend). Module scope: pytest runs all of one backend, then the other."""
     _recording_backend[:] = [request.param]
     yield request.param
     _recording_backend.clear()

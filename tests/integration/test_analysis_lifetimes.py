@@ -18,7 +18,7 @@ PROGRAM = Path(__file__).parents[1] / "programs" / "leaks" / "fdtable.py"
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory) -> tuple[cma.Trace, dict]:
+def recorded(tmp_path_factory, backend: str) -> tuple[cma.Trace, dict]:
     out = tmp_path_factory.mktemp("lifetimes") / "trace"
     result = run_cmtrace("run", "-o", str(out), "--", TARGET_PYTHON, str(PROGRAM))
     assert result.returncode == 0, result.stderr

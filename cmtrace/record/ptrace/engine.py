@@ -37,6 +37,7 @@ F_SETPIPE_SZ = 1031
 READ_CHUNK = 1 << 20
 
 EXIT_PTRACE_REFUSED = 77
+PR_SET_PDEATHSIG = 1
 
 
 class EngineUnavailable(Exception):
@@ -99,6 +100,15 @@ def _older_than_sources(binary: Path) -> bool:
     return any(path.exists() and path.stat().st_mtime > built for path in _sources())
 
 
+def _die_with_cmtrace() -> None:
+    """In the engine's process before exec: SIGKILL it when cmtrace dies (even by kill -9), so
+    an attached target is detached by the kernel and runs on, and run's command dies with it
+    (PTRACE_O_EXITKILL) instead of an orphaned engine tracing on with nobody reading."""
+    import ctypes  # noqa: PLC0415
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def _pipe() -> tuple[int, int]:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     try:
@@ -148,7 +158,7 @@ class Engine:
         command = [*wrapper, str(binary), "-o", str(records_w), "-c", str(control_r),
                    "-s", str(stats_w), *arguments]  # fmt: skip
         try:
-            process = subprocess.Popen(command, pass_fds=fds, **popen)
+            process = subprocess.Popen(command, pass_fds=fds, preexec_fn=_die_with_cmtrace, **popen)
         finally:
             for fd in fds:
                 os.close(fd)

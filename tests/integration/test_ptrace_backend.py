@@ -1,0 +1,232 @@
+"""The ptrace backend through `cmtrace run` and `cmtrace -p`, as an ordinary user.
+
+Real processes, no mocks: the tests run as root and drop to `nobody` (setpriv with no
+capabilities at all), the way a CI job or a laptop without sudo runs cmtrace. programs/fd/
+fdtruth.py leaks a file, a pipe and a socket at marked lines and prints its own fd table from
+/proc/self/fd; the trace must name exactly those fds as leaks, at those lines. `--backend auto`
+must pick ptrace for nobody and inside a user namespace (no capability counts outside it), and
+say so. Attached with -p, Ctrl-C detaches and the target's syscalls keep working; so they do
+when the tracer is killed with SIGKILL. Attaching to another user's process is refused with one
+line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import targets
+from conftest import (
+    ATTACH_TIMEOUT,
+    EXIT_TIMEOUT,
+    TARGET_PYTHON,
+    LineReader,
+    Target,
+    cmtrace_argv,
+    error_line,
+    kind_from_link,
+    read_meta,
+    report_json,
+    wait_until,
+)
+
+PROGRAM = Path(__file__).parents[1] / "programs" / "fd" / "fdtruth.py"
+NOBODY = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+          "--inh-caps=-all", "--bounding-set=-all")  # fmt: skip
+USERNS = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc")
+MARKERS = {"file": "LEAK-FILE", "pipe": "LEAK-PIPE", "socket": "LEAK-SOCKET"}
+UNPRIVILEGED, NOT_RUNNABLE = targets.unprivileged()
+
+if shutil.which("setpriv") is None:
+    pytest.skip("needs setpriv (util-linux)", allow_module_level=True)
+
+
+def marked_line(marker: str) -> int:
+    lines = PROGRAM.read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if f"# {marker}" in line)
+
+
+@pytest.fixture(scope="module")
+def nobody_dir() -> Iterator[Path]:
+    """Where nobody writes traces and keeps its engine build (XDG_CACHE_HOME)."""
+    path = Path(tempfile.mkdtemp(prefix="cmtrace-ptrace-", dir="/tmp"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def nobody_env(where: Path) -> dict[str, str]:
+    return dict(os.environ, XDG_CACHE_HOME=str(where / "cache"), HOME=str(where))
+
+
+def trace_dir(where: Path, name: str) -> Path:
+    return where / f"{name}-{os.urandom(4).hex()}"
+
+
+def run_as_nobody(where: Path, *args: str, wrapper: tuple[str, ...] = ()):
+    return subprocess.run(
+        [*NOBODY, *wrapper, *cmtrace_argv(*args)], capture_output=True, text=True,
+        timeout=EXIT_TIMEOUT, cwd=where, env=nobody_env(where),
+    )  # fmt: skip
+
+
+def truth_of(stdout: str) -> dict:
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return next(line for line in lines if line["event"] == "truth")
+
+
+def assert_leaks_match(trace: Path, pid: int, fds: dict[str, str], before: dict[str, str]) -> None:
+    """The trace's leaks of pid are the fds the program holds (and did not hold before the
+    trace), with their kinds, each at the line that opened it."""
+    expected = {int(fd): link for fd, link in fds.items() if fd not in before}
+    leaks = {leak["fd"]: leak for leak in report_json(trace)["leaks"] if leak["pid"] == pid}
+    assert set(leaks) == set(expected), (leaks, expected)
+    for fd, link in expected.items():
+        kind = kind_from_link(link)
+        leak = leaks[fd]
+        assert leak["kind"] == kind, (fd, link, leak)
+        assert (leak["site"]["file"], leak["site"]["line"]) == (
+            str(PROGRAM),
+            marked_line(MARKERS[kind]),
+        ), leak
+
+
+def assert_ptrace_meta(trace: Path, reason: str) -> dict:
+    meta = read_meta(trace)
+    assert meta["status"] == "complete" and meta["lost_events"] == 0, meta
+    assert (meta["backend"], meta["backend_reason"]) == ("ptrace", reason), meta
+    assert meta["backend_stats"]["stops"] > 0 and meta["backend_stats"]["dropped"] == 0, meta
+    return meta
+
+
+# ---- cmtrace run as nobody ------------------------------------------------------------------
+def test_unprivileged_interpreters_found():
+    print("as nobody:", ", ".join(t.name for t in UNPRIVILEGED))
+    print("not as nobody:", "; ".join(NOT_RUNNABLE) or "none")
+    assert UNPRIVILEGED
+
+
+@pytest.mark.parametrize("target", UNPRIVILEGED, ids=[t.name for t in UNPRIVILEGED])
+def test_run_as_nobody_records_the_leaks_at_their_lines(nobody_dir, target):
+    """auto picks ptrace (not root) and the trace matches the program's own fd table."""
+    trace = trace_dir(nobody_dir, f"run-{target.name}")
+    result = run_as_nobody(nobody_dir, "run", "-o", str(trace), "--", target.command,
+                           str(PROGRAM), "run")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "backend ptrace: not root" in result.stderr, result.stderr
+    truth = truth_of(result.stdout)
+    assert_leaks_match(trace, truth["pid"], truth["fds"], before={"0": "", "1": "", "2": ""})
+    assert_ptrace_meta(trace, "backend ptrace: not root")
+
+
+def test_auto_picks_ptrace_in_a_user_namespace(nobody_dir):
+    """root of its own user namespace, with every capability there and none outside."""
+    trace = trace_dir(nobody_dir, "userns")
+    result = run_as_nobody(nobody_dir, "run", "-o", str(trace), "--", TARGET_PYTHON,
+                           str(PROGRAM), "run", wrapper=USERNS)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    running = [line for line in result.stderr.splitlines() if "cmtrace: running" in line]
+    assert running and "backend ptrace: " in running[0], result.stderr
+    reason = running[0].split(", ", 1)[1].rstrip(")")
+    assert "user namespace" in reason, reason  # uid 0 in there, but not in the initial one
+    truth = truth_of(result.stdout)
+    meta = assert_ptrace_meta(trace, reason)
+    assert meta["targets"][0]["pid"] == truth["pid"]  # pids as the namespace sees them
+    assert_leaks_match(trace, truth["pid"], truth["fds"], before={"0": "", "1": "", "2": ""})
+
+
+# ---- cmtrace -p as nobody -------------------------------------------------------------------
+class NobodyTracer:
+    """`cmtrace -p PID` as nobody, in the background."""
+
+    def __init__(self, where: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*NOBODY, *cmtrace_argv(*args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, cwd=where, env=nobody_env(where),
+        )  # fmt: skip
+        self.err = LineReader(self.proc.stderr)
+        self.out = LineReader(self.proc.stdout)
+
+    def wait_attached(self) -> str:
+        return self.err.wait_for(lambda line: "attached to" in line, ATTACH_TIMEOUT, "attached")
+
+    def wait(self) -> int:
+        try:
+            return self.proc.wait(timeout=EXIT_TIMEOUT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+def tracer_pid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no TracerPid in /proc/{pid}/status")
+
+
+@pytest.fixture
+def nobody_target(nobody_dir) -> Iterator[Target]:
+    target = Target([*NOBODY, TARGET_PYTHON, str(PROGRAM), "serve"], nobody_dir)
+    yield target
+    target.kill()
+
+
+def assert_runs_untraced(target: Target) -> None:
+    """Nobody traces it any more and its fd syscalls work (no ENOSYS, no stop)."""
+    wait_until(lambda: tracer_pid_of(target.pid) == 0, 30, "the target to be detached")
+    target.send("check")
+    assert target.expect("checked")["ok"] is True
+
+
+def test_attach_as_nobody_then_ctrl_c_detaches(nobody_dir, nobody_target):
+    ready = nobody_target.expect("ready")
+    trace = trace_dir(nobody_dir, "attach")
+    tracer = NobodyTracer(nobody_dir, "-p", str(ready["pid"]), "-o", str(trace))
+    line = tracer.wait_attached()
+    assert f"attached to {ready['pid']} (python3, Python " in line, line
+    assert line.rstrip().endswith(", backend ptrace: not root)"), line
+    nobody_target.send("leak")
+    truth = nobody_target.expect("truth")
+    tracer.proc.send_signal(signal.SIGINT)
+    assert tracer.wait() == 0, tracer.err.text()
+    assert_runs_untraced(nobody_target)
+    assert_leaks_match(trace, ready["pid"], truth["fds"], before=ready["fds"])
+    assert_ptrace_meta(trace, "backend ptrace: not root")
+
+
+def test_tracer_killed_during_attach_leaves_the_target_running(nobody_dir, nobody_target):
+    ready = nobody_target.expect("ready")
+    trace = trace_dir(nobody_dir, "killed")
+    tracer = NobodyTracer(nobody_dir, "-p", str(ready["pid"]), "-o", str(trace))
+    tracer.wait_attached()
+    assert tracer_pid_of(ready["pid"]) != 0
+    nobody_target.send("leak")
+    nobody_target.expect("truth")
+    tracer.proc.kill()  # SIGKILL: no detach, no flush
+    tracer.wait()
+    assert_runs_untraced(nobody_target)
+    nobody_target.send("leak")  # and again: fds still open and close as they should
+    assert nobody_target.expect("truth")["fds"]
+
+
+@pytest.mark.parametrize("backend_flag", ["ptrace", "auto"])
+def test_attach_to_another_users_process_is_one_line_and_exit_2(nobody_dir, backend_flag):
+    root_target = Target([TARGET_PYTHON, str(PROGRAM), "serve"], nobody_dir)
+    try:
+        pid = root_target.expect("ready")["pid"]
+        result = run_as_nobody(nobody_dir, "-p", str(pid), "--backend", backend_flag)
+        assert result.returncode == 2, result.stderr
+        line = error_line(result)
+        assert "ptrace attach: target uid 0/0/0, ours is 65534" in line, line
+        assert "run cmtrace as the target's user, or with sudo" in line, line
+        assert tracer_pid_of(pid) == 0
+    finally:
+        root_target.kill()
