@@ -230,3 +230,32 @@ def test_attach_to_another_users_process_is_one_line_and_exit_2(nobody_dir, back
         assert tracer_pid_of(pid) == 0
     finally:
         root_target.kill()
+
+
+# ---- cmtrace run killed ---------------------------------------------------------------------
+def test_tracer_killed_during_run_takes_the_command_and_leaves_a_readable_trace(nobody_dir):
+    """run is fail-stop: a seccomp filter without its tracer would fail every fd syscall with
+    ENOSYS, so the command dies with cmtrace (its engine dies with it: PTRACE_O_EXITKILL)."""
+    trace = trace_dir(nobody_dir, "run-killed")
+    tracer = subprocess.Popen(
+        [*NOBODY, *cmtrace_argv("run", "--backend", "ptrace", "-o", str(trace), "--",
+                                TARGET_PYTHON, str(PROGRAM), "serve")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=nobody_dir, env=nobody_env(nobody_dir), bufsize=1,
+    )  # fmt: skip
+    out = LineReader(tracer.stdout)
+    try:
+        command = json.loads(out.wait_for(lambda line: '"ready"' in line, ATTACH_TIMEOUT, "ready"))
+        tracer.stdin.write("leak\n")
+        tracer.stdin.flush()
+        out.wait_for(lambda line: '"truth"' in line, ATTACH_TIMEOUT, "truth")
+        wait_until(lambda: any((trace / "events").glob("*.parquet")), 30, "a flushed part")
+        tracer.kill()
+        tracer.wait(timeout=30)
+        wait_until(lambda: not Path(f"/proc/{command['pid']}").exists(), 30, "the command to die")
+    finally:
+        if tracer.poll() is None:
+            tracer.kill()
+            tracer.wait(timeout=30)
+    report = report_json(trace)
+    assert report["interrupted"], report["trace"]

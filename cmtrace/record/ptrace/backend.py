@@ -138,10 +138,10 @@ class PtraceBackend:
             target = recording.targets.get(pid)
             if target is not None:  # configured at its exec, or settling there
                 return target
-        recording = self._owner(pid)
-        if recording is None:
+        owner = self._owner(pid)
+        if owner is None:
             return PythonTarget.failed(pid, "not traced by the ptrace engine")
-        return recording.watch(pid)
+        return owner.watch(pid)
 
     def _owner(self, pid: int) -> EngineRecording | None:
         tracer = _tracer_of(pid)
