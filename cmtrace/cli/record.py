@@ -64,7 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Its stdin/stdout/stderr pass through; under sudo it runs as $SUDO_USER. The "
             "summary goes to stderr and cmtrace exits with CMD's status. With the ptrace "
             "backend the command is killed if cmtrace is killed (PTRACE_O_EXITKILL: its fd "
-            "syscalls would fail without the tracer); Ctrl-C and SIGTERM reach the command and "
+            "syscalls would fail without the tracer), and children still running 2 s after it "
+            "exits are killed with the recording; Ctrl-C and SIGTERM reach the command and "
             "cmtrace records to its end."
         ),
     )

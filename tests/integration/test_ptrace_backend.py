@@ -259,3 +259,23 @@ def test_tracer_killed_during_run_takes_the_command_and_leaves_a_readable_trace(
             tracer.wait(timeout=30)
     report = report_json(trace)
     assert report["interrupted"], report["trace"]
+
+
+def test_run_exit_status_comes_through_and_lingering_children_end_with_it(nobody_dir):
+    """A child left running when the command exits cannot outlive the engine (its filter):
+    it is killed, said, and cmtrace still exits with the command's own status."""
+    trace = trace_dir(nobody_dir, "linger")
+    result = run_as_nobody(nobody_dir, "run", "--backend", "ptrace", "-o", str(trace), "--",
+                           "/bin/sh", "-c", "sleep 60 & echo $!; exit 3")  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    child = int(result.stdout.split()[0])
+    assert f"killing its children still traced ({child})" in result.stderr, result.stderr
+
+    def gone() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(gone, 30, "the lingering child to be killed")
+    assert_ptrace_meta(trace, "backend ptrace")

@@ -209,13 +209,15 @@ class PtraceBackend:
             self._read_to_end(recording)
             self._add_counters(recording.wait(FINISH_TIMEOUT_S))
 
-    def _read_to_end(self, recording: EngineRecording, timeout: float = FINISH_TIMEOUT_S) -> None:
+    def _read_to_end(
+        self, recording: EngineRecording, timeout: float = FINISH_TIMEOUT_S, kill: bool = True
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not recording.finished and time.monotonic() < deadline:
             batch, python_records = recording.engine.read(0.05)
             if len(batch) or python_records:
                 self.waiting.append((recording, batch, python_records))
-        if not recording.finished:  # it did not end: kill it (run mode: the command with it)
+        if kill and not recording.finished:  # it did not end: kill it (run: its tracees too)
             recording.engine.process.kill()
 
     def _add_counters(self, stats: dict[str, Any]) -> None:
@@ -258,11 +260,38 @@ class PtraceCommand:
         the command). Children still running LINGER_S after it are killed with the engine."""
         if self._exit_code is None:
             self.backend.stopped = True
-            self.backend._read_to_end(self.recording, timeout=LINGER_S)
+            self.backend._read_to_end(self.recording, timeout=LINGER_S, kill=False)
+            if not self.recording.finished:
+                self._kill_lingering()
+            self.backend._read_to_end(self.recording)
             stats = self.recording.wait(FINISH_TIMEOUT_S)
             self.backend._add_counters(stats)
             self._exit_code = int(stats.get("exit_code", 0))
         return self._exit_code
+
+    def _kill_lingering(self) -> None:
+        """Children still traced after the command exited cannot run on without the engine
+        (their seccomp filter would fail every fd syscall): kill them, so the engine ends by
+        itself and reports the command's status."""
+        lingering = _traced_by(self.recording.engine.pid)
+        self.backend.progress(
+            f"the command exited; killing its children still traced ({', '.join(map(str, lingering))}): "
+            "with --backend ptrace a command's processes end with the recording"
+        )
+        for pid in lingering:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _traced_by(tracer: int) -> list[int]:
+    """The processes whose main thread `tracer` traces."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _tracer_of(int(entry)) == tracer:
+            pids.append(int(entry))
+    return pids
 
 
 def _as_user(command: list[str], user: Any) -> list[str]:
