@@ -226,8 +226,8 @@ static struct {
 // (a syscall costs far more than the bytes it copies): a walk of an unchanged stack, or of one
 // whose top moved a little, then reads nothing more. Requests are served only from bytes read
 // during the same stop, so a stale plan costs bytes, never a wrong frame.
-#define PLAN_MAX 8
-#define PLAN_BYTES (PY_WINDOW + 4096)
+#define PLAN_MAX 16                          // heap frames (<= 3.10): a block each, at most
+#define PLAN_BYTES (PY_WINDOW + 12 * BLOCK)
 struct read_plan {
     u64 addr[PLAN_MAX];
     u32 len[PLAN_MAX];
@@ -314,17 +314,18 @@ static void prefetch(const struct read_plan *plan) {
     prefetched.n = n;
 }
 
-// The data-stack window grows and shrinks with the call depth: plan some room after it, up to
-// the end of its last page, so a deeper stack next time is still served (another page would
-// cost more than the miss).
+// The data-stack window grows and shrinks with the call depth: plan it as long as it was plus
+// some room, up to the end of its last page, so a deeper stack next time is still served
+// (another page would cost more than the miss). It replaces a block that served it.
 #define WINDOW_ROOM 1024
-static void plan_window_room(struct read_plan *plan, u64 window) {
+static void plan_window(struct read_plan *plan, u64 window, u64 len) {
+    u64 last = window + len;
+    u64 page_end = (last + BLOCK - 1) & ~(u64)(BLOCK - 1);
+    u64 end = page_end - last > WINDOW_ROOM ? last + WINDOW_ROOM : page_end;
     for (u32 i = 0; i < plan->n; i++) {
-        if (plan->addr[i] != window)
+        if (window < plan->addr[i] || window >= plan->addr[i] + plan->len[i])
             continue;
-        u64 last = window + plan->len[i];
-        u64 page_end = (last + BLOCK - 1) & ~(u64)(BLOCK - 1);
-        u64 end = page_end - last > WINDOW_ROOM ? last + WINDOW_ROOM : page_end;
+        plan->addr[i] = window;
         plan->len[i] = end - window > PY_WINDOW ? PY_WINDOW : (u32)(end - window);
     }
 }
@@ -336,7 +337,7 @@ static int from_prefetched(void *dst, u64 addr, u32 size) {
         u64 base = prefetched.addr[i];
         if (addr >= base && addr + size <= base + prefetched.got[i]) {
             memcpy(dst, prefetched.data + prefetched.at[i] + (addr - base), size);
-            learn(addr, size);
+            learn(base, prefetched.len[i]);
             return 0;
         }
     }
@@ -365,7 +366,7 @@ static long target_read(void *dst, u32 size, const void *src) {
     }
     if (!blocks[slot].ok)  // part of the block is not mapped: read just what was asked
         return read_direct(dst, addr, size);
-    learn(addr, size);  // what was asked: the next walk's reads are all in one call anyway
+    learn(base, BLOCK);
     memcpy(dst, blocks[slot].data + (addr - base), size);
     return 0;
 }
@@ -438,9 +439,7 @@ struct thread {
     u64 tstate;    // cached PyThreadState, validated at each use
     u64 key;       // what the thread state's id must equal (ns tid or fsbase), 0 = unknown
     int key_tries;
-    struct read_plan plan;  // what its last walk read
     u32 path_len;           // a pending birth's path, read at its entry (PATH_UNREAD: not)
-    char path[DATA_LEN];
 };
 
 #define PATH_UNREAD 0xffffffffu
@@ -448,6 +447,10 @@ struct thread {
 #define MAX_THREADS 16384
 #define MAX_PROCS 8192
 static struct thread threads[MAX_THREADS];
+// by thread slot, kept apart so that the loops over threads[] stay small: what its last stack
+// walk read, and a pending birth's path
+static struct read_plan plans[MAX_THREADS];
+static char pending_paths[MAX_THREADS][DATA_LEN];
 static struct proc procs[MAX_PROCS];
 static int live_threads;
 
@@ -486,6 +489,7 @@ static struct thread *add_thread(pid_t tid, struct proc *proc) {
         if (!threads[i].used) {
             t = &threads[i];
             memset(t, 0, sizeof *t);
+            plans[i].n = 0;
             t->used = 1;
             t->tid = tid;
             t->proc = proc;
@@ -624,7 +628,7 @@ static u64 capture_stack(struct thread *t, u32 *flags) {
     struct py_config *cfg = &p->cfg;
     struct py_scratch *s = &scratch;
     mem_begin(t->tid);
-    prefetch(&t->plan);
+    prefetch(&plans[t - threads]);
     learned.n = 0;
     learning = 1;
     u64 finalizing = 0;
@@ -636,8 +640,8 @@ static u64 capture_stack(struct thread *t, u32 *flags) {
     u64 id = s->top ? py_walk(cfg, s, (u32)p->tgid, &walk_flags) | 1 : 0;
     learning = 0;
     if (s->top && s->win)
-        plan_window_room(&learned, s->win);
-    t->plan = learned;
+        plan_window(&learned, s->win, py_u64(s->tstate, cfg->ts_top & 0x1ff) - s->win);
+    plans[t - threads] = learned;
     if (!s->top) {
         *flags |= PY_STACK_NO_PYTHON;
         stat.no_stack++;
@@ -769,7 +773,7 @@ static void emit_birth(struct thread *t, const struct syscall_shape *sh, s64 ret
         }
         rec.e.arg = a[0];
         if (t->path_len != PATH_UNREAD) {
-            memcpy(rec.data, t->path, t->path_len);
+            memcpy(rec.data, pending_paths[t - threads], t->path_len);
             rec.e.datalen = t->path_len;
         } else {
             rec.e.datalen = read_string(rec.data, a[sh->ptr], DATA_LEN);
@@ -833,7 +837,7 @@ static void emit_at_entry(struct thread *t, const struct syscall_shape *sh, cons
 // its page (a path running onto the next page is read at the exit stop as before).
 static void take_path_along(struct thread *t, u64 addr) {
     u64 page_left = BLOCK - (addr & (BLOCK - 1));
-    passenger.dst = t->path;
+    passenger.dst = pending_paths[t - threads];
     passenger.addr = addr;
     passenger.len = addr ? (u32)(page_left < DATA_LEN - 1 ? page_left : DATA_LEN - 1) : 0;
     passenger.got = 0;
@@ -883,7 +887,8 @@ static int on_syscall_entry(struct thread *t, long nr, const u64 *args) {
     if (sh->handling == H_PATH)
         take_path_along(t, args[sh->ptr]);
     t->stack_id = sh->handling == H_SCM ? 0 : capture_stack(t, &t->stack_flags);
-    t->path_len = passenger.len ? path_length(t->path, passenger.got) : PATH_UNREAD;
+    char *path = pending_paths[t - threads];
+    t->path_len = passenger.len ? path_length(path, passenger.got) : PATH_UNREAD;
     passenger.len = 0;
     return 1;
 }
@@ -1165,7 +1170,7 @@ static void on_exec(struct thread *t) {
             drop_thread(&threads[i]);
     p->has_config = 0;  // another image: the collector configures it again
     t->tstate = 0;
-    t->plan.n = 0;
+    plans[t - threads].n = 0;
     t->key = 0;
     t->key_tries = 0;
     t->pending = NULL;
