@@ -11,10 +11,11 @@ import json
 import os
 import re
 import runpy
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
-import pytest
 from conftest import CMTRACE_PYTHON, REPO
 from targets import AS_NOBODY
 
@@ -132,8 +133,10 @@ def assert_matches(actual, expected, where: str) -> None:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 
 
-def check_document(document: dict, outcomes: dict[str, str] | None = None) -> None:
-    assert document["backend"] == "bpf"
+def check_document(
+    document: dict, outcomes: dict[str, str] | None = None, backend: str = "bpf"
+) -> None:
+    assert document["backend"] == backend
     assert document["lost_events"] == 0
     assert set(document) == {"backend", "lost_events", "tests", "fixtures"}
     nodeids = [t["nodeid"] for t in document["tests"]]
@@ -239,17 +242,24 @@ def test_no_usable_backend_is_a_usage_error() -> None:
     assert "passed" not in done.stdout  # no test ran
 
 
-@pytest.mark.skipif(
-    "--backend"
-    in subprocess.run(
-        [CMTRACE_PYTHON, "-m", "cmtrace", "run", "--help"], capture_output=True, text=True
-    ).stdout,
-    reason="cmtrace run has --backend: the ptrace backend records",
-)
-def test_ptrace_without_the_backend_is_a_usage_error() -> None:
-    done = run_suite("--cmtrace", "--cmtrace-backend", "ptrace")
-    assert done.returncode == 4, done.stdout + done.stderr
-    assert "this cmtrace has no ptrace backend yet" in done.stderr
+def test_an_ordinary_user_records_with_ptrace() -> None:
+    """As nobody (no capabilities): auto picks the ptrace backend and the JSON is the same as
+    root's with BPF, every test attributed."""
+    work = Path(tempfile.mkdtemp(prefix="cmtrace-plugin-"))
+    try:
+        work.chmod(0o777)  # nobody writes the JSON (and may build the engine) here
+        out = work / "leaks.json"
+        done = run_suite(
+            "-p", "no:cacheprovider", "--cmtrace", f"--cmtrace-json={out}",
+            env={"XDG_CACHE_HOME": str(work)}, prefix=AS_NOBODY,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        document = json.loads(out.read_text())
+        check_document(
+            document, {"suite_leaks.py::test_fails_without_leaking": "skipped"}, backend="ptrace"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def test_under_sudo_the_tests_run_as_the_user(bpf_ready, tmp_path: Path) -> None:
