@@ -173,14 +173,21 @@ def python_without_bcc(tmp_path_factory) -> str:
 
 @pytest.mark.usefixtures("bpf_ready")
 def test_bcc_missing(tmp_path, sleeper, python_without_bcc):
+    """--backend bpf without bcc: exit 2 naming bcc; auto falls back to ptrace and says why."""
+    command = [python_without_bcc, "-m", "cmtrace", "-p", str(sleeper)]
     result = subprocess.run(
-        [python_without_bcc, "-m", "cmtrace", "-p", str(sleeper), "-o", str(tmp_path / "t")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+        [*command, "--backend", "bpf", "-o", str(tmp_path / "t")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert result.returncode == EXIT_ENVIRONMENT, result.stderr
     assert "bcc" in error_line(result).lower()
+    trace = tmp_path / "auto"
+    result = subprocess.run(
+        [*command, "--duration", "1", "-o", str(trace)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend ptrace: bcc missing" in result.stderr, result.stderr
+    assert_complete_and_lossless(trace, result.stdout)
 
 
 @pytest.mark.usefixtures("bpf_ready")
