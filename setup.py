@@ -2,7 +2,7 @@
 
 Everything else is declared in pyproject.toml. The engine is a helper binary, not a Python
 extension: a C compiler is all it needs (no Python headers). An editable install or a checkout
-builds it on first use instead (cmtrace.record.ptrace.engine.engine_binary).
+builds it on first use instead (cmtrace.record.ptrace.build.engine_binary).
 """
 
 import importlib.util
@@ -15,15 +15,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def _engine_module():
-    """cmtrace/record/ptrace/engine.py itself, loaded by path (the package is not installed yet)."""
-    import sys
-
-    sys.path.insert(0, str(HERE))
+    """cmtrace/record/ptrace/build.py, loaded by path: the package and its dependencies are
+    not installed yet, and that module needs only the standard library."""
     spec = importlib.util.spec_from_file_location(
-        "_cmtrace_engine_build", HERE / "cmtrace" / "record" / "ptrace" / "engine.py"
+        "_cmtrace_engine_build", HERE / "cmtrace" / "record" / "ptrace" / "build.py"
     )
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

@@ -185,7 +185,7 @@ install_cmtrace() {
 # its source so every user of this checkout runs the same one; rebuilt when a source changed.
 build_ptrace_engine() {
     say "building the ptrace engine"
-    "$VENV/bin/python" -m cmtrace.record.ptrace.engine >/dev/null
+    "$VENV/bin/python" -m cmtrace.record.ptrace.build >/dev/null
     chmod a+rx "$REPO/cmtrace/record/ptrace/cmtrace-ptrace-engine"
 }
 

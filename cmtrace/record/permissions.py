@@ -539,11 +539,11 @@ def check_filter_install(filter_errno: int) -> Verdict:
 def check_engine(installed: Path | None = None) -> Verdict:
     """The ptrace backend runs a C helper: installed with cmtrace (`installed`, by default next
     to engine.py), or built on first use, which needs a C compiler (the same lookup as
-    engine.build)."""
-    from cmtrace.record.ptrace import engine  # noqa: PLC0415 (only the ptrace checks need it)
+    build.build)."""
+    from cmtrace.record.ptrace import build  # noqa: PLC0415 (only the ptrace checks need it)
 
     if installed is None:
-        installed = Path(engine.__file__).with_name(engine.BINARY)
+        installed = Path(build.__file__).with_name(build.BINARY)
     if os.access(installed, os.X_OK):
         return Verdict("engine", OK, f"{installed}")
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -16,88 +16,28 @@ with three pipes and exchanges probes/events.h's records and control messages ov
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from cmtrace.record.ptrace import wire
+from cmtrace.record.ptrace.build import (  # noqa: F401 (re-exported: where the engine comes from)
+    BINARY,
+    EngineUnavailable,
+    build,
+    engine_binary,
+)
 from cmtrace.record.records import Batch
 
-BINARY = "cmtrace-ptrace-engine"
-SOURCE = Path(__file__).with_name("engine.c")
-CFLAGS = ("-O2", "-Wall", "-Wextra", "-std=gnu11")
 PIPE_SIZE = 1 << 20  # the transport: blocking writes into it are the engine's backpressure
 F_SETPIPE_SZ = 1031
 READ_CHUNK = 1 << 20
 
 EXIT_PTRACE_REFUSED = 77
 PR_SET_PDEATHSIG = 1
-
-
-class EngineUnavailable(Exception):
-    """The engine binary is missing and cannot be built here; str() says why and what to do."""
-
-
-def probes_dir() -> Path:
-    from cmtrace import probes  # noqa: PLC0415 (the installed package's copy of the headers)
-
-    return Path(probes.__file__).parent
-
-
-def _sources() -> list[Path]:
-    return [SOURCE, probes_dir() / "events.h", probes_dir() / "pywalk.h"]
-
-
-def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for path in _sources():
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def build(output: Path, compiler: str | None = None, include: Path | None = None) -> Path:
-    """Compile engine.c into `output` (setup.py at install, with the checkout's probes/ as
-    `include`; engine_binary on first use)."""
-    cc = compiler or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise EngineUnavailable(
-            "the ptrace engine needs a C compiler to be built: install gcc (or set CC)"
-        )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + f".{os.getpid()}.tmp")
-    command = [cc, *CFLAGS, f"-I{include or probes_dir()}", "-o", str(tmp), str(SOURCE)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        raise EngineUnavailable(f"building the ptrace engine failed:\n{done.stderr.strip()}")
-    os.replace(tmp, output)
-    return output
-
-
-def engine_binary() -> Path:
-    """The engine to run: installed next to this module, else built once per source version
-    into the user's cache (a checkout or an editable install)."""
-    installed = Path(__file__).with_name(BINARY)
-    if os.access(installed, os.X_OK) and not _older_than_sources(installed):
-        return installed
-    if not SOURCE.exists():
-        raise EngineUnavailable(f"{installed} is missing: reinstall cmtrace")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmtrace"
-    built = cache / f"{BINARY}-{_source_digest()}"
-    if not built.exists():
-        build(built)
-    return built
-
-
-def _older_than_sources(binary: Path) -> bool:
-    """A checkout's build (scripts/setup.sh) after engine.c or a header changed: stale."""
-    built = binary.stat().st_mtime
-    return any(path.exists() and path.stat().st_mtime > built for path in _sources())
 
 
 def _die_with_cmtrace() -> None:
@@ -244,7 +184,3 @@ class Engine:
         if self.records >= 0:
             os.close(self.records)
             self.records = -1
-
-
-if __name__ == "__main__":  # scripts/setup.sh: `python -m cmtrace.record.ptrace.engine`
-    print(build(Path(__file__).with_name(BINARY)))
