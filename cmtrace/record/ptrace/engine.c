@@ -431,6 +431,8 @@ struct proc {
 struct thread {
     pid_t tid;
     u8 used, held, hold_next;
+    u8 unfiled;       // stopped before its parent's clone event: not resumed until filed
+    int unfiled_sig;  // what its first stop asked for: a signal to hand on, or LISTEN_AT_FILING
     struct proc *proc;
     const struct syscall_shape *pending;  // a birth waiting for its exit stop
     u64 args[6];
@@ -453,6 +455,10 @@ static struct read_plan plans[MAX_THREADS];
 static char pending_paths[MAX_THREADS][DATA_LEN];
 static struct proc procs[MAX_PROCS];
 static int live_threads;
+// The process of a task whose first stop came before its parent's clone event, until that
+// event says which one it is (not in procs[], so not counted; recorded = 0).
+static struct proc unfiled_proc;
+#define LISTEN_AT_FILING -1
 
 static struct thread *find_thread(pid_t tid) {
     for (u32 i = (u32)tid % MAX_THREADS, n = 0; n < MAX_THREADS; i = (i + 1) % MAX_THREADS, n++) {
@@ -1107,6 +1113,17 @@ static u64 clone_flags_of(struct thread *t, int event) {
     return regs.rdi;
 }
 
+// A task whose first stop came before its parent's event was left stopped, so that none of its
+// syscalls go by unrecorded: it runs from here, in its process.
+static void file_task(struct thread *t, struct proc *p) {
+    t->proc = p;
+    t->unfiled = 0;
+    if (t->unfiled_sig == LISTEN_AT_FILING)
+        ptrace(PTRACE_LISTEN, t->tid, 0, 0);
+    else
+        resume(t, t->unfiled_sig);
+}
+
 static void on_new_task(struct thread *parent, int event) {
     unsigned long child = 0;
     ptrace(PTRACE_GETEVENTMSG, parent->tid, 0, &child);
@@ -1122,9 +1139,9 @@ static void on_new_task(struct thread *parent, int event) {
         p = c;
     }
     struct thread *t = find_thread((pid_t)child);
-    if (t)  // its first stop came before this event: it was filed under a process of its own
-        t->proc = p;
-    else
+    if (t && t->unfiled)
+        file_task(t, p);
+    else if (!t)
         add_thread((pid_t)child, p);
 }
 
@@ -1304,6 +1321,11 @@ static void detach_all(void) {
         struct thread *t = &threads[i];
         if (!t->used)
             continue;
+        if (t->unfiled) {  // in a stop already waited for: no other stop would come
+            ptrace(PTRACE_DETACH, t->tid, 0, t->unfiled_sig > 0 ? t->unfiled_sig : 0);
+            drop_thread(t);
+            continue;
+        }
         ptrace(PTRACE_INTERRUPT, t->tid, 0, 0);
         int status, sig = 0;
         for (;;) {
@@ -1433,10 +1455,16 @@ static void run_loop(double duration) {
         }
         stat.stops++;
         struct thread *t = find_thread(tid);
-        if (!t)  // a new task whose first stop came before its parent's event: filed for now
-            t = add_thread(tid, find_proc(tid, 1));
         int listen = 0;
+        if (!t) {  // a new task whose first stop came before its parent's event: it waits
+            t = add_thread(tid, &unfiled_proc);
+            t->unfiled = 1;
+        }
         int sig = on_stop(t, status, &listen);
+        if (t->unfiled) {
+            t->unfiled_sig = listen ? LISTEN_AT_FILING : sig;
+            continue;
+        }
         if (t->hold_next) {  // the collector waits for CPython to be loaded: stop here too
             t->hold_next = 0;
             hold_until_resumed(t);
