@@ -184,6 +184,13 @@ install_cmtrace() {
 # The ptrace backend's engine (a helper binary: a C compiler is all it needs), built next to
 # its source so every user of this checkout runs the same one; rebuilt when a source changed.
 build_ptrace_engine() {
+    local engine=$REPO/cmtrace/record/ptrace/cmtrace-ptrace-engine source
+    if [ -x "$engine" ]; then
+        for source in "$REPO/cmtrace/record/ptrace/engine.c" "$REPO"/probes/{events,pywalk}.h; do
+            [ "$engine" -nt "$source" ] || { engine=; break; }
+        done
+        [ -z "$engine" ] || return 0 # built after every source it reads
+    fi
     say "building the ptrace engine"
     "$VENV/bin/python" -m cmtrace.record.ptrace.build >/dev/null
     chmod a+rx "$REPO/cmtrace/record/ptrace/cmtrace-ptrace-engine"
