@@ -43,11 +43,17 @@ def comm(pid: int) -> str:
         return "?"
 
 
-def cmdline(pid: int) -> list[str]:
+def raw_cmdline(pid: int) -> bytes | None:
+    """/proc/PID/cmdline as the kernel gives it (NUL-separated), None when unreadable: compared
+    byte for byte to tell a reused pid or a new exec from the process that was configured."""
     try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return []
+        return None
+
+
+def cmdline(pid: int) -> list[str]:
+    raw = raw_cmdline(pid) or b""
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from cmtrace.interp import walker
 from cmtrace.interp.discover import Interpreter, NotPython, NotReady, find_interpreter
 from cmtrace.interp.layouts import FRAMES_HEAP, NO_OFFSET, Layout, LayoutError
+from cmtrace.record import procfs
 from cmtrace.record.backend import PythonTarget
 from cmtrace.record.bpf import btf
 from cmtrace.record.bpf.loader import BPF
@@ -150,21 +151,13 @@ def fill_config(leaf: Any, interp: Interpreter, generation: int) -> None:
         setattr(leaf, name, value)
 
 
-def _cmdline(pid: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def _is_held_child(pid: int) -> bool:
     """A child of this process that still runs this process's command line: about to exec."""
     try:
         ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return False
-    return ppid == os.getpid() and _cmdline(pid) == _cmdline(os.getpid())
+    return ppid == os.getpid() and procfs.raw_cmdline(pid) == procfs.raw_cmdline(os.getpid())
 
 
 def _settled(target: PythonTarget) -> bool:
@@ -172,7 +165,7 @@ def _settled(target: PythonTarget) -> bool:
 
 
 def _still_same_image(target: PythonTarget) -> bool:
-    return target.cmdline is not None and _cmdline(target.pid) == target.cmdline
+    return target.cmdline is not None and procfs.raw_cmdline(target.pid) == target.cmdline
 
 
 class PythonTargets:
@@ -272,7 +265,7 @@ class PythonTargets:
         except (NotPython, LayoutError, OSError) as exc:
             self._give_up(target, exc)
             return
-        target.cmdline = _cmdline(target.pid)
+        target.cmdline = procfs.raw_cmdline(target.pid)
         self.interpreters.add(target.pid, target.generation, interp)
         target.settle("ok")
         self._validate(target, interp)
@@ -299,10 +292,10 @@ class PythonTargets:
         """Wait for an exec (the command line changes) into CPython, then install at once.
 
         Images that are not CPython (a shell wrapper, chroot, env) are waited through."""
-        seen = _cmdline(target.pid)
+        seen = procfs.raw_cmdline(target.pid)
         deadline = time.monotonic() + EXEC_WAIT_S
         while time.monotonic() < deadline:
-            now = _cmdline(target.pid)
+            now = procfs.raw_cmdline(target.pid)
             if now is None:
                 target.settle("none", "the process exited before running Python")
                 target.done.set()

@@ -29,7 +29,7 @@ import pyarrow as pa
 from cmtrace.interp import walker
 from cmtrace.interp.discover import Interpreter, NotPython, NotReady, find_interpreter
 from cmtrace.interp.layouts import LayoutError
-from cmtrace.record import records
+from cmtrace.record import procfs, records
 from cmtrace.record.backend import PythonTarget
 from cmtrace.record.bpf import decode, stacks, targets
 from cmtrace.record.ptrace import wire
@@ -41,14 +41,6 @@ PENDING_GIVE_UP_S = 10.0
 VALIDATION_ATTEMPTS = 5  # a stack changing under the reader fails once; a wrong layout always
 REVALIDATE_S = 0.05  # no Python frame yet to check the layout against: look again this often
 REVALIDATE_GIVE_UP_S = 10.0
-
-
-def _cmdline(pid: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return None
 
 
 @dataclass
@@ -166,7 +158,7 @@ class EngineRecording:
             target.done.set()
             return True
         target.version, target.layout_source = interp.version, interp.layout.source
-        target.cmdline = _cmdline(pid)
+        target.cmdline = procfs.raw_cmdline(pid)
         if not self._validate(target, interp, attempts=VALIDATION_ATTEMPTS):
             target.done.set()
             return True
