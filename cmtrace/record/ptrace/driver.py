@@ -201,7 +201,8 @@ class EngineRecording:
             if target is None or target.status != "ok" or not os.path.exists(f"/proc/{pid}"):
                 self._unvalidated.pop(pid, None)
                 continue
-            if not self._validate(target, interp):
+            # as at configure time: a stack changing under the reader fails once, not always
+            if not self._validate(target, interp, attempts=VALIDATION_ATTEMPTS):
                 self.engine.forget(pid)
                 self._unvalidated.pop(pid, None)
             elif target.validated_frames or now - since > REVALIDATE_GIVE_UP_S:
