@@ -43,7 +43,6 @@ def home() -> Path:
             dest = where / "src" / name.decode()
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest)
-    shutil.chown(where, "nobody")
     subprocess.run(["chown", "-R", "nobody:nogroup", str(where)], check=True)
     yield where
     shutil.rmtree(where, ignore_errors=True)
