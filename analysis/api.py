@@ -83,7 +83,7 @@ class Trace:
         """Facts of the event stream needed beside the lifetimes (three columns read, a part at
         a time: whole columns would cost hundreds of MB on a large trace)."""
         rows, last, lost, children = 0, [], 0, set()
-        for file in event_parts(self.path, ())[1]:
+        for file in event_parts(self.path)[1]:
             part = read_event_part(file, ("t_ns", "op", "arg")).unify_dictionaries()
             rows += part.num_rows
             if "t_ns" in part.column_names and pc.max(part.column("t_ns")).is_valid:

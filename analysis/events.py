@@ -209,7 +209,7 @@ def _read_event_dir(path: Path) -> Events:
     """Read a trace's events part by part into preallocated arrays: each part is read once and
     freed, its string dictionaries are mapped onto one vocabulary per column, its stack ids onto
     int32 codes, and only the process events keep their arg and flags."""
-    total, files = event_parts(path, CORE_EVENT_COLUMNS)
+    total, files = event_parts(path)
     numeric: dict[str, np.ndarray] = {
         c: np.empty(total, dtype=d) for c, (d, _) in _NUMERIC_EVENT_COLUMNS.items()
     }

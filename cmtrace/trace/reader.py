@@ -148,9 +148,8 @@ def check_parts(path: Path) -> None:
             pq.read_metadata(file)
 
 
-def event_parts(path: Path, columns: Sequence[str] | None = None) -> tuple[int, list[Path]]:
-    """(total rows, part files) of a trace's events, from the Parquet footers only. `columns`
-    is not needed for either (the callers name the columns they will read next)."""
+def event_parts(path: Path) -> tuple[int, list[Path]]:
+    """(total rows, part files) of a trace's events, from the Parquet footers only."""
     files = _part_files(path / "events")
     total = 0
     for file in files:
