@@ -36,11 +36,15 @@ record() { # record KIND PATH: remember something we created, once
 RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc)
 # Tools the tests and `make interpreters` use: strace (benchmark baseline), capsh/setpriv
 # (unprivileged doctor tests), readelf, mmdebstrap (sid interpreters), unshare/chroot (namespaces),
-# chromium (the HTML report is opened headless; not in the VM guest, which does not run that
-# test and would spend minutes unpacking it under emulation).
+# chromium (the HTML report is opened headless) and postgresql (the real-world tests start their
+# own cluster; Debian's server binaries, its default cluster is left alone): not in the VM guest,
+# which runs neither test and would spend minutes unpacking them under emulation.
 TEST_PACKAGES=(strace libcap2-bin util-linux binutils mmdebstrap procps gcc make
     debian-archive-keyring)
-[ -n "${CMTRACE_IN_VM:-}" ] || [ -e /etc/cmtrace-vm-guest ] || TEST_PACKAGES+=(chromium)
+[ -n "${CMTRACE_IN_VM:-}" ] || [ -e /etc/cmtrace-vm-guest ] || TEST_PACKAGES+=(chromium postgresql)
+# Python services of the real-world tests and benchmarks (FastAPI, uvicorn, asyncpg, gunicorn),
+# pinned; installed with the dev extras.
+SERVICES_REQUIREMENTS=$REPO/requirements/services.txt
 
 missing_packages() {
     local pkg
@@ -159,13 +163,16 @@ make_venv() {
 # The pip step is the slow one (~10 s): skip it when this repository, with the same
 # pyproject.toml and extras, is already installed editable.
 pip_stamp() {
-    local extras=$1
-    printf '%s %s %s\n' "$REPO" "$extras" "$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+    local extras=$1 services=
+    [ -z "$extras" ] || services=$(sha256sum "$SERVICES_REQUIREMENTS" | cut -d' ' -f1)
+    printf '%s %s %s%s\n' "$REPO" "$extras" "$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)" \
+        "${services:+ services $services}"
 }
 
 install_cmtrace() {
     local extras=$1 spec=$REPO stamp_file=$CMTRACE_HOME/pip-stamp.txt
-    [ -z "$extras" ] || spec="$REPO[$extras]"
+    local -a services=()
+    [ -z "$extras" ] || { spec="$REPO[$extras]" && services=(-r "$SERVICES_REQUIREMENTS"); }
     local stamp here
     stamp=$(pip_stamp "$extras")
     here=$("$VENV/bin/python" -c 'import cmtrace, os; print(os.path.dirname(os.path.dirname(os.path.realpath(cmtrace.__file__))))' 2>/dev/null || true)
@@ -173,9 +180,9 @@ install_cmtrace() {
         [ -x "$VENV/bin/cmtrace" ]; then
         return
     fi
-    say "pip install -e '$spec' into $VENV"
+    say "pip install -e '$spec' ${services[*]} into $VENV"
     # (pip's complaints about this machine's unused local index entries are noise: dropped)
-    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec" \
+    "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec" "${services[@]}" \
         2> >(grep -v "^WARNING: Location '" >&2)
     echo "$stamp" >"$stamp_file"
     chmod -R a+rX "$VENV"
