@@ -14,7 +14,6 @@ service's connections "idle in transaction", each with its client port, and the 
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -22,34 +21,32 @@ import signal
 import socket
 import subprocess
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CMTRACE_PYTHON, REPO, Tracer, leaks_of, report_json, wait_until
+from conftest import Tracer, leaks_of, report_json
+from realworld import (
+    SERVICE_PYTHON,
+    SERVICES,
+    START_TIMEOUT,
+    free_port,
+    http_get,
+    marked_line,
+    require_modules,
+    stop_service,
+    wait_for_health,
+)
 
 pytestmark = pytest.mark.usefixtures("bpf_ready", "backend")
 
-SERVICES = REPO / "tests" / "programs" / "services"
 APP = SERVICES / "pg_app.py"
-# The venv's interpreter is Debian's 3.11 with requirements/services.txt installed (set-up).
-SERVICE_PYTHON = os.environ.get("CMTRACE_SERVICE_PYTHON", CMTRACE_PYTHON)
 PG_BIN = Path("/usr/lib/postgresql")
 PG_USER = "postgres"  # Debian's package creates it; the cluster runs unprivileged as it
 PG_PORT = 5432  # the well-known port, on a loopback address of our own
 APP_NAME = "cmtrace-realworld"
 MISSING_ITEMS = (101, 102, 103, 104, 105)  # each request: a 404, one leaked connection
-START_TIMEOUT = 60
-
-
-def marked_line(program: Path, marker: str) -> int:
-    for number, line in enumerate(program.read_text().splitlines(), start=1):
-        if line.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(f"{program} has no {marker} marker")
 
 
 # --- a PostgreSQL cluster of our own ---------------------------------------------------------
@@ -135,37 +132,6 @@ def postgres() -> Iterator[Cluster]:
 
 
 # --- the service -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def http_get(url: str) -> tuple[int, dict]:
-    """Status and JSON body of a GET (errors such as 404 included)."""
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        with error:
-            return error.code, json.loads(error.read())
-
-
-def wait_for_health(url: str, proc: subprocess.Popen, log: Path) -> dict:
-    answer: dict = {}
-
-    def healthy() -> bool:
-        assert proc.poll() is None, f"service exited {proc.returncode}:\n{log.read_text()}"
-        try:
-            answer.update(http_get(url)[1])
-        except OSError:
-            return False
-        return True
-
-    wait_until(healthy, START_TIMEOUT, f"{url} to answer", interval=0.2)
-    return answer
-
-
 def tcp_sockets_to(pid: int, host: str, port: int) -> dict[int, int]:
     """fd -> local port of the process's TCP sockets connected to host:port, from the kernel
     (/proc/PID/net/tcp rows matched to /proc/PID/fd links by inode)."""
@@ -203,10 +169,7 @@ def incident(
 ) -> Iterator[Incident]:
     """Start the service, attach `cmtrace -p`, send the 404s, read the ground truth while the
     service lives, stop the tracer, then stop the service. Once per backend."""
-    probe = subprocess.run([SERVICE_PYTHON, "-c", "import asyncpg, fastapi, uvicorn"],
-                           capture_output=True, text=True)  # fmt: skip
-    if probe.returncode != 0:
-        pytest.skip(f"services missing: run scripts/setup.sh ({probe.stderr.strip()})")
+    require_modules("asyncpg", "fastapi", "uvicorn")
     workdir = tmp_path_factory.mktemp(f"pg-{backend}")
     port = free_port()
     log = workdir / "service.log"
@@ -243,12 +206,7 @@ def incident(
     finally:
         if tracer:
             tracer.kill()
-        service.send_signal(signal.SIGTERM)
-        try:
-            service.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            service.kill()
-            service.wait(timeout=30)
+        stop_service(service, signal.SIGTERM)
 
 
 def test_ground_truth_is_the_incident(incident: Incident) -> None:
