@@ -60,6 +60,7 @@ class Lives:
     preexisting: np.ndarray
     finalizing: np.ndarray
     death_is_close_event: np.ndarray  # the death came from a paired close event
+    death_is_missed_close: np.ndarray  # the death came from a birth on the live fd (no dup)
 
     @classmethod
     def concat(cls, parts: list[Lives]) -> Lives:
@@ -87,19 +88,23 @@ def cloexec_changes(life: np.ndarray, t: np.ndarray, value: np.ndarray) -> np.re
 
 @dataclass
 class Seed:
-    """Lifetimes that start outside the event stream: pre-existing and inherited fds."""
+    """Lifetimes that start outside the event stream: pre-existing and inherited fds, and the
+    fds a batched model carries open from one batch of events into the next (cmtrace.analysis
+    .model): those keep their birth time, dup source and flags, and their CLOEXEC state now."""
 
     pid: np.ndarray
     fd: np.ndarray
-    t: np.ndarray
+    t: np.ndarray  # the lifetime's birth time
     kind: np.ndarray
     path: np.ndarray
-    cloexec: np.ndarray
+    cloexec: np.ndarray  # at birth (the lifetimes table's column)
     open_stack: np.ndarray
     syscall: np.ndarray
     tid: np.ndarray
-    inherited: bool
-    preexisting: bool
+    inherited: bool | np.ndarray  # one flag for the seed, or one per row
+    preexisting: bool | np.ndarray
+    src_fd: np.ndarray | None = None  # None: -1 (not a dup)
+    cloexec_now: np.ndarray | None = None  # None: unchanged since birth
 
 
 @dataclass
@@ -248,11 +253,40 @@ def pair(
     rank[by_birth] = np.arange(len(by_birth), dtype=birth_src.dtype)
     del by_birth
     lives = _lives_from_births(ev, seeds, birth_src, born)
+    carried = _seed_cloexec_changes(seeds, birth_src, born)
     del birth_src, born
     _apply_closes(lives, ev, closer)
     _apply_replacements(lives, ev, (closer < 0) & (replacer >= 0), replacer, stats)
     changes = _apply_updates(lives, ev, updates, rank, stats)
+    if len(carried):  # first: a seed's state precedes the events' changes
+        changes = _join_changes([carried, changes])
     return lives, changes, stats
+
+
+def _join_changes(parts: list[np.recarray]) -> np.recarray:
+    return cloexec_changes(
+        np.concatenate([p.life.astype(np.int64) for p in parts]),
+        np.concatenate([p.t.astype(np.int64) for p in parts]),
+        np.concatenate([p.value.astype(bool) for p in parts]),
+    )
+
+
+def _seed_cloexec_changes(
+    seeds: list[Seed], birth_src: np.ndarray, born: np.ndarray
+) -> np.recarray:
+    """CLOEXEC changes of seeds whose state now differs from their state at birth (fds carried
+    over from an earlier batch), dated at their birth so that every later change follows."""
+    lives = np.flatnonzero(birth_src < 0)
+    if not len(lives) or all(s.cloexec_now is None for s in seeds):
+        return cloexec_changes(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
+    at_birth: np.ndarray = _seed_field(seeds, "cloexec").astype(bool)
+    now = np.concatenate(
+        [np.asarray(s.cloexec if s.cloexec_now is None else s.cloexec_now, bool) for s in seeds]
+    )
+    seed_of = -birth_src[lives].astype(np.int64) - 1
+    changed = now[seed_of] != at_birth[seed_of]
+    lives = lives[changed].astype(np.int64)
+    return cloexec_changes(lives, born[lives], now[seed_of[changed]])
 
 
 def _to_events(row_of_life: np.ndarray, src: np.ndarray) -> None:
@@ -294,12 +328,20 @@ def _seed_field(seeds: list[Seed], name: str) -> np.ndarray:
 
 
 def _seed_flag(seeds: list[Seed], name: str) -> np.ndarray:
+    """A flag per seed row (a seed holds one flag for all its rows, or one per row)."""
     if not seeds:
         return np.zeros(0, dtype=bool)
     flags: np.ndarray = np.concatenate(
-        [np.full(len(s.pid), getattr(s, name), dtype=bool) for s in seeds]
+        [np.broadcast_to(np.asarray(getattr(s, name), dtype=bool), len(s.pid)) for s in seeds]
     )
     return flags
+
+
+def _seed_src_fd(seeds: list[Seed]) -> np.ndarray:
+    values: np.ndarray = np.concatenate(
+        [np.full(len(s.pid), -1, np.int32) if s.src_fd is None else s.src_fd for s in seeds]
+    ).astype(np.int32)
+    return values
 
 
 def _pick(
@@ -330,7 +372,8 @@ def _lives_from_births(ev: Events, seeds: list[Seed], rows: np.ndarray, born: np
 
     def src_fd() -> np.ndarray:
         out: np.ndarray = ev.src_fd[np.maximum(rows, 0)].astype(np.int32)
-        out[from_seed] = -1
+        if len(from_seed):
+            out[from_seed] = _seed_src_fd(seeds)[-rows[from_seed] - 1]
         return out
 
     count = len(rows)
@@ -354,6 +397,7 @@ def _lives_from_births(ev: Events, seeds: list[Seed], rows: np.ndarray, born: np
         preexisting=pick_flag("preexisting"),
         finalizing=np.zeros(count, dtype=bool),
         death_is_close_event=np.zeros(count, dtype=bool),
+        death_is_missed_close=np.zeros(count, dtype=bool),
     )
 
 
@@ -413,6 +457,7 @@ def _apply_replacements(
     lives.close_stack[which] = ev.stack[ev_rows]
     lives.close_tid[which] = ev.tid[ev_rows]
     lives.close_syscall[which] = codes
+    lives.death_is_missed_close[which] = ~is_dup
     stats.missed_closes += int((~is_dup).sum())
 
 

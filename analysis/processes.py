@@ -80,10 +80,15 @@ class Table:
                 state[position[life]] = value
         return state
 
-    def end(self, lives_idx: np.ndarray, t: int, death: str, ev: Events, row: int) -> int:
-        """End lifetimes at t; return how many paired close events this made unknown."""
+    def end(
+        self, lives_idx: np.ndarray, t: int, death: str, ev: Events, row: int, stats: PairingStats
+    ) -> None:
+        """End lifetimes at t (a process-wide event). The pairing may have ended them later, at
+        a close or a birth on the fd, and applied CLOEXEC changes up to then: that close is
+        now of an fd not live (unknown), that birth no missed close, those changes orphans."""
         lives = self.lives
-        later_closes = int(lives.death_is_close_event[lives_idx].sum())
+        stats.unknown_closes += int(lives.death_is_close_event[lives_idx].sum())
+        stats.missed_closes -= int(lives.death_is_missed_close[lives_idx].sum())
         lives.died[lives_idx] = t
         lives.death[lives_idx] = DEATH_CODE[death]
         lives.close_stack[lives_idx] = ev.stack[row]
@@ -91,7 +96,32 @@ class Table:
         lives.close_syscall[lives_idx] = ev.syscall[row]
         lives.finalizing[lives_idx] = ev.finalizing[row]
         lives.death_is_close_event[lives_idx] = False
-        return later_closes
+        lives.death_is_missed_close[lives_idx] = False
+        log = self.change_log
+        if len(log) and len(lives_idx):
+            after = np.isin(log.life, lives_idx) & (log.t >= t)
+            if after.any():
+                stats.orphan_updates += int(after.sum())
+                self.change_log = np.rec.array(log[~after])
+
+
+def last_cloexec(table: Table, lives_idx: np.ndarray) -> np.ndarray:
+    """CLOEXEC state of each lifetime after every change logged (Table.cloexec_at after the
+    last event, for all of them at once: the last entry per lifetime in log order wins)."""
+    state: np.ndarray = table.lives.cloexec[lives_idx].copy()
+    log = table.change_log
+    if not (len(log) and len(lives_idx)):
+        return state
+    position: np.ndarray = np.full(len(table.lives), -1, dtype=np.int64)
+    position[lives_idx] = np.arange(len(lives_idx))
+    at = position[log.life.astype(np.int64)]
+    mine = np.flatnonzero(at >= 0)
+    # The last entry of each lifetime: first in the reversed log.
+    reversed_at = at[mine][::-1]
+    _, first = np.unique(reversed_at, return_index=True)
+    entries = mine[::-1][first]
+    state[at[entries]] = log.value[entries]
+    return state
 
 
 def apply_process_events(table: Table, ev: Events, rows: np.ndarray, stats: PairingStats) -> None:
@@ -109,14 +139,14 @@ def apply_process_events(table: Table, ev: Events, rows: np.ndarray, stats: Pair
                 )
                 table.change_log = np.rec.array(np.concatenate([table.change_log, marks]))
             else:
-                stats.unknown_closes += table.end(in_range, t, schema.OP_CLOSE_RANGE, ev, row)
+                table.end(in_range, t, schema.OP_CLOSE_RANGE, ev, row, stats)
         elif op == EXEC:
             stats.execs += 1
             doomed = live[table.cloexec_at(live, t)]
-            stats.unknown_closes += table.end(doomed, t, schema.OP_EXEC, ev, row)
+            table.end(doomed, t, schema.OP_EXEC, ev, row, stats)
         elif op == EXIT:
             stats.exits += 1
-            stats.unknown_closes += table.end(live, t, "process-exit", ev, row)
+            table.end(live, t, "process-exit", ev, row, stats)
 
 
 def inherited_seed(table: Table, parent: int, child: int, t: int, ev_syscalls: Vocab) -> Seed:
