@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Tracer, leaks_of, report_json
+from conftest import Tracer, leaks_of, report_json, run_cmtrace
 from realworld import (
     SERVICE_PYTHON,
     SERVICES,
@@ -154,6 +154,7 @@ def tcp_sockets_to(pid: int, host: str, port: int) -> dict[int, int]:
 class Incident:
     pid: int
     cluster: Cluster
+    trace: Path
     report: dict
     idle_in_transaction: set[int]  # client ports pg_stat_activity says so, before the stop
     app_connections: int  # every connection of the service pg_stat_activity lists
@@ -198,6 +199,7 @@ def incident(
         yield Incident(
             pid=service.pid,
             cluster=postgres,
+            trace=trace,
             report=report_json(trace),
             idle_in_transaction={int(p) for state, p in rows if state == "idle in transaction"},
             app_connections=len(rows),
@@ -225,7 +227,7 @@ def test_every_leaked_connection_found(incident: Incident) -> None:
         fd for fd, port in incident.sockets.items() if port in incident.idle_in_transaction
     }
     assert sorted(leak["fd"] for leak in leaks) == sorted(leaked_fds), leaks
-    peer = f"{incident.cluster.host}:{incident.cluster.port}"
+    peer = peer_of(incident)
     for leak in leaks:
         assert (leak["kind"], leak["path"], leak["closed_by"]) == ("socket", peer, None), leak
         assert leak["site"] == {"file": str(APP), "line": marked_line(APP, "LEAK-SITE"),
@@ -256,3 +258,21 @@ def test_api_fix_and_service(incident: Incident) -> None:
         assert leak["service"] == "postgresql", leak
     (site,) = [site for site in incident.report["sites"] if site["file"] == str(APP)]
     assert site["api"] == "asyncpg.pool.Pool.acquire", site
+
+
+def peer_of(incident: Incident) -> str:
+    return f"{incident.cluster.host}:{incident.cluster.port}"
+
+
+@pytest.mark.xfail(strict=True, reason="text report does not name a peer's service yet (issue 13)")
+def test_text_report_names_the_service(incident: Incident) -> None:
+    text = run_cmtrace("report", str(incident.trace)).stdout
+    assert f"{peer_of(incident)} (PostgreSQL?)" in text, text
+
+
+@pytest.mark.xfail(strict=True, reason="report --by-peer (issue 13) not built")
+def test_report_by_peer(incident: Incident) -> None:
+    """Sockets grouped by peer: the leaked connections are counted as one group."""
+    result = run_cmtrace("report", "--by-peer", str(incident.trace))
+    assert result.returncode == 0, result.stderr
+    assert f"{len(MISSING_ITEMS)} connections to {peer_of(incident)}" in result.stdout
