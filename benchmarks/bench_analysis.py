@@ -16,7 +16,11 @@ Three traces, each measured in fresh processes (so peak memory, VmHWM, is one an
 
 For each: the floor (pd.read_parquet of events/ and stacks/ in one process), `cmtrace report
 --format json` as a command and in-process (cmtrace.cli.main after the imports), the ratios
-to the floor, and the peak memory of the floor and of the in-process report.
+to the floor, and the peak memory of the floor and of the in-process report. Beside them, in
+the same rounds (--outputs): every other output in-process, with its ratio to report json and
+its peak memory: report text and html, the end-of-recording summary, plot, diff (the trace
+against itself: two traces analysed), export (Perfetto JSON) and the pandas API (load(), .fds,
+.leaks(), .sites(), .timeline(), each call timed).
 Targets: real within 5x the floor and under 2 s; diverse within 10x, peak < 4 GB.
 """
 
@@ -298,6 +302,68 @@ def measure_report(path: Path) -> dict:
             "leaks": leaks}  # fmt: skip
 
 
+def _cli_output(*argv: str, suffix: str = "out"):
+    """An output made by the command line in this process: `cmtrace ARGV -o FILE`."""
+
+    def measure(path: Path) -> dict:
+        from cmtrace.cli import diff, export, main, plot, report  # noqa: F401 (before the clock)
+
+        out = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-output-{os.getpid()}.{suffix}"
+        words = [w.replace("TRACE", str(path)) for w in argv]
+        return _timed(lambda: main([*words, "-o", str(out)]), cleanup=out)
+
+    return measure
+
+
+def measure_summary(path: Path) -> dict:
+    """The summary `cmtrace run` and `-p` print at the end of a recording."""
+    import io
+
+    from cmtrace.present import text
+
+    return _timed(lambda: text.print_summary(path, file=io.StringIO()))
+
+
+def measure_api(path: Path) -> dict:
+    """The pandas API, call by call in one process: load(), .fds, .leaks(), .sites(),
+    .timeline() (each call's own time; .fds does the analysis the others reuse)."""
+    from cmtrace.analysis import load
+
+    steps = {}
+    started = time.perf_counter()
+    trace = load(path)
+    calls = [("fds", lambda: trace.fds), ("leaks", trace.leaks), ("sites", trace.sites),
+             ("timeline", trace.timeline)]  # fmt: skip
+    steps["load"] = time.perf_counter() - started
+    for name, call in calls:
+        t0 = time.perf_counter()
+        call()
+        steps[name] = time.perf_counter() - t0
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_mb": _peak_rss_kb() / 1024, "steps": steps}
+
+
+def _timed(action, cleanup: Path | None = None) -> dict:
+    started = time.perf_counter()
+    action()
+    seconds = time.perf_counter() - started
+    if cleanup is not None:
+        cleanup.unlink(missing_ok=True)
+    return {"seconds": seconds, "peak_mb": _peak_rss_kb() / 1024}
+
+
+# Every other output, each timed beside `report --format json` (in a fresh process each).
+OUTPUTS = {
+    "text": _cli_output("report", "--format", "text", "TRACE"),
+    "html": _cli_output("report", "--format", "html", "TRACE", suffix="html"),
+    "summary": measure_summary,
+    "plot": _cli_output("plot", "TRACE", suffix="png"),
+    "diff": _cli_output("diff", "--format", "json", "TRACE", "TRACE"),
+    "export": _cli_output("export", "TRACE", suffix="json"),
+    "api": measure_api,
+}
+
+
 def measure_command(path: Path) -> dict:
     started = time.perf_counter()
     subprocess.run([*_cmtrace(), "report", "--format", "json", str(path)], check=True,
@@ -322,7 +388,7 @@ def _peak_rss_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-MEASURES = {"floor": measure_floor, "report": measure_report}
+MEASURES = {"floor": measure_floor, "report": measure_report, **OUTPUTS}
 GENERATED = {"simple": make_simple_trace, "diverse": make_diverse_trace}
 TARGETS = {"real": (5, 2.0, None), "diverse": (10, None, 4096), "simple": (None, 10.0, 2048)}
 
@@ -358,13 +424,23 @@ def _in_child(what: str, path: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, path: Path, rounds: int) -> dict:
-    runs = {"floor": [], "report": [], "command": []}
+def bench(name: str, path: Path, rounds: int, outputs: list[str]) -> dict:
+    runs: dict[str, list[dict]] = {"floor": [], "report": [], "command": []}
+    runs.update({f"out_{o}": [] for o in outputs})
     for _ in range(rounds):
         runs["floor"].append(_in_child("floor", path))
         runs["report"].append(_in_child("report", path))
         runs["command"].append(measure_command(path))
+        for output in outputs:  # interleaved with the report's rounds: the same machine load
+            runs[f"out_{output}"].append(_in_child(output, path))
     row = {key: _median(values, "seconds") for key, values in runs.items()}
+    for output in outputs:
+        row[f"out_{output}_peak_mb"] = max(r["peak_mb"] for r in runs[f"out_{output}"])
+    if "api" in outputs:
+        steps = runs["out_api"][0]["steps"]
+        row.update(
+            {f"api_{step}": min(r["steps"][step] for r in runs["out_api"]) for step in steps}
+        )
     floor = runs["floor"][0]
     row.update(
         trace=name, events=floor["events"], stacks=floor["stacks"], stack_rows=floor["stack_rows"],
@@ -407,12 +483,35 @@ def print_table(rows: list[dict]) -> None:
               f"{r['report_peak_mb']:>10.0f}  {_verdict(r)}")  # fmt: skip
 
 
+def print_outputs(rows: list[dict], outputs: list[str]) -> None:
+    """Each output's time and its ratio to `report --format json` in-process, side by side."""
+    if not outputs:
+        return
+    print(f"\n{'trace':8} {'output':10} {'seconds':>8} {'x json':>7} {'peak MB':>8}")
+    for r in rows:
+        print(f"{r['trace']:8} {'json':10} {r['report']:>8.2f} {1.0:>7.1f} "
+              f"{r['report_peak_mb']:>8.0f}")  # fmt: skip
+        for output in outputs:
+            seconds = r[f"out_{output}"]
+            print(f"{r['trace']:8} {output:10} {seconds:>8.2f} {seconds / r['report']:>7.1f} "
+                  f"{r[f'out_{output}_peak_mb']:>8.0f}")  # fmt: skip
+        steps = [k for k in r if k.startswith("api_")]
+        if steps:
+            print(f"{'':8} api calls: " + ", ".join(f"{k[4:]} {r[k]:.2f} s" for k in steps))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--traces", default="real,simple,diverse", help="comma-separated")
     parser.add_argument("--events", type=int, default=10_000_000, help="generated traces")
     parser.add_argument("--rounds", type=int, default=1, help="medians over N rounds")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument(
+        "--outputs",
+        default=",".join(OUTPUTS),
+        help=f"outputs timed beside report json, comma-separated (default: {','.join(OUTPUTS)};"
+        " '' for none)",
+    )
     parser.add_argument("--measure", choices=sorted(MEASURES), help=argparse.SUPPRESS)
     parser.add_argument("--trace", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -421,13 +520,18 @@ def main() -> int:
         return 0
     names = [n for n in args.traces.split(",") if n]
     paths = {name: prepare(name, args.events) for name in names}
+    outputs = [o for o in args.outputs.split(",") if o]
+    unknown = sorted(set(outputs) - set(OUTPUTS))
+    if unknown:
+        parser.error(f"unknown outputs: {', '.join(unknown)}")
     rows = []
     for name in names:
-        rows.append(bench(name, paths[name], max(args.rounds, 1)))
+        rows.append(bench(name, paths[name], max(args.rounds, 1), outputs))
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
                           for k, v in rows[-1].items()}), flush=True)  # fmt: skip
     print(f"load average {os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs")
     print_table(rows)
+    print_outputs(rows, outputs)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0 if all(_verdict(r) == "met" for r in rows) else 1
