@@ -8,7 +8,7 @@ BPF probes through the ring buffer; the ptrace engine the same bytes through a p
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,7 +59,33 @@ class Batch:
     payloads start at `offsets` inside `buf`. cmtrace.record.bpf.decode turns one into Arrow."""
 
     buf: bytes
-    offsets: list[int]
+    offsets: list[int] | np.ndarray
+    _headers: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+    def headers(self) -> np.ndarray:
+        """The fixed 64-byte headers of the records (RECORD_HEADER), gathered once."""
+        if self._headers is None:
+            self._headers = gather_headers(self.buf, np.asarray(self.offsets, np.int64))
+        return self._headers
+
+
+_HEADER_BYTES = np.arange(HEADER_SIZE)
+_HEADER_WORDS = np.arange(HEADER_SIZE // 8)
+
+
+def gather_headers(buf: bytes, offsets: np.ndarray) -> np.ndarray:
+    """RECORD_HEADER rows of the records at `offsets` in one numpy gather: of 8-byte words
+    when every record is 8-byte aligned (both transports align them), else of bytes."""
+    if not len(offsets):
+        return np.zeros(0, RECORD_HEADER)
+    whole_words = len(buf) // 8
+    if not (offsets & 7).any() and int(offsets.max()) + HEADER_SIZE <= whole_words * 8:
+        words = np.frombuffer(buf, "<u8", count=whole_words)
+        rows = words[(offsets >> 3)[:, None] + _HEADER_WORDS]
+    else:
+        rows = np.frombuffer(buf, np.uint8)[offsets[:, None] + _HEADER_BYTES]
+    headers: np.ndarray = rows.reshape(-1).view(RECORD_HEADER)
+    return headers

@@ -13,7 +13,6 @@ import struct
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from cmtrace.record import syscalls
 from cmtrace.record.records import (
@@ -29,7 +28,6 @@ from cmtrace.record.records import (
     EV_FORK,
     HEADER_SIZE,
     PYTHON_RECORD_MIN_TYPE,
-    RECORD_HEADER,
     Batch,
 )
 from cmtrace.trace import schema
@@ -61,7 +59,6 @@ _DUP2_NR = syscalls.BY_NAME["dup2"].nr
 _SOCKADDR_NRS = {syscalls.BY_NAME[n].nr for n in ("connect", "bind", "accept", "accept4")}
 
 
-_HEADER_COLUMNS = np.arange(HEADER_SIZE)
 # Dictionary-encoded columns are built straight from integer codes, never from Python strings.
 _OP_VOCAB = pa.array([OP_BY_TYPE.get(t, "unknown") for t in range(PYTHON_RECORD_MIN_TYPE)])
 _SYSCALL_VOCAB = pa.array(list(_SYSCALL_NAMES) + list(PROCESS_SYSCALL.values()))
@@ -72,13 +69,16 @@ _KIND_CODE_BY_NR = np.array(
 )
 _SOCKET_KIND = schema.KINDS.index("socket")
 _TEXT_TAIL_NRS = np.array(sorted(_TEXT_NRS | {_MEMFD_NR}))
+# Tables indexed by syscall number or record type, so a batch is classified in one gather each
+_TEXT_TAIL_BY_NR = np.isin(np.arange(_NR_SPACE), _TEXT_TAIL_NRS)
+_MULTI_FD_BY_NR = np.isin(np.arange(_NR_SPACE), sorted(_MULTI_FD_NRS))
+_PROCESS_SYSCALL_BY_TYPE: np.ndarray = np.full(PYTHON_RECORD_MIN_TYPE, -1, np.int64)
+_PROCESS_SYSCALL_BY_TYPE[list(_PROCESS_SYSCALL_CODE)] = list(_PROCESS_SYSCALL_CODE.values())
 
 
 def _headers(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed 64-byte headers of a batch's records (one numpy gather), and their offsets."""
-    raw = np.frombuffer(batch.buf, dtype=np.uint8)
-    offsets = np.asarray(batch.offsets, dtype=np.int64)
-    return raw[offsets[:, None] + _HEADER_COLUMNS].reshape(-1).view(RECORD_HEADER), offsets
+    """The fixed 64-byte headers of a batch's records, and their offsets."""
+    return batch.headers(), np.asarray(batch.offsets, dtype=np.int64)
 
 
 def decode(batch: Batch, boot_ns: int) -> pa.Table:
@@ -90,13 +90,13 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
     nr = np.minimum(head["nr"].astype(np.int64), _NR_SPACE - 1)
     flags = head["flags"]
     is_birth = etype == EV_BIRTH
-    multi = is_birth & np.isin(nr, list(_MULTI_FD_NRS))
+    multi = is_birth & _MULTI_FD_BY_NR[nr]
     noop_dup2 = is_birth & (nr == _DUP2_NR) & (head["fd"] == head["fd2"])
     keep = ~(multi | noop_dup2 | (etype == EV_CALL))
 
-    syscall_code = nr.copy()
-    for ev, code in _PROCESS_SYSCALL_CODE.items():
-        syscall_code[etype == ev] = code
+    op = np.minimum(etype, PYTHON_RECORD_MIN_TYPE - 1)
+    process_syscall = _PROCESS_SYSCALL_BY_TYPE[op]
+    syscall_code = np.where(process_syscall >= 0, process_syscall, nr)
     kind_code = np.where(etype == EV_ADDR, _SOCKET_KIND, _KIND_CODE_BY_NR[nr])
     kind_valid = is_birth | (etype == EV_FAIL) | (etype == EV_ADDR)
     cloexec = _ALWAYS_CLOEXEC[nr] | ((flags & _CLOEXEC_BIT[nr]) != 0)
@@ -108,7 +108,7 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
         "t_ns": head["ts"].astype(np.int64) - boot_ns,
         "pid": head["pid"].astype(np.int32),
         "tid": head["tid"].astype(np.int32),
-        "op": np.minimum(etype, PYTHON_RECORD_MIN_TYPE - 1),
+        "op": op,
         "syscall": syscall_code,
         "fd": head["fd"],
         "src_fd": head["fd2"],
@@ -129,7 +129,15 @@ def decode(batch: Batch, boot_ns: int) -> pa.Table:
     if len(rows):
         extra = _expand_multi_fd(columns, rows, batch, offsets, head)
         table = pa.concat_tables([table, _to_table(*extra)])
-    return table.sort_by([("t_ns", "ascending")]) if len(table) > 1 else table
+    if len(table) > 1 and not _in_time_order(table):
+        table = table.sort_by([("t_ns", "ascending")])
+    return table
+
+
+def _in_time_order(table: pa.Table) -> bool:
+    """The ptrace engine writes its records in time order: most batches need no sort."""
+    t_ns = table.column("t_ns").to_numpy()
+    return bool((t_ns[1:] >= t_ns[:-1]).all())
 
 
 _CALL_EVENT_VOCAB = pa.array([schema.CALL_ENTRY, schema.CALL_RETURN])
@@ -177,7 +185,7 @@ def _decode_paths(
     batch in one gather; the few tails that need formatting (addresses, exec) go through
     Python."""
     datalen: np.ndarray = head["datalen"].astype(np.int64)
-    text = (datalen > 0) & np.isin(nr, _TEXT_TAIL_NRS) & ((etype == EV_BIRTH) | (etype == EV_FAIL))
+    text = (datalen > 0) & _TEXT_TAIL_BY_NR[nr] & ((etype == EV_BIRTH) | (etype == EV_FAIL))
     lengths = np.where(text, datalen, 0)
     ends = np.cumsum(lengths)
     starts = ends - lengths
@@ -185,14 +193,14 @@ def _decode_paths(
     source = np.repeat(offsets + HEADER_SIZE - starts, lengths) + np.arange(total)
     data = np.frombuffer(batch.buf, dtype=np.uint8)[source]
     value_offsets = np.concatenate([[0], ends]).astype(np.int32)
+    validity = pa.py_buffer(np.packbits(text, bitorder="little"))  # rows without text: null
     binary = pa.Array.from_buffers(
-        pa.binary(), len(head), [None, pa.py_buffer(value_offsets), pa.py_buffer(data.tobytes())]
+        pa.binary(), len(head), [validity, pa.py_buffer(value_offsets), pa.py_buffer(data)]
     )
     try:
         paths = binary.cast(pa.string())
     except pa.ArrowInvalid:  # a name that is not UTF-8: escape its bytes instead
-        paths = pa.array([_text(v) for v in binary.to_pylist()], pa.string())
-    paths = pc.if_else(pa.array(text), paths, pa.scalar(None, pa.string()))
+        paths = pa.array([None if v is None else _text(v) for v in binary.to_pylist()], pa.string())
     memfd = np.flatnonzero(text & (nr == _MEMFD_NR))
     other = np.flatnonzero((datalen > 0) & ~text)
     if len(memfd) or len(other):
@@ -214,12 +222,15 @@ def _to_table(
     columns: dict[str, np.ndarray], masks: dict[str, np.ndarray], paths: pa.Array, keep: np.ndarray
 ) -> pa.Table:
     arrays = []
+    every = bool(keep.all())  # the common case: no row is dropped, so no copy is made
     for fld in schema.EVENTS:
         if fld.name == "path":
-            arrays.append(paths.filter(pa.array(keep)))
+            arrays.append(paths if every else paths.filter(pa.array(keep)))
             continue
-        values = columns[fld.name][keep]
-        mask = masks[fld.name][keep] if fld.name in masks else None
+        values = columns[fld.name] if every else columns[fld.name][keep]
+        mask = masks.get(fld.name)
+        if mask is not None and not every:
+            mask = mask[keep]
         if pa.types.is_dictionary(fld.type):
             arrays.append(_dictionary_column(fld.type, values, mask, _VOCABS[fld.name]))
         else:
@@ -232,7 +243,11 @@ def _dictionary_column(
     arrow_type: pa.DictionaryType, codes: np.ndarray, mask: np.ndarray | None, vocab: pa.Array
 ) -> pa.Array:
     """Codes into a vocabulary, re-coded to the values present (small per-part dictionaries)."""
-    present, compact = np.unique(codes, return_inverse=True)
+    # counting, not sorting: the vocabularies are small and the codes many
+    present = np.flatnonzero(np.bincount(codes, minlength=len(vocab)))
+    recode: np.ndarray = np.zeros(len(vocab), np.int64)
+    recode[present] = np.arange(len(present))
+    compact = recode[codes]
     indices = pa.array(compact.astype(arrow_type.index_type.to_pandas_dtype()), mask=mask)
     return pa.DictionaryArray.from_arrays(indices, vocab.take(pa.array(present)))
 

@@ -55,8 +55,10 @@ def _decode_text(interp: Interpreter | None, state: int, data: bytes) -> str:
 class Symbolizer:
     """Turns stack and code records into STACK_FRAMES rows (see the module docstring)."""
 
-    def __init__(self, interpreters: Interpreters) -> None:
-        threading.Thread(target=warm_btf, daemon=True).start()
+    def __init__(self, interpreters: Interpreters, warm: bool = True) -> None:
+        """`warm`: start the BTF lookup the BPF walker needs (the ptrace backend does not)."""
+        if warm:
+            _warm_btf_once()
         self._interpreters = interpreters
         self._codes: dict[tuple[int, int, int], walker.CodeInfo] = {}
         self._truncated_tables: set[tuple[int, int, int]] = set()
@@ -182,6 +184,17 @@ class Symbolizer:
         self._pending = []
         rows, self._rows = self._rows, []
         return rows
+
+
+_btf_warm_started = threading.Event()
+
+
+def _warm_btf_once() -> None:
+    """One warm-up per process: two Symbolizers parsing the same BTF at once cost 0.35 s of CPU
+    each, taken from the target when tracer and target share a CPU."""
+    if not _btf_warm_started.is_set():
+        _btf_warm_started.set()
+        threading.Thread(target=warm_btf, daemon=True).start()
 
 
 def _signed64(value: int) -> int:

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from cmtrace.interp import walker
@@ -56,7 +55,7 @@ class EngineRecording:
     _last_validation: float = 0.0
 
     def __post_init__(self) -> None:
-        self.symbolizer = stacks.Symbolizer(self.interpreters)
+        self.symbolizer = stacks.Symbolizer(self.interpreters, warm=False)  # no BPF: no BTF
 
     @classmethod
     def run(cls, argv: list[str], follow: bool = True, stacks: bool = True,
@@ -95,11 +94,9 @@ class EngineRecording:
     def _exec_pids(batch: records.Batch) -> list[int]:
         if not len(batch):
             return []
-        head = np.frombuffer(batch.buf, np.uint8)[
-            np.asarray(batch.offsets)[:, None] + np.arange(records.HEADER_SIZE)
-        ]
-        rows = head.reshape(-1).view(records.RECORD_HEADER)
-        return [int(row["pid"]) for row in rows if row["type"] == records.EV_EXEC]
+        head = batch.headers()  # gathered once: decode uses them too
+        pids: list[int] = head["pid"][head["type"] == records.EV_EXEC].astype(int).tolist()
+        return pids
 
     def _on_exec(self, pid: int) -> None:
         """The engine holds pid after its exec: configure it, or (CPython not loaded yet, as
