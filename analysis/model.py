@@ -362,21 +362,35 @@ def _frame_order(parts: list[Lives]) -> np.ndarray | None:
     """The permutation into (born, pid, fd) order, None when the rows are in it already.
 
     Each pairing numbers its lifetimes in that order; generations of forked children and
-    batches each add a run of their own, merged here.
+    batches each add a run of their own, merged here. Only rows tied on birth time are keyed
+    when checking (millions of lifetimes, a few ties).
     """
-    born = np.concatenate([p.born for p in parts]) if len(parts) > 1 else parts[0].born
+
+    def column(name: str) -> np.ndarray:
+        values: np.ndarray = (
+            np.concatenate([getattr(p, name) for p in parts])
+            if len(parts) > 1
+            else getattr(parts[0], name)
+        )
+        return values
+
+    born = column("born")
     if len(born) < 2:
         return None
-    later = born[1:] > born[:-1]
-    if bool(later.all()):
+    not_later = np.flatnonzero(born[1:] <= born[:-1])
+    if not len(not_later):
         return None
-    pid = np.concatenate([p.pid for p in parts]).astype(np.int64)
-    fd = np.concatenate([p.fd for p in parts]).astype(np.int64)
-    key = (pid << 32) | (fd & 0xFFFFFFFF)
-    tied = born[1:] == born[:-1]
-    if bool((later | (tied & (key[1:] > key[:-1]))).all()):
+
+    def key(rows: np.ndarray | None = None) -> np.ndarray:
+        pid, fd = column("pid"), column("fd")
+        if rows is not None:
+            pid, fd = pid[rows], fd[rows]
+        return (pid.astype(np.int64) << 32) | (fd.astype(np.int64) & 0xFFFFFFFF)
+
+    tied = bool((born[not_later + 1] == born[not_later]).all())
+    if tied and bool((key(not_later + 1) > key(not_later)).all()):
         return None
-    order: np.ndarray = np.lexsort((key, born))
+    order: np.ndarray = np.lexsort((key(), born))
     return order
 
 
