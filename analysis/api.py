@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cmtrace.analysis.apis import api_per_stack, explain
 from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.causes import (
     CLOSE_FACTS,
@@ -21,8 +23,9 @@ from cmtrace.analysis.causes import (
     classify,
     close_death,
 )
-from cmtrace.analysis.code import SourceIndex
+from cmtrace.analysis.code import SourceIndex, innermost_user
 from cmtrace.analysis.lifetimes import EventFacts, PairingStats, build_lifetimes, is_leak
+from cmtrace.analysis.services import service_of
 from cmtrace.analysis.stacks import Stacks
 from cmtrace.trace import schema
 from cmtrace.trace.reader import (
@@ -40,8 +43,12 @@ WITH_COLUMNS = ["with_file", "with_line", "with_function"]
 # Columns of `sites()`, one row per opening site.
 SITE_TABLE_COLUMNS = SITE_COLUMNS + [
     "opened", "closed", "leaked", "leaks_per_s", "cause", "kind", "paths", "with_file",
-    "with_line", "first_ns", "last_ns",
+    "with_line", "first_ns", "last_ns", "api", "service",
 ]  # fmt: skip
+STDIO_FDS = 3  # fds 0, 1, 2: closed by a process's exit, they are never leaks
+AT_EXIT = "atexit"  # the death of an fd closed by an atexit handler (logging.shutdown...)
+# Deaths after which the program never had the fd back, beside lifetimes.LEAK_DEATHS.
+SHUTDOWN_DEATHS = (AT_EXIT,)
 
 
 def load(path: str | Path, local_sources: bool = True) -> Trace:
@@ -55,7 +62,8 @@ class Trace:
     - `events`: one row per recorded event (schema.EVENTS), `stacks`: frames per stack id,
       `sources`, `preexisting`, `meta` (meta.json).
     - `fds`: one row per fd lifetime: pid, fd, kind, path, born_ns, died_ns, death, open_stack,
-      close_stack, inherited, preexisting, site_*, with_*, leak, closed_by, cause, fix.
+      close_stack, inherited, preexisting, site_*, with_*, api, service, leak, closed_by,
+      cause, fix.
     - `leaks()`, `sites()`, `warnings()`, `live_fds(at=ns)`, `timeline(by="site", freq=...)`.
     """
 
@@ -68,6 +76,7 @@ class Trace:
         self.snapshot = raw.snapshot
         self.src = SourceIndex.from_table(raw.sources, local_fallback=local_sources)
         self.pairing = PairingStats()
+        self._stack_api: dict[int, str | None] = {}  # open stack -> API (filled with fds)
 
     # --- basic facts ----------------------------------------------------------------------
     @property
@@ -123,8 +132,7 @@ class Trace:
         reasons = (self.meta.get("degraded") or {}).get("no_python_stacks") or {}
         if isinstance(reasons, str):
             return reasons
-        texts = sorted({str(r) for r in reasons.values() if r})
-        return "; ".join(texts) or None
+        return count_reasons([str(r) for r in reasons.values() if r]) or None
 
     @cached_property
     def events(self) -> pd.DataFrame:
@@ -152,9 +160,12 @@ class Trace:
         facts: dict = {}
         fds, self.pairing = build_lifetimes(self.path, self.preexisting, facts=facts)
         self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
+        _adopt_dup_sources(fds)
         self._refine_deaths(fds)
         self._add_sites(fds)
-        fds["leak"] = is_leak(fds, self.child_pids)
+        self._add_apis(fds)
+        fds["service"] = _services(fds)
+        fds["leak"] = _leaks(fds, self.child_pids)
         death = fds["death"].astype(object)
         fds["closed_by"] = death.where(fds["leak"] & death.notna(), None)
         self._add_causes(fds)
@@ -200,6 +211,9 @@ class Trace:
         per_row = refined[group][number]
         changed = per_row != schema.OP_CLOSE
         if changed.any():
+            new_deaths = set(per_row[changed].tolist()) - set(fds["death"].cat.categories)
+            if new_deaths:  # atexit is not a pairing death: the close stack tells it
+                fds["death"] = fds["death"].cat.add_categories(sorted(new_deaths))
             column = fds.columns.get_loc("death")
             fds.iloc[rows[changed], column] = per_row[changed]
 
@@ -237,6 +251,23 @@ class Trace:
                 fds[column] = pd.Categorical.from_codes(
                     categories.codes[position], categories=categories.categories
                 )
+
+    def _add_apis(self, fds: pd.DataFrame) -> None:
+        """The API through which each open stack's site opened its fd (cmtrace.analysis.apis),
+        decided once per distinct stack and spread as a categorical."""
+        position, distinct = pd.factorize(fds["open_stack"].to_numpy())
+        stacks = self.frames
+        where = stacks.positions(np.asarray(distinct))
+        per_stack = api_per_stack(stacks, self.src)
+        apis: np.ndarray = np.full(len(distinct), None, dtype=object)
+        if len(per_stack):
+            recorded = where >= 0
+            apis[recorded] = per_stack[where[recorded]]
+        self._stack_api = dict(zip(np.asarray(distinct).tolist(), apis.tolist()))
+        categories = pd.Categorical(apis)
+        fds["api"] = pd.Categorical.from_codes(
+            categories.codes[position], categories=categories.categories
+        )
 
     def _add_causes(self, fds: pd.DataFrame) -> None:
         """cause, fix and evidence of every leak, spread as categoricals.
@@ -291,9 +322,11 @@ class Trace:
                 calls=self.calls,
                 opened=opened.get((stack, pid, open_at_end)),
             )
-            verdicts[(stack, pid, open_at_end)] = classify(
-                self.frames.get(stack, []), self.src, ctx
-            )
+            frames = self.frames.get(stack, [])
+            verdict = classify(frames, self.src, ctx)
+            verdict.fix = explain(verdict.cause, verdict.fix, self._stack_api.get(stack),
+                                  innermost_user(frames), verdict.with_frame)  # fmt: skip
+            verdicts[(stack, pid, open_at_end)] = verdict
         return verdicts
 
     @cached_property
@@ -409,6 +442,11 @@ class Trace:
         kinds = _top_values(site, count, fds["kind"].array[rows], 1)
         table["kind"] = pd.Series([k[0] if k else None for k in kinds])  # inferred, as before
         table["paths"] = _top_values(site, count, fds["path"].array[rows], 3)
+        for column in ("api", "service"):  # the leaks' most common, else all the fds'
+            top = _top_values(site[leak], count, fds[column].array[rows[leak]], 1)
+            every = _top_values(site, count, fds[column].array[rows], 1)
+            table[column] = pd.Series([(t or e or [None])[0] for t, e in zip(top, every)],
+                                      dtype=object)  # fmt: skip
         table = table.sort_values(["leaked", "leaks_per_s", "opened"], ascending=False)
         return table.reset_index(drop=True)[SITE_TABLE_COLUMNS]
 
@@ -455,6 +493,90 @@ class Trace:
         live = np.cumsum(delta, axis=0)[:bins]
         index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
         return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
+
+
+def count_reasons(reasons: list[str]) -> str:
+    """Reasons given per process, counted per reason on one short line, the most common first:
+    `exited before its interpreter was read (394 processes); not CPython (1 process)`. A reason
+    naming its process (`pid 12 exited...`) is counted with the others of its kind."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        kind = _PID_IN_REASON.sub("", reason).strip(" :;,") or reason
+        counts[kind] = counts.get(kind, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(ranked) == 1 and ranked[0][1] == 1:
+        return ranked[0][0]
+    return "; ".join(f"{kind} ({n} process{'es' if n != 1 else ''})" for kind, n in ranked)
+
+
+_PID_IN_REASON = re.compile(r"\b(?:pid|process)\s+\d+\b")
+
+
+def _leaks(fds: pd.DataFrame, child_pids: set[int]) -> pd.Series:
+    """lifetimes.is_leak, and two rules of issue 13: stdio (fds 0-2) closed by its process's
+    exit is never a leak, in any process; an fd closed by an atexit handler was released only
+    at shutdown, like one closed by interpreter finalization, so it is one."""
+    death = fds["death"]
+    stdio_at_exit = (fds["fd"] < STDIO_FDS) & (death == "process-exit")
+    born_here = ~(fds["preexisting"] | fds["inherited"])
+    at_shutdown = born_here & death.isin(SHUTDOWN_DEATHS)
+    leak: pd.Series = (is_leak(fds, child_pids) & ~stdio_at_exit) | at_shutdown
+    return leak
+
+
+def _services(fds: pd.DataFrame) -> pd.Categorical:
+    """What each socket's peer probably is (cmtrace.analysis.services), decided once per
+    distinct address."""
+    sockets = np.flatnonzero((fds["kind"] == "socket").to_numpy())
+    services: np.ndarray = np.full(len(fds), None, dtype=object)
+    if len(sockets):
+        number, paths = pd.factorize(fds["path"].to_numpy(dtype=object)[sockets])
+        named = np.array([service_of("socket", p) for p in paths] + [None], dtype=object)
+        services[sockets] = named[number]  # number -1 (no address) reads the last entry
+    return pd.Categorical(services)
+
+
+def _adopt_dup_sources(fds: pd.DataFrame) -> None:
+    """fds made by dup/dup2/dup3/fcntl(F_DUPFD) take the kind and path of the fd they copy:
+    the lifetime of (pid, src_fd) live at the copy's birth (a chain of copies in a few rounds)."""
+    if "src_fd" not in fds.columns or fds.empty:
+        return
+    copies = np.flatnonzero(fds["src_fd"].fillna(-1).to_numpy() >= 0)
+    if not len(copies):
+        return
+    for _ in range(4):  # a copy of a copy takes the source's values in the next round
+        if not _copy_sources(fds, copies):
+            return
+
+
+def _copy_sources(fds: pd.DataFrame, copies: np.ndarray) -> bool:
+    """One round of _adopt_dup_sources; True when any kind or path changed."""
+    pid, fd = fds["pid"].to_numpy(), fds["fd"].to_numpy()
+    born = fds["born_ns"].to_numpy()
+    died = fds["died_ns"].astype("float64").to_numpy()
+    src = fds["src_fd"].to_numpy()
+    sources = pd.DataFrame({"pid": pid, "fd": fd, "row": np.arange(len(fds))})
+    wanted = pd.DataFrame({"pid": pid[copies], "fd": src[copies], "copy": copies})
+    pairs = wanted.merge(sources, on=["pid", "fd"])
+    live = (born[pairs["row"]] <= born[pairs["copy"]]) & (
+        np.isnan(died[pairs["row"]]) | (died[pairs["row"]] >= born[pairs["copy"]])
+    )
+    pairs = pairs[live & (pairs["row"] != pairs["copy"]).to_numpy()]
+    pairs = pairs.sort_values("row").drop_duplicates("copy", keep="last")  # the latest birth
+    changed = False
+    for column in ("kind", "path"):
+        values = fds[column].astype(object).to_numpy()
+        source_values = values[pairs["row"].to_numpy()]
+        known = np.array([v is not None and v == v and v != "unknown" for v in source_values],
+                         dtype=bool)  # fmt: skip
+        target = pairs["copy"].to_numpy()[known]
+        new = source_values[known]
+        differs = values[target] != new
+        if differs.any():
+            values[target[differs]] = new[differs]
+            fds[column] = pd.Categorical(values)
+            changed = True
+    return changed
 
 
 def fill_text(series: pd.Series, value: str) -> pd.Series:

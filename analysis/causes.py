@@ -380,6 +380,23 @@ def winds_loop_down(frame: Frame, src: SourceIndex) -> bool:
     return False
 
 
+# Functions the standard library registers with atexit, by the file that defines them: a close
+# under one of them happened while the interpreter was shutting down.
+ATEXIT_HANDLERS = (
+    ("logging/__init__.py", "shutdown"),
+    ("multiprocessing/util.py", "_exit_function"),
+    ("concurrent/futures/thread.py", "_python_exit"),
+    ("concurrent/futures/process.py", "_python_exit"),
+    ("weakref.py", "_exitfunc"),
+)
+
+
+def runs_atexit(frame: Frame) -> bool:
+    """Is this frame a standard atexit handler (logging.shutdown closing every handler)?"""
+    return any(frame.file.endswith(file) and frame.function == function
+               for file, function in ATEXIT_HANDLERS)  # fmt: skip
+
+
 def runs_exit(frame: Frame) -> bool:
     return frame.function in EXIT_METHODS
 
@@ -391,6 +408,11 @@ def runs_finalizer(frame: Frame) -> bool:
 # The close-stack facts: (name, the function names it can hold for, the predicate). Stacks
 # test the names on their distinct function names and call the predicate on those frames only.
 CLOSE_FACTS = (
+    (
+        "at_exit",
+        tuple(function for _, function in ATEXIT_HANDLERS),
+        lambda frame, src: runs_atexit(frame),
+    ),  # fmt: skip
     ("loop_shutdown", LOOP_SHUTDOWN_FUNCTIONS + LOOP_RUNNER[1], winds_loop_down),
     ("in_exit", EXIT_METHODS, lambda frame, src: runs_exit(frame)),
     ("in_finalizer", ("__del__",), lambda frame, src: runs_finalizer(frame)),
@@ -400,10 +422,12 @@ CLOSE_FACTS = (
 @dataclass(frozen=True)
 class CloseStack:
     """What decides how an explicit close happened: the close stack's innermost frame and
-    whether any of its frames winds a loop down, runs an __exit__, or runs a __del__ (the
+    whether any of its frames runs an atexit handler, winds a loop down, runs an __exit__, or
+    runs a __del__ (the
     predicates above, decided once per distinct frame by cmtrace.analysis.stacks)."""
 
     inner: Frame | None  # None: no Python stack at the close
+    at_exit: bool = False
     loop_shutdown: bool = False
     in_exit: bool = False
     in_finalizer: bool = False
@@ -415,7 +439,8 @@ class CloseStack:
 
 
 def refine_close(frames: list[Frame], src: SourceIndex) -> str:
-    """How an explicit close happened, from its stack: exit, close, finalizer or loop-shutdown."""
+    """How an explicit close happened, from its stack: exit, close, finalizer, loop-shutdown or
+    atexit."""
     return close_death(CloseStack.of(frames, src), src)
 
 
@@ -424,6 +449,8 @@ def close_death(close: CloseStack, src: SourceIndex) -> str:
     inner = close.inner
     if inner is None:
         return "close"
+    if close.at_exit:
+        return "atexit"  # to the program it lived until the end: a leak (api.SHUTDOWN_DEATHS)
     if close.loop_shutdown:
         return "loop-shutdown"
     if close.in_exit:

@@ -1,7 +1,9 @@
 """Stacks and source facts: which frame is user code, the opening site, the `with` statement.
 
 "User code" is what the developer can change: not the standard library, not an installed
-package (site-packages/dist-packages), not cmtrace itself.
+package (site-packages/dist-packages), not cmtrace itself. CPython's own test suite
+(`lib/pythonX.Y/test/`) is user code: whoever runs `python -m test` is working on it, and its
+fds should be told at the test's line, not at the stdlib's (`tempfile.py:256`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from cmtrace.trace import schema
 from cmtrace.trace.sources import FACTS_LINE, file_facts, read_source
 
 _STDLIB = re.compile(r"/lib(?:64)?/python\d+\.\d+t?/|^<frozen |/lib/pypy")
+_TEST_SUITE = re.compile(r"/lib(?:64)?/python\d+\.\d+t?/test/")
 _INSTALLED = re.compile(r"/(?:site|dist)-packages/")
 _CMTRACE = re.compile(r"/cmtrace/(?:analysis/|probes/)?\w+\.py$")
 GENERATOR_FLAGS = (
@@ -35,7 +38,7 @@ def is_user_file(file: str | None) -> bool:
         return False
     if _INSTALLED.search(file) or _CMTRACE.search(file):
         return False
-    return not _STDLIB.search(file)
+    return not _STDLIB.search(file) or bool(_TEST_SUITE.search(file))
 
 
 @dataclass(frozen=True)

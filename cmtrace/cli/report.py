@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--strip-source", action="store_true", help="HTML: leave source lines out (for sharing)"
     )
+    parser.add_argument(
+        "--by-peer",
+        action="store_true",
+        help="text: group socket leaks by peer first ('10 connections to 127.0.0.1:5432 "
+        "(PostgreSQL?)'); JSON always has them as `peers`",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "html":
         text = render_html(trace, exclude=exclude, strip_source=args.strip_source)
     else:
-        text = render_text(trace, top=args.top, exclude=exclude)
+        text = render_text(trace, top=args.top, exclude=exclude, by_peer=args.by_peer)
     write_output(text, args.output)
     leaks = len(trace.leaks(exclude))
     return EXIT_LEAKS if args.fail_on_leak and leaks else EXIT_OK

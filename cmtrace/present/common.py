@@ -12,6 +12,7 @@ import pandas as pd
 
 from cmtrace.analysis import Trace
 from cmtrace.analysis.api import NO_STACK, fill_text
+from cmtrace.analysis.services import describe_peer, port_of, service_of
 
 # A row of Trace.sites() as itertuples() yields it (site_file, site_line, leaked, cause...).
 SiteRow = Any
@@ -72,4 +73,55 @@ def totals(trace: Trace, sites: pd.DataFrame) -> str:
     )
     if trace.pairing.unknown_closes:
         text += f"; {trace.pairing.unknown_closes} closes of fds opened before the trace"
+    return text
+
+
+def peer_text(kind: Any, path: Any) -> str:
+    """A path as reports print it: a socket's peer with what it probably is
+    (`127.0.0.1:5432 (PostgreSQL?)`), anything else as it is."""
+    service = service_of(kind, path)
+    return describe_peer(path, service) if service else str(path)
+
+
+def peers(leaks: pd.DataFrame) -> list[dict[str, Any]]:
+    """Socket leaks grouped by peer, most leaks first: peer, service, leaked, still_open, and
+    the opening sites ({file, line, function, leaked}) in order of leaks. `cmtrace report
+    --by-peer` prints them ("10 connections to 127.0.0.1:5432 (PostgreSQL?)")."""
+    sockets = leaks[(leaks["kind"] == "socket").to_numpy()]
+    if sockets.empty:
+        return []
+    keys = sockets["path"].astype(object).where(sockets["path"].notna(), None)
+    out = []
+    for peer, rows in sockets.groupby(keys.fillna(""), sort=False):
+        where = pd.DataFrame({
+            "file": fill_text(rows["site_file"], NO_STACK).astype(str),
+            "line": rows["site_line"].fillna(0).astype(int),
+            "function": fill_text(rows["site_function"], "").astype(str),
+        })  # fmt: skip
+        counted = where.value_counts(sort=True).reset_index(name="leaked")
+        address = peer or None
+        out.append({
+            "peer": address,
+            "service": service_of("socket", address),
+            "leaked": int(len(rows)),
+            "still_open": int(rows["died_ns"].isna().sum()),
+            "sites": [
+                {"file": r.file, "line": int(r.line), "function": r.function,
+                 "leaked": int(r.leaked)}
+                for r in counted.itertuples(index=False)
+            ],
+        })  # fmt: skip
+    return sorted(out, key=lambda p: (-p["leaked"], str(p["peer"])))
+
+
+def peer_headline(peer: dict[str, Any]) -> str:
+    """`10 connections to 127.0.0.1:5432 (PostgreSQL?)`: an IP peer's sockets are connections."""
+    n = peer["leaked"]
+    noun = "connection" if port_of(peer["peer"]) is not None else "socket"
+    target = describe_peer(peer["peer"], peer["service"])
+    text = f"{n} {noun}{'s' if n != 1 else ''} to {target}"
+    if peer["peer"] is None:
+        text = f"{n} {noun}{'s' if n != 1 else ''} without a recorded address"
+    if peer["still_open"]:
+        text += f", {peer['still_open']} still open at the end"
     return text

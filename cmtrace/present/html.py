@@ -11,7 +11,16 @@ from html import escape
 import pandas as pd
 
 from cmtrace.analysis import Trace
-from cmtrace.present.common import SiteRow, caveats, headline, leaks_at, totals
+from cmtrace.present.common import (
+    SiteRow,
+    caveats,
+    headline,
+    leaks_at,
+    peer_headline,
+    peer_text,
+    peers,
+    totals,
+)
 
 _HTML_STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
@@ -65,6 +74,13 @@ def render_html(trace: Trace, exclude: list[str] | None = None, strip_source: bo
     for site in sites.itertuples(index=False):
         parts.append(_html_site_row(trace, leaks, site, curves, strip_source))
     parts.append("</tbody></table>")
+    groups = peers(leaks)
+    if groups:
+        parts.append("<h2>Socket leaks by peer</h2><ul>")
+        for peer in groups:
+            where = ", ".join(f"{s['file']}:{s['line']} ({s['leaked']})" for s in peer["sites"])
+            parts.append(f"<li>{escape(peer_headline(peer))}: <code>{escape(where)}</code></li>")
+        parts.append("</ul>")
     warnings = trace.warnings()
     if warnings:
         parts.append("<h2>Warnings</h2><ul>")
@@ -130,9 +146,11 @@ def _html_site_row(
                 + "\n".join(lines)
                 + "</pre></details>"
             )
+        if site.api:
+            detail.append(f"<div>api: <code>{escape(str(site.api))}</code></div>")
         if first["fix"]:
             detail.append(f"<div>fix: {escape(str(first['fix']))}</div>")
-        paths = ", ".join(p for p in site.paths if p)
+        paths = ", ".join(peer_text(site.kind, p) for p in site.paths if p)
         if paths:
             detail.append(f"<div>paths: <code>{escape(paths)}</code></div>")
     curve = curves.get(where, [])

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from cmtrace.analysis import Trace
+from cmtrace.present.common import peers
 
 REPORT_SCHEMA = 1
 
@@ -40,6 +41,8 @@ def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any
                 "stack": stacks.get(int(row.open_stack), []),
                 "site": _frame(row.site_file, row.site_line, row.site_function),
                 "with": _frame(row.with_file, row.with_line, row.with_function),
+                "api": _value(row.api),
+                "service": _value(row.service),
                 "cause": _value(row.cause),
                 "fix": _value(row.fix),
                 "evidence": _value(row.evidence),
@@ -64,9 +67,12 @@ def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any
                 "closed": int(s.closed),
                 "leaks_per_s": round(float(s.leaks_per_s), 3),
                 "cause": _value(s.cause),
+                "api": _value(s.api),
+                "service": _value(s.service),
             }
             for s in sites.itertuples(index=False)
         ],
+        "peers": peers(leaks),
     }
 
 

@@ -10,19 +10,33 @@ from typing import TextIO
 import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
-from cmtrace.present.common import SiteRow, caveats, headline, leaks_at, totals
+from cmtrace.present.common import (
+    SiteRow,
+    caveats,
+    headline,
+    leaks_at,
+    peer_headline,
+    peer_text,
+    peers,
+    totals,
+)
 
 STACK_FRAMES_SHOWN = 8  # innermost user frames printed per site
 
 
-def render_text(trace: Trace, top: int = 20, exclude: list[str] | None = None) -> str:
-    """The leaking sites ranked (the `top` first), finalizer warnings, then the totals."""
+def render_text(
+    trace: Trace, top: int = 20, exclude: list[str] | None = None, by_peer: bool = False
+) -> str:
+    """The leaking sites ranked (the `top` first), finalizer warnings, then the totals; with
+    `by_peer`, the socket leaks grouped by peer first."""
     lines: list[str] = []
     leaks = trace.leaks(exclude)
     sites = trace.sites(exclude)
     leaking = sites[sites["leaked"] > 0]
     lines.append(headline(trace, leaks, leaking))
     lines.extend(caveats(trace))
+    if by_peer:
+        lines.extend(_peer_blocks(leaks, top))
     for rank, site in enumerate(leaking.head(top).itertuples(index=False), start=1):
         lines.append("")
         lines.extend(_site_block(trace, leaks, site, rank))
@@ -70,11 +84,27 @@ def _site_block(trace: Trace, leaks: pd.DataFrame, site: SiteRow, rank: int) -> 
     text = trace.src.text(site.site_file, int(site.site_line))
     if text:
         out.append(f"   {int(site.site_line):>6} | {text.strip()}")
-    paths = [p for p in site.paths if p]
+    if site.api:
+        out.append(f"   api: {site.api}")
+    paths = [peer_text(site.kind, p) for p in site.paths if p]
     if paths:
         out.append("   paths: " + ", ".join(paths))
     if not rows.empty:
         out.extend(_leak_details(trace, rows))
+    return out
+
+
+def _peer_blocks(leaks: pd.DataFrame, top: int) -> list[str]:
+    """--by-peer: `10 connections to 127.0.0.1:5432 (PostgreSQL?)`, each with its sites."""
+    groups = peers(leaks)
+    out = ["", "socket leaks by peer:" if groups else "socket leaks by peer: none"]
+    for peer in groups[:top]:
+        out.append(f"  {peer_headline(peer)}")
+        for site in peer["sites"][:STACK_FRAMES_SHOWN]:
+            out.append(f"    {site['leaked']:>6} opened at {site['file']}:{site['line']} "
+                       f"in {site['function']}")  # fmt: skip
+    if len(groups) > top:
+        out.append(f"  ... and {len(groups) - top} more peers (--top N shows more)")
     return out
 
 
