@@ -160,7 +160,6 @@ class Trace:
         facts: dict = {}
         fds, self.pairing = build_lifetimes(self.path, self.preexisting, facts=facts)
         self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
-        _adopt_dup_sources(fds)
         self._refine_deaths(fds)
         self._add_sites(fds)
         self._add_apis(fds)
@@ -534,49 +533,6 @@ def _services(fds: pd.DataFrame) -> pd.Categorical:
         named = np.array([service_of("socket", p) for p in paths] + [None], dtype=object)
         services[sockets] = named[number]  # number -1 (no address) reads the last entry
     return pd.Categorical(services)
-
-
-def _adopt_dup_sources(fds: pd.DataFrame) -> None:
-    """fds made by dup/dup2/dup3/fcntl(F_DUPFD) take the kind and path of the fd they copy:
-    the lifetime of (pid, src_fd) live at the copy's birth (a chain of copies in a few rounds)."""
-    if "src_fd" not in fds.columns or fds.empty:
-        return
-    copies = np.flatnonzero(fds["src_fd"].fillna(-1).to_numpy() >= 0)
-    if not len(copies):
-        return
-    for _ in range(4):  # a copy of a copy takes the source's values in the next round
-        if not _copy_sources(fds, copies):
-            return
-
-
-def _copy_sources(fds: pd.DataFrame, copies: np.ndarray) -> bool:
-    """One round of _adopt_dup_sources; True when any kind or path changed."""
-    pid, fd = fds["pid"].to_numpy(), fds["fd"].to_numpy()
-    born = fds["born_ns"].to_numpy()
-    died = fds["died_ns"].astype("float64").to_numpy()
-    src = fds["src_fd"].to_numpy()
-    sources = pd.DataFrame({"pid": pid, "fd": fd, "row": np.arange(len(fds))})
-    wanted = pd.DataFrame({"pid": pid[copies], "fd": src[copies], "copy": copies})
-    pairs = wanted.merge(sources, on=["pid", "fd"])
-    live = (born[pairs["row"]] <= born[pairs["copy"]]) & (
-        np.isnan(died[pairs["row"]]) | (died[pairs["row"]] >= born[pairs["copy"]])
-    )
-    pairs = pairs[live & (pairs["row"] != pairs["copy"]).to_numpy()]
-    pairs = pairs.sort_values("row").drop_duplicates("copy", keep="last")  # the latest birth
-    changed = False
-    for column in ("kind", "path"):
-        values = fds[column].astype(object).to_numpy()
-        source_values = values[pairs["row"].to_numpy()]
-        known = np.array([v is not None and v == v and v != "unknown" for v in source_values],
-                         dtype=bool)  # fmt: skip
-        target = pairs["copy"].to_numpy()[known]
-        new = source_values[known]
-        differs = values[target] != new
-        if differs.any():
-            values[target[differs]] = new[differs]
-            fds[column] = pd.Categorical(values)
-            changed = True
-    return changed
 
 
 def fill_text(series: pd.Series, value: str) -> pd.Series:
