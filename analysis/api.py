@@ -257,7 +257,7 @@ class Trace:
         position, distinct = pd.factorize(fds["open_stack"].to_numpy())
         stacks = self.frames
         where = stacks.positions(np.asarray(distinct))
-        per_stack = api_per_stack(stacks, self.src)
+        per_stack = api_per_stack(stacks, self.src, wanted=where)
         apis: np.ndarray = np.full(len(distinct), None, dtype=object)
         if len(per_stack):
             recorded = where >= 0

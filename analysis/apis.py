@@ -275,8 +275,9 @@ def _api(library: Frame | None, site: Frame, src: SourceIndex) -> str | None:
     return frame_api(library, src, called)
 
 
-def api_per_stack(stacks: Stacks, src: SourceIndex) -> np.ndarray:
-    """Per stack of a cmtrace.analysis.stacks.Stacks (in its `ids` order): its API or None.
+def api_per_stack(stacks: Stacks, src: SourceIndex, wanted: np.ndarray | None = None) -> np.ndarray:
+    """Per stack of a cmtrace.analysis.stacks.Stacks (in its `ids` order): its API or None,
+    named only for the stacks at positions `wanted` (all when None; opening stacks, say).
 
     The site row and the row under it are found with one reduction over the stack rows; the
     name is made once per distinct (library frame, site frame) pair."""
@@ -293,7 +294,11 @@ def api_per_stack(stacks: Stacks, src: SourceIndex) -> np.ndarray:
     site_code = np.where(has_site, padded[np.minimum(first_user, rows)], -1)
     library_code = np.where(has_site & inner, padded[np.maximum(first_user - 1, 0)], -1)
     names: dict[tuple[int, int], str | None] = {}
-    for i in np.flatnonzero(has_site).tolist():
+    named = has_site.copy() if wanted is None else np.zeros(count, dtype=bool)
+    if wanted is not None:
+        named[wanted[wanted >= 0]] = True
+        named &= has_site
+    for i in np.flatnonzero(named).tolist():
         key = (int(library_code[i]), int(site_code[i]))
         if key not in names:
             library = stacks.frame(key[0]) if key[0] >= 0 else None
