@@ -385,7 +385,8 @@ def _frame_order(parts: list[Lives]) -> np.ndarray | None:
         pid, fd = column("pid"), column("fd")
         if rows is not None:
             pid, fd = pid[rows], fd[rows]
-        return (pid.astype(np.int64) << 32) | (fd.astype(np.int64) & 0xFFFFFFFF)
+        keys: np.ndarray = (pid.astype(np.int64) << 32) | (fd.astype(np.int64) & 0xFFFFFFFF)
+        return keys
 
     tied = bool((born[not_later + 1] == born[not_later]).all())
     if tied and bool((key(not_later + 1) > key(not_later)).all()):

@@ -84,24 +84,40 @@ def _live_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
     ax.grid(alpha=0.3)
 
 
+def _site_numbers(fds: pd.DataFrame, rows: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    """A number per row naming its site, and the "file:line" label of each number: labels are
+    made once per distinct site, not once per fd (millions of fds share a few sites)."""
+    column = fds["site_file"]
+    if isinstance(column.dtype, pd.CategoricalDtype):  # as the analysis builds it
+        files, file_names = column.cat.codes.to_numpy()[rows], list(column.cat.categories)
+    else:
+        files, names = pd.factorize(column.to_numpy()[rows])
+        file_names = list(names)
+    lines = fds["site_line"].to_numpy(dtype=np.float64, na_value=0)[rows].astype(np.int64)
+    width = int(lines.max(initial=0)) + 1
+    numbers, pairs = pd.factorize(files.astype(np.int64) * width + lines)
+    # A fd without a site (file code -1) has no label: no site drawn takes it.
+    labels = [f"{file_names[k // width]}:{k % width}" if k >= 0 else None for k in pairs]
+    return numbers, labels
+
+
 def _lifetime_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
     fds = trace.fds
-    closed = fds[fds["died_ns"].notna() & ~fds["preexisting"] & ~fds["inherited"]]
-    site = (
-        closed["site_file"].astype(str)
-        + ":"
-        + closed["site_line"].fillna(0).astype(int).astype(str)
-    )
+    closed = (fds["died_ns"].notna() & ~fds["preexisting"] & ~fds["inherited"]).to_numpy()
+    rows = np.flatnonzero(closed)
+    site, site_labels = _site_numbers(fds, rows)
+    number_of = {label: i for i, label in enumerate(site_labels) if label is not None}
     ax.set_title("Lifetime of closed fds per site")
     ax.set_xlabel("lifetime (ms, log scale)")
     ax.set_ylabel("fds")
-    durations = (closed["died_ns"].astype("float64") - closed["born_ns"]) / 1e6
+    died = fds["died_ns"].to_numpy(dtype=np.float64, na_value=np.nan)[rows]
+    durations = (died - fds["born_ns"].to_numpy()[rows]) / 1e6
     drawn = False
     low = max(float(durations.min()) if len(durations) else 1e-3, 1e-3)
     high = max(float(durations.max()) if len(durations) else 1.0, low * 10)
     bins = np.logspace(np.log10(low), np.log10(high), 40)
     for label in labels:
-        values = durations[(site == label).to_numpy()].clip(lower=low)
+        values = durations[site == number_of.get(label, -2)].clip(min=low)
         if len(values):
             ax.hist(values, bins=bins, histtype="step", linewidth=1.6, label=_short(label))
             drawn = True
