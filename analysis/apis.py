@@ -260,12 +260,28 @@ def _dotted(node: ast.expr) -> str | None:
     return ".".join(reversed(parts))
 
 
+# Library frames that only pass a call on (file suffix, function names): the API is the frame
+# they called. `with pool.connection():` runs contextlib's __enter__, which runs the pool's
+# @contextmanager generator: that generator is the API.
+PLUMBING = (
+    ("/contextlib.py", ("__enter__", "__aenter__", "enter_context", "enter_async_context")),
+)
+
+
+def is_plumbing(frame: Frame) -> bool:
+    return any(frame.file.endswith(file) and frame.function in functions
+               for file, functions in PLUMBING)  # fmt: skip
+
+
 def api_of(frames: list[Frame], src: SourceIndex) -> str | None:
     """The API of an opening stack (innermost first): see the module's docstring."""
     site = next((i for i, f in enumerate(frames) if f.is_user), None)
     if site is None:
         return None
-    return _api(frames[site - 1] if site > 0 else None, frames[site], src)
+    library = site - 1
+    while library > 0 and is_plumbing(frames[library]):
+        library -= 1
+    return _api(frames[library] if library >= 0 else None, frames[site], src)
 
 
 def _api(library: Frame | None, site: Frame, src: SourceIndex) -> str | None:
@@ -302,6 +318,9 @@ def api_per_stack(stacks: Stacks, src: SourceIndex, wanted: np.ndarray | None = 
         key = (int(library_code[i]), int(site_code[i]))
         if key not in names:
             library = stacks.frame(key[0]) if key[0] >= 0 else None
+            if library is not None and is_plumbing(library):
+                out[i] = api_of(stacks.get(int(stacks.ids[i])), src)  # rare: the whole stack
+                continue
             names[key] = _api(library, stacks.frame(key[1]), src)
         out[i] = names[key]
     return out

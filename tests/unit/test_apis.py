@@ -164,6 +164,21 @@ def test_api_of_a_pool_checkout_is_the_public_method_called(src: SourceIndex) ->
     assert api_of(frames, src) == "asyncpg.pool.Pool.acquire"
 
 
+def test_api_under_contextlib_is_the_managers_generator(src: SourceIndex) -> None:
+    """`with pool.connection() as conn:` (psycopg_pool): contextlib's __enter__ only runs the
+    pool's @contextmanager generator, which is the API."""
+    pool = "/venv/lib/python3.11/site-packages/psycopg_pool/pool.py"
+    frames = [
+        frame("socket.__init__", SOCKET, 232, 220),
+        frame("ConnectionPool.getconn", pool, 180, 170),
+        frame("ConnectionPool.connection", pool, 150, 140, flags=schema.CODE_GENERATOR),
+        frame("_GeneratorContextManager.__enter__", "/usr/lib/python3.11/contextlib.py", 137),
+        frame("record", APP, 17, 16),
+    ]
+    assert api_of(frames, src) == "psycopg_pool.pool.ConnectionPool.connection"
+    assert "with pool.connection()" in (api_fix(api_of(frames, src)) or "")
+
+
 def test_no_user_frame_no_api(src: SourceIndex) -> None:
     assert api_of([frame("socket.__init__", SOCKET, 232)], src) is None
 
@@ -324,3 +339,23 @@ def test_trace_api_column_is_per_lifetime(service_trace: Path) -> None:
     apis = dict(zip(trace.fds["fd"].tolist(), trace.fds["api"].astype(object).tolist()))
     assert apis == {3: "logging.FileHandler", 4: "socket.socket", 5: "socket.socket",
                     6: "sqlite3.connect"}  # fmt: skip
+
+
+def test_trace_api_through_contextlib_names_the_generator(tmp_path: Path) -> None:
+    """The per-stack columns reach past contextlib's __enter__ as api_of does."""
+    pool = "/venv/lib/python3.11/site-packages/psycopg_pool/pool.py"
+    contextlib = "/usr/lib/python3.11/contextlib.py"
+    stacks = stack_rows(1, [
+        frame("socket.__init__", SOCKET, 232, 220),
+        frame("ConnectionPool.connection", pool, 150, 140, flags=schema.CODE_GENERATOR),
+        frame("_GeneratorContextManager.__enter__", contextlib, 137),
+        frame("record", APP, 17, 16),
+    ])  # fmt: skip
+    events = [birth(10, 3, syscall="socket", kind="socket", path=None, stack_id=1),
+              addr(11, 3, "127.0.0.1:5432"), exit_(20)]  # fmt: skip
+    trace = load(write_trace(tmp_path / "t", events, stacks=stacks,
+                             sources=source_rows(APP, PROGRAM)), local_sources=False)  # fmt: skip
+    (leak,) = trace.leaks().itertuples(index=False)
+    assert (leak.api, leak.service) == ("psycopg_pool.pool.ConnectionPool.connection",
+                                        "postgresql")  # fmt: skip
+    assert "with pool.connection()" in leak.fix
