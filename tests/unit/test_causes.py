@@ -21,6 +21,7 @@ APP = "/srv/app/leaky.py"
 CONTEXTLIB = "/usr/lib/python3.11/contextlib.py"
 RUNNERS = "/usr/lib/python3.11/asyncio/runners.py"
 BASE_EVENTS = "/usr/lib/python3.11/asyncio/base_events.py"
+LOGGING = "/usr/lib/python3.11/logging/__init__.py"
 GEN = schema.CODE_GENERATOR
 ASYNC_GEN = schema.CODE_ASYNC_GENERATOR
 
@@ -218,6 +219,15 @@ CLOSES = {
     "asyncio.run shutting its loop down": (
         [frame("shutdown_asyncgens", 550, BASE_EVENTS), frame("run", 190, RUNNERS)],
         "loop-shutdown",
+    ),
+    "logging.shutdown, an atexit handler, closing a handler": (
+        [frame("close", 1190, LOGGING, qualname="FileHandler.close"),
+         frame("shutdown", 2190, LOGGING)],
+        "atexit",
+    ),
+    "a handler closed by the program itself": (
+        [frame("close", 1190, LOGGING, qualname="FileHandler.close"), frame(MAIN, at("os.close(3)"))],
+        "close",
     ),
 }  # fmt: skip
 
