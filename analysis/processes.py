@@ -29,7 +29,8 @@ class Table:
 
     def __init__(self) -> None:
         self._lives: Lives | None = None  # until the first add
-        self.by_pid: dict[int, np.ndarray] = {}
+        self._by_pid: dict[int, np.ndarray] = {}
+        self._unindexed: list[np.ndarray] = []  # lifetimes added since by_pid was last read
         self.change_log: np.recarray = cloexec_changes(
             np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
         )
@@ -49,13 +50,22 @@ class Table:
         self.change_log = np.rec.array(np.concatenate([self.change_log, changes]))
         new: np.ndarray = np.arange(offset, offset + len(lives))
         if len(new):
-            pids = lives.pid
+            self._unindexed.append(new)
+        return new
+
+    @property
+    def by_pid(self) -> dict[int, np.ndarray]:
+        """pid -> global indices of its lifetimes, in the order added. Built when first read:
+        a trace without process events or dups never needs it (millions of lifetimes)."""
+        for new in self._unindexed:
+            pids = self.lives.pid[new]
             order = np.argsort(pids, kind="stable")
             uniq, starts = np.unique(pids[order], return_index=True)
             for pid, chunk in zip(uniq, np.split(new[order], starts[1:])):
-                old = self.by_pid.get(int(pid))
-                self.by_pid[int(pid)] = chunk if old is None else np.concatenate([old, chunk])
-        return new
+                old = self._by_pid.get(int(pid))
+                self._by_pid[int(pid)] = chunk if old is None else np.concatenate([old, chunk])
+        self._unindexed = []
+        return self._by_pid
 
     def live_at(self, pid: int, t: int) -> np.ndarray:
         """Global indices of the lifetimes of pid open at time t (born before, not yet dead)."""
