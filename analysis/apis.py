@@ -287,8 +287,17 @@ def api_of(frames: list[Frame], src: SourceIndex) -> str | None:
 def _api(library: Frame | None, site: Frame, src: SourceIndex) -> str | None:
     called = called_name(src.text(site.file, site.line))
     if library is None:
-        return called
+        return _imported_name(called, src.imports(site.file)) if called else None
     return frame_api(library, src, called)
+
+
+def _imported_name(called: str, imports: dict[str, str]) -> str:
+    """A called name by what its first part was imported as (`sq.connect` -> `sqlite3.connect`
+    after `import sqlite3 as sq`; `connect` -> `sqlite3.connect` after `from sqlite3 import
+    connect`)."""
+    first, dot, rest = called.partition(".")
+    real = imports.get(first)
+    return f"{real}{dot}{rest}" if real else called
 
 
 def api_per_stack(stacks: Stacks, src: SourceIndex, wanted: np.ndarray | None = None) -> np.ndarray:

@@ -77,6 +77,8 @@ class SourceIndex:
     facts: dict[str, dict] = field(default_factory=dict)
     local_fallback: bool = True
     read_locally: set[str] = field(default_factory=set)
+    _imports: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)
+    _by_file: dict[str, list[str]] | None = field(default=None, repr=False)  # see imports()
 
     @classmethod
     def from_table(cls, sources: pd.DataFrame, local_fallback: bool = True) -> SourceIndex:
@@ -105,6 +107,25 @@ class SourceIndex:
         self.facts[file] = file_facts(text)
         for number, line in enumerate(text.splitlines(), start=1):
             self.lines[(file, number)] = line.rstrip()
+        if self._by_file is not None:
+            self._by_file[file] = [line.rstrip() for line in text.splitlines()]
+
+    def imports(self, file: str) -> dict[str, str]:
+        """Names a module's imports bind -> what they name (`sq` -> `sqlite3` for `import sqlite3
+        as sq`, `connect` -> `sqlite3.connect` for `from sqlite3 import connect`), so a call
+        named on a line can be told by its real name. Made once per file from its lines."""
+        found = self._imports.get(file)
+        if found is None:
+            self._load_local(file)
+            if self._by_file is None:  # one pass over every line, the first time only
+                numbered: dict[str, list[tuple[int, str]]] = {}
+                for (name, number), line in self.lines.items():
+                    numbered.setdefault(name, []).append((number, line))
+                self._by_file = {
+                    name: [line for _, line in sorted(rows)] for name, rows in numbered.items()
+                }
+            found = self._imports[file] = _import_names("\n".join(self._by_file.get(file, [])))
+        return found
 
     def text(self, file: str, line: int) -> str | None:
         self._load_local(file)
@@ -158,3 +179,24 @@ class SourceIndex:
         if line in self.file_facts(file).get("enter_calls", []):
             return True
         return bool(re.search(r"\.__a?enter__\(", self.text(file, line) or ""))
+
+
+def _import_names(text: str) -> dict[str, str]:
+    """The import statements' bindings of a module's text (see SourceIndex.imports), those that
+    rename: a plain `import os` binds os to itself. {} when the text does not parse."""
+    import ast
+
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return {}
+    names: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.asname:
+                    names[alias.asname] = alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                names[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return names

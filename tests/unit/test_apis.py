@@ -151,6 +151,16 @@ def test_api_of_a_call_straight_into_c_is_named_on_the_line(src: SourceIndex) ->
     assert api_of([frame("record", APP, 17, 16)], src) == "sqlite3.connect"
 
 
+def test_api_of_a_c_call_is_named_as_the_module_imported_it() -> None:
+    import pandas as pd
+
+    program = ("import sqlite3 as sq\nfrom os import open as raw_open\nimport select\n\n"
+               "db = sq.connect(path)\nfd = raw_open(path, 0)\nep = select.epoll()\n")  # fmt: skip
+    index = SourceIndex.from_table(pd.DataFrame(source_rows(APP, program)), local_fallback=False)
+    named = [api_of([frame("<module>", APP, line)], index) for line in (5, 6, 7)]
+    assert named == ["sqlite3.connect", "os.open", "select.epoll"]
+
+
 def test_api_of_a_pool_checkout_is_the_public_method_called(src: SourceIndex) -> None:
     """asyncpg's Pool.acquire() leaves no frame: its awaitable runs Pool._acquire, under the
     user's `await pool.acquire()` (the frames a real trace of tests/programs/services has)."""
