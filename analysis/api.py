@@ -500,7 +500,8 @@ def count_reasons(reasons: list[str]) -> str:
     naming its process (`pid 12 exited...`) is counted with the others of its kind."""
     counts: dict[str, int] = {}
     for reason in reasons:
-        kind = _PID_IN_REASON.sub("", reason).strip(" :;,") or reason
+        kind = _PROC_PATH.sub("/proc/PID/", _PID_IN_REASON.sub("", reason)).strip(" :;,")
+        kind = kind or reason
         counts[kind] = counts.get(kind, 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if len(ranked) == 1 and ranked[0][1] == 1:
@@ -509,6 +510,7 @@ def count_reasons(reasons: list[str]) -> str:
 
 
 _PID_IN_REASON = re.compile(r"\b(?:pid|process)\s+\d+\b")
+_PROC_PATH = re.compile(r"/proc/\d+/")  # `cannot read /proc/25659/exe: ...`, one per child
 
 
 def _leaks(fds: pd.DataFrame, child_pids: set[int]) -> pd.Series:

@@ -119,3 +119,6 @@ def test_missing_stack_reasons_are_counted_per_reason_on_one_line(tmp_path: Path
     )
     assert count_reasons(["pid 12 exited", "pid 13 exited"]) == "exited (2 processes)"
     assert count_reasons(["not CPython"]) == "not CPython"
+    assert count_reasons([f"cannot read /proc/{pid}/exe: No such file or directory"
+                          for pid in (25659, 25660)]) == (
+        "cannot read /proc/PID/exe: No such file or directory (2 processes)")  # fmt: skip
