@@ -68,10 +68,6 @@ EXPECTED = {
 # Which of a worker's fds (/proc/PID/fd link) each route leaks; spawn's pipes are those the app
 # reported (a worker has pipes of its own).
 LEAKED_LINK = {"log": "requests.log", "db": "hits.sqlite"}
-ATEXIT_NOT_A_LEAK = (
-    "fds closed by atexit handlers (logging.shutdown) are not reported as leaks yet "
-    "(issue 13, 'Released only at shutdown')"
-)
 
 
 @dataclass
@@ -202,15 +198,11 @@ def recording(request: pytest.FixtureRequest) -> Recording:
 
 
 def by_mode_and_route(*marks: pytest.MarkDecorator) -> pytest.MarkDecorator:
-    """Parametrize over (mode, route) with `marks` on each case, but for run mode's log case,
-    which xfails whatever else is checked: its handlers' fds are not leaks to cmtrace yet."""
+    """Parametrize over (mode, route) with `marks` on each case."""
     cases = []
     for mode in ("attach", "run"):
         for route in EXPECTED:
-            case_marks = list(marks)
-            if (mode, route) == ("run", "log"):
-                case_marks = [pytest.mark.xfail(strict=True, reason=ATEXIT_NOT_A_LEAK)]
-            cases.append(pytest.param(mode, route, marks=case_marks, id=f"{mode}-{route}"))
+            cases.append(pytest.param(mode, route, marks=list(marks), id=f"{mode}-{route}"))
     return pytest.mark.parametrize("mode,route", cases)
 
 
@@ -249,10 +241,7 @@ def test_no_other_leak_in_the_app(recording: Recording) -> None:
     assert len(in_app) == sum(len(recording.leaks_at(route)) for route in EXPECTED)
 
 
-# Remove the KeyError mark when the report has the field (strict: an xpass fails the run).
-@by_mode_and_route(
-    pytest.mark.xfail(strict=True, raises=KeyError, reason="report JSON has no `api` field yet")
-)
+@by_mode_and_route()
 def test_api_and_fix(request: pytest.FixtureRequest, mode: str, route: str) -> None:
     """Each leak and its site name the standard-library API that opened the fd and its own fix."""
     recording: Recording = request.getfixturevalue({"attach": "attached", "run": "ran"}[mode])

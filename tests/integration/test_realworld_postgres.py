@@ -247,9 +247,6 @@ def test_cause_is_contextmanager_without_finally(incident: Incident) -> None:
     assert {leak["cause"] for leak in incident.leaks()} == {"contextmanager-without-finally"}
 
 
-# Remove the mark when the report has them (strict: an xpass fails the run).
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="report JSON has no `api` and `service` fields yet (issue 13)")  # fmt: skip
 def test_api_fix_and_service(incident: Incident) -> None:
     """The report names the pool checkout, its specific fix, and what the peer is."""
     for leak in incident.leaks():
@@ -264,13 +261,11 @@ def peer_of(incident: Incident) -> str:
     return f"{incident.cluster.host}:{incident.cluster.port}"
 
 
-@pytest.mark.xfail(strict=True, reason="text report does not name a peer's service yet (issue 13)")
 def test_text_report_names_the_service(incident: Incident) -> None:
     text = run_cmtrace("report", str(incident.trace)).stdout
     assert f"{peer_of(incident)} (PostgreSQL?)" in text, text
 
 
-@pytest.mark.xfail(strict=True, reason="report --by-peer (issue 13) not built")
 def test_report_by_peer(incident: Incident) -> None:
     """Sockets grouped by peer: the leaked connections are counted as one group."""
     result = run_cmtrace("report", "--by-peer", str(incident.trace))
