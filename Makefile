@@ -12,11 +12,12 @@ RUFF := $(VENV)/bin/ruff
 # Extra pytest arguments, e.g. make test PYTEST_ARGS='-k doctor'
 PYTEST_ARGS ?=
 
-.PHONY: help root setup install uninstall demo interpreters test pytest unit vm-test bench lint
+.PHONY: help root setup install uninstall demo interpreters test test-full pytest unit vm-test bench lint
 
 help:
 	@echo "make demo          set up, then trace the built-in leaking demo program"
 	@echo "make test          set up, install test interpreters, run the tests, then the VM stage"
+	@echo "make test-full     make test with every recorder x interpreter cell (CMTRACE_TEST_FULL=1; CI runs a slice)"
 	@echo "make unit          the unit tests only: seconds, no root, no set-up (PYTHON=... to choose)"
 	@echo "make install       set up only (apt packages, headers link, tracefs, $(VENV), /usr/local/bin/cmtrace)"
 	@echo "make uninstall     remove what the set-up created (recorded in /opt/cmtrace/installed.txt)"
@@ -51,6 +52,10 @@ test: setup interpreters
 		scripts/vm/vm-test.sh || rc=$$((rc ? rc : $$?)); \
 	fi; \
 	exit $$rc
+
+# Every cell of the matrix (tests/integration/conftest.py cell_left_out): CI runs a slice.
+test-full:
+	@CMTRACE_TEST_FULL=1 $(MAKE) test
 
 pytest: setup interpreters
 	$(PYTHON) -m pytest -v $(PYTEST_ARGS) tests/

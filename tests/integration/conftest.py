@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.bpf)
         if module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+    deselect_cells(config, items)
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -80,28 +82,140 @@ def bpf_ready() -> None:
         pytest.skip(reason)
 
 
-# --- which backend records ---------------------------------------------------------------------
-BACKENDS = ("bpf", "ptrace")
-_recording_backend: list[str] = []  # set by the `backend` fixture for the test that takes it
+# --- which backend records, as which user --------------------------------------------------------
+@dataclass(frozen=True)
+class Recorder:
+    """One way of recording: a backend, run as root or as an unprivileged user (cmtrace and the
+    programs it attaches to both drop to that user; `cmtrace run` starts its command as it)."""
+
+    name: str  # the cell's id in test names
+    backend: str
+    nobody: bool = False
+
+
+RECORDERS = {r.name: r for r in (Recorder("bpf", "bpf"), Recorder("ptrace", "ptrace"),
+                                 Recorder("ptrace-nobody", "ptrace", nobody=True))}  # fmt: skip
+BACKENDS = ("bpf", "ptrace")  # the `backend` fixture's cells: root only
+_active: list[Recorder] = []  # set by the `backend`/`recorder` fixture of the running module
+
+
+@contextmanager
+def recording_with(recorder: Recorder) -> Iterator[Recorder]:
+    _active[:] = [recorder]
+    try:
+        yield recorder
+    finally:
+        _active.clear()
+
+
+def active_recorder() -> Recorder | None:
+    return _active[0] if _active else None
+
+
+def as_nobody() -> bool:
+    return bool(_active) and _active[0].nobody
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Run the module's tests once per recorder backend: every `cmtrace run` / `cmtrace -p`
-    the helpers here build gets `--backend NAME` (a module opts in with
+    """Run the module's tests once per recorder backend, as root: every `cmtrace run` /
+    `cmtrace -p` the helpers here build gets `--backend NAME` (a module opts in with
     usefixtures("backend"); a module-scoped fixture that records takes `backend` too, so it
     records once per backend). Module scope: pytest runs all of one backend, then the other."""
-    _recording_backend[:] = [request.param]
-    yield request.param
-    _recording_backend.clear()
+    with recording_with(RECORDERS[request.param]):
+        yield request.param
+
+
+@pytest.fixture(scope="module", params=list(RECORDERS))
+def recorder(request: pytest.FixtureRequest) -> Iterator[Recorder]:
+    """Like `backend`, plus the ptrace backend as user nobody (no capability at all): cmtrace
+    and every target the helpers start run under targets.AS_NOBODY, in directories that user
+    can write. For modules whose tests hold for an ordinary user too."""
+    with recording_with(RECORDERS[request.param]) as chosen:
+        yield chosen
+
+
+# --- the CI slice of the recorder x interpreter matrix ---------------------------------------------
+# `make test` (CI) runs every interpreter on BPF as root, and every recorder on these: Debian's
+# own 3.11 (static, the one users trace), a 3.8-3.10 heap-frame build (shared libpython) and a
+# 3.12+ one in a chroot (so the pid-namespace cells run on ptrace too). `make test-full`
+# (CMTRACE_TEST_FULL=1) runs every cell.
+SLICE_INTERPRETERS = ("debian-3.11", "pyenv-3.10", "debian-3.13")
+FULL_MATRIX = os.environ.get("CMTRACE_TEST_FULL", "") not in ("", "0")
+INTERPRETER_PARAMS = ("interpreter", "target")  # the parameter names of targets.Target cells
+
+
+def cell_left_out(recorder: str, interpreter: str) -> str | None:
+    """Why the (recorder, interpreter) cell is not run in this session, or None when it is.
+    The one decision: the collection hook deselects by it, and module-scoped fixtures that
+    record a whole matrix at once (test_e2e_matrix) record only the cells it keeps."""
+    if RECORDERS[recorder].nobody and interpreter not in nobody_runnable():
+        return "user nobody cannot run this interpreter (chroot needs root; root runs it)"
+    if FULL_MATRIX or RECORDERS[recorder].backend == "bpf" or interpreter in SLICE_INTERPRETERS:
+        return None
+    return (
+        f"outside the CI slice (bpf x all, all x {', '.join(SLICE_INTERPRETERS)}): make test-full"
+    )
+
+
+_nobody_runnable: list[set[str]] = []
+
+
+def nobody_runnable() -> set[str]:
+    """Names of the interpreters user nobody can run (tried once per session)."""
+    import targets
+
+    if not _nobody_runnable:
+        _nobody_runnable.append({t.name for t in targets.unprivileged()[0]})
+    return _nobody_runnable[0]
+
+
+def interpreter_for(target):  # -> targets.Target
+    """The interpreter as the active recorder's user runs it: nobody runs the pyenv builds
+    through their copies outside /root (targets.unprivileged); root runs them where they are."""
+    import targets
+
+    if not as_nobody():
+        return target
+    return next(t for t in targets.unprivileged()[0] if t.name == target.name)
+
+
+def _cell(item: pytest.Item) -> tuple[str, str] | None:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    recorder = params.get("recorder", params.get("backend"))
+    interpreter = next((params[n] for n in INTERPRETER_PARAMS if n in params), None)
+    if recorder not in RECORDERS or not hasattr(interpreter, "command"):
+        return None
+    return recorder, interpreter.name
+
+
+def deselect_cells(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the cells cell_left_out rejects (deselected, not skipped), saying how many and why."""
+    kept, dropped, reasons = [], [], {}
+    for item in items:
+        cell = _cell(item) if HERE in item.path.parents else None
+        reason = cell_left_out(*cell) if cell else None
+        if reason is None:
+            kept.append(item)
+        else:
+            dropped.append(item)
+            reasons[reason] = reasons.get(reason, 0) + 1
+    if not dropped:
+        return
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    for reason, count in reasons.items():
+        line = f"cmtrace matrix: {count} cells deselected: {reason}"
+        reporter.write_line(line) if reporter else print(line)
 
 
 def with_backend(args: tuple[str, ...] | list[str]) -> list[str]:
     """args with `--backend NAME` after `run` or `-p PID` when a backend is chosen."""
     args = list(args)
-    if not _recording_backend or not args:
+    if not _active or not args:
         return args
-    flag = ["--backend", _recording_backend[0]]
+    flag = ["--backend", _active[0].backend]
     if args[0] in ("run", "attach"):
         return [args[0], *flag, *args[1:]]
     if args[0] in ("-p", "--pid") and len(args) > 1:
@@ -109,8 +223,35 @@ def with_backend(args: tuple[str, ...] | list[str]) -> list[str]:
     return args
 
 
+_nobody_home: list[Path] = []
+
+
+def nobody_home() -> Path:
+    """A HOME (and XDG cache, where the ptrace engine is built) user nobody can write."""
+    if not _nobody_home:
+        _nobody_home.append(shared_tmpdir("cmtrace-nobody-home-"))
+    return _nobody_home[0]
+
+
+def user_prefix() -> list[str]:
+    """What runs a command as the active recorder's user (nothing for root)."""
+    if not as_nobody():
+        return []
+    import targets
+
+    home = nobody_home()
+    return [*targets.AS_NOBODY, "env", f"HOME={home}", f"XDG_CACHE_HOME={home / 'cache'}"]
+
+
+def shared_tmpdir(prefix: str) -> Path:
+    """A fresh directory under /tmp every user can write (pytest's are private to root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o777)
+    return path
+
+
 def cmtrace_argv(*args: str) -> list[str]:
-    return [CMTRACE_PYTHON, "-m", "cmtrace", *with_backend(args)]
+    return [*user_prefix(), CMTRACE_PYTHON, "-m", "cmtrace", *with_backend(args)]
 
 
 def run_cmtrace(
@@ -185,7 +326,8 @@ class Target:
     """A program from tests/programs/fd speaking the ready/go/done JSON line protocol."""
 
     def __init__(self, argv: list[str], cwd: Path, user: str | None = None) -> None:
-        prefix = ["runuser", "-u", user, "--"] if user else []
+        # started as the active recorder's user (nobody attaches only to nobody's processes)
+        prefix = ["runuser", "-u", user, "--"] if user else user_prefix()
         self.stderr_path = cwd / f"target-{time.monotonic_ns()}.stderr"
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(
@@ -315,13 +457,32 @@ class Session:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """The test's directory; one nobody can write when the module's recorder runs as nobody
+    (the module-scoped `recorder` fixture is active before any function-scoped one)."""
+    yield from recording_dir(active_recorder(), lambda: tmp_path)
 
 
 @pytest.fixture(scope="module")
 def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fdtrace")
+
+
+@pytest.fixture(scope="module")
+def cell_dir(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """module_dir for one recorder cell (a module-scoped recording per cell keeps its traces
+    here): one nobody can write when the recorder runs as nobody."""
+    yield from recording_dir(recorder, lambda: tmp_path_factory.mktemp("cell"))
+
+
+def recording_dir(recorder: Recorder | None, private) -> Iterator[Path]:
+    """pytest's own directory (`private()`), or one nobody can write, removed after use."""
+    if recorder is not None and recorder.nobody:
+        path = shared_tmpdir("cmtrace-test-")
+        yield path
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        yield private()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from targets import marked_causes
 
 import cmtrace.analysis as cma
 
-pytestmark = pytest.mark.usefixtures("bpf_ready")
+pytestmark = pytest.mark.usefixtures("bpf_ready", "recorder")  # once per recorder
 
 PROGRAM = Path(__file__).parents[1] / "programs" / "leaks" / "deep_stacks.py"
 LAYERS = 12  # deep_stacks.LAYERS: files each leaking stack goes through
@@ -27,8 +27,8 @@ PROCESSES, THREADS = 3, 3
 
 
 @pytest.fixture(scope="module")
-def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[cma.Trace, list[dict]]:
-    work = tmp_path_factory.mktemp("deep")
+def recorded(cell_dir: Path) -> tuple[cma.Trace, list[dict]]:
+    work = cell_dir
     out = work / "trace"
     result = run_cmtrace(
         "run", "-o", str(out), "--", TARGET_PYTHON, str(PROGRAM), str(work / "layers")

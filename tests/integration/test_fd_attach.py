@@ -26,7 +26,8 @@ from conftest import (
 )
 from fdhelpers import ops_of, trace_scenario
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+# every test once per recorder: bpf, ptrace (root) and ptrace as nobody
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready", "recorder")]
 
 
 def test_preexisting_fds_are_listed_and_never_leaks(workdir):

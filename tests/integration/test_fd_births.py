@@ -14,7 +14,8 @@ import pytest
 from conftest import Session, kind_from_link, proc_cloexec, proc_fds
 from fdhelpers import ScenarioRun, scenario_run_fields, trace_scenario
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+# every test once per recorder: bpf, ptrace (root) and ptrace as nobody
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready", "recorder")]
 
 BIRTH_SYSCALLS = (
     "open", "openat", "openat2", "creat", "socket", "socketpair", "accept", "accept4", "pipe",
@@ -43,8 +44,8 @@ def fds_held(session: Session) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def births(module_dir, bpf_ready) -> BirthsRun:
-    session, (links, cloexec) = trace_scenario("births", module_dir, while_alive=fds_held)
+def births(cell_dir, bpf_ready) -> BirthsRun:
+    session, (links, cloexec) = trace_scenario("births", cell_dir, while_alive=fds_held)
     return BirthsRun(
         **scenario_run_fields(session), links=links, cloexec=cloexec, summary=session.result.stdout
     )

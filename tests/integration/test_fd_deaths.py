@@ -13,7 +13,8 @@ import pytest
 from conftest import Session, proc_cloexec, proc_fds
 from fdhelpers import ScenarioRun, scenario_run_fields, trace_scenario
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+# every test once per recorder: bpf, ptrace (root) and ptrace as nobody
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready", "recorder")]
 
 CLOSE_RANGE_CLOEXEC = 4
 
@@ -39,9 +40,9 @@ def fds_around_exec(session: Session) -> tuple[dict, dict, dict]:
 
 
 @pytest.fixture(scope="module")
-def deaths(module_dir, bpf_ready) -> DeathsRun:
+def deaths(cell_dir, bpf_ready) -> DeathsRun:
     session, (before, cloexec, after) = trace_scenario(
-        "deaths", module_dir, while_alive=fds_around_exec
+        "deaths", cell_dir, while_alive=fds_around_exec
     )
     return DeathsRun(
         **scenario_run_fields(session), before_exec=before, cloexec_before=cloexec, after_exec=after

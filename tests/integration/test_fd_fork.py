@@ -7,7 +7,8 @@ import pytest
 from conftest import leaks_of, read_events, read_preexisting, report_json
 from fdhelpers import ops_of, trace_scenario
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+# every test once per recorder: bpf, ptrace (root) and ptrace as nobody
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready", "recorder")]
 
 
 def test_follow_children_tracks_each_child_as_its_own_pid(workdir):

@@ -8,7 +8,8 @@ import pytest
 from conftest import assert_complete_and_lossless, leaks_of, read_events, read_meta, report_json
 from fdhelpers import trace_scenario
 
-pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready")]
+# every test once per recorder: bpf, ptrace (root) and ptrace as nobody
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("bpf_ready", "recorder")]
 
 PER_THREAD = 2500
 
@@ -29,10 +30,8 @@ def pair_births_with_deaths(events) -> dict[int, object]:
     return open_fds
 
 
-def test_reuse_from_four_threads_pairs_every_birth_with_its_death(module_dir):
-    session, _ = trace_scenario(
-        "threads", module_dir, scenario_args=(str(PER_THREAD),), timeout=180
-    )
+def test_reuse_from_four_threads_pairs_every_birth_with_its_death(cell_dir):
+    session, _ = trace_scenario("threads", cell_dir, scenario_args=(str(PER_THREAD),), timeout=180)
     pid, tids = session.target.pid, session.done["tids"]
     assert len(set(tids)) == 4
     events = read_events(session.trace)
@@ -50,12 +49,12 @@ def test_reuse_from_four_threads_pairs_every_birth_with_its_death(module_dir):
     assert leaks_of(report_json(session.trace), pid) == []
 
 
-def test_lost_records_are_counted_never_silent(module_dir):
+def test_lost_records_are_counted_never_silent(cell_dir):
     """A 1 MiB ring under a burst of opens from 4 threads: whatever the kernel could not queue
     is counted, so recorded + lost accounts for every event the target made."""
     per_thread = 20_000
     session, _ = trace_scenario(
-        "threads", module_dir, "--ring-mb", "1", "--no-python-stacks",
+        "threads", cell_dir, "--ring-mb", "1", "--no-python-stacks",
         scenario_args=(str(per_thread),), timeout=300, lossless=False,
     )  # fmt: skip
     meta = read_meta(session.trace)
