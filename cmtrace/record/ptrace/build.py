@@ -8,6 +8,7 @@ wheel; a checkout or an editable install builds it on first use into the user's 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -24,9 +25,9 @@ class EngineUnavailable(Exception):
 
 def probes_dir() -> Path:
     """probes/ as installed (cmtrace.probes) or, from a checkout, beside cmtrace/."""
-    from cmtrace import probes  # noqa: PLC0415 (the installed package's copy of the headers)
-
-    return Path(probes.__file__).parent
+    # imported by name: mypy cannot see cmtrace.probes (setuptools maps it from probes/)
+    probes = importlib.import_module("cmtrace.probes")
+    return Path(str(probes.__file__)).parent
 
 
 def _sources() -> list[Path]:
