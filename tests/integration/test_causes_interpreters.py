@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import targets
-from conftest import Target, Tracer
+from conftest import Target, Tracer, interpreter_for
 
 import cmtrace.analysis as cma
 
+# every recorder on every interpreter (the CI slice of conftest.cell_left_out in `make test`)
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 PROGRAMS = Path(__file__).parents[1] / "programs" / "leaks"
 FOUND, MISSING = targets.discover()
@@ -41,13 +42,14 @@ def test_interpreters_listed() -> None:
 
 
 @pytest.mark.parametrize("interpreter", FOUND, ids=[t.name for t in FOUND])
-def test_all_causes(tmp_path: Path, interpreter: targets.Target) -> None:
+def test_all_causes(recorder, workdir: Path, interpreter: targets.Target) -> None:
+    interpreter = interpreter_for(interpreter)  # nobody runs the pyenv builds' copies
     attached, program = programs_for(interpreter)
-    out = tmp_path / "trace"
-    target = Target([interpreter.command, attached, program, "wait"], tmp_path)
+    out = workdir / "trace"
+    target = Target([interpreter.command, attached, program, "wait"], workdir)
     try:
         ready = target.expect("ready")
-        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=tmp_path)
+        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=workdir)
         assert tracer.wait_attached() == ready["pid"]
         target.send("go")
         target.expect("leaked")

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import targets
-from conftest import Target, Tracer, run_cmtrace
+from conftest import (
+    Recorder,
+    Target,
+    Tracer,
+    cell_left_out,
+    interpreter_for,
+    run_cmtrace,
+    shared_tmpdir,
+)
 
 import cmtrace.analysis as cma
 from cmtrace.trace import schema
@@ -135,11 +145,13 @@ def namespace_argv(interpreter: targets.Target, program: str) -> list[str]:
             python, program, str(N)]  # fmt: skip
 
 
-def plan(workdir: Path) -> dict[tuple[str, str, str], tuple]:
-    """(interpreter, mode, program) -> (recording function, its arguments). Programs are
-    copied into the chroots here, before any recording runs (they share the copies)."""
+def plan(workdir: Path, recorder: Recorder) -> dict[tuple[str, str, str], tuple]:
+    """(interpreter, mode, program) -> (recording function, its arguments), for the cells of
+    this recorder that the session runs (conftest.cell_left_out). Programs are copied into the
+    chroots here, before any recording runs (they share the copies)."""
     jobs = {}
-    for interpreter in FOUND:
+    kept = [interpreter_for(t) for t in FOUND if cell_left_out(recorder.name, t.name) is None]
+    for interpreter in kept:
         for name in (STDLIB, ALL_CAUSES):
             program = place(interpreter, name)
             out = workdir / f"{interpreter.name}-{RUN}-{name}" / "trace"
@@ -149,20 +161,28 @@ def plan(workdir: Path) -> dict[tuple[str, str, str], tuple]:
         program = place(interpreter, STDLIB)
         argv = [interpreter.command, place(interpreter, "attached.py"), program, str(N), "wait"]
         jobs[(interpreter.name, ATTACH, STDLIB)] = (record_attached, argv, program, out)
-    for interpreter in CHROOTED:
+    for interpreter in (t for t in kept if t.chroot is not None):
         program = place(interpreter, STDLIB)
         out = workdir / f"{interpreter.name}-{NAMESPACE}-{STDLIB}" / "trace"
         argv = namespace_argv(interpreter, program)
         jobs[(interpreter.name, NAMESPACE, STDLIB)] = (record_run, argv, program, STDLIB, out)
     for job in jobs.values():
         job[-1].parent.mkdir(parents=True)
+        job[-1].parent.chmod(0o777)  # the recorder may run as nobody
     return jobs
 
 
 @pytest.fixture(scope="module")
-def recordings(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every recording of the matrix, made once; a failed one holds its exception."""
-    jobs = plan(tmp_path_factory.mktemp("e2e-matrix"))
+def recordings(recorder: Recorder, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Every recording of the matrix with one recorder, made once; a failed one holds its
+    exception. As nobody, in a directory nobody can write."""
+    workdir = shared_tmpdir("cmtrace-e2e-") if recorder.nobody else tmp_path_factory.mktemp("e2e")
+    yield record_all(plan(workdir, recorder))
+    if recorder.nobody:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def record_all(jobs: dict[tuple[str, str, str], tuple]) -> dict:
     start = time.monotonic()
     with ThreadPoolExecutor(PARALLEL) as pool:
         futures = {key: pool.submit(job[0], *job[1:]) for key, job in jobs.items()}
