@@ -56,7 +56,7 @@ class PtraceBackend:
         self.attached_note = ""
         self.start_ns = time.monotonic_ns()
         self.interpreters = targets.Interpreters()
-        self.symbolizer = stacks.Symbolizer(self.interpreters)
+        self.symbolizer = stacks.Symbolizer(self.interpreters, warm=False)  # no BPF: no BTF
         self.recordings: list[EngineRecording] = []
         self.waiting: list[tuple[EngineRecording, Batch, list[bytes]]] = []  # read, not taken
         self.counters: dict[str, int] = {}
