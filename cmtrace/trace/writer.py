@@ -48,6 +48,19 @@ def is_trace_dir(path: Path) -> bool:
 
 def prepare_output_dir(path: Path, force: bool = False) -> None:
     """Refuse a directory that holds something else; accept a missing or empty one."""
+    try:
+        _check_output_dir(path, force)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = path / ".cmtrace-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:  # e.g. a parent this user may not search: stat() itself fails
+        raise UsageError(
+            f"cannot write to {path} ({exc.strerror}): choose a writable -o DIR"
+        ) from exc
+
+
+def _check_output_dir(path: Path, force: bool) -> None:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory: choose another -o DIR")
     if path.is_dir() and any(path.iterdir()):
@@ -58,15 +71,6 @@ def prepare_output_dir(path: Path, force: bool = False) -> None:
         if not force:
             raise UsageError(f"{path} already holds a trace: pass --force to replace it")
         _remove_trace(path)
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        probe = path / ".cmtrace-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write to {path} ({exc.strerror}): choose a writable -o DIR"
-        ) from exc
 
 
 def _remove_trace(path: Path) -> None:

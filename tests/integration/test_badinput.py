@@ -129,6 +129,19 @@ def test_output_dir_not_writable(tmp_path, sleeper):
     assert "writable" in error_line(result)
 
 
+def test_output_dir_this_user_cannot_reach(tmp_path):
+    """A parent nobody may not search: stat() itself fails, still one line and exit 1."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    result = run_cmtrace(
+        "run", "--backend", "ptrace", "-o", str(private / "trace"), "--", "true",
+        prefix=("runuser", "-u", "nobody", "--"), cwd="/",
+    )  # fmt: skip
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "writable" in error_line(result)
+    assert "Traceback" not in result.stderr
+
+
 # --- environment -----------------------------------------------------------------------------------
 @pytest.mark.usefixtures("bpf_ready")
 def test_not_root(shared_dir, sleeper):
