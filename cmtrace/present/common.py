@@ -6,7 +6,7 @@ they are written once here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -21,10 +21,22 @@ SiteRow = Any
 def leaks_at(leaks: pd.DataFrame, site: SiteRow) -> pd.DataFrame:
     """The leaked lifetimes opened at `site` (same file and line; fds without a stack share
     the NO_STACK site)."""
-    return leaks[
-        (fill_text(leaks["site_file"], NO_STACK) == site.site_file)
-        & (leaks["site_line"].fillna(0).astype(int) == int(site.site_line))
-    ]
+    return leaks_by_site(leaks)(site)
+
+
+def leaks_by_site(leaks: pd.DataFrame) -> Callable[[SiteRow], pd.DataFrame]:
+    """`leaks_at` for many sites: the leaks are grouped by site once (the HTML report asks for
+    every site; a filter of all leaks per site was quadratic on traces with 75,000 sites)."""
+    files = fill_text(leaks["site_file"], NO_STACK).astype(str).to_numpy()
+    lines = leaks["site_line"].fillna(0).astype(int).to_numpy()
+    rows = pd.Series(range(len(leaks))).groupby([files, lines], sort=False).indices
+    none = leaks.iloc[:0]
+
+    def at(site: SiteRow) -> pd.DataFrame:
+        found = rows.get((str(site.site_file), int(site.site_line)))
+        return none if found is None else leaks.iloc[found]
+
+    return at
 
 
 def headline(trace: Trace, leaks: pd.DataFrame, leaking: pd.DataFrame) -> str:

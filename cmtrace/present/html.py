@@ -15,7 +15,7 @@ from cmtrace.present.common import (
     SiteRow,
     caveats,
     headline,
-    leaks_at,
+    leaks_by_site,
     peer_headline,
     peer_text,
     peers,
@@ -71,8 +71,9 @@ def render_html(trace: Trace, exclude: list[str] | None = None, strip_source: bo
                   "live fds over time"):  # fmt: skip
         parts.append(f"<th>{title}</th>")
     parts.append("</tr></thead><tbody>")
+    leaks_at = leaks_by_site(leaks)
     for site in sites.itertuples(index=False):
-        parts.append(_html_site_row(trace, leaks, site, curves, strip_source))
+        parts.append(_html_site_row(trace, leaks_at(site), site, curves, strip_source))
     parts.append("</tbody></table>")
     groups = peers(leaks)
     if groups:
@@ -120,17 +121,17 @@ def _sparkline(values: list[int], width: int = 160, height: int = 36) -> str:
 
 def _html_site_row(
     trace: Trace,
-    leaks: pd.DataFrame,
+    rows: pd.DataFrame,
     site: SiteRow,
     curves: dict[str, list[int]],
     strip_source: bool,
 ) -> str:
+    """One site's row; `rows` are its leaks."""
     where = f"{site.site_file}:{site.site_line}"
     detail = [f"<code>{escape(where)}</code>"]
     text = None if strip_source else trace.src.text(site.site_file, int(site.site_line))
     if text:
         detail.append(f"<pre class='src'>{int(site.site_line):>5} | {escape(text.strip())}</pre>")
-    rows = leaks_at(leaks, site)
     if not rows.empty:
         first = rows.iloc[0]
         stack = trace.user_stack(int(first["open_stack"]))
