@@ -476,19 +476,24 @@ class Trace:
         self, by: str = "site", freq: str = "100ms", leaks_only: bool = False
     ) -> pd.DataFrame:
         """Live fd counts over time, one column per site (or kind/pid/path), one row per bin."""
-        fds = self.fds[~(self.fds["preexisting"] | self.fds["inherited"])]
+        keep = ~(self.fds["preexisting"] | self.fds["inherited"])
         if leaks_only:
-            fds = fds[fds["leak"]]
-        labels = _labels(fds, by)
+            keep &= self.fds["leak"]
+        wanted = ["born_ns", "died_ns", *(["site_file", "site_line"] if by == "site" else [by])]
+        fds = self.fds.loc[keep, wanted]  # only the columns counted: millions of rows
+        codes, names = _label_codes(fds, by)
         step = pd.Timedelta(freq).value
         bins = int(self.end_ns // step) + 1
-        born_bin = np.clip(fds["born_ns"].to_numpy() // step, 0, bins - 1)
+        born_bin = np.clip(fds["born_ns"].to_numpy() // step, 0, bins - 1).astype(np.int64)
         died = fds["died_ns"].astype("float64").to_numpy()
         died_bin = np.where(np.isnan(died), bins, np.ceil(np.nan_to_num(died) / step))
-        codes, names = pd.factorize(labels, sort=True)
-        delta: np.ndarray = np.zeros((bins + 1, max(len(names), 1)), dtype=np.int64)
-        np.add.at(delta, (born_bin.astype(int), codes), 1)
-        np.add.at(delta, (np.clip(died_bin.astype(int), 0, bins), codes), -1)
+        died_bin = np.clip(died_bin.astype(np.int64), 0, bins)
+        ncols = max(len(names), 1)
+        size = (bins + 1) * ncols  # counts per (bin, label), as np.add.at would, but buffered
+        delta = np.bincount(born_bin * ncols + codes, minlength=size) - np.bincount(
+            died_bin * ncols + codes, minlength=size
+        )
+        delta = delta.reshape(bins + 1, ncols)
         live = np.cumsum(delta, axis=0)[:bins]
         index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
         return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
@@ -618,11 +623,21 @@ def _index_of(names: list[str], value: str) -> int:
     return names.index(value) if value in names else -2
 
 
-def _labels(fds: pd.DataFrame, by: str) -> pd.Series:
-    if by == "site":
-        file = fill_text(fds["site_file"], NO_STACK).astype(str)
-        return file + ":" + fds["site_line"].fillna(0).astype(int).astype(str)
-    return fds[by].astype(str)
+def _label_codes(fds: pd.DataFrame, by: str) -> tuple[np.ndarray, list[str]]:
+    """A code per row and the sorted labels they index: "file:line" per site (each label made
+    once per distinct site, not once per row), else the column's text."""
+    if by != "site":
+        codes, names = pd.factorize(fds[by].astype(str), sort=True)
+        return codes.astype(np.int64), list(names)
+    file_codes, files = pd.factorize(fill_text(fds["site_file"], NO_STACK).astype(str))
+    lines = fds["site_line"].fillna(0).astype(np.int64).to_numpy()
+    width = int(lines.max(initial=0)) + 1
+    numbers, pairs = pd.factorize(file_codes.astype(np.int64) * width + lines)
+    labels = [f"{files[k // width]}:{k % width}" for k in pairs]
+    order = np.argsort(np.array(labels, dtype=object), kind="stable")
+    rank: np.ndarray = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[numbers], [labels[i] for i in order]
 
 
 def _site_dict(file: object, line: Any, function: object) -> dict | None:
