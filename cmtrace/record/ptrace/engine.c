@@ -1214,6 +1214,11 @@ static void on_syscall_stop(struct thread *t) {
     if (ptrace(PTRACE_GET_SYSCALL_INFO, t->tid, sizeof info, &info) <= 0)
         return;
     if (info.op == PTRACE_SYSCALL_INFO_ENTRY) {
+        // A birth interrupted by a signal (-ERESTART*) waits for its exit, but the next exit
+        // stop may be a signal handler's syscall or its rt_sigreturn (whose "result" is the
+        // restored rax: the syscall number). Whatever enters now is not that birth: its
+        // restart enters, and stops, again.
+        t->pending = NULL;
         // With the filter, an entry stop only shows up while a birth waits for its exit (a
         // restarted syscall): its seccomp stop follows.
         if (!use_seccomp || attach_mode)

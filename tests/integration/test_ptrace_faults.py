@@ -1,0 +1,299 @@
+"""The ptrace backend's faults (issue 11): what tracing must never change in the target.
+
+Real processes, no mocks, each checked against the program's own knowledge, /proc/PID and a
+bare run of the same program:
+- detaching (Ctrl-C, --duration) while threads are blocked in accept() and read(): the calls
+  complete when their peers come, no EINTR reaches the program (libc calls made through ctypes
+  would see one), TracerPid is 0 and later fd syscalls work;
+- signals interrupting traced syscalls (interval timers with SA_RESTART handlers and without,
+  while the program blocks in read/accept/recvmsg/open of a FIFO/select/sleep): the program's
+  results equal a bare run's, and the trace's open fds equal /proc/PID/fd;
+- vfork + exec (os.posix_spawn, subprocess with close_fds) under `run -f`;
+- job control: SIGSTOP/SIGCONT of the traced command stops it for real and the trace goes on;
+- SCM_RIGHTS fd passing and close_range.
+(tracer kill -9, EPERM and the engine's death with cmtrace: test_ptrace_backend.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    EXIT_TIMEOUT,
+    FDPROGRAMS,
+    TARGET_PYTHON,
+    Target,
+    Tracer,
+    cmtrace_argv,
+    kind_from_link,
+    read_events,
+    read_meta,
+    report_json,
+    wait_until,
+)
+
+PTRACE = ("--backend", "ptrace")
+NR = {"read": 0, "accept": 43, "accept4": 288}  # x86_64, as /proc/PID/task/TID/syscall shows
+
+
+def program(name: str) -> str:
+    return str(FDPROGRAMS / name)
+
+
+def status_field(pid: int, field: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def tracers_of(pid: int) -> dict[int, int]:
+    """TracerPid of every thread of pid."""
+    return {int(tid): int(status_field(int(tid), "TracerPid"))
+            for tid in os.listdir(f"/proc/{pid}/task")}  # fmt: skip
+
+
+def all_traced(pid: int) -> bool:
+    """Every thread of pid has the same tracer."""
+    tracers = set(tracers_of(pid).values())
+    return len(tracers) == 1 and 0 not in tracers
+
+
+def syscall_of(pid: int, tid: int) -> int | None:
+    """The syscall the thread is blocked in (None: running, or not in a syscall)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    except OSError:
+        return None
+    return int(fields[0]) if fields and fields[0].lstrip("-").isdigit() else None
+
+
+def leaks_by_fd(trace: Path, pid: int) -> dict[int, dict]:
+    return {leak["fd"]: leak for leak in report_json(trace)["leaks"] if leak["pid"] == pid}
+
+
+def assert_open_fds_match(trace: Path, pid: int, fds: dict[str, str], before: dict[str, str]):
+    """The fds the trace leaves open in pid (its leaks) are those /proc/PID/fd shows that were
+    not there before the trace, each of the kind the kernel links it to."""
+    expected = {int(fd): link for fd, link in fds.items() if fd not in before}
+    leaks = leaks_by_fd(trace, pid)
+    assert set(leaks) == set(expected), (sorted(leaks), expected)
+    for fd, link in expected.items():
+        assert leaks[fd]["kind"] in (kind_from_link(link), "unknown"), (fd, link, leaks[fd])
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+# ---- 1. detach while threads are blocked in accept() and read() -----------------------------
+BLOCKED_CALLS = {"python-accept": {NR["accept"], NR["accept4"]}, "raw-accept": {NR["accept"]},
+                 "python-read": {NR["read"]}, "raw-read": {NR["read"]}}  # fmt: skip
+
+
+@pytest.fixture
+def blocked_target(workdir: Path) -> Iterator[Target]:
+    target = Target([TARGET_PYTHON, program("blocked.py")], workdir)
+    yield target
+    target.kill()
+
+
+def wait_blocked(pid: int, tids: dict[str, int]) -> None:
+    """Every thread sits in its blocking syscall (in the kernel, not on its way there)."""
+    for who, tid in tids.items():
+        calls = BLOCKED_CALLS[who]
+        wait_until(lambda t=tid, c=calls: syscall_of(pid, t) in c, 30, f"{who} to block")
+
+
+def wake_everyone(ready: dict) -> dict[str, bytes]:
+    """Be each blocked thread's peer: connect and send, or write into its pipe (opened anew
+    through /proc, as another process would). Returns what each must have received."""
+    sent = {}
+    for who, port in ready["ports"].items():
+        sent[who] = f"hello {who}".encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as peer:
+            peer.sendall(sent[who])
+    for who, fd in ready["pipes"].items():
+        sent[who] = f"bytes for {who}".encode()
+        with open(f"/proc/{ready['pid']}/fd/{fd}", "wb", buffering=0) as pipe:
+            pipe.write(sent[who])
+    return sent
+
+
+def assert_blocked_calls_complete(target: Target, ready: dict) -> None:
+    sent = wake_everyone(ready)
+    woke = {}
+    for _ in sent:
+        message = target.expect("woke", timeout=30)
+        woke[message["who"]] = message
+    for who, data in sent.items():
+        assert woke[who]["ok"] and woke[who]["data"] == data.decode(), woke[who]
+    target.send("check")
+    checked = target.expect("checked")
+    assert checked["ok"] is True, checked
+
+
+@pytest.mark.parametrize("detach", ["ctrl-c", "duration"])
+def test_detach_while_blocked_in_accept_and_read(workdir, blocked_target, detach):
+    ready = blocked_target.expect("ready")
+    pid = ready["pid"]
+    wait_blocked(pid, ready["tids"])
+    duration = ("--duration", "3") if detach == "duration" else ()
+    trace = workdir / f"trace-{detach}"
+    tracer = Tracer(["-p", str(pid), *PTRACE, "-o", str(trace), *duration], cwd=workdir)
+    try:
+        tracer.wait_attached()
+        wait_until(lambda: all_traced(pid), 30, "every thread to be seized")
+        wait_blocked(pid, ready["tids"])  # back in their calls, under the tracer now
+        result = tracer.wait(EXIT_TIMEOUT) if duration else tracer.stop(signal.SIGINT)
+    finally:
+        tracer.kill()
+    assert result.returncode == 0, result.stderr
+    assert tracers_of(pid) == dict.fromkeys(tracers_of(pid), 0)
+    assert status_field(pid, "State")[0] == "S", status_field(pid, "State")  # still blocked
+    wait_blocked(pid, ready["tids"])
+    assert_blocked_calls_complete(blocked_target, ready)
+    meta = read_meta(trace)
+    assert meta["status"] == "complete" and meta["backend"] == "ptrace", meta
+
+
+# ---- 2. signals interrupting traced syscalls ------------------------------------------------
+SIGNAL_MODES = ("restart", "interrupt")  # SA_RESTART handlers, and handlers without it
+
+
+def done_of(stdout: str) -> dict:
+    return next(json.loads(line) for line in stdout.splitlines() if '"done"' in line)
+
+
+def behaviour(done: dict) -> list[tuple[str, str, bool]]:
+    """What the program saw: each call's result, and whether libc handed it an EINTR (how many
+    depends on timing; whether any does not)."""
+    return [(r["op"], r["result"], r["eintr"] > 0) for r in done["results"]]
+
+
+@pytest.fixture(scope="module")
+def bare_signal_runs() -> dict[str, dict]:
+    """The programs' results untraced, once per mode."""
+    runs = {}
+    for mode in SIGNAL_MODES:
+        result = subprocess.run([TARGET_PYTHON, program("sigops.py"), mode, "run"],
+                                capture_output=True, text=True, timeout=EXIT_TIMEOUT)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        runs[mode] = done_of(result.stdout)
+    return runs
+
+
+@pytest.mark.parametrize("mode", SIGNAL_MODES)
+def test_signals_interrupting_syscalls_under_run(workdir, bare_signal_runs, mode):
+    trace = workdir / f"trace-{mode}"
+    result = subprocess.run(
+        [*cmtrace_run(trace), TARGET_PYTHON, program("sigops.py"), mode, "run"],
+        capture_output=True, text=True, timeout=EXIT_TIMEOUT, cwd=workdir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    done = done_of(result.stdout)
+    assert done["signals"] > 0
+    assert behaviour(done) == behaviour(bare_signal_runs[mode])
+    assert_open_fds_match(trace, done["pid"], done["fds"], before=done["start_fds"])
+    assert_lossless(trace)
+
+
+@pytest.mark.parametrize("mode", SIGNAL_MODES)
+def test_signals_interrupting_syscalls_under_attach(workdir, bare_signal_runs, mode):
+    target = Target([TARGET_PYTHON, program("sigops.py"), mode, "serve"], workdir)
+    trace = workdir / f"trace-attach-{mode}"
+    try:
+        ready = target.expect("ready")
+        tracer = Tracer(["-p", str(target.pid), *PTRACE, "-o", str(trace)], cwd=workdir)
+        tracer.wait_attached()
+        target.send("go")
+        done = target.expect("done", timeout=EXIT_TIMEOUT)
+        stopped = tracer.stop(signal.SIGINT)
+        assert stopped.returncode == 0, stopped.stderr
+        assert target.finish() == 0, target.stderr_text()
+    finally:
+        target.kill()
+    assert behaviour(done) == behaviour(bare_signal_runs[mode])
+    assert_open_fds_match(trace, done["pid"], done["fds"], before=ready["fds"])
+    assert_lossless(trace)
+
+
+def cmtrace_run(trace: Path, *options: str) -> list[str]:
+    return cmtrace_argv("run", *PTRACE, "-o", str(trace), *options, "--")
+
+
+def assert_lossless(trace: Path) -> dict:
+    meta = read_meta(trace)
+    assert meta["status"] == "complete" and meta["lost_events"] == 0, meta
+    assert meta["backend"] == "ptrace" and meta["backend_stats"]["dropped"] == 0, meta
+    return meta
+
+
+# ---- 3. vfork + exec ------------------------------------------------------------------------
+CLONE_VFORK = 0x4000
+SPAWNED_FD = 7  # spawns.py's posix_spawn file action
+
+
+def marked_line(path: str, marker: str) -> int:
+    lines = Path(path).read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if f"# {marker}" in line)
+
+
+def messages(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_vfork_children_under_run(workdir):
+    """posix_spawn (clone with CLONE_VFORK) and subprocess (vfork, close_range): each child's
+    fd syscalls before its exec, the exec, its own leaks and its exit are recorded; the parent
+    goes on, and its stacks (at the spawns and after) are whole."""
+    spawns = program("spawns.py")
+    trace = workdir / "trace-vfork"
+    result = subprocess.run([*cmtrace_run(trace), TARGET_PYTHON, spawns], capture_output=True,
+                            text=True, timeout=EXIT_TIMEOUT, cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    said = messages(result.stdout)
+    done = next(m for m in said if m["event"] == "done")
+    children = {m["pid"]: m for m in said if m["event"] == "child"}
+    assert done["status"] == {"posix_spawn": 0, "subprocess": 0}, done
+    assert set(children) == set(done["children"].values()), (children, done)
+    assert_lossless(trace)
+
+    from cmtrace.analysis import api  # noqa: PLC0415 (pandas: only for the tests that read)
+
+    loaded = api.load(trace)
+    events = read_events(trace)
+    forks = events[(events.pid == done["pid"]) & (events.op == "fork")]
+    by_child = {int(row.arg): row for row in forks.itertuples()}
+    assert set(by_child) == set(children), forks
+    for how, marker in (("posix_spawn", "POSIX-SPAWN"), ("subprocess", "SUBPROCESS")):
+        fork = by_child[done["children"][how]]
+        assert int(fork.flags) & CLONE_VFORK, (how, fork)
+        frames = loaded.stack(int(fork.stack_id))
+        ours = [(f["file"], f["line"]) for f in frames if f["file"] == spawns]
+        assert ours and ours[0] == (spawns, marked_line(spawns, marker)), (how, frames)
+    for pid in children:
+        ops = events[events.pid == pid].op.tolist()
+        assert "exec" in ops and ops[-1] == "exit", (pid, ops)
+        before_exec = ops[: ops.index("exec")]
+        assert "close" in before_exec or "close_range" in before_exec, (pid, ops)
+
+    posix, sub = (children[done["children"][how]] for how in ("posix_spawn", "subprocess"))
+    # the ground truth: each child's fds as it printed them; the file action's fd and its own
+    # leak are its leaks; the fd it inherited with pass_fds is the parent's
+    assert set(posix["fds"]) - {"0", "1", "2"} == {str(SPAWNED_FD), str(posix["leaked"])}
+    assert set(sub["fds"]) - {"0", "1", "2"} == {str(done["passed"]), str(sub["leaked"])}
+    leaks = {pid: set(leaks_by_fd(trace, pid)) for pid in (posix["pid"], sub["pid"])}
+    assert leaks == {posix["pid"]: {SPAWNED_FD, posix["leaked"]}, sub["pid"]: {sub["leaked"]}}
+    parent_leaks = leaks_by_fd(trace, done["pid"])
+    assert_open_fds_match(trace, done["pid"], done["fds"], before=done["start_fds"])
+    lines = {leak["site"]["line"] for leak in parent_leaks.values()}
+    assert lines == {marked_line(spawns, "PARENT-BEFORE"), marked_line(spawns, "PARENT-AFTER")}
