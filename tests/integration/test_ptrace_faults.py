@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -297,3 +299,117 @@ def test_vfork_children_under_run(workdir):
     assert_open_fds_match(trace, done["pid"], done["fds"], before=done["start_fds"])
     lines = {leak["site"]["line"] for leak in parent_leaks.values()}
     assert lines == {marked_line(spawns, "PARENT-BEFORE"), marked_line(spawns, "PARENT-AFTER")}
+
+
+# ---- 4. job control: SIGSTOP / SIGCONT of the traced process --------------------------------
+TICKER = program("ticker.py")
+STOPPED_STATES = ("T", "t")  # stopped; "tracing stop" while a tracer holds the group stop
+QUIET_S = 0.6  # a stopped ticker prints nothing for this long (it ticks every 20 ms)
+
+
+def thread_states(pid: int) -> dict[int, str]:
+    states = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        states[int(tid)] = stat.rsplit(")", 1)[1].split()[0]
+    return states
+
+
+def all_stopped(pid: int) -> bool:
+    return all(state in STOPPED_STATES for state in thread_states(pid).values())
+
+
+def lines_within(target: Target, seconds: float) -> list[str]:
+    """The lines the target prints within `seconds`."""
+    got, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = target.out.lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line == "":
+            target.out.lines.put("")
+            break
+        got.append(line)
+    return got
+
+
+def stop_and_continue(target: Target, pid: int, reaper: Target | None = None) -> None:
+    """SIGSTOP: every thread stops and nothing is printed; the parent (reaper: the test,
+    under -p) is told it stopped; SIGCONT: the ticks come again."""
+    target.expect("tick", timeout=30)
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: all_stopped(pid), 30, "every thread to stop")
+    lines_within(target, 0.1)  # a tick written just before the stop
+    assert lines_within(target, QUIET_S) == [], "a stopped process printed"
+    assert all_stopped(pid), thread_states(pid)
+    if reaper is not None:
+        _, status = os.waitpid(pid, os.WUNTRACED | os.WNOHANG)
+        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP, status
+    os.kill(pid, signal.SIGCONT)
+    target.messages.clear()
+    target.expect("tick", timeout=30)
+    assert not all_stopped(pid), thread_states(pid)
+
+
+def assert_ticks_recorded(trace: Path, done: dict, before: dict[str, str]) -> None:
+    """Every tick's open is in the trace, once (none lost while stopped, none doubled), and the
+    fds left open are the program's own."""
+    from cmtrace.analysis import api  # noqa: PLC0415
+
+    fds = api.load(trace).fds
+    tick_line = marked_line(TICKER, "TICK")
+    ours = fds[(fds.pid == done["pid"]) & (fds.site_line == tick_line)]
+    assert len(ours) == done["ticks"], (len(ours), done["ticks"])
+    pipes = fds[(fds.pid == done["pid"]) & (fds.kind == "pipe")]
+    assert len(pipes) >= 2 * done["pipes"], (len(pipes), done["pipes"])
+    assert_open_fds_match(trace, done["pid"], done["fds"], before=before)
+
+
+def test_sigstop_sigcont_under_run(workdir):
+    trace = workdir / "trace-jobs-run"
+    target = Target([*cmtrace_run(trace), TARGET_PYTHON, TICKER], workdir)
+    try:
+        ready = target.expect("ready", timeout=EXIT_TIMEOUT)
+        stop_and_continue(target, ready["pid"])
+        stop_and_continue(target, ready["pid"])  # and again
+        target.send("finish")
+        done = target.expect("done")
+        assert target.finish(timeout=EXIT_TIMEOUT) == 0, target.stderr_text()
+    finally:
+        target.kill()
+    assert_lossless(trace)
+    assert_ticks_recorded(trace, done, before=done["start_fds"])
+
+
+@pytest.mark.parametrize("detach", ["running", "stopped"])
+def test_sigstop_sigcont_under_attach(workdir, detach):
+    """The group stop is the target's: its parent sees it stopped; detaching while it is
+    stopped leaves it stopped (untraced), and SIGCONT then resumes it."""
+    target = Target([TARGET_PYTHON, TICKER], workdir)
+    trace = workdir / f"trace-jobs-attach-{detach}"
+    try:
+        ready = target.expect("ready")
+        pid = ready["pid"]
+        tracer = Tracer(["-p", str(pid), *PTRACE, "-o", str(trace)], cwd=workdir)
+        tracer.wait_attached()
+        stop_and_continue(target, pid, reaper=target)
+        if detach == "stopped":
+            os.kill(pid, signal.SIGSTOP)
+            wait_until(lambda: all_stopped(pid), 30, "every thread to stop")
+        stopped = tracer.stop(signal.SIGINT)
+        assert stopped.returncode == 0, stopped.stderr
+        assert set(tracers_of(pid).values()) == {0}
+        if detach == "stopped":
+            assert set(thread_states(pid).values()) == {"T"}, thread_states(pid)
+            lines_within(target, 0.1)
+            assert lines_within(target, QUIET_S) == [], "a stopped process printed"
+            os.kill(pid, signal.SIGCONT)
+        target.messages.clear()
+        target.expect("tick", timeout=30)
+        target.send("finish")
+        target.expect("done")
+        assert target.finish() == 0, target.stderr_text()
+    finally:
+        target.kill()
+    assert_lossless(trace)
