@@ -413,3 +413,53 @@ def test_sigstop_sigcont_under_attach(workdir, detach):
     finally:
         target.kill()
     assert_lossless(trace)
+
+
+# ---- 5. SCM_RIGHTS and close_range ----------------------------------------------------------
+PASSFDS = program("passfds.py")
+
+
+def assert_fd_flags_match(trace: Path, done: dict) -> None:
+    """The received fds are births of the receiver, and every fd left open has the CLOEXEC
+    bit /proc/PID/fdinfo shows (MSG_CMSG_CLOEXEC, set_inheritable, close_range's
+    CLOSE_RANGE_CLOEXEC, which closes nothing)."""
+    from cmtrace.analysis import api  # noqa: PLC0415
+
+    fds = api.load(trace).fds
+    left = fds[(fds.pid == done["pid"]) & fds.leak]
+    assert sorted(left[left.syscall == "recvmsg"].fd) == sorted(done["received"]), left
+    cloexec = {int(row.fd): bool(row.cloexec) for row in left.itertuples()}
+    truth = {int(fd): int(fd) in done["cloexec"] for fd in done["fds"]
+             if fd not in done["start_fds"]}  # fmt: skip
+    assert cloexec == truth
+
+
+def test_scm_rights_and_close_range_under_run(workdir):
+    trace = workdir / "trace-passfds"
+    result = subprocess.run([*cmtrace_run(trace), TARGET_PYTHON, PASSFDS, "run"],
+                            capture_output=True, text=True, timeout=EXIT_TIMEOUT, cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    done = done_of(result.stdout)
+    assert_lossless(trace)
+    assert_open_fds_match(trace, done["pid"], done["fds"], before=done["start_fds"])
+    assert_fd_flags_match(trace, done)
+    child_leaks = leaks_by_fd(trace, done["child"])  # what it sent, still open at its _exit
+    assert sorted(leak["kind"] for leak in child_leaks.values()) == ["pipe", "pipe", "socket"]
+
+
+def test_scm_rights_and_close_range_under_attach(workdir):
+    target = Target([TARGET_PYTHON, PASSFDS, "serve"], workdir)
+    trace = workdir / "trace-passfds-attach"
+    try:
+        ready = target.expect("ready")
+        tracer = Tracer(["-p", str(target.pid), *PTRACE, "-o", str(trace)], cwd=workdir)
+        tracer.wait_attached()
+        target.send("go")
+        done = target.expect("done")
+        assert tracer.stop(signal.SIGINT).returncode == 0
+        assert target.finish() == 0, target.stderr_text()
+    finally:
+        target.kill()
+    assert_lossless(trace)
+    assert_open_fds_match(trace, done["pid"], done["fds"], before=ready["fds"])
+    assert_fd_flags_match(trace, done)
