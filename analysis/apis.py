@@ -208,10 +208,12 @@ def frame_api(frame: Frame, src: SourceIndex, called: str | None = None) -> str 
         return None
     name = qualified_name(frame, src)
     public = called.rsplit(".", 1)[-1] if called else ""
-    if name.endswith(".__init__"):
-        name = name[: -len(".__init__")]
+    if name == "__init__" or name.endswith(".__init__"):
+        name = name[: -len(".__init__")] if name != "__init__" else ""
         if public[:1].isupper() and "." not in name and public != name:
-            name = public  # a subclass inheriting __init__: selectors.DefaultSelector
+            # the class the line names: a subclass inheriting __init__ (selectors.DefaultSelector),
+            # or the class a pre-3.11 frame could not tell without the library's source
+            name = public
     owner, _, last = name.rpartition(".")
     if last.startswith("_") and not last.startswith("__") and last.lstrip("_") == public:
         name = f"{owner}.{public}" if owner else public

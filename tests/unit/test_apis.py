@@ -145,6 +145,10 @@ def test_api_before_311_without_the_source_is_module_and_function(src: SourceInd
     frames = [old_frame("_open", "/opt/py39/lib/python3.9/gone.py", 10, 9),
               frame("log_request", APP, 7, 6)]  # fmt: skip
     assert api_of(frames, src) == "gone._open"
+    # a constructor without its class: the class the line calls (`logging.FileHandler(path)`)
+    frames = [old_frame("__init__", "/opt/py39/lib/python3.9/gone.py", 10, 9),
+              frame("log_request", APP, 7, 6)]  # fmt: skip
+    assert api_of(frames, src) == "gone.FileHandler"
 
 
 def test_api_of_a_call_straight_into_c_is_named_on_the_line(src: SourceIndex) -> None:
