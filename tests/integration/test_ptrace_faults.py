@@ -228,6 +228,29 @@ def test_signals_interrupting_syscalls_under_attach(workdir, bare_signal_runs, m
     assert_lossless(trace)
 
 
+@pytest.mark.parametrize("after_s", [0.05, 0.2, 0.35])
+@pytest.mark.parametrize("mode", SIGNAL_MODES)
+def test_detach_in_a_signal_storm(workdir, bare_signal_runs, mode, after_s):
+    """Ctrl-C while the calls are being interrupted every 2 ms: the program still sees what
+    a bare run sees (no EINTR let through to a restarting read, no signal lost or doubled so
+    that a call hangs or returns early)."""
+    target = Target([TARGET_PYTHON, program("sigops.py"), mode, "serve"], workdir)
+    try:
+        target.expect("ready")
+        tracer = Tracer(["-p", str(target.pid), *PTRACE, "-o", str(workdir / "trace")],
+                        cwd=workdir)  # fmt: skip
+        tracer.wait_attached()
+        target.send("go")
+        time.sleep(after_s)  # the storm runs for about 0.5 s: detach somewhere in it
+        assert tracer.stop(signal.SIGINT).returncode == 0
+        done = target.expect("done", timeout=EXIT_TIMEOUT)
+        assert set(tracers_of(target.pid).values()) == {0}
+        assert target.finish() == 0, target.stderr_text()
+    finally:
+        target.kill()
+    assert behaviour(done) == behaviour(bare_signal_runs[mode])
+
+
 def cmtrace_run(trace: Path, *options: str) -> list[str]:
     return cmtrace_argv("run", *PTRACE, "-o", str(trace), *options, "--")
 

@@ -715,51 +715,72 @@ static void copy_sockaddr(u64 addr, u64 len) {
         rec.e.datalen = (u32)len;
 }
 
-// The first control message of a successful recvmsg, if it passes descriptors (SCM_RIGHTS).
-static int copy_scm_rights(pid_t pid, u64 msghdr_addr) {
+// The fds a successful recvmsg received (SCM_RIGHTS), from every control message: a socket
+// with SO_PASSCRED gets SCM_CREDENTIALS first, and one message carries up to SCM_MAX_FD fds.
+#define CONTROL_MAX 2048  // control bytes read: SCM_MAX_FD (253) fds and credentials fit
+#define CMSG_HEAD 16      // struct cmsghdr on x86_64: u64 len, s32 level, s32 type
+#define MAX_RECEIVED (CONTROL_MAX / 4)
+static u32 received_fds(pid_t pid, u64 msghdr_addr, s32 *fds) {
     struct {
         u64 name;
         u32 namelen, pad;
-        u64 iov, iovlen, control, controllen;
+        u64 iov, iovlen, control, controllen;  // controllen: what the kernel filled in
         s32 flags;
     } msg;
-    struct {
-        u64 len;
-        s32 level, type;
-    } cm;
+    static u8 control[CONTROL_MAX];
     mem_begin(pid);
     if (read_direct(&msg, msghdr_addr, sizeof msg) || !msg.control ||
-        msg.controllen < sizeof cm + 4 || read_direct(&cm, msg.control, sizeof cm))
+        msg.controllen < CMSG_HEAD + 4)
         return 0;
-    if (cm.level != 1 || cm.type != 1 || cm.len < sizeof cm + 4)  // SOL_SOCKET, SCM_RIGHTS
+    u64 len = msg.controllen < CONTROL_MAX ? msg.controllen : CONTROL_MAX;
+    if (read_direct(control, msg.control, len))
         return 0;
-    u64 n = (cm.len - sizeof cm) / 4;
-    if (n > 16)
-        n = 16;
-    if (read_direct(rec.data, msg.control + sizeof cm, n * 4))
-        return 0;
-    rec.e.datalen = (u32)(n * 4);
-    return 1;
+    u32 n = 0;
+    for (u64 at = 0; at + CMSG_HEAD <= len;) {
+        struct {
+            u64 len;
+            s32 level, type;
+        } cm;
+        memcpy(&cm, control + at, sizeof cm);
+        if (cm.len < CMSG_HEAD || cm.len > len - at)
+            break;
+        if (cm.level == 1 && cm.type == 1) {  // SOL_SOCKET, SCM_RIGHTS
+            u32 count = (u32)((cm.len - CMSG_HEAD) / 4);
+            memcpy(fds + n, control + at + CMSG_HEAD, count * 4);
+            n += count;
+        }
+        at += (cm.len + 7) & ~7ull;  // CMSG_ALIGN
+    }
+    return n;
+}
+
+// recvmsg's births: the fds it received, one record per DATA_LEN / 4 of them, with the stack
+// (walked only for the few recvmsg calls that pass fds).
+static void emit_received(struct thread *t, const struct syscall_shape *sh) {
+    static s32 fds[MAX_RECEIVED];
+    const u64 *a = t->args;
+    u32 n = received_fds(t->tid, a[sh->ptr], fds), per_record = DATA_LEN / 4;
+    if (!n)
+        return;
+    u32 flags = 0;
+    u64 id = capture_stack(t, &flags);
+    for (u32 at = 0; at < n; at += per_record) {
+        u32 count = n - at < per_record ? n - at : per_record;
+        begin_event(t, EV_BIRTH, sh->nr, id, flags);
+        memcpy(rec.data, fds + at, count * 4);
+        rec.e.datalen = count * 4;
+        rec.e.fd2 = (s32)a[sh->src];
+        rec.e.flags = a[sh->flags];
+        end_event(t);
+    }
 }
 
 // A birth's record, at its exit stop (ret: the syscall's return value).
 static void emit_birth(struct thread *t, const struct syscall_shape *sh, s64 ret) {
     const u64 *a = t->args;
-    if (sh->handling == H_SCM) {  // few recvmsg calls pass fds: walk only for those
-        begin_event(t, EV_BIRTH, sh->nr, 0, 0);
-        if (ret < 0 || !copy_scm_rights(t->tid, a[sh->ptr]))
-            return;
-        u32 flags = 0;
-        u64 id = capture_stack(t, &flags);
-        u32 keep = rec.e.datalen;
-        char data[64];
-        memcpy(data, rec.data, keep);
-        begin_event(t, EV_BIRTH, sh->nr, id, flags);
-        memcpy(rec.data, data, keep);
-        rec.e.datalen = keep;
-        rec.e.fd2 = (s32)a[sh->src];
-        rec.e.flags = a[sh->flags];
-        end_event(t);
+    if (sh->handling == H_SCM) {
+        if (ret >= 0)
+            emit_received(t, sh);
         return;
     }
     begin_event(t, ret < 0 ? EV_FAIL : EV_BIRTH, sh->nr, t->stack_id, t->stack_flags);

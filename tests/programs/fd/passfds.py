@@ -5,7 +5,8 @@
                                all, report, wait for the end of stdin, exit
 
 1. a forked child opens a file, a pipe and a socket and sends the four fds to the parent in one
-   message, then one more fd in a second one, received with MSG_CMSG_CLOEXEC;
+   message, then one more fd in a second one, received with MSG_CMSG_CLOEXEC; then MANY fds in
+   one message to a socket with SO_PASSCRED (credentials come first);
 2. close_range(first, last, 0) closes a block of fds opened for it (with a hole in it);
    close_range(first, ~0U, CLOSE_RANGE_CLOEXEC) only marks the (inheritable) ones after it
    CLOEXEC;
@@ -27,6 +28,7 @@ LIBC = ctypes.CDLL(None, use_errno=True)
 NR_CLOSE_RANGE = 436  # x86_64
 CLOSE_RANGE_CLOEXEC = 4
 ALL = 0xFFFFFFFF  # ~0U: to the last fd
+MANY = 20  # fds in one message: more than the 16 a first version recorded
 KEPT: list = []
 
 
@@ -94,6 +96,23 @@ def recv_cloexec(channel: socket.socket) -> list[int]:
     return list(fds)
 
 
+def receive_with_credentials() -> list[int]:
+    """MANY fds in one message to a socket with SO_PASSCRED: the kernel puts SCM_CREDENTIALS
+    before SCM_RIGHTS."""
+    ours, theirs = socket.socketpair()
+    KEPT.extend([ours, theirs])
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    with open(__file__, "rb") as f:
+        socket.send_fds(theirs, [b"many"], [f.fileno()] * MANY)
+    fds = array.array("i")
+    space = socket.CMSG_SPACE(MANY * fds.itemsize) + socket.CMSG_SPACE(12)  # + ucred
+    _, ancillary, _, _ = ours.recvmsg(16, space)
+    kinds = [kind for _, kind, _ in ancillary]
+    assert kinds == [socket.SCM_CREDENTIALS, socket.SCM_RIGHTS], kinds
+    fds.frombytes(ancillary[1][2])
+    return list(fds)
+
+
 def open_block(count: int) -> list[int]:
     return [os.open(__file__, os.O_RDONLY) for _ in range(count)]
 
@@ -116,6 +135,7 @@ def main() -> None:
         say("ready", fds=start)
         sys.stdin.readline()
     child, received = receive_from_a_child()
+    received += receive_with_credentials()
     close_blocks()
     say("done", child=child, received=received, fds=fd_table(), cloexec=cloexec_fds(),
         start_fds=start)  # fmt: skip
