@@ -294,7 +294,9 @@ class Recording:
         except CmtraceError:
             pass  # meta.json stays 'recording' and readers report the trace interrupted
 
-    def finish(self) -> None:
+    def finish(self, interrupted: str | None = None) -> None:
+        """Write what is left and meta.json: complete, or `interrupted` (why) when the recorder
+        died before the end."""
         if self.failure is not None:
             self.abandon()
             raise self.failure
@@ -305,8 +307,9 @@ class Recording:
         self._snapshot_threads()
         self._capture_sources()
         self._writer().finish(
+            status=schema.STATUS_INTERRUPTED if interrupted else schema.STATUS_COMPLETE,
             lost_events=self.backend.lost_events(),
-            stop_reason=self.stop_reason,
+            stop_reason=interrupted or self.stop_reason,
             events=self.events_written,
             python=[target.as_dict() for target in self.targets.values()],
             processes=[{"pid": pid, "ns_pid": inner} for pid, inner in self.ns_pids.items()],
@@ -506,6 +509,11 @@ def run(options: RecordOptions) -> Finished:
         while started.running():
             time.sleep(0.2)
         return Finished(rec, output, failure=rec.failure)
-    exit_code = started.exit_code()  # ptrace: the engine reaped it and says how it ended
+    try:
+        exit_code = started.exit_code()  # ptrace: the engine reaped it and says how it ended
+    except CmtraceError as exc:  # the recorder died (ptrace: its command with it)
+        rec.finish(interrupted=str(exc))
+        print(f"cmtrace: error: {exc}", file=sys.stderr, flush=True)
+        return Finished(rec, output, failure=exc)
     rec.finish()
     return Finished(rec, output, exit_code=exit_code)

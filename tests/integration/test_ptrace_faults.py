@@ -338,6 +338,13 @@ def thread_states(pid: int) -> dict[int, str]:
     return states
 
 
+def is_dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
 def all_stopped(pid: int) -> bool:
     return all(state in STOPPED_STATES for state in thread_states(pid).values())
 
@@ -486,3 +493,77 @@ def test_scm_rights_and_close_range_under_attach(workdir):
     assert_lossless(trace)
     assert_open_fds_match(trace, done["pid"], done["fds"], before=ready["fds"])
     assert_fd_flags_match(trace, done)
+
+
+def test_run_through_more_processes_than_the_engine_holds_at_once(workdir):
+    """9,000 short-lived children one after the other (a test suite's subprocesses): the
+    engine's process table (8,192 slots) was never freed, and it crashed on the 8,192nd."""
+    forker = program("forker.py")
+    trace = workdir / "trace-many"
+    result = subprocess.run([*cmtrace_run(trace), TARGET_PYTHON, forker, "many", "9000"],
+                            capture_output=True, text=True, timeout=EXIT_TIMEOUT, cwd=workdir)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    done = done_of(result.stdout)
+    meta = assert_lossless(trace)
+    assert meta["backend_stats"]["processes"] == 9001 and meta["backend_stats"]["untracked"] == 0
+    leaks = leaks_by_fd(trace, done["pid"])
+    assert set(leaks) == {done["fd"]}, leaks
+    assert leaks[done["fd"]]["site"]["line"] == marked_line(forker, "MANY-LEAK")
+    exits = read_events(trace).query("op == 'exit'")
+    assert len(exits) == 9001, len(exits)
+
+
+# ---- the engine dies under `cmtrace run` -----------------------------------------------------
+def test_engine_killed_during_run_is_an_error_and_an_interrupted_trace(workdir):
+    """The engine (not cmtrace) dies: the command dies with it (PTRACE_O_EXITKILL), cmtrace says
+    so in one line, exits as a shell reports a SIGKILLed command, and keeps the trace so far,
+    marked interrupted (it said "complete" and exited 245 after the engine's SIGSEGV)."""
+    trace = workdir / "trace-engine-killed"
+    target = Target([*cmtrace_run(trace), TARGET_PYTHON, TICKER], workdir)
+    try:
+        ready = target.expect("ready", timeout=EXIT_TIMEOUT)
+        for _ in range(3):
+            target.expect("tick", timeout=30)
+        engine = int(status_field(ready["pid"], "TracerPid"))
+        os.kill(engine, signal.SIGKILL)
+        code = target.proc.wait(timeout=EXIT_TIMEOUT)
+        stderr = target.stderr_text()
+    finally:
+        target.kill()
+    wait_until(lambda: is_dead(ready["pid"]), 30, "the command to die with the engine")
+    assert code == 128 + signal.SIGKILL, stderr
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "the ptrace engine was killed by SIGKILL" in errors[0], stderr
+    assert "Traceback" not in stderr
+    meta = read_meta(trace)
+    assert meta["status"] == "interrupted" and "engine" in meta["stop_reason"], meta
+    assert report_json(trace)["interrupted"]
+    assert len(read_events(trace)) > 0
+
+
+# ---- children of an attached process ----------------------------------------------------------
+@pytest.mark.parametrize("follow", [False, True], ids=["no-f", "f"])
+def test_attach_traces_children_only_with_f(workdir, follow):
+    """Without -f a child is not recorded, so it must not be traced either (every one of its
+    syscalls would stop); with -f it is traced and its fds are recorded."""
+    target = Target([TARGET_PYTHON, program("forker.py")], workdir)
+    trace = workdir / f"trace-forker-{follow}"
+    flags = ("-f",) if follow else ()
+    try:
+        target.expect("ready")
+        tracer = Tracer(["-p", str(target.pid), *PTRACE, *flags, "-o", str(trace)], cwd=workdir)
+        tracer.wait_attached()
+        target.send("fork")
+        child = target.expect("child")
+        forked = target.expect("forked")
+        engine = int(status_field(target.pid, "TracerPid"))
+        assert forked["status"] == 0 and child["ppid"] == target.pid, (child, forked)
+        assert child["tracer"] == (engine if follow else 0), (child, engine)
+        assert tracer.stop(signal.SIGINT).returncode == 0
+        assert target.finish() == 0, target.stderr_text()
+    finally:
+        target.kill()
+    assert_lossless(trace)
+    events = read_events(trace)
+    child_ops = set(events[events.pid == child["pid"]].op)
+    assert child_ops == ({"birth", "close", "exit"} if follow else set()), child_ops

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from cmtrace.errors import EnvironmentProblem, TargetError
+from cmtrace.errors import CmtraceError, EnvironmentProblem, TargetError
 from cmtrace.record import permissions, procfs
 from cmtrace.record.backend import PythonTarget, Records
 from cmtrace.record.bpf import stacks, targets
@@ -266,6 +266,13 @@ class PtraceCommand:
             self.backend._read_to_end(self.recording)
             stats = self.recording.wait(FINISH_TIMEOUT_S)
             self.backend._add_counters(stats)
+            death = _engine_death(stats)
+            if death:
+                raise CmtraceError(
+                    f"the ptrace engine {death}, and the command was killed with it (run mode "
+                    "is fail-stop: see the README); the trace so far is kept, marked interrupted",
+                    exit_code=128 + signal.SIGKILL,
+                )
             self._exit_code = int(stats.get("exit_code", 0))
         return self._exit_code
 
@@ -283,6 +290,17 @@ class PtraceCommand:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _engine_death(stats: dict[str, Any]) -> str | None:
+    """How the engine ended, if not by itself: killed by a signal, or gone without writing
+    its counters (an internal error). Its tracees were killed with it (PTRACE_O_EXITKILL)."""
+    status = stats.get("engine_status")
+    if isinstance(status, int) and status < 0:
+        return f"was killed by {signal.Signals(-status).name}"
+    if "stops" not in stats:
+        return f"ended without its counters (exit status {status})"
+    return None
 
 
 def _traced_by(tracer: int) -> list[int]:

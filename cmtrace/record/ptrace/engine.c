@@ -162,6 +162,7 @@ static int is_birth(const struct syscall_shape *sh) {
 static struct {
     long stops, events, stacks, codes, reads, read_bytes, no_stack, write_errors, dropped;
     long threads_seen, processes_seen;
+    long untracked;  // processes beyond MAX_PROCS at once: traced, not recorded
 } stat;
 
 // ---- record stream ----------------------------------------------------------------------------
@@ -459,6 +460,10 @@ static int live_threads;
 // event says which one it is (not in procs[], so not counted; recorded = 0).
 static struct proc unfiled_proc;
 #define LISTEN_AT_FILING -1
+// Children of an attached process without -f: not recorded, so not traced either (every
+// syscall of theirs would stop): detached at their first stop. And processes that found no
+// free slot in procs[]: still traced (run mode: their filter needs the engine), not recorded.
+static struct proc released_proc, untracked_proc;
 
 static struct thread *find_thread(pid_t tid) {
     for (u32 i = (u32)tid % MAX_THREADS, n = 0; n < MAX_THREADS; i = (i + 1) % MAX_THREADS, n++) {
@@ -508,10 +513,26 @@ static struct thread *add_thread(pid_t tid, struct proc *proc) {
     exit(EXIT_INTERNAL);
 }
 
-// Freed slots keep their tid so that lookups probing past them go on (tombstones).
+// Freed slots keep their tid so that lookups probing past them go on (tombstones), unless the
+// next slot ends every probe anyway (never used): then it and the tombstones before it do too.
+// Without that, a long trace of short-lived tasks left tombstones everywhere, and each lookup
+// of a new tid scanned the whole table.
 static void drop_thread(struct thread *t) {
     t->used = 0;
     live_threads--;
+    u32 i = (u32)(t - threads), next = (i + 1) % MAX_THREADS;
+    if (threads[next].used || threads[next].tid)
+        return;
+    while (!threads[i].used && threads[i].tid) {
+        threads[i].tid = 0;
+        i = (i + MAX_THREADS - 1) % MAX_THREADS;
+    }
+}
+
+// A process whose leader is gone: its slot is free (a recycled pid starts afresh).
+static void drop_proc(struct proc *p) {
+    if (p >= procs && p < procs + MAX_PROCS)
+        p->used = 0;
 }
 
 // ---- Python stacks ----------------------------------------------------------------------------
@@ -1134,12 +1155,39 @@ static u64 clone_flags_of(struct thread *t, int event) {
     return regs.rdi;
 }
 
+// Detach a task in a ptrace stop, handing on the signal it was about to get (a group-stopped
+// one stays stopped).
+static void release_task(struct thread *t, int sig) {
+    ptrace(PTRACE_DETACH, t->tid, 0, sig);
+    drop_thread(t);
+}
+
+// The process a new child belongs to: its own slot (run mode traces every child, and records
+// it with -f; attach mode with -f), released_proc (attach mode without -f) or, procs[] being
+// full, untracked_proc.
+static struct proc *child_proc(struct proc *parent, pid_t child) {
+    if (attach_mode && !follow)
+        return &released_proc;
+    struct proc *c = find_proc(child, 1);
+    if (!c) {
+        stat.untracked++;
+        return &untracked_proc;
+    }
+    c->cfg = parent->cfg;  // same interpreter at the same addresses, same generation
+    c->has_config = parent->has_config;
+    c->recorded = parent->recorded && follow;  // run mode traces children regardless
+    memcpy(c->comm, parent->comm, sizeof c->comm);
+    return c;
+}
+
 // A task whose first stop came before its parent's event was left stopped, so that none of its
 // syscalls go by unrecorded: it runs from here, in its process.
 static void file_task(struct thread *t, struct proc *p) {
     t->proc = p;
     t->unfiled = 0;
-    if (t->unfiled_sig == LISTEN_AT_FILING)
+    if (p == &released_proc)
+        release_task(t, t->unfiled_sig == LISTEN_AT_FILING ? 0 : t->unfiled_sig);
+    else if (t->unfiled_sig == LISTEN_AT_FILING)
         ptrace(PTRACE_LISTEN, t->tid, 0, 0);
     else
         resume(t, t->unfiled_sig);
@@ -1151,13 +1199,8 @@ static void on_new_task(struct thread *parent, int event) {
     u64 flags = clone_flags_of(parent, event);
     struct proc *p = parent->proc;
     if (!(flags & CLONE_THREAD_)) {
-        struct proc *c = find_proc((pid_t)child, 1);
-        c->cfg = p->cfg;  // same interpreter at the same addresses, same generation
-        c->has_config = p->has_config;
-        c->recorded = p->recorded && follow;
-        memcpy(c->comm, p->comm, sizeof c->comm);
         emit_fork(parent, (pid_t)child, flags);
-        p = c;
+        p = child_proc(p, (pid_t)child);
     }
     struct thread *t = find_thread((pid_t)child);
     if (t && t->unfiled)
@@ -1298,6 +1341,7 @@ static void on_gone(pid_t tid, int status) {
         emit_exit(t);
         if (tid == root_pid && !attach_mode)
             root_pid = -(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status)) - 1;
+        drop_proc(t->proc);  // its leader is reported gone after every other thread
     }
     drop_thread(t);
 }
@@ -1491,6 +1535,10 @@ static void run_loop(double duration) {
             t->unfiled_sig = listen ? LISTEN_AT_FILING : sig;
             continue;
         }
+        if (t->proc == &released_proc) {
+            release_task(t, listen ? 0 : sig);
+            continue;
+        }
         if (t->hold_next) {  // the collector waits for CPython to be loaded: stop here too
             t->hold_next = 0;
             hold_until_resumed(t);
@@ -1508,10 +1556,10 @@ static void write_stats(int fd, int exit_code) {
                      "{\"stops\": %ld, \"events\": %ld, \"stacks\": %ld, \"codes\": %ld, "
                      "\"reads\": %ld, \"read_bytes\": %ld, \"no_stack\": %ld, "
                      "\"write_errors\": %ld, \"dropped\": %ld, \"threads\": %ld, "
-                     "\"processes\": %ld, \"exit_code\": %d}\n",
+                     "\"processes\": %ld, \"untracked\": %ld, \"exit_code\": %d}\n",
                      stat.stops, stat.events, stat.stacks, stat.codes, stat.reads, stat.read_bytes,
                      stat.no_stack, stat.write_errors, stat.dropped, stat.threads_seen,
-                     stat.processes_seen, exit_code);
+                     stat.processes_seen, stat.untracked, exit_code);
     if (write(fd, line, (size_t)n) < 0)
         return;
 }
