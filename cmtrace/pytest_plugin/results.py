@@ -9,7 +9,6 @@ The JSON (`--cmtrace-json`) is the issue's contract: {"backend", "lost_events", 
 from __future__ import annotations
 
 import json
-import re
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 
 from cmtrace.analysis import Trace, load
+from cmtrace.analysis.apis import api_of
 from cmtrace.analysis.causes import Context, classify
 from cmtrace.pytest_plugin.attribution import (
     Owner,
@@ -29,17 +29,6 @@ from cmtrace.pytest_plugin.attribution import (
 )
 from cmtrace.pytest_plugin.boundaries import seq_of_marker
 from cmtrace.trace import schema
-
-# C functions that open fds, as a source line calls them: the API of a leak opened without a
-# Python frame between the user's line and the kernel. Dotted names first: `os.open(` is not
-# the builtin `open(`.
-C_OPENERS = (
-    "os.open", "os.pipe2", "os.pipe", "os.dup2", "os.dup", "os.openpty", "os.memfd_create",
-    "os.eventfd", "os.pidfd_open", "os.fdopen", "io.open", "select.epoll", "socket.socketpair",
-    "socket.fromfd", "open",
-)  # fmt: skip
-_C_CALL = re.compile(r"(?<![\w.])(" + "|".join(re.escape(n) for n in C_OPENERS) + r")\s*\(")
-_LIBRARY_ROOT = re.compile(r".*/(?:site-packages|dist-packages|lib/python\d+\.\d+)/")
 
 
 def report_session(config: pytest.Config, trace_dir: Path, marks_dir: Path) -> dict:
@@ -165,7 +154,7 @@ class Explainer:
             "file": _text(row.site_file),
             "line": None if pd.isna(row.site_line) else int(row.site_line),
             "function": _text(row.site_function),
-            "api": opening_api(frames, self.trace),
+            "api": api_of(frames, self.trace.src),  # as cmtrace report names it
             "cause": cause,
             "fix": fix,
             "phase": row.phase,
@@ -173,27 +162,6 @@ class Explainer:
             "closed_by": None if pd.isna(row.died_ns) else _text(row.death),
             "worker": _text(row.worker),
         }
-
-
-def opening_api(frames: list, trace: Trace) -> str | None:
-    """The call the user's line made to open the fd: the library function just inside the
-    innermost user frame (`subprocess.Popen`), or a C opener named on the line (`open`)."""
-    for index, frame in enumerate(frames):
-        if not frame.is_user:
-            continue
-        if index > 0:
-            return library_name(frames[index - 1])
-        match = _C_CALL.search(trace.src.text(frame.file, frame.line) or "")
-        return match.group(1) if match else None
-    return None
-
-
-def library_name(frame) -> str:
-    """module.qualname of a library frame, a constructor named by its class."""
-    module = _LIBRARY_ROOT.sub("", frame.file).removesuffix(".py").replace("/", ".")
-    module = module.removesuffix(".__init__")
-    name = (frame.qualname or frame.function).removesuffix(".__init__")
-    return f"{module}.{name}"
 
 
 def _text(value) -> str | None:

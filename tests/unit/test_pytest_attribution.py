@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from cmtrace.analysis.code import Frame
 from cmtrace.pytest_plugin import final_outcome
 from cmtrace.pytest_plugin.attribution import (
     Owner,
@@ -20,7 +19,7 @@ from cmtrace.pytest_plugin.attribution import (
     timed_marks,
 )
 from cmtrace.pytest_plugin.boundaries import BEGIN, END, marker_path, seq_of_marker
-from cmtrace.pytest_plugin.results import finalizer_warnings, library_name
+from cmtrace.pytest_plugin.results import finalizer_warnings
 
 PID, WORKER2 = 100, 200
 T1, T2 = "t.py::test_one", "t.py::test_two"
@@ -202,22 +201,6 @@ def test_marker_paths_round_trip() -> None:
     assert seq_of_marker("/dev/null/.cmtrace/x") is None
     assert seq_of_marker("/etc/passwd") is None
     assert seq_of_marker(None) is None
-
-
-@pytest.mark.parametrize(
-    ("file", "qualname", "name"),
-    [
-        ("/usr/lib/python3.11/subprocess.py", "Popen.__init__", "subprocess.Popen"),
-        ("/usr/lib/python3.11/socket.py", "socket.__init__", "socket.socket"),
-        ("/v/lib/python3.11/site-packages/urllib3/poolmanager.py", "PoolManager.urlopen",
-         "urllib3.poolmanager.PoolManager.urlopen"),
-        ("/usr/lib/python3.11/asyncio/__init__.py", "run", "asyncio.run"),
-    ],
-)  # fmt: skip
-def test_library_name(file: str, qualname: str, name: str) -> None:
-    frame = Frame(function=qualname.rsplit(".", 1)[-1], qualname=qualname, file=file, line=1,
-                  firstlineno=1, code_flags=0)  # fmt: skip
-    assert library_name(frame) == name
 
 
 def test_finalizer_warnings_per_line() -> None:
