@@ -45,6 +45,8 @@ TEST_PACKAGES=(strace libcap2-bin util-linux binutils mmdebstrap procps gcc make
 # Python services of the real-world tests and benchmarks (FastAPI, uvicorn, asyncpg, gunicorn),
 # pinned; installed with the dev extras.
 SERVICES_REQUIREMENTS=$REPO/requirements/services.txt
+# Not in the VM guest either: it runs neither test, and its offline wheel cache has none of them.
+if [ -n "${CMTRACE_IN_VM:-}" ] || [ -e /etc/cmtrace-vm-guest ]; then SERVICES_REQUIREMENTS=; fi
 
 missing_packages() {
     local pkg
@@ -164,7 +166,8 @@ make_venv() {
 # pyproject.toml and extras, is already installed editable.
 pip_stamp() {
     local extras=$1 services=
-    [ -z "$extras" ] || services=$(sha256sum "$SERVICES_REQUIREMENTS" | cut -d' ' -f1)
+    [ -z "$extras" ] || [ -z "$SERVICES_REQUIREMENTS" ] ||
+        services=$(sha256sum "$SERVICES_REQUIREMENTS" | cut -d' ' -f1)
     printf '%s %s %s%s\n' "$REPO" "$extras" "$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)" \
         "${services:+ services $services}"
 }
@@ -172,7 +175,8 @@ pip_stamp() {
 install_cmtrace() {
     local extras=$1 spec=$REPO stamp_file=$CMTRACE_HOME/pip-stamp.txt
     local -a services=()
-    [ -z "$extras" ] || { spec="$REPO[$extras]" && services=(-r "$SERVICES_REQUIREMENTS"); }
+    [ -z "$extras" ] || spec="$REPO[$extras]"
+    [ -z "$extras" ] || [ -z "$SERVICES_REQUIREMENTS" ] || services=(-r "$SERVICES_REQUIREMENTS")
     local stamp here
     stamp=$(pip_stamp "$extras")
     here=$("$VENV/bin/python" -c 'import cmtrace, os; print(os.path.dirname(os.path.dirname(os.path.realpath(cmtrace.__file__))))' 2>/dev/null || true)
