@@ -33,7 +33,7 @@ record() { # record KIND PATH: remember something we created, once
 }
 
 # ---------------------------------------------------------------- apt packages
-RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc)
+RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc libc6-dev)
 # Tools the tests and `make interpreters` use: strace (benchmark baseline), capsh/setpriv
 # (unprivileged doctor tests), readelf, mmdebstrap (sid interpreters), unshare/chroot (namespaces),
 # chromium (the HTML report is opened headless) and postgresql (the real-world tests start their
