@@ -18,15 +18,10 @@ from cmtrace.analysis.services import describe_peer, port_of, service_of
 SiteRow = Any
 
 
-def leaks_at(leaks: pd.DataFrame, site: SiteRow) -> pd.DataFrame:
-    """The leaked lifetimes opened at `site` (same file and line; fds without a stack share
-    the NO_STACK site)."""
-    return leaks_by_site(leaks)(site)
-
-
 def leaks_by_site(leaks: pd.DataFrame) -> Callable[[SiteRow], pd.DataFrame]:
-    """`leaks_at` for many sites: the leaks are grouped by site once (the HTML report asks for
-    every site; a filter of all leaks per site was quadratic on traces with 75,000 sites)."""
+    """A function from a site to the leaked lifetimes opened there (same file and line; fds
+    without a stack share the NO_STACK site). The leaks are grouped once: the HTML report asks
+    for every site, and a filter of all leaks per site was quadratic on 75,000 sites."""
     files = fill_text(leaks["site_file"], NO_STACK).astype(str).to_numpy()
     lines = leaks["site_line"].fillna(0).astype(int).to_numpy()
     rows = pd.Series(range(len(leaks))).groupby([files, lines], sort=False).indices

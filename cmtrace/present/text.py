@@ -14,7 +14,7 @@ from cmtrace.present.common import (
     SiteRow,
     caveats,
     headline,
-    leaks_at,
+    leaks_by_site,
     peer_headline,
     peer_text,
     peers,
@@ -37,9 +37,10 @@ def render_text(
     lines.extend(caveats(trace))
     if by_peer:
         lines.extend(_peer_blocks(leaks, top))
+    leaks_at = leaks_by_site(leaks)
     for rank, site in enumerate(leaking.head(top).itertuples(index=False), start=1):
         lines.append("")
-        lines.extend(_site_block(trace, leaks, site, rank))
+        lines.extend(_site_block(trace, leaks_at(site), site, rank))
     if len(leaking) > top:
         lines.append(f"\n... and {len(leaking) - top} more leaking sites (--top N shows more)")
     warnings = trace.warnings()
@@ -73,8 +74,8 @@ def print_summary(
     return int(len(trace.leaks(exclude)))
 
 
-def _site_block(trace: Trace, leaks: pd.DataFrame, site: SiteRow, rank: int) -> list[str]:
-    rows = leaks_at(leaks, site)
+def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> list[str]:
+    """One site's block; `rows` are its leaks."""
     where = f"{site.site_file}:{site.site_line}"
     out = [
         f"#{rank} {int(site.leaked)} leaked of {int(site.opened)} opened "
