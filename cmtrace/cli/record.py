@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from cmtrace.cli import observers
 from cmtrace.errors import EXIT_LEAKS, CmtraceError, TraceError, UsageError
 from cmtrace.record import session
 from cmtrace.record.choose import BACKENDS
@@ -53,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     attach.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     _add_recording_options(attach)
+    observers.add_arguments(attach, "attach")
     attach.set_defaults(func=run_attach)
 
     run = sub.add_parser(
@@ -70,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     _add_recording_options(run)
+    observers.add_arguments(run, "run")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     run.set_defaults(func=run_command)
 
@@ -140,29 +143,33 @@ def summary_options(args: argparse.Namespace) -> Summary:
 
 
 def run_attach(args: argparse.Namespace) -> int:
-    return attach(record_options(args), summary_options(args))
+    return attach(record_options(args), summary_options(args), observers.build(args, "attach"))
 
 
 def run_command(args: argparse.Namespace) -> int:
-    return run(record_options(args), summary_options(args))
+    return run(record_options(args), summary_options(args), observers.build(args, "run"))
 
 
-def attach(options: RecordOptions, summary: Summary) -> int:
+def attach(
+    options: RecordOptions, summary: Summary, watching: list[observers.Observer] | None = None
+) -> int:
     """Record options.pid, print the summary to stdout; 3 for leaks under --fail-on-leak."""
     options.validate()  # bad options are refused before anything else is looked at
     summary.validate()
-    done = session.attach(options)
+    done = session.attach(options, watching)
     leaks = _summarise(done, summary, sys.stdout)
     return EXIT_LEAKS if summary.fail_on_leak and leaks else 0
 
 
-def run(options: RecordOptions, summary: Summary) -> int:
+def run(
+    options: RecordOptions, summary: Summary, watching: list[observers.Observer] | None = None
+) -> int:
     """Record options.command, print the summary to stderr; exit with the command's status
     (3 for leaks under --fail-on-leak when the command itself succeeded)."""
     session.check_command(options.command)
     options.validate()
     summary.validate()
-    done = session.run(options)
+    done = session.run(options, watching)
     if done.failure is not None:
         return done.failure.exit_code
     leaks = _summarise(done, summary, sys.stderr)

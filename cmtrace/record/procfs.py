@@ -161,3 +161,29 @@ def ns_pid(pid: int) -> int | None:
     except OSError:
         pass
     return None
+
+
+def rlimit_nofile(pid: int) -> tuple[int | None, int | None] | None:
+    """pid's RLIMIT_NOFILE as (soft, hard), None for unlimited; None when it cannot be read
+    (gone, or not ours). /proc/PID/limits is readable for any process we may ptrace."""
+    try:
+        text = Path(f"/proc/{pid}/limits").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return _limit(soft), _limit(hard)
+    return None
+
+
+def _limit(word: str) -> int | None:
+    return None if word == "unlimited" else int(word)
+
+
+def count_fds(pid: int) -> int | None:
+    """How many fds pid has open now (all of them, pre-existing included); None if gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None

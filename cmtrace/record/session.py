@@ -34,6 +34,7 @@ from cmtrace.record import procfs, spawn
 from cmtrace.record.backend import Backend, Command, PythonTarget
 from cmtrace.record.choose import Choice, choose_backend
 from cmtrace.record.environment import check_environment
+from cmtrace.record.observe import Flushed, Observer
 from cmtrace.record.options import RecordOptions
 from cmtrace.trace import schema
 from cmtrace.trace.sources import SourceCollector
@@ -90,8 +91,11 @@ class Recording:
         follow: bool,
         backend: Backend | None = None,
         choice: Choice | None = None,
+        observers: list[Observer] | None = None,
     ):
         self.options = options
+        # what watches the recording as it goes (live view, dumps): fed at each flush
+        self.observers: list[Observer] = list(observers or [])
         self.follow = follow
         self.quiet = options.quiet
         self.backend = backend or make_backend(
@@ -187,10 +191,22 @@ class Recording:
         t_ns = time.monotonic_ns() - self.backend.start_ns
         rows = [dict(row, t_ns=t_ns) for pid in pids for row in procfs.open_fds(pid)]
         self._writer().write_preexisting(rows)
+        for observer in self.observers:
+            observer.preexisting(rows)
 
     def _writer(self) -> TraceWriter:
         assert self.writer is not None, "open_writer() comes first"
         return self.writer
+
+    def start_observers(self) -> None:
+        """Recording has begun (the attached line is out): observers may take the screen."""
+        for observer in self.observers:
+            observer.started(self)
+
+    def close_observers(self) -> None:
+        """Give the terminal back (a live view) before anything else is printed; twice is safe."""
+        for observer in self.observers:
+            observer.closed(self)
 
     # -- loop
     def request_stop(self, reason: str) -> None:
@@ -274,10 +290,11 @@ class Recording:
             calls, self.pending_calls = self.pending_calls, []
             if self.stacks:
                 frames = self.backend.take_frames(final)
+        events = None
         if tables:
-            table = pa.concat_tables(tables).sort_by([("t_ns", "ascending")])
-            writer.write_part("events", table)
-            self.events_written += len(table)
+            events = pa.concat_tables(tables).sort_by([("t_ns", "ascending")])
+            writer.write_part("events", events)
+            self.events_written += len(events)
         if calls:
             table = pa.concat_tables(calls).sort_by([("t_ns", "ascending")])
             writer.write_part("calls", table)
@@ -285,6 +302,19 @@ class Recording:
             writer.write_rows("stacks", frames)
         if lost != writer.meta.get("lost_events"):
             writer.write_meta(lost_events=lost)
+        self._tell_observers(Flushed(events, frames or [], lost, final))
+
+    def _tell_observers(self, flushed: Flushed) -> None:
+        """Hand what was just written to each observer; one that fails is dropped with a
+        warning, never the recording."""
+        for observer in list(self.observers):
+            try:
+                observer.flushed(self, flushed)
+            except CmtraceError:
+                raise
+            except Exception as exc:
+                self.observers.remove(observer)
+                self.progress(f"{type(observer).__name__} stopped: {type(exc).__name__}: {exc}")
 
     def abandon(self) -> None:
         """Stop recording after a write failure: detach, and mark the trace if we still can."""
@@ -306,6 +336,8 @@ class Recording:
         self.flush(final=True)
         self._snapshot_threads()
         self._capture_sources()
+        for observer in self.observers:
+            observer.stopped(self)
         self._writer().finish(
             status=schema.STATUS_INTERRUPTED if interrupted else schema.STATUS_COMPLETE,
             lost_events=self.backend.lost_events(),
@@ -435,7 +467,7 @@ def _sigint_reached_child_too() -> bool:
 # ---- cmtrace -p PID ---------------------------------------------------------------------------
 
 
-def attach(options: RecordOptions) -> Finished:
+def attach(options: RecordOptions, observers: list[Observer] | None = None) -> Finished:
     """Record a running process (options.pid) until it exits, the duration ends, or a stop
     signal; the process keeps running untouched."""
     assert options.pid is not None, "attach needs options.pid"
@@ -445,7 +477,7 @@ def attach(options: RecordOptions) -> Finished:
     choice = choose(options, "attach", pid)
     output = options.output or default_output(pid)
     prepare_output_dir(output, options.force)
-    rec = Recording(options, follow=options.follow_children, choice=choice)
+    rec = Recording(options, follow=options.follow_children, choice=choice, observers=observers)
     rec.progress(f"loading probes for pid {pid} ...")
     rec.load()
     targets = list(procfs.descendants(pid)) if options.follow_children else [pid]
@@ -458,8 +490,12 @@ def attach(options: RecordOptions) -> Finished:
         raise TargetError(f"pid {pid} exited before the probes were live: nothing recorded")
     _install_stop_signals(rec)
     print(f"cmtrace: attached to {pid} ({rec.describe(pid)})", file=sys.stderr, flush=True)
+    rec.start_observers()
     deadline = time.monotonic() + options.duration if options.duration else None
-    rec.loop(lambda: procfs.is_alive(pid), deadline)
+    try:
+        rec.loop(lambda: procfs.is_alive(pid), deadline)
+    finally:
+        rec.close_observers()
     rec.progress(f"stopping: {rec.stop_reason}")
     rec.finish()
     return Finished(rec, output)
@@ -475,14 +511,14 @@ def check_command(command: list[str] | tuple[str, ...]) -> None:
         raise UsageError(f"command not found: {command[0]}")
 
 
-def run(options: RecordOptions) -> Finished:
+def run(options: RecordOptions, observers: list[Observer] | None = None) -> Finished:
     """Start options.command already traced (its first openat included), following its
     children, and record until it exits; stop signals are forwarded to it."""
     command = list(options.command)
     check_command(command)
     options.validate()
     choice = choose(options, "run")
-    rec = Recording(options, follow=True, choice=choice)
+    rec = Recording(options, follow=True, choice=choice, observers=observers)
     rec.progress("loading probes ...")
     rec.load()
     started: Command = rec.backend.start_command(command, spawn.run_as_user())
@@ -501,8 +537,12 @@ def run(options: RecordOptions) -> Finished:
     rec.snapshot_preexisting([child])
     _install_stop_signals(rec, forward_to=child)
     rec.progress(f"running {os.path.basename(command[0])} (pid {child}, {rec.backend_reason})")
+    rec.start_observers()
     started.release()  # the child execs CMD now (or runs on past its exec), already traced
-    rec.loop(started.running)
+    try:
+        rec.loop(started.running)
+    finally:
+        rec.close_observers()
     if rec.failure is not None:  # the command runs on, untraced; wait for it as promised
         rec.abandon()
         print(f"cmtrace: error: {rec.failure}", file=sys.stderr, flush=True)
