@@ -19,29 +19,16 @@ an error. Protocol (one JSON line per message on stdout):
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import socket
 import sys
 import threading
 
+from lineproto import fd_table, say
+
 LIBC = ctypes.CDLL(None, use_errno=True)
 READ_SIZE = 64
 KEPT: list = []  # accepted connections stay open: the fd table is the one the test reads
-
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
-
-
-def fd_table() -> dict[str, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[name] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # listdir's own fd
-    return table
 
 
 def raw_error(what: str) -> str:

@@ -15,7 +15,6 @@ duplicate buffered output):
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import socket
 import sys
@@ -23,11 +22,8 @@ import threading
 import time
 
 import sysfd
+from lineproto import say
 from sysfd import syscall
-
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
 
 
 def wait_line() -> str:

@@ -10,10 +10,11 @@ The fd table comes from the kernel (readlink of /proc/self/fd/N), not from the p
 bookkeeping, so a test compares the trace with the ground truth.
 """
 
-import json
 import os
 import socket
 import sys
+
+from lineproto import fd_table, say
 
 KEPT = []  # what leaks stays referenced: closed only by the process exit
 
@@ -35,16 +36,6 @@ def closed_properly():
         f.read(1)
 
 
-def fd_table():
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[name] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # listdir's own directory fd, closed by now
-    return table
-
-
 def leak_everything():
     closed_properly()
     KEPT.extend([leak_file(), leak_pipe(), leak_socket()])
@@ -62,10 +53,6 @@ def check():
     except OSError as exc:
         return str(exc)
     return ok
-
-
-def say(event, **fields):
-    print(json.dumps({"event": event, "pid": os.getpid(), **fields}), flush=True)
 
 
 if sys.argv[1] == "run":

@@ -9,13 +9,10 @@ python forker.py     {"event": "ready", "pid", "fds"}, then a command a line on 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
+from lineproto import say
 
 
 def tracer_pid() -> int:

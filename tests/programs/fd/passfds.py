@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import array
 import ctypes
-import json
 import os
 import socket
 import sys
+
+from lineproto import fd_table, say
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 NR_CLOSE_RANGE = 436  # x86_64
@@ -30,20 +31,6 @@ CLOSE_RANGE_CLOEXEC = 4
 ALL = 0xFFFFFFFF  # ~0U: to the last fd
 MANY = 20  # fds in one message: more than the 16 a first version recorded
 KEPT: list = []
-
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
-
-
-def fd_table() -> dict[str, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[name] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # listdir's own fd
-    return table
 
 
 def cloexec_fds() -> list[int]:

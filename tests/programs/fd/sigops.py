@@ -19,7 +19,6 @@ ground truth); the listener and one pipe are closed at the end. Reports
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import select
 import signal
@@ -28,6 +27,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from lineproto import fd_table, say
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 EINTR = 4
@@ -39,20 +40,6 @@ SIGNALS = [0]
 
 class Timespec(ctypes.Structure):
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
-
-
-def fd_table() -> dict[str, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[name] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # listdir's own fd
-    return table
 
 
 def later(action) -> threading.Thread:

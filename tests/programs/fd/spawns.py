@@ -15,27 +15,14 @@ passed with pass_fds while close_fds closes the rest.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
+from lineproto import fd_table, say
+
 SPAWNED_FD = 7  # opened by posix_spawn's file action, in the vfork child
 KEPT: list = []
-
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
-
-
-def fd_table() -> dict[str, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[name] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # listdir's own fd
-    return table
 
 
 def child() -> None:

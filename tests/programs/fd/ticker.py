@@ -11,29 +11,16 @@ KEEP_EVERY-th tick keeps its file open. Commands on stdin:
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import sys
 import threading
 
+from lineproto import fd_table, say
+
 TICK_S = 0.02
 KEEP_EVERY = 10
 KEPT: list = []
-
-
-def say(event: str, **data) -> None:
-    os.write(1, (json.dumps({"event": event, "pid": os.getpid(), **data}) + "\n").encode())
-
-
-def fd_table() -> dict[str, str]:
-    table = {}
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            table[name] = os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            pass  # listdir's own fd
-    return table
 
 
 def pipes(count: list[int], stop: threading.Event) -> None:
