@@ -45,10 +45,6 @@ SITE_TABLE_COLUMNS = SITE_COLUMNS + [
     "opened", "closed", "leaked", "leaks_per_s", "cause", "kind", "paths", "with_file",
     "with_line", "first_ns", "last_ns", "api", "service",
 ]  # fmt: skip
-STDIO_FDS = 3  # fds 0, 1, 2: closed by a process's exit, they are never leaks
-AT_EXIT = "atexit"  # the death of an fd closed by an atexit handler (logging.shutdown...)
-# Deaths after which the program never had the fd back, beside lifetimes.LEAK_DEATHS.
-SHUTDOWN_DEATHS = (AT_EXIT,)
 
 
 def load(path: str | Path, local_sources: bool = True) -> Trace:
@@ -164,7 +160,7 @@ class Trace:
         self._add_sites(fds)
         self._add_apis(fds)
         fds["service"] = _services(fds)
-        fds["leak"] = _leaks(fds, self.child_pids)
+        fds["leak"] = is_leak(fds)
         death = fds["death"].astype(object)
         fds["closed_by"] = death.where(fds["leak"] & death.notna(), None)
         self._add_causes(fds)
@@ -516,18 +512,6 @@ def count_reasons(reasons: list[str]) -> str:
 
 _PID_IN_REASON = re.compile(r"\b(?:pid|process)\s+\d+\b")
 _PROC_PATH = re.compile(r"/proc/\d+/")  # `cannot read /proc/25659/exe: ...`, one per child
-
-
-def _leaks(fds: pd.DataFrame, child_pids: set[int]) -> pd.Series:
-    """lifetimes.is_leak, and two rules of issue 13: stdio (fds 0-2) closed by its process's
-    exit is never a leak, in any process; an fd closed by an atexit handler was released only
-    at shutdown, like one closed by interpreter finalization, so it is one."""
-    death = fds["death"]
-    stdio_at_exit = (fds["fd"] < STDIO_FDS) & (death == "process-exit")
-    born_here = ~(fds["preexisting"] | fds["inherited"])
-    at_shutdown = born_here & death.isin(SHUTDOWN_DEATHS)
-    leak: pd.Series = (is_leak(fds, child_pids) & ~stdio_at_exit) | at_shutdown
-    return leak
 
 
 def _services(fds: pd.DataFrame) -> pd.Categorical:

@@ -30,10 +30,13 @@ from cmtrace.analysis.pairing import DEATHS, PairingStats
 
 STDIO_FDS = 3  # fds 0, 1, 2
 
-# Deaths that mean "nobody closed it": the fd lived until its process or interpreter went away.
-LEAK_DEATHS = ("process-exit", "interpreter-shutdown", "loop-shutdown")
+AT_EXIT = "atexit"  # the death of an fd closed by an atexit handler (logging.shutdown...)
+# Deaths that mean "nobody closed it": the fd lived until its process or interpreter went away
+# (an atexit handler runs when the program is over for it).
+LEAK_DEATHS = ("process-exit", "interpreter-shutdown", "loop-shutdown", AT_EXIT)
 
 __all__ = [
+    "AT_EXIT",
     "DEATHS",
     "LEAK_DEATHS",
     "LIFETIME_COLUMNS",
@@ -69,19 +72,18 @@ def build_lifetimes(
     return model.lifetimes(release=True), model.stats
 
 
-def is_leak(lifetimes: pd.DataFrame, child_pids: set[int] | frozenset = frozenset()) -> pd.Series:
-    """Which lifetimes are leaks (DESIGN "What counts as a leak").
+def is_leak(lifetimes: pd.DataFrame) -> pd.Series:
+    """Which lifetimes are leaks (DESIGN "What counts as a leak"): the one place that decides.
 
     Born during the trace (not pre-existing, not inherited) and either still open at the end or
-    released only by process exit, interpreter shutdown or event-loop shutdown. A child's stdio
-    fds (0-2, typically dup2'ed pipes) released by its exit are not leaks.
+    released only when the program was over for it: by process exit, interpreter shutdown,
+    event-loop shutdown or an atexit handler (`logging.shutdown` closing handlers that piled up
+    one per call). stdio (fds 0-2, typically dup2'ed pipes) released by its process's exit is
+    never a leak, in any process.
     """
     born_here = ~(lifetimes["preexisting"] | lifetimes["inherited"])
     death = lifetimes["death"]
     released_late = death.isin(LEAK_DEATHS) | death.isna()
-    child_stdio = (
-        lifetimes["pid"].isin(list(child_pids))
-        & (lifetimes["fd"] < STDIO_FDS)
-        & (death == "process-exit")
-    )
-    return born_here & released_late & ~child_stdio
+    stdio_at_exit = (lifetimes["fd"] < STDIO_FDS) & (death == "process-exit")
+    leak: pd.Series = born_here & released_late & ~stdio_at_exit
+    return leak
