@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -220,17 +221,114 @@ def frame_api(frame: Frame, src: SourceIndex, called: str | None = None) -> str 
     return f"{module}.{name}" if name and name != "<module>" else module
 
 
+# Names the tables above match that open no fd: a line calling one inside an opener's
+# arguments (`sock.recvmsg(16, socket.CMSG_SPACE(n))`) is named by the opener, not by it.
+NOT_OPENERS = (
+    "socket.CMSG_*", "socket.inet_*", "socket.hton*", "socket.ntoh*", "socket.if_*",
+    "socket.gethostname", "socket.*defaulttimeout", "os.path.*", "os.fspath", "os.get*",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call expression of a source text: its lines, the lines of the expression it calls
+    (`a.b` of `a.b(...)`) and the dotted name of that expression."""
+
+    first: int
+    last: int
+    func_first: int
+    func_last: int
+    name: str
+
+
 def called_name(line: str | None) -> str | None:
     """The dotted name of the call a source line makes (`fd = os.open(p)` -> `os.open`): a
-    well-known API where the line makes several calls, else the outermost call. Lines that are
-    a compound statement's header (`with open(p) as f:`) or part of one parse too."""
+    well-known opener where the line makes several calls, else the outermost call. Lines that
+    are a compound statement's header (`with open(p) as f:`) or part of one parse too."""
     tree = _parse_line(line)
     if tree is None:
         return None
-    names = [_dotted(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)]
-    names = [name for name in names if name]
-    known = [name for name in names if api_fix(name)]
-    return (known or names or [None])[0]
+    return pick_call(_calls(tree), line=2)  # the line is the body of `async def _():`
+
+
+def called_at(src: SourceIndex, file: str, line: int) -> str | None:
+    """The dotted name of the call a frame executing `file:line` makes, read from the whole
+    statement around the line: a call spread over several lines is named by what it calls,
+    whichever of its lines the interpreter reports (where the call starts before 3.10, the
+    line of the called name since). The line alone where the file is not whole."""
+    by_line = _calls_by_line(src, file)
+    if by_line is None:
+        return called_name(src.text(file, line))
+    return pick_call(by_line.get(line, []), line)
+
+
+def pick_call(calls: list[Call], line: int) -> str | None:
+    """Of the calls whose lines hold `line` (outer before inner), the one that opened the fd:
+    a well-known opener first (`json.load(open(p))`: open; a user function called with it has
+    not run yet), then a call whose name is on the line, then the outermost."""
+
+    def rank(call: Call) -> tuple[bool, bool]:
+        return (not is_opener(call.name), not call.func_first <= line <= call.func_last)
+
+    ranked = sorted(calls, key=rank)  # stable: outer before inner within a rank
+    return ranked[0].name if ranked else None
+
+
+def is_opener(name: str) -> bool:
+    """Is `name` a well-known API that opens fds (in API_FIXES, not in NOT_OPENERS)?"""
+    return api_fix(name) is not None and not any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in NOT_OPENERS
+    )
+
+
+def _calls(tree: ast.AST) -> list[Call]:
+    """The named calls of a tree, outer before inner (ast.walk is breadth first)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = _dotted(node.func)
+            if name:
+                out.append(Call(node.lineno, node.end_lineno or node.lineno, node.func.lineno,
+                                node.func.end_lineno or node.func.lineno, name))  # fmt: skip
+    return out
+
+
+# The calls of each file of the last SourceIndex asked, by line: per site, the file's text is
+# parsed once (a site file is asked for thousands of stacks).
+_FILE_CALLS: tuple[SourceIndex | None, dict[str, dict[int, list[Call]] | None]] = (None, {})
+
+
+def _calls_by_line(src: SourceIndex, file: str) -> dict[int, list[Call]] | None:
+    """line -> the calls whose lines hold it, for one file of `src`; None without its text (or
+    when it does not parse)."""
+    global _FILE_CALLS
+    if _FILE_CALLS[0] is not src:
+        _FILE_CALLS = (src, {})
+    cache = _FILE_CALLS[1]
+    if file not in cache:
+        cache[file] = _index_calls(_whole_text(src, file))
+    return cache[file]
+
+
+def _whole_text(src: SourceIndex, file: str) -> str | None:
+    lines: list[str] = []
+    while (text := src.text(file, len(lines) + 1)) is not None:
+        lines.append(text)
+    return "\n".join(lines) if lines else None
+
+
+def _index_calls(text: str | None) -> dict[int, list[Call]] | None:
+    if text is None:
+        return None
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return None
+    by_line: dict[int, list[Call]] = {}
+    for call in _calls(tree):
+        for line in range(call.first, call.last + 1):
+            by_line.setdefault(line, []).append(call)
+    return by_line
 
 
 @lru_cache(maxsize=1 << 14)
@@ -287,7 +385,7 @@ def api_of(frames: list[Frame], src: SourceIndex) -> str | None:
 
 
 def _api(library: Frame | None, site: Frame, src: SourceIndex) -> str | None:
-    called = called_name(src.text(site.file, site.line))
+    called = called_at(src, site.file, site.line)
     if library is None:
         return _imported_name(called, src.imports(site.file)) if called else None
     return frame_api(library, src, called)
