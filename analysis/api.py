@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Iterator
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,10 @@ SITE_TABLE_COLUMNS = SITE_COLUMNS + [
 ]  # fmt: skip
 
 
-def load(path: str | Path, local_sources: bool = True) -> Trace:
-    """Load a trace directory. `local_sources=False` uses only the source captured in the trace."""
-    return Trace(read_trace(path, stacks=False), local_sources=local_sources)
+def load(path: str | Path, local_sources: bool = True, until_ns: int | None = None) -> Trace:
+    """Load a trace directory. `local_sources=False` uses only the source captured in the trace.
+    `until_ns` cuts it at that instant (ns since its start; see Trace)."""
+    return Trace(read_trace(path, stacks=False), local_sources=local_sources, until_ns=until_ns)
 
 
 class Trace:
@@ -61,9 +63,14 @@ class Trace:
       close_stack, inherited, preexisting, site_*, with_*, api, service, leak, closed_by,
       cause, fix.
     - `leaks()`, `sites()`, `warnings()`, `live_fds(at=ns)`, `timeline(by="site", freq=...)`.
+
+    With `until_ns` the trace is read as it stood at that instant (a dump taken while
+    recording): only events at or before it count, the trace ends there, and its leaks are the
+    fds born during the trace and still open then.
     """
 
-    def __init__(self, raw: RawTrace, local_sources: bool = True):
+    def __init__(self, raw: RawTrace, local_sources: bool = True, until_ns: int | None = None):
+        self.until_ns = until_ns
         self.raw = raw
         self.path = raw.path
         self.meta = raw.meta
@@ -88,8 +95,8 @@ class Trace:
         """Facts of the event stream needed beside the lifetimes (three columns read, a part at
         a time: whole columns would cost hundreds of MB on a large trace)."""
         rows, last, lost, children = 0, [], 0, set()
-        for file in event_parts(self.path)[1]:
-            part = read_event_part(file, ("t_ns", "op", "arg")).unify_dictionaries()
+        for part in self._event_parts(("t_ns", "op", "arg")):
+            part = part.unify_dictionaries()
             rows += part.num_rows
             if "t_ns" in part.column_names and pc.max(part.column("t_ns")).is_valid:
                 last.append(pc.max(part.column("t_ns")).as_py())
@@ -102,13 +109,32 @@ class Trace:
             children.update(forked[~np.isnan(forked)].astype(int).tolist())
         return {"rows": rows, "last_ns": max(last, default=0), "lost": lost, "children": children}
 
+    def _event_parts(self, columns: tuple[str, ...]) -> Iterator[pa.Table]:
+        """The events, a part at a time (only `columns`); a cut trace's as one table."""
+        if self.until_ns is not None:
+            yield self._events_until.select(
+                [c for c in columns if c in self._events_until.column_names]
+            )
+            return
+        for file in event_parts(self.path)[1]:
+            yield read_event_part(file, columns)
+
+    @cached_property
+    def _events_until(self) -> pa.Table:
+        """The events of a cut trace: those at or before until_ns (core columns)."""
+        table = read_events(self.path)
+        return table.filter(pc.less_equal(table.column("t_ns"), self.until_ns))
+
     @property
     def lost_events(self) -> int:
         return max(int(self.meta.get("lost_events") or 0), self._summary["lost"])
 
     @cached_property
     def end_ns(self) -> int:
-        """The end of the trace in ns since its start (last event, or the recorded duration)."""
+        """The end of the trace in ns since its start (last event, or the recorded duration;
+        the cut of a cut trace)."""
+        if self.until_ns is not None:
+            return self.until_ns
         for key in ("end_ns", "duration_ns"):
             if isinstance(self.meta.get(key), (int, float)):
                 return int(self.meta[key])
@@ -133,7 +159,10 @@ class Trace:
     @cached_property
     def events(self) -> pd.DataFrame:
         """Every recorded event (schema.EVENTS), read from disk on first use."""
-        return read_events(self.path, columns=None).to_pandas()
+        table = read_events(self.path, columns=None)
+        if self.until_ns is not None:
+            table = table.filter(pc.less_equal(table.column("t_ns"), self.until_ns))
+        return table.to_pandas()
 
     @cached_property
     def stacks(self) -> pd.DataFrame:
@@ -154,13 +183,16 @@ class Trace:
     @cached_property
     def fds(self) -> pd.DataFrame:
         facts: dict = {}
-        fds, self.pairing = build_lifetimes(self.path, self.preexisting, facts=facts)
+        events = self.path if self.until_ns is None else self._events_until
+        fds, self.pairing = build_lifetimes(events, self.preexisting, facts=facts)
         self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
         self._refine_deaths(fds)
         self._add_sites(fds)
         self._add_apis(fds)
         fds["service"] = _services(fds)
         fds["leak"] = is_leak(fds)
+        if self.until_ns is not None:  # at a cut, a leak is an fd still open then
+            fds["leak"] &= fds["died_ns"].isna().to_numpy()
         death = fds["death"].astype(object)
         fds["closed_by"] = death.where(fds["leak"] & death.notna(), None)
         self._add_causes(fds)

@@ -142,6 +142,16 @@ class FdModel:
         kinds, paths, syscalls, stacks = self._vocabs or _empty_vocabs()
         return _to_frame([lives], kinds, paths, syscalls, stacks, copy=False)
 
+    def batch_lifetimes(self) -> pd.DataFrame:
+        """The lifetimes the last batch could change (LIFETIME_COLUMNS): those open when it
+        began and those born in it, ended or not. A watcher steps through their births and
+        deaths to know each process's open fds at any instant of the batch, without
+        re-reading the lifetimes of earlier batches."""
+        if self._last is None:
+            return self.lifetimes()
+        kinds, paths, syscalls, stacks = self._vocabs or _empty_vocabs()
+        return _to_frame([self._last.lives], kinds, paths, syscalls, stacks, copy=True)
+
     def site_counters(self) -> pd.DataFrame:
         """Per (pid, open stack id): lifetimes opened, closed (ended in any way) and live now
         (COUNTER_COLUMNS), from the events and the counter rows fed."""

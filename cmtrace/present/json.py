@@ -17,8 +17,12 @@ from cmtrace.present.common import peers
 REPORT_SCHEMA = 1
 
 
-def render_json(trace: Trace, exclude: list[str] | None = None) -> str:
-    return json.dumps(report_dict(trace, exclude=exclude), indent=1, default=_json_default)
+def render_json(
+    trace: Trace, exclude: list[str] | None = None, extra: dict[str, Any] | None = None
+) -> str:
+    """The report as JSON text; `extra` keys are added at the top level (a dump's `dump`)."""
+    report = {**report_dict(trace, exclude=exclude), **(extra or {})}
+    return json.dumps(report, indent=1, default=_json_default)
 
 
 def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any]:
