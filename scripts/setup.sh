@@ -40,7 +40,8 @@ RUNTIME_PACKAGES=(python3-bpfcc bpfcc-tools python3-venv python3-pip gcc libc6-d
 # own cluster; Debian's server binaries, its default cluster is left alone): not in the VM guest,
 # which runs neither test and would spend minutes unpacking them under emulation.
 TEST_PACKAGES=(strace libcap2-bin util-linux binutils mmdebstrap procps gcc make
-    debian-archive-keyring)
+    debian-archive-keyring
+    tmux)  # tmux: the live view's tests drive a real terminal
 [ -n "${CMTRACE_IN_VM:-}" ] || [ -e /etc/cmtrace-vm-guest ] || TEST_PACKAGES+=(chromium postgresql)
 # Python services of the real-world tests and benchmarks (FastAPI, uvicorn, asyncpg, gunicorn),
 # pinned; installed with the dev extras.
