@@ -307,9 +307,8 @@ class DumpObserver(BaseObserver):
 
     def flushed(self, recording: Recording, flushed: Flushed) -> None:
         self._flushes += 1
+        self._note_limits(recording, flushed.events)
         if flushed.events is not None:
-            for pid in pc.unique(flushed.events.column("pid")).to_pylist():
-                self._note_limit(int(pid))
             for fired in self.watch.feed(flushed.events):
                 self._pending.append(_Pending(fired, self._flushes))
         if self._manual.is_set():
@@ -349,11 +348,18 @@ class DumpObserver(BaseObserver):
         self.messages.append(text)
         self.say(text)
 
-    def _note_limit(self, pid: int) -> None:
-        """Read each process's soft limit while it lives (a dying one keeps its last)."""
-        limits = procfs.rlimit_nofile(pid)
-        if limits is not None:
-            self._limits[pid] = limits[0]
+    def _note_limits(self, recording: Recording, events: pa.Table | None) -> None:
+        """The soft limit of each process flushed (and of the targets), read while it lives: a
+        dying one keeps its last. A process that lived less than a flush is not read here;
+        what the recording sampled of it (`rlimit_nofile`, when it keeps one) is used then."""
+        pids = set(recording.root_pids)
+        if events is not None:
+            pids.update(pc.unique(events.column("pid")).to_pylist())
+        sampled = getattr(recording, "rlimit_nofile", None) or {}
+        for pid in pids:
+            limits = procfs.rlimit_nofile(int(pid)) or sampled.get(int(pid))
+            if limits is not None:
+                self._limits[int(pid)] = limits[0]
 
     def _soft_limit(self, pid: int) -> int | None:
         return self._limits.get(pid)
