@@ -21,7 +21,9 @@ from conftest import (
     Target,
     Tracer,
     cmtrace_argv,
+    error_line,
     read_meta,
+    run_cmtrace,
 )
 
 PROGRAM = Path(__file__).resolve().parents[1] / "programs" / "leaks" / "dump_emfile.py"
@@ -218,3 +220,16 @@ def test_a_dump_that_cannot_be_written_is_one_line_and_the_trace_is_kept(workdir
     assert len(failed) == 1 and "recording goes on" in failed[0], result.stderr
     assert "Traceback" not in result.stderr
     assert read_meta(trace)["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [("0", "at least 1"), ("120%", "1% to 100%"), ("foo", "expected emfile")],
+)
+@pytest.mark.parametrize("verb", [("-p", "1"), ("run", "--", "true")])
+def test_bad_dump_on_values_are_refused_in_one_line(value: str, says: str, verb: tuple) -> None:
+    where = 2 if verb[0] == "-p" else 1  # after `-p PID`, or after `run`
+    result = run_cmtrace(*verb[:where], "--dump-on", value, *verb[where:])
+    assert result.returncode == 1
+    line = error_line(result)
+    assert line.startswith(f"cmtrace: error: --dump-on {value}: ") and says in line
