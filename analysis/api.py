@@ -24,6 +24,16 @@ from cmtrace.analysis.causes import (
     classify,
     close_death,
 )
+from cmtrace.analysis.children import (
+    SHORT_LIVED_S,
+    SPAN_COLUMNS,
+    is_program_file,
+    lifespans,
+    name_program_apis,
+    name_programs,
+    program_files,
+    short_lived_pids,
+)
 from cmtrace.analysis.code import SourceIndex, innermost_user
 from cmtrace.analysis.lifetimes import EventFacts, PairingStats, build_lifetimes, is_leak
 from cmtrace.analysis.services import service_of
@@ -188,7 +198,9 @@ class Trace:
         self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
         self._refine_deaths(fds)
         self._add_sites(fds)
+        name_programs(fds, program_files(self.src))  # each `python -c` program a site
         self._add_apis(fds)
+        name_program_apis(fds, self.src)
         fds["service"] = _services(fds)
         fds["leak"] = is_leak(fds)
         if self.until_ns is not None:  # at a cut, a leak is an fd still open then
@@ -431,6 +443,25 @@ class Trace:
             leaks = leaks[~_excluded(leaks, exclude)]
         return leaks
 
+    # --- short-lived children (cmtrace.analysis.children) -----------------------------------
+    @cached_property
+    def lifespans(self) -> pd.DataFrame:
+        """Per process forked during the trace: pid, forked_ns, exited_ns (NaN: not seen to
+        exit)."""
+        return lifespans(self._event_parts(SPAN_COLUMNS))
+
+    def short_lived(self, seconds: float = SHORT_LIVED_S) -> pd.Series:
+        """Which fd lifetimes are a short-lived child's: a process forked during the trace that
+        exited less than `seconds` later (aligned with `fds`). Reports list its leaks apart."""
+        return self.fds["pid"].isin(short_lived_pids(self.lifespans, seconds))
+
+    def short_lived_leaks(
+        self, seconds: float = SHORT_LIVED_S, exclude: list[str] | None = None
+    ) -> pd.DataFrame:
+        """The leaks of short-lived children (see short_lived), minus excluded sites."""
+        leaks = self.leaks(exclude)
+        return leaks[self.short_lived(seconds).loc[leaks.index].to_numpy()]
+
     def stack(self, stack_id: int) -> list[dict]:
         return [f.as_dict() for f in self.frames.get(int(stack_id), [])]
 
@@ -440,13 +471,18 @@ class Trace:
         user = [f for f in frames if f.is_user]
         return [f.as_dict() for f in (user or frames)]
 
-    def sites(self, exclude: list[str] | None = None) -> pd.DataFrame:
+    def sites(
+        self, exclude: list[str] | None = None, keep: pd.Series | np.ndarray | None = None
+    ) -> pd.DataFrame:
         """Per opening site: opened, closed, leaked, leak rate, most common cause, kinds, paths.
 
         Sites in order of leaks, leak rate and opened fds (ties: order of first opening).
+        `keep`: only the fds it marks count (a mask over `fds`, e.g. `~short_lived()`).
         """
         fds = self.fds
         chosen = ~(fds["preexisting"] | fds["inherited"]).to_numpy()
+        if keep is not None:
+            chosen &= np.asarray(keep, dtype=bool)
         if exclude:
             chosen &= ~_excluded(fds, exclude).to_numpy()
         rows = np.flatnonzero(chosen)
@@ -573,11 +609,18 @@ def _site_groups(
     The one grouping of lifetimes by opening site. Sites are numbered in order of first
     appearance and filled (NO_STACK, line 0, function ""). A site is a function of the opening
     stack (_add_sites), so rows are grouped by hashing open_stack, one column of a few thousand
-    distinct values, rather than three columns over millions of rows.
+    distinct values, rather than three columns over millions of rows; and of the site file where
+    `python -c` programs were told apart (children.name_programs: one `<string>` stack, one
+    site per program).
     """
     stacks = fds["open_stack"].to_numpy()
     picked = np.arange(len(fds)) if rows is None else rows
     stack_number, distinct = pd.factorize(stacks[picked])
+    site_files = fds["site_file"]
+    if any(map(is_program_file, site_files.cat.categories)):
+        file_code = np.asarray(site_files.cat.codes, dtype=np.int64)[picked] + 1
+        pairs = stack_number.astype(np.int64) * (len(site_files.cat.categories) + 1) + file_code
+        stack_number = pd.factorize(pairs)[0]
     # Numbers are given in order of first appearance: the running maximum rises exactly there.
     first_row = np.flatnonzero(np.diff(np.maximum.accumulate(stack_number), prepend=-1) > 0)
     sample = fds.iloc[picked[first_row]]

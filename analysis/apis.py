@@ -384,6 +384,12 @@ def api_of(frames: list[Frame], src: SourceIndex) -> str | None:
     return _api(frames[library] if library >= 0 else None, frames[site], src)
 
 
+def call_api(src: SourceIndex, file: str, line: int) -> str | None:
+    """The API a line of user code calls straight into C (no library frame under it)."""
+    called = called_at(src, file, line)
+    return _imported_name(called, src.imports(file)) if called else None
+
+
 def _api(library: Frame | None, site: Frame, src: SourceIndex) -> str | None:
     called = called_at(src, site.file, site.line)
     if library is None:

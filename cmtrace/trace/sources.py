@@ -14,6 +14,7 @@ For each file there is one row per source line (text, enclosing function) and on
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import Any
 MAX_SOURCE_BYTES = 4 << 20  # a generated multi-megabyte module is not worth its space
 FACTS_LINE = 0  # the row holding a file's facts
 CONTEXTMANAGER_DECORATORS = {"contextmanager", "asynccontextmanager"}
+COMMAND_FILE = "<string>"  # co_filename of a `python -c` program
 
 
 def capture_sources(pid: int | None, files: Iterable[str]) -> list[dict]:
@@ -46,6 +48,19 @@ class SourceCollector:
     def __init__(self) -> None:
         self._texts: dict[str, str | None] = {}
         self._roots: dict[int, str] = {}  # pid -> its root directory as this tracer sees it
+        self._programs: dict[int, str] = {}  # pid -> the `python -c` program it runs
+
+    def note_program(self, pid: int) -> None:
+        """Keep the `-c` program of a Python process (its frames say `<string>`, a file no one
+        can read later): called when the process is first seen or exec'd, while it lives."""
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+        except OSError:
+            return
+        program = command_program(argv)
+        if program is not None and len(program) <= MAX_SOURCE_BYTES:
+            self._programs[pid] = program
 
     def note_root(self, pid: int) -> None:
         """Remember where a chrooted target's files are: once it has exited, /proc/PID/root is
@@ -72,7 +87,52 @@ class SourceCollector:
                     break
             if text is not None:
                 out.extend(source_rows(file, text))
-        return out
+        return out + program_rows(self._programs)
+
+
+def command_program(argv: list[str]) -> str | None:
+    """The program a Python command line gives with -c (`python3 -I -c CODE ARGS`,
+    `python -Sc CODE`), None for any other command line."""
+    if not argv or not os.path.basename(argv[0]).startswith(("python", "pypy")):
+        return None
+    args = iter(argv[1:])
+    for arg in args:
+        if arg in ("-", "--") or not arg.startswith("-"):
+            return None  # a script, stdin: no -c
+        if arg.startswith("--"):
+            if arg == "--check-hash-based-pycs":
+                next(args, None)
+            continue
+        for i, flag in enumerate(arg[1:], start=1):
+            if flag == "c":
+                return arg[i + 1 :] or next(args, None)
+            if flag == "m":
+                return None
+            if flag in "WX":  # takes the rest of the word, or the next one
+                if i == len(arg) - 1:
+                    next(args, None)
+                break
+    return None
+
+
+def program_file(program: str) -> str:
+    """The file name a `-c` program's text is stored under: `<string>#` and a digest of the
+    text, so that the processes that ran the same program share it."""
+    return f"{COMMAND_FILE}#{hashlib.sha1(program.encode()).hexdigest()[:8]}"
+
+
+def program_rows(programs: dict[int, str]) -> list[dict]:
+    """SOURCES rows of each distinct `-c` program; its facts also list the `pids` that ran it."""
+    pids: dict[str, list[int]] = {}
+    for pid, program in programs.items():
+        pids.setdefault(program, []).append(pid)
+    out: list[dict] = []
+    for program, ran in pids.items():
+        rows = source_rows(program_file(program), program)
+        facts = json.loads(rows[0]["facts"])
+        rows[0]["facts"] = json.dumps({**facts, "pids": sorted(ran)}, separators=(",", ":"))
+        out.extend(rows)
+    return out
 
 
 def read_source(pid: int | None, file: str, root: str | None = None) -> str | None:
@@ -132,7 +192,8 @@ def file_facts(text: str) -> dict:
       and any with block, so cleanup after it is skipped when the caller's block raises;
     - "classes": {qualname: {first, last, methods}};
     - "enter_calls": lines that call `__enter__`/`__aenter__` by hand;
-    - "error": the syntax error, when the file does not parse.
+    - "error": the syntax error, when the file does not parse;
+    - "pids": for a `python -c` program (program_rows), the processes that ran it.
     """
     facts: dict = {"with": [], "functions": {}, "classes": {}, "enter_calls": []}
     try:

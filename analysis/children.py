@@ -1,0 +1,121 @@
+"""Short-lived children and the programs they ran (issue 13).
+
+A test suite or a pre-fork server starts many processes that live a moment (`python -c`
+snippets, subprocess helpers); the fds they leave open die with them. Reports list those leaks
+apart, after the long-lived processes' own: a short-lived child is a process forked during
+the trace that exited less than `seconds` after its fork.
+
+A `python -c` program's frames all say `<string>`: the recorder captures the `-c` argument of
+each process (cmtrace.trace.sources.command_program) and stores its text as a source file of its
+own, `<string>#DIGEST`, whose facts list the pids that ran it. Sites in `<string>` of those pids
+are named by that file, so each program is a site of its own and shows its line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from cmtrace.analysis.apis import call_api
+from cmtrace.analysis.code import SourceIndex
+from cmtrace.trace import schema
+from cmtrace.trace.sources import COMMAND_FILE
+
+SHORT_LIVED_S = 1.0  # default of `cmtrace report --short-lived S`
+SPAN_COLUMNS = ("t_ns", "pid", "op", "arg")  # the event columns lifespans read
+
+
+def lifespans(parts: Iterable[pa.Table]) -> pd.DataFrame:
+    """Per process forked during the trace: pid, forked_ns, exited_ns (NaN when its exit was
+    not recorded: still running at the end). Reads only fork and exit events."""
+    forks: list[pd.DataFrame] = []
+    exits: list[pd.DataFrame] = []
+    for part in parts:
+        if not part.num_rows or not set(SPAN_COLUMNS) <= set(part.column_names):
+            continue
+        ops = part.column("op").cast(pa.string()).to_numpy(zero_copy_only=False)
+        for op, found, pid_column in ((schema.OP_FORK, forks, "arg"),
+                                      (schema.OP_EXIT, exits, "pid")):  # fmt: skip
+            rows = np.flatnonzero(ops == op)
+            if len(rows):
+                picked = part.take(pa.array(rows))
+                found.append(pd.DataFrame({
+                    "pid": picked.column(pid_column).to_numpy(zero_copy_only=False),
+                    "t": picked.column("t_ns").to_numpy(zero_copy_only=False),
+                }))  # fmt: skip
+    forked = _first_per_pid(forks).rename(columns={"t": "forked_ns"})
+    exited = _first_per_pid(exits).rename(columns={"t": "exited_ns"})
+    spans = forked.merge(exited, on="pid", how="left")
+    return spans.astype({"pid": np.int64, "forked_ns": np.int64, "exited_ns": np.float64})
+
+
+def _first_per_pid(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    if not frames:
+        return pd.DataFrame({"pid": np.zeros(0, np.int64), "t": np.zeros(0, np.int64)})
+    table = pd.concat(frames, ignore_index=True).dropna()
+    return table.sort_values("t", kind="stable").drop_duplicates("pid").reset_index(drop=True)
+
+
+def short_lived_pids(spans: pd.DataFrame, seconds: float) -> set[int]:
+    """The children that exited less than `seconds` after their fork."""
+    lived = spans["exited_ns"] - spans["forked_ns"]
+    return set(spans.loc[lived.notna() & (lived < seconds * 1e9), "pid"].astype(int).tolist())
+
+
+def program_files(src: SourceIndex) -> dict[int, str]:
+    """pid -> the source file holding the `-c` program it ran (as the recorder stored it)."""
+    out: dict[int, str] = {}
+    for file, facts in src.facts.items():
+        if is_program_file(file):
+            out.update((int(pid), file) for pid in facts.get("pids") or ())
+    return out
+
+
+def program_text(src: SourceIndex, file: str) -> str:
+    """The whole text of a captured program, as stored."""
+    lines: list[str] = []
+    while (line := src.text(file, len(lines) + 1)) is not None:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def name_program_apis(fds: pd.DataFrame, src: SourceIndex) -> None:
+    """The api of leaks at a program's line, where its `<string>` frame could not tell it: the
+    callable named on that line of the captured text (in place)."""
+    rows = np.flatnonzero(
+        fds["site_file"].map(is_program_file).to_numpy(dtype=bool) & fds["api"].isna().to_numpy()
+    )
+    if not len(rows):
+        return
+    files = fds["site_file"].to_numpy()[rows]
+    lines = fds["site_line"].to_numpy()[rows]
+    named = {key: call_api(src, *key) for key in set(zip(files.tolist(), lines.tolist()))}
+    apis = [named[key] for key in zip(files.tolist(), lines.tolist())]
+    new = sorted({a for a in apis if a} - set(fds["api"].cat.categories))
+    if new:
+        fds["api"] = fds["api"].cat.add_categories(new)
+    fds.iloc[rows, fds.columns.get_loc("api")] = apis
+
+
+def name_programs(fds: pd.DataFrame, programs: dict[int, str]) -> None:
+    """Site files `<string>` of processes whose `-c` program was captured become that
+    program's file (in place): each program a site of its own, with its text."""
+    if not programs or "site_file" not in fds:
+        return
+    files = fds["site_file"]
+    rows = np.flatnonzero((files == COMMAND_FILE).to_numpy() & fds["pid"].isin(programs).to_numpy())
+    if not len(rows):
+        return
+    named = fds["pid"].to_numpy()[rows]
+    new = sorted(set(programs.values()) - set(files.cat.categories))
+    fds["site_file"] = files.cat.add_categories(new) if new else files
+    column = fds.columns.get_loc("site_file")
+    fds.iloc[rows, column] = [programs[int(pid)] for pid in named.tolist()]
+
+
+def is_program_file(file: object) -> bool:
+    """Is this a `python -c` program's file as name_programs names it?"""
+    return isinstance(file, str) and file.startswith(COMMAND_FILE + "#")

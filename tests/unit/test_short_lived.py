@@ -1,0 +1,90 @@
+"""Short-lived children and their `python -c` programs (issue 13), on hand-built traces.
+
+The parent leaks one fd at its own line; children forked during the trace run `python -c`
+programs (two run the same text, one another) and leave an fd each to their exit; one child
+lives 2 s, one never exits. The expectations are what each process did, stated per process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tracebuild import PID, birth, exit_, fork, write_trace
+
+from cmtrace.analysis import load
+from cmtrace.trace.sources import command_program, program_file, program_rows, source_rows
+
+APP = "/srv/app/suite.py"
+APP_TEXT = "import subprocess\n" * 9 + "log = open('/srv/app/log')\n" + "pass\n" * 9 + "x = 1\n"
+LEAK_A = "import os\nfd = os.open('/etc/hosts', os.O_RDONLY)\n"
+LEAK_B = "import os\nr, w = os.pipe()\n"
+SECOND = 1_000_000_000
+# child pid -> (forked at, lived for (None: never exits), program)
+CHILDREN = {
+    201: (1 * SECOND // 10, SECOND * 3 // 10, LEAK_A),
+    202: (2 * SECOND // 10, SECOND * 2 // 10, LEAK_A),
+    203: (3 * SECOND // 10, SECOND // 10, LEAK_B),
+    204: (4 * SECOND // 10, 2 * SECOND, None),
+    205: (5 * SECOND // 10, None, None),
+}
+
+
+def frame(stack_id: int, file: str, line: int) -> dict:
+    return {"stack_id": stack_id, "pid": PID, "depth": 0, "function": "<module>",
+            "qualname": "<module>", "file": file, "line": line, "firstlineno": 1,
+            "code_flags": 0, "lasti": 0}  # fmt: skip
+
+
+@pytest.fixture
+def trace_dir(tmp_path: Path) -> Path:
+    events = [birth(10, 5, path="/srv/app/log", stack_id=1)]
+    for child, (at, lived, program) in CHILDREN.items():
+        events.append(fork(at, child))
+        stack = 2 if program else 1  # every `<string>` frame at line 2 is one stack
+        events.append(birth(at + 1000, 7, pid=child, tid=child, stack_id=stack))
+        if lived is not None:
+            events.append(exit_(at + lived, pid=child, tid=child))
+    events.append(exit_(5 * SECOND))
+    programs = {child: p for child, (_, _, p) in CHILDREN.items() if p}
+    sources = source_rows(APP, APP_TEXT) + program_rows(programs)
+    stacks = [frame(1, APP, 10), frame(2, "<string>", 2)]
+    return write_trace(tmp_path / "t", events, stacks=stacks, sources=sources)
+
+
+def test_children_that_lived_under_the_threshold_are_short_lived(trace_dir: Path) -> None:
+    trace = load(trace_dir)
+    assert sorted(trace.short_lived_leaks()["pid"]) == [201, 202, 203]
+    long_lived = trace.leaks()[~trace.short_lived().loc[trace.leaks().index].to_numpy()]
+    assert sorted(long_lived["pid"]) == [PID, 204, 205]
+    assert sorted(trace.short_lived_leaks(seconds=3)["pid"]) == [201, 202, 203, 204]
+    assert trace.short_lived_leaks(seconds=0.05).empty
+
+
+def test_each_c_program_is_a_site_of_its_own_with_its_line(trace_dir: Path) -> None:
+    trace = load(trace_dir)
+    sites = trace.sites(keep=trace.short_lived())
+    leaking = sites[sites["leaked"] > 0]
+    got = {(s.site_file, s.site_line, s.leaked, s.api) for s in leaking.itertuples()}
+    assert got == {(program_file(LEAK_A), 2, 2, "os.open"), (program_file(LEAK_B), 2, 1, "os.pipe")}
+    assert trace.src.text(program_file(LEAK_A), 2) == LEAK_A.splitlines()[1]
+    long_sites = trace.sites(keep=~trace.short_lived())
+    assert list(long_sites.loc[long_sites["leaked"] > 0, "site_file"]) == [APP]
+
+
+@pytest.mark.parametrize(
+    "argv,program",
+    [
+        (["python3", "-c", "x=1"], "x=1"),
+        (["/usr/bin/python3.11", "-I", "-Sc", "import os"], "import os"),
+        (["python3", "-W", "ignore", "-c", "y"], "y"),
+        (["python3", "-Wignore", "-cZ"], "Z"),
+        (["python3", "-X", "dev", "-c", "q", "arg"], "q"),
+        (["python3", "script.py", "-c", "no"], None),
+        (["python3", "-m", "mod", "-c", "no"], None),
+        (["bash", "-c", "ls"], None),
+        ([], None),
+    ],
+)
+def test_the_c_program_of_a_command_line(argv: list[str], program: str | None) -> None:
+    assert command_program(argv) == program
