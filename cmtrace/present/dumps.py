@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import queue
 import re
 import signal
 import sys
@@ -269,7 +270,12 @@ class _Pending:
 
 class DumpObserver(BaseObserver):
     """Writes the dumps of a recording: on its triggers, on SIGUSR1 and on
-    request_manual_dump(); with `stop_after`, stops the recording after the first."""
+    request_manual_dump(); with `stop_after`, stops the recording after the first.
+
+    Dumps are written by a thread of their own, in order: analysing a long trace takes seconds,
+    and the recording's flushes (and a live view) must not wait for it. `stopped` waits for
+    the dumps still being written, so they are all on disk before the summary.
+    """
 
     def __init__(self, triggers: list[Trigger], stop_after: bool = False) -> None:
         self.watch = TriggerWatch(triggers, self._soft_limit)
@@ -281,6 +287,8 @@ class DumpObserver(BaseObserver):
         self._flushes = 0
         self._pending: list[_Pending] = []
         self._manual = threading.Event()
+        self._jobs: queue.Queue[tuple[int, Fired] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
         self._limits: dict[int, int | None] = {}
         self._start_ns = 0  # the recording's t_ns 0, in monotonic ns
         self._wall_minus_mono = time.time() - time.monotonic_ns() / 1e9
@@ -318,17 +326,36 @@ class DumpObserver(BaseObserver):
         due = [p for p in self._pending if flushed.final or p.seen_at_flush < self._flushes]
         for pending in due:
             self._pending.remove(pending)
-            self._write(recording, pending.fired)
+            self._number += 1
+            self._start_thread(recording)
+            self._jobs.put((self._number, pending.fired))
 
-    # -- helpers
-    def _write(self, recording: Recording, fired: Fired) -> None:
-        self._number += 1
-        name = f"{self._number:03d}-{fired.reason}"
+    def stopped(self, recording: Recording) -> None:
+        """The last flush is done: wait for the dumps still being written."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+    # -- writing, on the dumps' own thread
+    def _start_thread(self, recording: Recording) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._write_queued, args=(recording,), name="cmtrace-dumps", daemon=True
+            )
+            self._thread.start()
+
+    def _write_queued(self, recording: Recording) -> None:
+        while (job := self._jobs.get()) is not None:
+            self._write(recording, *job)
+
+    def _write(self, recording: Recording, number: int, fired: Fired) -> None:
+        name = f"{number:03d}-{fired.reason}"
         assert recording.writer is not None, "dumps come after the writer opened"
         wall = self._wall_minus_mono + (self._start_ns + fired.t_ns) / 1e9
         try:
             written = write_dump(
-                recording.writer.path, self._number, fired, wall,
+                recording.writer.path, number, fired, wall,
                 self._limits.get(fired.pid), recording.writer.owner,
             )  # fmt: skip
         except Exception as exc:  # a dump that cannot be written must never cost the trace

@@ -241,6 +241,7 @@ def test_the_observer_writes_a_dump_one_flush_later_and_stops_when_asked(tmp_pat
     observer.flushed(rec, Flushed(batch, [], 0, final=False))
     assert not (path / "dumps").exists() and said == []
     observer.flushed(rec, Flushed(None, [], 0, final=False))
+    observer.stopped(rec)  # waits for the dumps' thread
     assert (path / "dumps" / "001-emfile.json").is_file()
     assert (path / "dumps" / "001-emfile.txt").is_file()
     assert len(said) == 1 and said[0].startswith("dump 001-emfile written: ")
@@ -263,10 +264,12 @@ def test_a_manual_dump_on_the_last_flush_and_a_dump_that_cannot_be_written(
     (path / "dumps").write_text("in the way")  # no directory can be made there
     observer.request_manual_dump()
     observer.flushed(rec, Flushed(None, [], 0, final=True))
+    observer.stopped(rec)
     assert len(said) == 1
     assert said[0].startswith("dump 001-manual not written (") and "recording goes on" in said[0]
     (path / "dumps").unlink()
     observer.request_manual_dump()
     observer.flushed(rec, Flushed(None, [], 0, final=True))
+    observer.stopped(rec)
     assert (path / "dumps" / "002-manual.json").is_file()
     assert said[1].startswith("dump 002-manual written: ")
