@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cmtrace.analysis.aggregate import aggregate_meta, counted_per_group, limits, read_counters
 from cmtrace.analysis.apis import api_per_stack, explain
 from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.causes import (
@@ -492,6 +493,7 @@ class Trace:
         count = len(table)
         leak = fds["leak"].to_numpy()[rows]
         table["opened"] = np.bincount(site, minlength=count)
+        table["opened"] += self._counted_per_site(rows, site, count)  # --aggregate: never leaks
         table["leaked"] = np.bincount(site[leak], minlength=count)
         table["closed"] = table["opened"] - table["leaked"]
         table["leaks_per_s"] = table["leaked"] / self.duration_s
@@ -517,6 +519,7 @@ class Trace:
         """Finalizer closes during normal running: like ResourceWarning, with the opening line."""
         fds = self.fds
         finalized = fds[(fds["death"] == "finalizer") & ~fds["leak"]]
+        counted = self._counted_finalizers()
         out = []
         keys = ["site_file", "site_line", "site_function"]
         for (file, line, function), group in finalized.groupby(keys, dropna=False):
@@ -524,13 +527,64 @@ class Trace:
                 {
                     "kind": "finalizer-close",
                     "site": _site_dict(file, line, function),
-                    "count": int(len(group)),
+                    "count": int(len(group)) + counted.get((file, line, function), 0),
                 }
             )
         return sorted(out, key=lambda w: -w["count"])
 
+    # --- --aggregate (cmtrace.analysis.aggregate) -------------------------------------------
+    @property
+    def aggregate(self) -> dict[str, Any] | None:
+        """meta.json's --aggregate facts (min_age_s, map sizes, full counts); None: full
+        history. Aggregated, `fds`, `leaks()` and `live_fds(at=)` hold only the fds recorded
+        in full; `sites()` and `warnings()` count the counted ones too (aggregate_limits)."""
+        return aggregate_meta(self.meta)
+
+    def aggregate_limits(self) -> list[str]:
+        """What this trace cannot answer because it was aggregated (empty: full history)."""
+        facts = self.aggregate
+        return limits(facts) if facts else []
+
+    @cached_property
+    def counters(self) -> pd.DataFrame:
+        """--aggregate: fds counted per (pid, open stack, close stack) (schema.COUNTERS), with
+        `death` refined from the close stack as for recorded closes (exit, close, finalizer)."""
+        counters = read_counters(self.path)
+        deaths = pd.DataFrame({
+            "death": pd.Categorical([schema.OP_CLOSE] * len(counters)),
+            "close_stack": counters["close_stack"].to_numpy(),
+        })  # fmt: skip
+        self._refine_deaths(deaths)
+        counters["death"] = deaths["death"].astype(str).to_numpy()
+        return counters
+
+    def _counted_per_site(self, rows: np.ndarray, site: np.ndarray, count: int) -> np.ndarray:
+        if self.aggregate is None:
+            return np.zeros(count, np.int64)
+        stacks = self.fds["open_stack"].to_numpy()[rows]
+        counters = self.counters  # only the processes of `rows` (reports split by process)
+        counters = counters[counters["pid"].isin(np.unique(self.fds["pid"].to_numpy()[rows]))]
+        return counted_per_group(counters, stacks, site, count)
+
+    def _counted_finalizers(self) -> dict[tuple, int]:
+        """--aggregate: counted finalizer closes per (site file, line, function)."""
+        if self.aggregate is None or self.counters.empty:
+            return {}
+        counters = self.counters
+        per_stack = counters[counters["death"] == "finalizer"].groupby("stack_id")["closed"].sum()
+        fds = self.fds
+        sites = fds.drop_duplicates("open_stack").set_index("open_stack")[SITE_COLUMNS]
+        out: dict[tuple, int] = {}
+        for stack, n in per_stack.items():
+            if stack in sites.index:
+                key = tuple(sites.loc[stack].tolist())
+                out[key] = out.get(key, 0) + int(n)
+        return out
+
     def live_fds(self, at: int) -> pd.DataFrame:
-        """The fd table at `at` ns since trace start: lifetimes born at or before it, not dead."""
+        """The fd table at `at` ns since trace start: lifetimes born at or before it, not dead.
+        On an aggregated trace, fds that lived less than its min_age and were counted are not
+        in it (aggregate_limits says so)."""
         fds = self.fds
         died = fds["died_ns"].astype("float64")
         alive = (fds["born_ns"] <= at) & (died.isna() | (died > at))

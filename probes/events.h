@@ -86,6 +86,23 @@ struct fd_event_data {
     char data[DATA_LEN];
 };
 
+// --aggregate (probes/fdtrace.bpf.c under CMTRACE_AGGREGATE; mirror: cmtrace/record/bpf/aggregate.py).
+// A live fd's birth waits in the kernel map `agg_live`; a close of one that was never shipped
+// adds to the (pid, death, open stack, close stack) counters of `agg_pairs` instead of a record.
+#define AGG_FROM_LIVE 0x100       // struct fd_event.stack_flags: a birth shipped out of agg_live
+#define AGG_HIST_BUCKETS 32       // log2 lifetime histogram: bucket b counts [2^(b+10), 2^(b+11)) ns
+#define AGG_HIST_MIN_SHIFT 10     // (bucket 0 also holds shorter lives, the last one longer)
+enum agg_pair_state {
+    AGG_PAIR_NEW = 0,    // first close seen: shipped, until user space has seen its close stack
+    AGG_PAIR_COUNT = 1,  // an ordinary close: count it, ship nothing
+    AGG_PAIR_SHIP = 2,   // a close that may make a leak (atexit, loop shutdown): always ship
+};
+enum agg_full_index {
+    AGG_FULL_LIVE = 0,   // births shipped at once because agg_live was full
+    AGG_FULL_PAIRS = 1,  // closes shipped because agg_pairs was full
+    AGG_FULL_COUNT = 2,
+};
+
 // Slots of the BPF `settings` array (user space writes them; see collect.py).
 enum settings_index {
     SETTING_FOLLOW = 0,        // follow children

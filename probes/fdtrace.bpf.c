@@ -9,7 +9,8 @@
 //     deaths and flag changes emit at entry (close releases the fd even if it fails);
 //   - records go to one ring buffer, submitted without wake-ups (the collector drains it in
 //     batches); records the kernel could not reserve are counted per CPU, never silently lost.
-// Macros set by the collector: RINGBUF_PAGES, MAX_TRACED, CMTRACE_CALLS (--calls).
+// Macros set by the collector: RINGBUF_PAGES, MAX_TRACED, CMTRACE_CALLS (--calls), and for
+// --aggregate CMTRACE_AGGREGATE, AGG_LIVE_MAX, AGG_PAIRS_MAX (see "Aggregation" below).
 
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -35,7 +36,9 @@ struct stash_t {
     u64 args[6];
 };
 
-BPF_HASH(traced, u32, u8, MAX_TRACED);
+// tgid -> (--aggregate) the birth time up to which user space shipped this process's live fds
+// (at its exec or close_range); 0 otherwise. Present = traced.
+BPF_HASH(traced, u32, u64, MAX_TRACED);
 BPF_ARRAY(settings, u32, SETTINGS_COUNT);  // enum settings_index (events.h)
 BPF_TABLE("lru_hash", u32, struct stash_t, stash, 65536);  // tid -> args of a syscall in flight
 BPF_PERCPU_ARRAY(lost, u64, 1);
@@ -120,6 +123,176 @@ static __always_inline void submit_small(struct fd_event *e) {
 static __always_inline void submit_data(struct fd_event_data *d) {
     events.ringbuf_submit(d, BPF_RB_NO_WAKEUP);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Aggregation (--aggregate). Births of single fds wait in `agg_live` (the whole record, so it
+// can be shipped later as it was); a close of one never shipped counts in `agg_pairs` per
+// (pid, death, open stack, close stack) with a log2 lifetime histogram, and ships nothing once
+// user space has seen that pair's first close (AGG_PAIR_COUNT). Shipped instead, birth and
+// close: a pair's first close (its sample), every close of a pair user space marked
+// AGG_PAIR_SHIP, closes while the interpreter finalizes, and closes of fds already shipped.
+// User space ships, from the map, fds older than --min-age (births up to agg_mark[0]), those of
+// a process at its exit, exec and close_range (births up to traced[pid]), and all at the end.
+// A birth onto a live entry (dup2, or an fd that died unseen at exec) ships both births. Full
+// maps fall back to full history for the fd and are counted in agg_full.
+#ifdef CMTRACE_AGGREGATE
+struct live_key {
+    u32 pid;
+    s32 fd;
+};
+
+struct live_fd {
+    struct fd_event_data birth;
+    u64 shipped;  // the kernel shipped this birth already
+};
+
+struct pair_key {
+    u32 pid;
+    u32 death;  // syscall nr of the close
+    u64 open_stack;
+    u64 close_stack;
+};
+
+struct pair_val {
+    u64 count;
+    u64 state;  // enum agg_pair_state
+    u64 hist[AGG_HIST_BUCKETS];
+};
+
+BPF_HASH(agg_live, struct live_key, struct live_fd, AGG_LIVE_MAX);
+BPF_HASH(agg_pairs, struct pair_key, struct pair_val, AGG_PAIRS_MAX);
+BPF_PERCPU_ARRAY(agg_full, u64, AGG_FULL_COUNT);
+BPF_PERCPU_ARRAY(agg_birth, struct live_fd, 1);  // the birth being built
+BPF_ARRAY(agg_zero, struct pair_val, 1);         // a new pair's value (too big for the stack)
+BPF_ARRAY(agg_mark, u64, 1);                     // [0] births up to this time were shipped
+
+static __always_inline void agg_count_full(u32 index) {
+    u64 *n = agg_full.lookup(&index);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void agg_ship(struct live_fd *lf, u32 from_live) {
+    if (from_live)
+        lf->birth.e.stack_flags |= AGG_FROM_LIVE;
+    if (events.ringbuf_output(&lf->birth, sizeof(lf->birth), BPF_RB_NO_WAKEUP))
+        count_lost();
+    lf->shipped = 1;
+}
+
+static __always_inline struct fd_event_data *reserve_birth(struct stack_ref *st, u64 pid_tgid,
+                                                           u16 type, u16 nr) {
+    u64 sid = st->id;
+    u32 sflags = st->flags;
+    u32 zero = 0;
+    struct live_fd *slot = agg_birth.lookup(&zero);
+    if (!slot)
+        return NULL;
+    slot->shipped = 0;
+    fill(&slot->birth.e, pid_tgid, type, nr, sid, sflags);
+    return &slot->birth;
+}
+
+static __always_inline struct fd_event *reserve_small_birth(struct stack_ref *st, u64 pid_tgid,
+                                                            u16 type, u16 nr) {
+    struct fd_event_data *d = reserve_birth(st, pid_tgid, type, nr);
+    return d ? &d->e : NULL;
+}
+
+// The birth built in agg_birth: kept in agg_live (failures are shipped as they are).
+static __always_inline void submit_birth(struct fd_event_data *built) {
+    u32 zero = 0;
+    struct live_fd *slot = agg_birth.lookup(&zero);
+    if (!slot)
+        return;
+    if (slot->birth.e.type != EV_BIRTH) {
+        agg_ship(slot, 0);
+        return;
+    }
+    struct live_key key = {.pid = slot->birth.e.pid, .fd = slot->birth.e.fd};
+    struct live_fd *old = agg_live.lookup(&key);
+    if (old) {  // the old lifetime ended unseen or by this dup2: the analysis needs both
+        if (!old->shipped)
+            agg_ship(old, 1);
+        agg_ship(slot, 1);
+    }
+    if (agg_live.update(&key, slot)) {
+        agg_count_full(AGG_FULL_LIVE);
+        if (!slot->shipped)
+            agg_ship(slot, 0);  // not in the map: its close is shipped as in full history
+    }
+}
+
+static __always_inline void submit_small_birth(struct fd_event *e) {
+    submit_birth((struct fd_event_data *)e);
+}
+
+static __always_inline u32 agg_bucket(u64 ns) {
+    u64 v = ns >> AGG_HIST_MIN_SHIFT;
+    u32 b = 0;
+    if (v >> 16) { v >>= 16; b += 16; }
+    if (v >> 8) { v >>= 8; b += 8; }
+    if (v >> 4) { v >>= 4; b += 4; }
+    if (v >> 2) { v >>= 2; b += 2; }
+    if (v >> 1)
+        b += 1;
+    return b < AGG_HIST_BUCKETS ? b : AGG_HIST_BUCKETS - 1;
+}
+
+static __always_inline u64 agg_shipped_up_to(u32 pid) {
+    u32 zero = 0;
+    u64 mark = 0;
+    u64 *global = agg_mark.lookup(&zero);
+    if (global)
+        mark = *global;
+    u64 *own = traced.lookup(&pid);
+    if (own && *own > mark)
+        mark = *own;
+    return mark;
+}
+
+// Counts the close of a never-shipped fd in its pair; 0: the pair wants it shipped.
+static __always_inline int agg_count(struct live_fd *lf, u32 pid, u64 close_stack, u64 age) {
+    struct pair_key pk = {.pid = pid, .death = NR_close, .open_stack = lf->birth.e.stack_id,
+                          .close_stack = close_stack};
+    struct pair_val *p = agg_pairs.lookup(&pk);
+    if (!p) {
+        u32 zero = 0;
+        struct pair_val *fresh = agg_zero.lookup(&zero);
+        if (fresh && agg_pairs.insert(&pk, fresh))
+            agg_count_full(AGG_FULL_PAIRS);
+        return 0;
+    }
+    if (p->state != AGG_PAIR_COUNT)
+        return 0;
+    __sync_fetch_and_add(&p->count, 1);
+    __sync_fetch_and_add(&p->hist[agg_bucket(age) & (AGG_HIST_BUCKETS - 1)], 1);
+    return 1;
+}
+
+// A close(fd): 1 when counted (ship nothing), 0 when the close record is to be shipped (after
+// the fd's birth, if the kernel had not shipped it yet).
+static __always_inline int agg_close(struct stack_ref *st, u64 pid_tgid, s32 fd) {
+    u32 pid = pid_tgid >> 32;
+    struct live_key key = {.pid = pid, .fd = fd};
+    struct live_fd *lf = agg_live.lookup(&key);
+    if (!lf)
+        return 0;
+    u64 born = lf->birth.e.ts;
+    int counted = 0;
+    if (!lf->shipped && born > agg_shipped_up_to(pid) && !(st->flags & PY_STACK_FINALIZING))
+        counted = agg_count(lf, pid, st->id, bpf_ktime_get_ns() - born);
+    if (!counted && !lf->shipped)
+        agg_ship(lf, 1);  // shipped by user space too? it drops the copy (same pid, fd, time)
+    agg_live.delete(&key);
+    return counted;
+}
+#else
+#define reserve_birth reserve_data
+#define submit_birth submit_data
+#define reserve_small_birth reserve_small
+#define submit_small_birth submit_small
+#endif
 
 static __always_inline void copy_user_str(struct fd_event_data *d, const void *src) {
     int n = bpf_probe_read_user_str(d->data, DATA_LEN, src);
@@ -247,6 +420,10 @@ int on_close_enter(struct sys_enter_ctx *ctx) {
     if (!is_traced(pid_tgid >> 32))
         return 0;
     struct stack_ref st = python_stack(ctx, pid_tgid);
+#ifdef CMTRACE_AGGREGATE
+    if (agg_close(&st, pid_tgid, (s32)ctx->args[0]))
+        return 0;
+#endif
     struct fd_event *e = reserve_small(&st, pid_tgid, EV_CLOSE, NR_close);
     if (e) {
         e->fd = (s32)ctx->args[0];
@@ -295,7 +472,7 @@ int on_openat_enter(struct sys_enter_ctx *ctx) {
 static __always_inline void emit_path_birth(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret,
                                             const void *path, u64 flags) {
     u16 type = ret < 0 ? EV_FAIL : EV_BIRTH;
-    struct fd_event_data *d = reserve_data(st, pid_tgid, type, s->nr);
+    struct fd_event_data *d = reserve_birth(st, pid_tgid, type, s->nr);
     if (!d)
         return;
     if (ret < 0)
@@ -306,7 +483,7 @@ static __always_inline void emit_path_birth(struct stack_ref *st, u64 pid_tgid, 
     d->e.arg = s->args[0];
     if (path)
         copy_user_str(d, path);
-    submit_data(d);
+    submit_birth(d);
 }
 
 static __always_inline void emit_pair_birth(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret,
@@ -329,7 +506,7 @@ static __always_inline void emit_pair_birth(struct stack_ref *st, u64 pid_tgid, 
 
 static __always_inline void emit_simple_birth(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret,
                                               s32 src, u64 flags, u64 arg) {
-    struct fd_event *e = reserve_small(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
+    struct fd_event *e = reserve_small_birth(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
     if (!e)
         return;
     if (ret < 0)
@@ -339,11 +516,11 @@ static __always_inline void emit_simple_birth(struct stack_ref *st, u64 pid_tgid
     e->fd2 = src;
     e->flags = flags;
     e->arg = arg;
-    submit_small(e);
+    submit_small_birth(e);
 }
 
 static __always_inline void emit_accept(struct stack_ref *st, u64 pid_tgid, struct stash_t *s, s64 ret) {
-    struct fd_event_data *d = reserve_data(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
+    struct fd_event_data *d = reserve_birth(st, pid_tgid, ret < 0 ? EV_FAIL : EV_BIRTH, s->nr);
     if (!d)
         return;
     if (ret < 0)
@@ -357,7 +534,7 @@ static __always_inline void emit_accept(struct stack_ref *st, u64 pid_tgid, stru
         bpf_probe_read_user(&len, sizeof(len), (void *)s->args[2]);
         copy_sockaddr(d, (const void *)s->args[1], len);
     }
-    submit_data(d);
+    submit_birth(d);
 }
 
 // recvmsg: fds passed with SCM_RIGHTS in the first control message (multiprocessing does this).
@@ -582,8 +759,8 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
     u32 follow_key = SETTING_FOLLOW;
     u32 *follow = settings.lookup(&follow_key);
     if (follow && *follow) {
-        u8 one = 1;
-        traced.update(&child, &one);
+        u64 none = 0;
+        traced.update(&child, &none);
         python_inherit_process(parent, child);
     }
     struct stack_ref st = python_stack(args, pid_tgid);

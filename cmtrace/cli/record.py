@@ -111,8 +111,26 @@ def _add_recording_options(parser: argparse.ArgumentParser) -> None:
         "privilege for run, ptrace permission for -p), or auto (default: bpf when it can, "
         "else ptrace; the attached line says which and why)",
     )  # fmt: skip
+    _add_aggregate_options(parser)
     parser.add_argument("--top", type=int, default=10, help="leak sites shown in the summary")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+
+def _add_aggregate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--aggregate", action="store_true",
+        help="BPF only: count short-lived fds in the kernel (per opening and closing stack, "
+        "with a lifetime histogram) instead of recording each; fds that live --min-age or "
+        "longer, are open at the end or die in a way that makes them leaks are recorded in "
+        "full, so leaks are found as with full history, at a cost that grows with distinct "
+        "stacks and long-lived fds, not with events",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min-age", type=float, default=10.0, metavar="S",
+        help="--aggregate: record in full every fd still open after S seconds (default 10)",
+    )  # fmt: skip
+    # tests: a tiny kernel live-fd map, to see what a full one does
+    parser.add_argument("--aggregate-live-max", type=int, default=65536, help=argparse.SUPPRESS)
 
 
 def record_options(args: argparse.Namespace) -> RecordOptions:
@@ -132,6 +150,9 @@ def record_options(args: argparse.Namespace) -> RecordOptions:
         ring_mb=args.ring_mb,
         quiet=args.quiet,
         backend=args.backend,
+        aggregate=args.aggregate,
+        min_age=args.min_age,
+        aggregate_live_max=args.aggregate_live_max,
     )
 
 

@@ -26,6 +26,10 @@ class RecordOptions:
     ring_mb: int = 32  # kernel ring buffer, MiB, a power of two
     quiet: bool = False  # no progress lines on stderr
     backend: str = "auto"  # "auto" (BPF when it can, else ptrace) | "bpf" | "ptrace"
+    # --aggregate (BPF): count short-lived fds in the kernel, ship those older than min_age
+    aggregate: bool = False
+    min_age: float = 10.0  # seconds
+    aggregate_live_max: int = 65536  # live fds the kernel map holds (hidden flag: tests)
 
     def validate(self) -> None:
         """Refuse contradictory or impossible options before anything is attached or started."""
@@ -36,7 +40,19 @@ class RecordOptions:
             )
         if self.calls and self.backend == "ptrace":
             raise UsageError("--calls needs the BPF backend's USDT probes: drop --backend ptrace")
+        self._validate_aggregate()
         self.ring_pages()
+
+    def _validate_aggregate(self) -> None:
+        if not self.aggregate:
+            return
+        if self.backend == "ptrace":
+            raise UsageError(
+                "--aggregate counts fds in the kernel and needs the BPF backend: drop "
+                "--backend ptrace (or --aggregate, to record full history with ptrace)"
+            )
+        if self.min_age < 0 or self.aggregate_live_max < 1:
+            raise UsageError("--min-age must be >= 0 seconds (and the live map at least 1 fd)")
 
     def ring_pages(self) -> int:
         megabytes = self.ring_mb

@@ -53,6 +53,8 @@ def make_backend(
 ) -> Backend:
     """The backend that records, by name (bcc or the engine is loaded only when it loads)."""
     if backend == "ptrace":
+        if options.aggregate:  # auto chose ptrace (no BPF here)
+            raise UsageError("--aggregate needs the BPF backend, which this host cannot use")
         from cmtrace.record.ptrace.backend import PtraceBackend  # noqa: PLC0415
 
         return PtraceBackend(
@@ -67,7 +69,17 @@ def make_backend(
         python_stacks=options.python_stacks,
         calls=options.calls,
         progress=progress,
+        aggregate=_aggregate_settings(options),
     )
+
+
+def _aggregate_settings(options: RecordOptions) -> Any:
+    """--aggregate's settings for the BPF backend (None: full history)."""
+    if not options.aggregate:
+        return None
+    from cmtrace.record.bpf.aggregate import AggregateSettings  # noqa: PLC0415
+
+    return AggregateSettings(min_age_s=options.min_age, live_max=options.aggregate_live_max)
 
 
 def choose(options: RecordOptions, mode: str, pid: int | None = None) -> Choice:
@@ -151,9 +163,15 @@ class Recording:
             "missing_tracepoints": self.backend.missing_tracepoints,
             "backend": self.backend.name,
             "backend_reason": self.backend_reason,
+            **self._backend_meta(),
             **extra_meta,
         }
         self.writer = TraceWriter(path, meta, owner=spawn.requesting_user())
+
+    def _backend_meta(self) -> dict[str, Any]:
+        """Facts a backend adds to meta.json (--aggregate's settings and counts)."""
+        facts = getattr(self.backend, "trace_meta", None)
+        return facts() if facts is not None else {}
 
     def add_target(self, pid: int) -> None:
         """Trace pid: kernel filter first, then the snapshot of what it already has open."""
@@ -171,6 +189,7 @@ class Recording:
         if not self.stacks:
             return
         self.sources.note_root(pid)
+        self.sources.note_program(pid)  # a `python -c` program: its text, while it runs
         try:
             target = self.backend.watch_python(pid)
         except Exception as exc:  # never let stack support stop fd recording
@@ -300,9 +319,17 @@ class Recording:
             writer.write_part("calls", table)
         if frames is not None:
             writer.write_rows("stacks", frames)
+        self._write_counters(writer)
         if lost != writer.meta.get("lost_events"):
             writer.write_meta(lost_events=lost)
         self._tell_observers(Flushed(events, frames or [], lost, final))
+
+    def _write_counters(self, writer: TraceWriter) -> None:
+        """--aggregate: the kernel's counters read since the last flush (schema.COUNTERS)."""
+        take = getattr(self.backend, "take_counters", None)
+        table = take() if take is not None else None
+        if table is not None and len(table):
+            writer.write_part("counters", table)
 
     def _tell_observers(self, flushed: Flushed) -> None:
         """Hand what was just written to each observer; one that fails is dropped with a
@@ -347,6 +374,7 @@ class Recording:
             processes=[{"pid": pid, "ns_pid": inner} for pid, inner in self.ns_pids.items()],
             degraded=self._degraded(),
             backend_stats=self.backend.stats(),
+            **self._backend_meta(),
         )
 
     def close(self) -> None:

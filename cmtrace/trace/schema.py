@@ -12,6 +12,7 @@ A trace directory holds::
     sources/part-*.parquet    SOURCES: source lines and per-function facts captured at record time
     preexisting.parquet       PREEXISTING: fds already open when the tracer attached
     calls/part-*.parquet      CALLS: __enter__/__exit__ entries and returns (`--calls` only)
+    counters/part-*.parquet   COUNTERS: per-pair close counts of fds never shipped (`--aggregate`)
 
 The recorder is deliberately dumb: it records what the kernel saw. Implicit deaths (exec closing
 CLOEXEC fds, process exit, dup2 onto a live fd) and fork inheritance are derived from the event
@@ -137,6 +138,27 @@ CALLS = pa.schema(
         ("raised", pa.bool_()),  # return only: the function raised; null when not known
         ("stack_id", pa.int64()),  # Python stack at the probe (innermost = the function itself)
         ("stack_flags", pa.int32()),
+    ]
+)
+
+# --- counters (`--aggregate`: meta.json "aggregate" says so, with min_age_s and map sizes) ------
+# The kernel counts the closes of fds it never shipped (born and closed within --min-age, of an
+# (open stack, close stack) pair whose first close was shipped as events). A row holds the
+# counts since the previous row of the same (pid, stack_id, close_stack, death): deltas, read
+# about once a second, stamped with the read's time (the closes happened in the second before).
+LIFETIME_HIST_BUCKETS = 32  # lifetime_hist[b]: lives in [2^(b+10), 2^(b+11)) ns (b=0: shorter too)
+LIFETIME_HIST_MIN_SHIFT = 10
+
+COUNTERS = pa.schema(
+    [
+        ("t_ns", pa.int64()),  # when the kernel's counters were read (ns since trace start)
+        ("pid", pa.int32()),
+        ("stack_id", pa.int64()),  # the opening stack (an id of the stacks table)
+        ("close_stack", pa.int64()),  # the closing stack: the analysis refines the death from it
+        ("death", pa.string()),  # the syscall that ended them: "close"
+        ("opened", pa.int64()),  # fds counted (each was opened and closed: opened == closed)
+        ("closed", pa.int64()),
+        ("lifetime_hist", pa.list_(pa.int64())),  # LIFETIME_HIST_BUCKETS log2 buckets
     ]
 )
 

@@ -35,6 +35,7 @@ TABLES = {
     "stacks": schema.STACK_FRAMES,
     "sources": schema.SOURCES,
     "calls": schema.CALLS,
+    "counters": schema.COUNTERS,
 }
 
 

@@ -13,9 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pyarrow as pa
+
 from cmtrace.record import procfs, spawn
 from cmtrace.record.backend import PythonTarget, Records
 from cmtrace.record.bpf import loader
+from cmtrace.record.bpf.aggregate import AggregateSettings, Aggregator
 from cmtrace.record.bpf.calls import CallProbes
 from cmtrace.record.bpf.decode import decode, decode_calls
 from cmtrace.record.bpf.loader import BPF, ProbeLoadError
@@ -41,6 +44,7 @@ class BpfBackend:
         python_stacks: bool = True,
         calls: bool = False,
         progress: Callable[[str], None] = lambda _text: None,
+        aggregate: AggregateSettings | None = None,
     ) -> None:
         self.follow = follow
         self.ring_pages = ring_pages
@@ -57,21 +61,28 @@ class BpfBackend:
         # Made now, not after the compile: it starts the BTF warm-up (see warm_btf).
         self.symbolizer = Symbolizer(self.interpreters) if python_stacks else None
         self.call_probes: CallProbes | None = None
+        self.aggregate = (
+            aggregate  # --aggregate: counted in the kernel (cmtrace.record.bpf.aggregate)
+        )
+        self.aggregator: Aggregator | None = None
+        self._stopping = False
 
     # -- setup
     def load(self) -> None:
         """Compile, load and attach the probes. If the kernel refuses the Python stack walker
         (an older verifier may find it too complex), record without stacks and say why."""
         loaded = None
+        extra = self.aggregate.cflags() if self.aggregate else ()
         if self.stacks:
             try:
-                loaded = loader.load(self.ring_pages, with_stacks=True, calls=self.calls)
+                loaded = loader.load(self.ring_pages, with_stacks=True, calls=self.calls,
+                                     extra=extra)  # fmt: skip
             except ProbeLoadError as exc:
                 self.stack_failure = f"the Python stack walker could not be loaded ({exc.detail})"
                 self.stacks = False
                 self.symbolizer = None
         if loaded is None:
-            loaded = loader.load(self.ring_pages, with_stacks=False, calls=self.calls)
+            loaded = loader.load(self.ring_pages, with_stacks=False, calls=self.calls, extra=extra)
         self.bpf, self.missing_tracepoints = loaded.bpf, loaded.missing_tracepoints
         if self.follow:
             self._set(SETTING_FOLLOW, 1)
@@ -81,12 +92,14 @@ class BpfBackend:
             self.targets = PythonTargets(self.bpf, self.interpreters)
         if self.calls:
             self.call_probes = CallProbes(self.bpf)
+        if self.aggregate:
+            self.aggregator = Aggregator(self.bpf, self.aggregate, self.start_ns)
 
     def _set(self, index: int, value: int) -> None:
         self.bpf["settings"][ctypes.c_int(index)] = ctypes.c_uint32(value)
 
     def trace(self, pid: int) -> None:
-        self.bpf["traced"][ctypes.c_uint32(pid)] = ctypes.c_uint8(1)
+        self.bpf["traced"][ctypes.c_uint32(pid)] = ctypes.c_uint64(0)  # see `traced` in the probes
 
     def start_command(self, command: list[str], user: Any) -> spawn.HeldChild:
         """run: the command forked here, held before its exec until release()."""
@@ -163,16 +176,35 @@ class BpfBackend:
             for record in python_records:
                 self.symbolizer.on_record(record)
         batch = Batch(buf, offsets)
-        if not len(batch):
+        shipped = None
+        if self.aggregator is not None:
+            batch = self.aggregator.filter(batch)
+            shipped = self.aggregator.after(batch, stopping=self._stopping)
+        if not len(batch) and shipped is None:
             return None
         calls = decode_calls(batch, self.start_ns) if self.call_probes is not None else None
-        return Records(decode(batch, self.start_ns), calls)
+        events = decode(batch, self.start_ns)
+        if shipped is not None:  # births out of the kernel's live map, with their own times
+            events = pa.concat_tables([events, decode(shipped, self.start_ns)])
+            events = events.sort_by([("t_ns", "ascending")])
+        return Records(events, calls)
+
+    def take_counters(self) -> pa.Table | None:
+        """--aggregate: the counter rows read since the last call (schema.COUNTERS)."""
+        return self.aggregator.take_counters() if self.aggregator is not None else None
+
+    def trace_meta(self) -> dict[str, Any]:
+        """meta.json facts of this backend: --aggregate's settings and what it counted."""
+        return {"aggregate": self.aggregator.meta()} if self.aggregator is not None else {}
 
     def take_frames(self, final: bool = False) -> list[dict[str, Any]]:
         if self.symbolizer is None:
             return []
         # At the end, stacks still waiting for a code record are resolved as well as can be.
-        return self.symbolizer.flush() if final else self.symbolizer.take_frames()
+        rows = self.symbolizer.flush() if final else self.symbolizer.take_frames()
+        if self.aggregator is not None:
+            self.aggregator.note_frames(rows)
+        return rows
 
     def take_new_files(self) -> list[tuple[int, str]]:
         return self.symbolizer.take_new_files() if self.symbolizer is not None else []
@@ -185,6 +217,7 @@ class BpfBackend:
         """Stop new events at once (the filter empties) while the probes stay attached; lower
         the --calls semaphores raised in processes still running."""
         self.bpf["traced"].clear()
+        self._stopping = True  # the next drain ships every fd still in the live map
         if self.call_probes is not None:
             self.call_probes.disarm()
 

@@ -70,11 +70,12 @@ def probe_source(with_stacks: bool) -> str:
     return inline_pystack(source) if with_stacks else source
 
 
-def cflags(ring_pages: int, calls: bool) -> list[str]:
+def cflags(ring_pages: int, calls: bool, extra: tuple[str, ...] = ()) -> list[str]:
+    """The compiler flags of the probes; `extra`: a feature's own (--aggregate's map sizes)."""
     flags = [f"-DRINGBUF_PAGES={ring_pages}", f"-DMAX_TRACED={MAX_TRACED}", f"-I{probes_dir()}"]
     if calls:
         flags.append("-DCMTRACE_CALLS")
-    return flags
+    return flags + list(extra)
 
 
 @dataclass
@@ -85,12 +86,12 @@ class Loaded:
     missing_tracepoints: list[str] = field(default_factory=list)  # syscalls this kernel lacks
 
 
-def load(ring_pages: int, with_stacks: bool, calls: bool) -> Loaded:
+def load(ring_pages: int, with_stacks: bool, calls: bool, extra: tuple[str, ...] = ()) -> Loaded:
     """Compile and load the probes and attach them to every syscall tracepoint there is."""
     bcc = import_bcc()
     bpf = None
     try:
-        bpf = bcc.BPF(text=probe_source(with_stacks), cflags=cflags(ring_pages, calls))
+        bpf = bcc.BPF(text=probe_source(with_stacks), cflags=cflags(ring_pages, calls, extra))
         return Loaded(bpf, attach_syscalls(bpf))
     except Exception as exc:  # bcc raises plain Exception on compile/load failures
         if bpf is not None:
