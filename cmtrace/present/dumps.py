@@ -114,6 +114,7 @@ class TriggerWatch:
         self.limit_of = limit_of  # pid -> its soft RLIMIT_NOFILE now (None: unlimited/unknown)
         self.fired: set[tuple[str, int]] = set()  # (reason, pid): once per process
         self._counting = [t for t in self.triggers if t.kind != "emfile"]
+        self.needs_limits = any(t.kind == "pct" for t in self.triggers)
         self._preexisting: list[dict[str, Any]] = []
         self._model: FdModel | None = None
 
@@ -309,6 +310,10 @@ class DumpObserver(BaseObserver):
     # -- Observer
     def started(self, recording: Recording) -> None:
         self._start_ns = recording.backend.start_ns
+        if recording.writer is not None:  # a trace replaced with --force: its dumps go too
+            for stale in (recording.writer.path / DUMPS_DIR).glob("[0-9][0-9][0-9]-*.*"):
+                if stale.suffix in (".json", ".txt"):
+                    stale.unlink(missing_ok=True)
 
     def preexisting(self, rows: list[dict[str, Any]]) -> None:
         self.watch.preexisting(rows)
@@ -381,7 +386,9 @@ class DumpObserver(BaseObserver):
         what the recording sampled of it (`rlimit_nofile`, when it keeps one) is used then."""
         pids = set(recording.root_pids)
         if events is not None:
-            pids.update(pc.unique(events.column("pid")).to_pylist())
+            flushed = pc.unique(events.column("pid")).to_pylist()
+            # a P% trigger needs each process's limit now; else a first reading will do
+            pids.update(p for p in flushed if self.watch.needs_limits or p not in self._limits)
         sampled = getattr(recording, "rlimit_nofile", None) or {}
         for pid in pids:
             limits = procfs.rlimit_nofile(int(pid)) or sampled.get(int(pid))

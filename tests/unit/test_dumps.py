@@ -273,3 +273,12 @@ def test_a_manual_dump_on_the_last_flush_and_a_dump_that_cannot_be_written(
     observer.stopped(rec)
     assert (path / "dumps" / "002-manual.json").is_file()
     assert said[1].startswith("dump 002-manual written: ")
+
+
+def test_a_replaced_trace_loses_its_old_dumps_only(tmp_path: Path) -> None:
+    path = cut_case(tmp_path)
+    (path / "dumps").mkdir()
+    for name in ("001-emfile.json", "001-emfile.txt", "012-manual.json", "notes.md"):
+        (path / "dumps" / name).write_text("old")
+    DumpObserver([]).started(recording_of(path))
+    assert [p.name for p in (path / "dumps").iterdir()] == ["notes.md"]
