@@ -86,7 +86,14 @@ class EventFacts(TypedDict):
 class FdModel:
     """The fd tables of every traced process, built from batches of events in time order."""
 
-    def __init__(self, preexisting: pd.DataFrame | None = None) -> None:
+    def __init__(
+        self, preexisting: pd.DataFrame | None = None, keep_lifetimes: bool = True
+    ) -> None:
+        """`keep_lifetimes=False`: a watcher that needs only the counters and the open fds
+        (a live view left on a busy service for hours): ended lifetimes are folded into the
+        counters batch by batch and dropped, so memory follows the open fds and the distinct
+        sites, not every fd ever opened; `lifetimes()` is then refused."""
+        self.keep_lifetimes = keep_lifetimes
         self.stats = PairingStats()
         self.facts: EventFacts = {"rows": 0, "last_ns": 0, "lost": 0, "children": set()}
         self._preexisting = preexisting  # seeds the first batch only
@@ -125,6 +132,8 @@ class FdModel:
         """Every lifetime so far (LIFETIME_COLUMNS), open ones with null died_ns and death.
         With `release` the model's lifetimes are handed over (freed column by column, which
         bounds peak memory): feed nothing after that."""
+        if not self.keep_lifetimes:
+            raise ValueError("this FdModel keeps no ended lifetimes (keep_lifetimes=False)")
         parts = self._ended + ([self._last.lives] if self._last is not None else [])
         if release:
             self._ended, self._last = [], None
@@ -133,13 +142,13 @@ class FdModel:
 
     def open_fds(self) -> pd.DataFrame:
         """The lifetimes open now (LIFETIME_COLUMNS), CLOEXEC as it is now."""
+        kinds, paths, syscalls, stacks = self._vocabs or _empty_vocabs()
         if self._last is None:
-            return self.lifetimes()
+            return _to_frame([], kinds, paths, syscalls, stacks, copy=False)
         table = self._last
         still_open = np.flatnonzero(table.lives.died == NO_DEATH)
         lives = _take(table.lives, still_open)
         lives.cloexec = last_cloexec(table, still_open)
-        kinds, paths, syscalls, stacks = self._vocabs or _empty_vocabs()
         return _to_frame([lives], kinds, paths, syscalls, stacks, copy=False)
 
     def batch_lifetimes(self) -> pd.DataFrame:
@@ -190,7 +199,11 @@ class FdModel:
             return None
         lives = table.lives
         still_open = lives.died == NO_DEATH
-        self._ended.append(_take(lives, np.flatnonzero(~still_open)))
+        ended = _take(lives, np.flatnonzero(~still_open))
+        if self.keep_lifetimes:
+            self._ended.append(ended)
+        else:  # counted now, then dropped
+            self._counters = _sum_counters([self._counters, self._lives_counters(ended)])
         rows = np.flatnonzero(still_open)
         return Seed(
             pid=lives.pid[rows], fd=lives.fd[rows], t=lives.born[rows], kind=lives.kind[rows],

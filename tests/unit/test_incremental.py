@@ -241,6 +241,23 @@ def test_site_counters_add_up_to_the_lifetimes(name: str) -> None:
     assert counters["live"].sum() == whole["died_ns"].isna().sum()
 
 
+@pytest.mark.parametrize("name", SAVED)
+def test_a_model_keeping_no_lifetimes_counts_the_same(name: str) -> None:
+    """keep_lifetimes=False (the live view's model) folds ended lifetimes into the counters
+    and drops them: the counters and open fds still equal those of a model keeping them."""
+    events, pre = _saved(name)
+    cuts = sorted(set(np.random.default_rng(5).integers(1, len(events), 6).tolist()))
+    keeping, lean = FdModel(pre), FdModel(pre, keep_lifetimes=False)
+    for batch in _batches(events, cuts, as_frames=False):
+        keeping.feed(batch)
+        lean.feed(batch)
+        pd.testing.assert_frame_equal(lean.site_counters(), keeping.site_counters())
+        assert _open_now(lean) == _open_now(keeping)
+    assert lean._ended == []
+    with pytest.raises(ValueError, match="keep_lifetimes"):
+        lean.lifetimes()
+
+
 def test_counter_rows_of_an_aggregated_trace_add_to_the_events() -> None:
     model = FdModel()
     model.feed(events_table([birth(1, 3, stack_id=7), birth(2, 4, stack_id=7), close(3, 3)]))
