@@ -450,7 +450,7 @@ def close_death(close: CloseStack, src: SourceIndex) -> str:
     if inner is None:
         return "close"
     if close.at_exit:
-        return "atexit"  # to the program it lived until the end: a leak (api.SHUTDOWN_DEATHS)
+        return "atexit"  # to the program it lived until the end: a leak (lifetimes.LEAK_DEATHS)
     if close.loop_shutdown:
         return "loop-shutdown"
     if close.in_exit:
