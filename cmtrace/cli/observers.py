@@ -102,6 +102,7 @@ def build_dumps(args: argparse.Namespace, mode: str) -> list[Observer]:
     from cmtrace.present import dumps  # noqa: PLC0415 (pandas: only when a recording starts)
 
     triggers = [dumps.parse_trigger(value) for value in getattr(args, "dump_on", None) or []]
+    dumps.check_triggers(triggers, aggregate=getattr(args, "aggregate", False))
     observer = dumps.DumpObserver(triggers, stop_after=getattr(args, "stop_after_dump", False))
     observer.install_signal()
     return [observer]

@@ -67,6 +67,11 @@ class Trigger:
         """The dump's REASON: emfile, fds-100, pct-50."""
         return self.kind if self.kind == "emfile" else f"{self.kind}-{self.value}"
 
+    @property
+    def spelling(self) -> str:
+        """As --dump-on takes it: emfile, 100, 50%."""
+        return {"fds": str(self.value), "pct": f"{self.value}%"}.get(self.kind, self.kind)
+
     def threshold(self, soft_limit: int | None) -> int | None:
         """The open-fd count that fires it in a process with this soft limit (None: never)."""
         if self.kind == "fds":
@@ -91,6 +96,17 @@ def parse_trigger(text: str) -> Trigger:
             raise UsageError(f"--dump-on {text}: a percent of RLIMIT_NOFILE is 1% to 100%")
         return Trigger("pct", int(percent.group(1)))
     raise UsageError(f"--dump-on {text}: expected {TRIGGER_HELP}")
+
+
+def check_triggers(triggers: list[Trigger], aggregate: bool) -> None:
+    """Count triggers need every birth as it happens; --aggregate ships an fd only once it is
+    older than --min-age, so the counts (and the instant) would be wrong: refuse them."""
+    counted = [t for t in triggers if t.kind != "emfile"]
+    if aggregate and counted:
+        raise UsageError(
+            f"--dump-on {counted[0].spelling}: counting open fds needs every birth as it "
+            "happens, which --aggregate does not ship: use --dump-on emfile or SIGUSR1"
+        )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from cmtrace.present.dumps import (
     Fired,
     Trigger,
     TriggerWatch,
+    check_triggers,
     parse_trigger,
     write_dump,
 )
@@ -67,6 +68,14 @@ def test_bad_dump_on_values_are_one_line_usage_errors(text: str, says: str) -> N
     message = str(raised.value)
     assert message.startswith(f"--dump-on {text}:") and says in message
     assert "\n" not in message
+
+
+def test_counting_triggers_are_refused_with_aggregate() -> None:
+    check_triggers([Trigger("emfile")], aggregate=True)
+    check_triggers([Trigger("fds", 5), Trigger("pct", 50)], aggregate=False)
+    for trigger, spelled in ((Trigger("fds", 5), "5"), (Trigger("pct", 50), "50%")):
+        with pytest.raises(UsageError, match=f"^--dump-on {spelled}: .*--aggregate"):
+            check_triggers([Trigger("emfile"), trigger], aggregate=True)
 
 
 def test_a_percent_is_rounded_up_from_the_soft_limit() -> None:
