@@ -6,16 +6,104 @@ they are written once here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import pandas as pd
 
 from cmtrace.analysis import Trace
 from cmtrace.analysis.api import NO_STACK, fill_text
+from cmtrace.analysis.children import SHORT_LIVED_S, is_program_file, program_text
 from cmtrace.analysis.services import describe_peer, port_of, service_of
 
 # A row of Trace.sites() as itertuples() yields it (site_file, site_line, leaked, cause...).
 SiteRow = Any
+MAX_LINE = 300  # no report line is longer (a test suite's paths and peers are elided)
+PATH_CHARS = 120  # one path or peer in a list of them
+PROGRAM_CHARS = 160  # a `python -c` program shown on one line
+
+
+@dataclass
+class Findings:
+    """A report's leaks: the long-lived processes' first, the short-lived children's apart
+    (see Trace.short_lived). `sites` are the long-lived processes' (every site, leaking or
+    not), `short_sites` the children's leaking sites."""
+
+    leaks: pd.DataFrame
+    sites: pd.DataFrame
+    short_leaks: pd.DataFrame
+    short_sites: pd.DataFrame
+    seconds: float | None  # the threshold; None: no split asked for
+
+    @property
+    def leaking(self) -> pd.DataFrame:
+        return self.sites[self.sites["leaked"] > 0]
+
+    @property
+    def short_leaking(self) -> pd.DataFrame:
+        return self.short_sites[self.short_sites["leaked"] > 0]
+
+    @property
+    def all_sites(self) -> pd.DataFrame:
+        """Every site of either kind of process (for the totals)."""
+        return pd.concat([self.sites, self.short_sites], ignore_index=True)
+
+
+def findings(
+    trace: Trace, exclude: list[str] | None = None, short_lived: float | None = SHORT_LIVED_S
+) -> Findings:
+    """The leaks and sites of a report, split at `short_lived` seconds (None or 0: no split)."""
+    leaks = trace.leaks(exclude)
+    if not short_lived:
+        return Findings(leaks, trace.sites(exclude), leaks.iloc[:0], trace.sites().iloc[:0], None)
+    short = trace.short_lived(short_lived)
+    in_short = short.loc[leaks.index].to_numpy()
+    return Findings(
+        leaks=leaks[~in_short],
+        sites=trace.sites(exclude, keep=~short),
+        short_leaks=leaks[in_short],
+        short_sites=trace.sites(exclude, keep=short),
+        seconds=short_lived,
+    )
+
+
+def short_lived_headline(found: Findings, title: bool = False) -> str:
+    """`20 leaked fds in 20 short-lived processes`; as a section's `title`, with the threshold
+    and the sites: `short-lived processes (lived < 1 s, their fds closed by their exit): 20
+    leaked fds in 20 processes, from 2 sites`."""
+    n, pids = len(found.short_leaks), found.short_leaks["pid"].nunique()
+    fds = f"{n} leaked fd{'s' if n != 1 else ''}"
+    processes = f"{pids} process{'es' if pids != 1 else ''}"
+    if not title:
+        return f"{fds} in {pids} short-lived process{'es' if pids != 1 else ''}"
+    sites = len(found.short_leaking)
+    return (
+        f"short-lived processes (lived < {found.seconds:g} s, their fds closed by their exit): "
+        f"{fds} in {processes}, from {sites} site{'s' if sites != 1 else ''}"
+    )
+
+
+def program_line(trace: Trace, file: Any) -> str | None:
+    """A `python -c` program's text on one line (`python -c 'import os; ...'`), elided; None
+    for a site in any other file."""
+    if not is_program_file(file):
+        return None
+    text = "; ".join(ln.strip() for ln in program_text(trace.src, str(file)).splitlines() if ln)
+    return "python -c " + repr(elide(text, PROGRAM_CHARS))
+
+
+def elide(text: str, width: int) -> str:
+    """`text` cut to `width` characters by dropping its middle (a path keeps its root and its
+    file name): `/very/long/.../name.txt`."""
+    if len(text) <= width:
+        return text
+    keep = width - 3
+    return text[: keep - keep // 2] + "..." + text[len(text) - keep // 2 :]
+
+
+def fit_lines(lines: list[str], width: int = MAX_LINE) -> list[str]:
+    """Every line at most `width` characters (elided in the middle)."""
+    return [elide(line, width) for line in lines]
 
 
 def leaks_by_site(leaks: pd.DataFrame) -> Callable[[SiteRow], pd.DataFrame]:
@@ -61,6 +149,7 @@ def caveats(trace: Trace) -> list[str]:
         out.append(
             f"LOST EVENTS: {trace.lost_events} events were dropped by the kernel; counts may be off"
         )
+    out.extend(trace.aggregate_limits())  # --aggregate: what the trace cannot answer
     reason = trace.no_python_reason
     if reason:
         out.append(f"no Python stacks: {reason}")
@@ -85,9 +174,9 @@ def totals(trace: Trace, sites: pd.DataFrame) -> str:
 
 def peer_text(kind: Any, path: Any) -> str:
     """A path as reports print it: a socket's peer with what it probably is
-    (`127.0.0.1:5432 (PostgreSQL?)`), anything else as it is."""
+    (`127.0.0.1:5432 (PostgreSQL?)`), anything else as it is; elided to PATH_CHARS."""
     service = service_of(kind, path)
-    return describe_peer(path, service) if service else str(path)
+    return elide(describe_peer(path, service) if service else str(path), PATH_CHARS)
 
 
 def peers(leaks: pd.DataFrame) -> list[dict[str, Any]]:

@@ -11,16 +11,23 @@ from html import escape
 import pandas as pd
 
 from cmtrace.analysis import Trace
+from cmtrace.analysis.children import SHORT_LIVED_S
 from cmtrace.present.common import (
     SiteRow,
     caveats,
+    findings,
     headline,
     leaks_by_site,
     peer_headline,
     peer_text,
     peers,
+    program_line,
+    short_lived_headline,
     totals,
 )
+
+SITE_HEADINGS = ("site", "function", "leaked", "opened", "closed", "leaks/s", "cause", "kind",
+                 "live fds over time")  # fmt: skip
 
 _HTML_STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222}
@@ -54,9 +61,16 @@ document.querySelectorAll('table.sortable th').forEach(function(th){
 """
 
 
-def render_html(trace: Trace, exclude: list[str] | None = None, strip_source: bool = False) -> str:
-    sites = trace.sites(exclude)
-    leaks = trace.leaks(exclude)
+def render_html(
+    trace: Trace,
+    exclude: list[str] | None = None,
+    strip_source: bool = False,
+    short_lived: float | None = SHORT_LIVED_S,
+) -> str:
+    """The sites of the long-lived processes, then those of short-lived children (that lived
+    under `short_lived` s) in a table of their own, peers, warnings and totals."""
+    found = findings(trace, exclude, short_lived)
+    sites, leaks = found.sites, found.leaks
     curves = _site_curves(trace)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -66,15 +80,12 @@ def render_html(trace: Trace, exclude: list[str] | None = None, strip_source: bo
         f"<p>{escape(headline(trace, leaks, sites[sites['leaked'] > 0]))}</p>",
     ]
     parts += [f"<p class='caveat'>{escape(c)}</p>" for c in caveats(trace)]
-    parts.append("<h2>Sites</h2><table class='sortable' id='sites'><thead><tr>")
-    for title in ("site", "function", "leaked", "opened", "closed", "leaks/s", "cause", "kind",
-                  "live fds over time"):  # fmt: skip
-        parts.append(f"<th>{title}</th>")
-    parts.append("</tr></thead><tbody>")
-    leaks_at = leaks_by_site(leaks)
-    for site in sites.itertuples(index=False):
-        parts.append(_html_site_row(trace, leaks_at(site), site, curves, strip_source))
-    parts.append("</tbody></table>")
+    parts.append(_site_table("sites", trace, sites, leaks, curves, strip_source))
+    if not found.short_leaks.empty:
+        parts.append("<h2>Short-lived processes</h2>")
+        parts.append(f"<p>{escape(short_lived_headline(found, title=True))}</p>")
+        parts.append(_site_table("short-lived", trace, found.short_leaking, found.short_leaks,
+                                 curves, strip_source))  # fmt: skip
     groups = peers(leaks)
     if groups:
         parts.append("<h2>Socket leaks by peer</h2><ul>")
@@ -92,8 +103,28 @@ def render_html(trace: Trace, exclude: list[str] | None = None, strip_source: bo
                 "were closed by a finalizer, not by close() or a with statement</li>"
             )
         parts.append("</ul>")
-    parts.append(f"<p>{escape(totals(trace, sites))}</p>")
+    parts.append(f"<p>{escape(totals(trace, found.all_sites))}</p>")
     parts.append(f"<script>{_HTML_SCRIPT}</script></body></html>")
+    return "".join(parts)
+
+
+def _site_table(
+    name: str,
+    trace: Trace,
+    sites: pd.DataFrame,
+    leaks: pd.DataFrame,
+    curves: dict[str, list[int]],
+    strip_source: bool,
+) -> str:
+    """A sortable table of sites (`id` name; 'sites' under the heading Sites), a row each."""
+    parts = ["<h2>Sites</h2>" if name == "sites" else "",
+             f"<table class='sortable' id='{name}'><thead><tr>"]  # fmt: skip
+    parts += [f"<th>{title}</th>" for title in SITE_HEADINGS]
+    parts.append("</tr></thead><tbody>")
+    leaks_at = leaks_by_site(leaks)
+    for site in sites.itertuples(index=False):
+        parts.append(_html_site_row(trace, leaks_at(site), site, curves, strip_source))
+    parts.append("</tbody></table>")
     return "".join(parts)
 
 
@@ -132,6 +163,9 @@ def _html_site_row(
     text = None if strip_source else trace.src.text(site.site_file, int(site.site_line))
     if text:
         detail.append(f"<pre class='src'>{int(site.site_line):>5} | {escape(text.strip())}</pre>")
+    program = None if strip_source else program_line(trace, site.site_file)
+    if program:
+        detail.append(f"<div>program: <code>{escape(program)}</code></div>")
     if not rows.empty:
         first = rows.iloc[0]
         stack = trace.user_stack(int(first["open_stack"]))

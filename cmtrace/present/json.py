@@ -9,28 +9,43 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cmtrace.analysis import Trace
+from cmtrace.analysis.children import SHORT_LIVED_S, is_program_file, program_text
 from cmtrace.present.common import peers
 
 REPORT_SCHEMA = 1
 
 
 def render_json(
-    trace: Trace, exclude: list[str] | None = None, extra: dict[str, Any] | None = None
+    trace: Trace,
+    exclude: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    short_lived: float | None = SHORT_LIVED_S,
 ) -> str:
     """The report as JSON text; `extra` keys are added at the top level (a dump's `dump`)."""
-    report = {**report_dict(trace, exclude=exclude), **(extra or {})}
+    report = {**report_dict(trace, exclude=exclude, short_lived=short_lived), **(extra or {})}
     return json.dumps(report, indent=1, default=_json_default)
 
 
-def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any]:
+def report_dict(
+    trace: Trace, exclude: list[str] | None = None, short_lived: float | None = SHORT_LIVED_S
+) -> dict[str, Any]:
+    """The report (DESIGN "Report contract"). Leaks of short-lived children (that lived under
+    `short_lived` s) stay in `leaks`, marked `short_lived: true`, and are summed up in
+    `short_lived`."""
     leaks = trace.leaks(exclude)
     stacks = {int(s): trace.stack(int(s)) for s in leaks["open_stack"].unique()}
     ns_pids = _namespace_pids(trace.meta)
+    short = (
+        trace.short_lived(short_lived).loc[leaks.index].to_numpy()
+        if short_lived
+        else np.zeros(len(leaks), dtype=bool)
+    )
     out_leaks = []
-    for row in leaks.itertuples(index=False):
+    for row, in_short in zip(leaks.itertuples(index=False), short.tolist()):
         extra = {"ns_pid": ns_pids[int(row.pid)]} if int(row.pid) in ns_pids else {}
         out_leaks.append(
             {
@@ -50,6 +65,7 @@ def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any
                 "cause": _value(row.cause),
                 "fix": _value(row.fix),
                 "evidence": _value(row.evidence),
+                "short_lived": in_short,
             }
         )
     sites = trace.sites(exclude)
@@ -77,6 +93,26 @@ def report_dict(trace: Trace, exclude: list[str] | None = None) -> dict[str, Any
             for s in sites.itertuples(index=False)
         ],
         "peers": peers(leaks),
+        "short_lived": _short_lived(trace, leaks[short], short_lived),
+    }
+
+
+def _short_lived(trace: Trace, leaks: pd.DataFrame, seconds: float | None) -> dict[str, Any]:
+    """The short-lived children's leaks summed up, with the `python -c` programs they ran."""
+    files = sorted({str(f) for f in leaks["site_file"].dropna() if is_program_file(f)})
+    return {
+        "threshold_s": seconds,
+        "leaked": int(len(leaks)),
+        "processes": int(leaks["pid"].nunique()),
+        "programs": [
+            {
+                "file": file,
+                "text": program_text(trace.src, file),
+                "pids": sorted(int(p) for p in trace.src.file_facts(file).get("pids", [])),
+                "leaked": int((leaks["site_file"] == file).sum()),
+            }
+            for file in files
+        ],
     }
 
 

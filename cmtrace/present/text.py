@@ -10,30 +10,43 @@ from typing import TextIO
 import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
+from cmtrace.analysis.children import SHORT_LIVED_S
 from cmtrace.present.common import (
+    Findings,
     SiteRow,
     caveats,
+    findings,
+    fit_lines,
     headline,
     leaks_by_site,
     peer_headline,
     peer_text,
     peers,
+    program_line,
+    short_lived_headline,
     totals,
 )
+from cmtrace.trace.sources import COMMAND_FILE
 
 STACK_FRAMES_SHOWN = 8  # innermost user frames printed per site
 
 
 def render_text(
-    trace: Trace, top: int = 20, exclude: list[str] | None = None, by_peer: bool = False
+    trace: Trace,
+    top: int = 20,
+    exclude: list[str] | None = None,
+    by_peer: bool = False,
+    short_lived: float | None = SHORT_LIVED_S,
 ) -> str:
-    """The leaking sites ranked (the `top` first), finalizer warnings, then the totals; with
-    `by_peer`, the socket leaks grouped by peer first."""
+    """The leaking sites ranked (the `top` first), then those of short-lived children (that
+    lived under `short_lived` s), finalizer warnings, then the totals; with `by_peer`, the
+    socket leaks grouped by peer first. No line is longer than common.MAX_LINE."""
     lines: list[str] = []
-    leaks = trace.leaks(exclude)
-    sites = trace.sites(exclude)
-    leaking = sites[sites["leaked"] > 0]
+    found = findings(trace, exclude, short_lived)
+    leaks, leaking = found.leaks, found.leaking
     lines.append(headline(trace, leaks, leaking))
+    if not found.short_leaks.empty:
+        lines.append(f"+ {short_lived_headline(found)}, listed after the others")
     lines.extend(caveats(trace))
     if by_peer:
         lines.extend(_peer_blocks(leaks, top))
@@ -43,6 +56,7 @@ def render_text(
         lines.extend(_site_block(trace, leaks_at(site), site, rank))
     if len(leaking) > top:
         lines.append(f"\n... and {len(leaking) - top} more leaking sites (--top N shows more)")
+    lines.extend(_short_lived_blocks(trace, found, top))
     warnings = trace.warnings()
     if warnings:
         lines.append("")
@@ -52,8 +66,8 @@ def render_text(
             fn = w["site"]["function"] if w["site"] else ""
             lines.append(f"  {w['count']:>6} fds opened at {where} in {fn}")
     lines.append("")
-    lines.append(totals(trace, sites))
-    return "\n".join(lines) + "\n"
+    lines.append(totals(trace, found.all_sites))
+    return "\n".join(fit_lines(lines)) + "\n"
 
 
 def print_summary(
@@ -61,17 +75,20 @@ def print_summary(
     file: TextIO = sys.stdout,
     top: int = 10,
     exclude: str | Path | list[str] | None = None,
+    short_lived: float | None = SHORT_LIVED_S,
 ) -> int:
-    """The end-of-recording summary (text report of the top sites); returns the leak count.
+    """The end-of-recording summary (text report of the top sites); returns the leak count
+    of the long-lived processes.
 
     `exclude` is an exclude file (`--exclude FILE`) or its patterns; excluded sites are left
-    out of the summary and of the count (which `--fail-on-leak` turns into exit code 3).
+    out of the summary and of the count (which `--fail-on-leak` turns into exit code 3), and
+    so are the leaks of short-lived children (listed apart).
     """
     if isinstance(exclude, (str, Path)):
         exclude = read_exclude_file(exclude)
     trace = load(trace_dir)
-    file.write(render_text(trace, top=top, exclude=exclude))
-    return int(len(trace.leaks(exclude)))
+    file.write(render_text(trace, top=top, exclude=exclude, short_lived=short_lived))
+    return int(len(findings(trace, exclude, short_lived).leaks))
 
 
 def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> list[str]:
@@ -92,6 +109,36 @@ def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> l
         out.append("   paths: " + ", ".join(paths))
     if not rows.empty:
         out.extend(_leak_details(trace, rows))
+    return out
+
+
+def _short_lived_blocks(trace: Trace, found: Findings, top: int) -> list[str]:
+    """The short-lived children's leaking sites, a few lines each: which process ran what
+    (a `python -c` program's own text), the line, the api and paths."""
+    leaking = found.short_leaking
+    if leaking.empty:
+        return []
+    out = ["", short_lived_headline(found, title=True)]
+    leaks_at = leaks_by_site(found.short_leaks)
+    for rank, site in enumerate(leaking.head(top).itertuples(index=False), start=1):
+        pids = leaks_at(site)["pid"].nunique()
+        api = f"  api: {site.api}" if site.api else ""
+        out.append(f"  #{rank} {int(site.leaked)} leaked in {pids} process"
+                   f"{'es' if pids != 1 else ''}  {site.kind or ''}{api}")  # fmt: skip
+        out.append(f"     opened at {site.site_file}:{site.site_line} in {site.site_function}")
+        text = trace.src.text(site.site_file, int(site.site_line))
+        if text:
+            out.append(f"     {int(site.site_line):>6} | {text.strip()}")
+        program = program_line(trace, site.site_file)
+        if program:
+            out.append(f"     program: {program}")
+        elif site.site_file == COMMAND_FILE:
+            out.append("     program: a python -c program whose text was not captured")
+        paths = [peer_text(site.kind, p) for p in site.paths if p]
+        if paths:
+            out.append("     paths: " + ", ".join(paths))
+    if len(leaking) > top:
+        out.append(f"  ... and {len(leaking) - top} more short-lived sites (--top N shows more)")
     return out
 
 
