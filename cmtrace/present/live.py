@@ -138,8 +138,16 @@ class Watch:
             if pid not in self.targets:
                 self.targets[pid] = TargetFds(pid, procfs.comm(pid))
 
-    def feed(self, events: pa.Table | None, frames: list[dict[str, Any]], lost: int) -> None:
-        now = time.monotonic()
+    def feed(
+        self,
+        events: pa.Table | None,
+        frames: list[dict[str, Any]],
+        lost: int,
+        now: float | None = None,
+    ) -> None:
+        """One flush: the events just written, the stacks completed, the lost count so far
+        (`now`, a monotonic time, for tests that stand in for the clock)."""
+        now = time.monotonic() if now is None else now
         self._add_frames(frames)
         if events is not None and len(events):
             if self.model is None:
@@ -338,7 +346,6 @@ def _target_line(target: TargetFds) -> Text:
 
 _COLUMNS = ("SITE", "LIVE", "OPENED", "CLOSED", "+/MIN", "KIND", "SAMPLE", "CAUSE?")
 _NUMBERS = ("LIVE", "OPENED", "CLOSED", "+/MIN")
-_WIDE = ("SITE", "SAMPLE")  # they share what the numbers leave
 
 
 def _sites_table(sites: list[SiteRow], state: ViewState, room: int) -> Table:
@@ -348,7 +355,8 @@ def _sites_table(sites: list[SiteRow], state: ViewState, room: int) -> Table:
             name,
             justify="right" if name in _NUMBERS else "left",
             no_wrap=True,
-            ratio=3 if name in _WIDE else None,
+            ratio={"SITE": 3, "SAMPLE": 2}.get(name),
+            min_width=32 if name == "SITE" else None,
             overflow="ellipsis",
         )
     first = max(0, state.selected - room + 1)
@@ -371,7 +379,7 @@ def _stack(watch: Watch, site: SiteRow, room: int) -> Text:
     return Text("\n".join(lines))
 
 
-def _short(where: str, keep: int = 3) -> str:
+def _short(where: str, keep: int = 2) -> str:
     """A file path cut to its last few components: the screen has room for the line."""
     parts = where.split("/")
     return where if len(parts) <= keep + 1 else ".../" + "/".join(parts[-keep:])
