@@ -32,7 +32,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -42,6 +41,8 @@ from cmtrace.record.observe import BaseObserver, Flushed
 from cmtrace.trace import schema
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from cmtrace.analysis.model import FdModel
     from cmtrace.record.session import Recording
 
@@ -180,7 +181,7 @@ class TriggerWatch:
         return out
 
     def _fed(self, events: pa.Table) -> FdModel:
-        from cmtrace.analysis.model import FdModel  # noqa: PLC0415 (pandas: only when counting)
+        from cmtrace.analysis.model import FdModel  # noqa: PLC0415 (the analysis: only when counting)
 
         if self._model is None:
             seed = pa.Table.from_pylist(self._preexisting, schema=schema.PREEXISTING).to_pandas()
