@@ -17,6 +17,8 @@ Ways to run each workload:
   cmtrace-nostacks  `cmtrace -p PID --no-python-stacks` (the fd lifecycle alone)
   cmtrace-calls     `cmtrace -p PID --calls` (not a default mode: needs an interpreter whose
                     USDT probes fire, e.g. --python /opt/cmtrace/pythons/bin/python3.9)
+  cmtrace-live      `cmtrace -p PID --live`, its live view drawn into a pseudo-terminal
+                    (160x40, read and thrown away; no controlling terminal, so no keys)
   strace            `strace -f -e trace=openat,close -p PID` (fewer iterations by default,
                     because each one costs ~90x: per-iteration times stay comparable)
   strace-f          `strace -f -qq -e trace=openat,close -o /dev/null CMD` (strace starts it)
@@ -66,14 +68,21 @@ WORKLOADS = {  # name -> (loop, frames)
 }
 MODES = ("bare", "cmtrace", "cmtrace-nostacks", "strace", "tracemalloc")
 # opt-in with --modes
-EXTRA_MODES = ("cmtrace-calls", "strace-f", "strace-seccomp", "ptrace-run", "ptrace-attach")
+EXTRA_MODES = (
+    "cmtrace-calls",
+    "cmtrace-live",
+    "strace-f",
+    "strace-seccomp",
+    "ptrace-run",
+    "ptrace-attach",
+)
 STRACE_RUN = ("strace", "-f", "-qq", "-e", "trace=openat,close", "-o", "/dev/null")
 # Modes where the tool starts the target (the rest attach to a running one), as a prefix argv.
 RUN_PREFIXES = {
     "strace-f": STRACE_RUN,
     "strace-seccomp": (*STRACE_RUN[:1], "--seccomp-bpf", *STRACE_RUN[1:]),
 }
-BPF_MODES = ("cmtrace", "cmtrace-nostacks", "cmtrace-calls")  # these need root
+BPF_MODES = ("cmtrace", "cmtrace-nostacks", "cmtrace-calls", "cmtrace-live")  # these need root
 PTRACE_MODES = ("ptrace-run", "ptrace-attach")
 TRACE_MODES = BPF_MODES + PTRACE_MODES  # write a cmtrace trace (lost events, births checked)
 TOOL_MODES = ("strace", "strace-f", "strace-seccomp", *PTRACE_MODES)  # 3 workloads only
@@ -222,10 +231,51 @@ def attach(config: Config, mode: str, pid: int, trace: Path, pin: str) -> subpro
             argv.append("--calls")
         elif mode == "ptrace-attach":
             argv += ["--backend", "ptrace"]
+        elif mode == "cmtrace-live":
+            argv.append("--live")
         needle = "cmtrace: attached to"
     argv = [*PINS[pin], *argv]
+    if mode == "cmtrace-live":
+        return attach_on_pty(argv, needle)
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tracer.lines = wait_for_line(tracer.stderr, needle, timeout=180)
+    return tracer
+
+
+def attach_on_pty(argv: list[str], needle: str) -> subprocess.Popen:
+    """The tracer with stderr on a 160x40 pseudo-terminal (its live view draws there), in a
+    session of its own (no controlling terminal: it reads no keys from ours)."""
+    import fcntl  # noqa: PLC0415
+    import pty  # noqa: PLC0415
+    import struct  # noqa: PLC0415
+    import termios  # noqa: PLC0415
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+    tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave,
+                              start_new_session=True)  # fmt: skip
+    os.close(slave)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def pump() -> None:  # read the screen as it is drawn, so the tracer never blocks on it
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the tracer closed its end
+                data = b""
+            if not data:
+                break
+            lines.append(data.decode(errors="replace"))
+            if needle in "".join(lines[-2:]):
+                seen.set()
+        os.close(master)
+        seen.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not seen.wait(180) or needle not in "".join(lines):
+        raise RuntimeError(f"no {needle!r} within 180 s: {''.join(lines)[-2000:]}")
+    tracer.lines = lines
     return tracer
 
 
