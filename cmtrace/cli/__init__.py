@@ -45,7 +45,7 @@ VERBS = (
     ),
 )
 SUMMARIES = {verb.name: verb.summary for verb in VERBS}
-PID_OPTIONS = ("-p", "--pid")  # `cmtrace -p PID ...` is the attach verb
+PID_OPTIONS = ("-p", "--pid", "--pgrep", "--all")  # `cmtrace -p PID ...` is the attach verb
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +98,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and (argv[0] in PID_OPTIONS or argv[0].startswith("--pid=")):
+    if argv and (argv[0] in PID_OPTIONS or argv[0].startswith(("--pid=", "--pgrep="))):
         argv.insert(0, "attach")
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)

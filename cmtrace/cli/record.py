@@ -14,7 +14,7 @@ from typing import TextIO
 
 from cmtrace.cli import observers
 from cmtrace.errors import EXIT_LEAKS, CmtraceError, TraceError, UsageError
-from cmtrace.record import session
+from cmtrace.record import joining, session
 from cmtrace.record.choose import BACKENDS
 from cmtrace.record.options import RecordOptions
 
@@ -39,15 +39,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     attach = sub.add_parser(
         "attach",
         help="attach to a running process (also: cmtrace -p PID)",
-        usage="cmtrace -p PID [-o DIR] [--duration S] [-f] [options]",
+        usage="cmtrace (-p PID[,PID...] | --pgrep PATTERN | --all) [-o DIR] [--duration S] "
+        "[-f] [options]",
         description=(
-            "Attach to a running process and record the birth and death of every file "
-            "descriptor, with the Python stack that made it, until the process exits, "
-            "--duration ends, or Ctrl-C / SIGTERM (the process keeps running untouched). "
+            "Attach to running processes and record the birth and death of every file "
+            "descriptor, with the Python stack that made it, until every target has exited, "
+            "--duration ends, or Ctrl-C / SIGTERM (the processes keep running untouched). "
             "Then print the fds that leaked."
         ),
     )
-    attach.add_argument("-p", "--pid", type=int, required=True, help="process to trace")
+    attach.add_argument(
+        "-p", "--pid", action="append", default=[], metavar="PID[,PID...]",
+        help="process(es) to trace; repeatable",
+    )  # fmt: skip
+    attach.add_argument(
+        "--pgrep", metavar="PATTERN",
+        help="also every process whose command line matches the regular expression (as "
+        "pgrep -f), those that start while recording included (/proc is scanned every "
+        f"{joining.POLL_INTERVAL_S:g} s: fds a process opened before it was found are "
+        "pre-existing, not leaks); cmtrace, its parents and children excluded. Recording "
+        "waits for the first match, then stops when every target has exited",
+    )  # fmt: skip
+    attach.add_argument(
+        "--all", action="store_true", dest="all_python",
+        help="every CPython process on the host, and those that start (BPF only; found as "
+        "--pgrep's are); records until --duration or Ctrl-C",
+    )  # fmt: skip
     attach.add_argument(
         "-f", "--follow-children", action="store_true",
         help="also trace its child processes, existing descendants included",
@@ -138,8 +155,12 @@ def record_options(args: argparse.Namespace) -> RecordOptions:
     command = list(getattr(args, "command", None) or [])
     if command[:1] == ["--"]:
         command = command[1:]
+    pids = joining.parse_pids(getattr(args, "pid", None) or [])
     return RecordOptions(
-        pid=getattr(args, "pid", None),
+        pid=pids[0] if pids else None,
+        pids=pids[1:],
+        pgrep=getattr(args, "pgrep", None),
+        all_python=getattr(args, "all_python", False),
         command=tuple(command),
         follow_children=getattr(args, "follow_children", False),
         duration=getattr(args, "duration", None),
@@ -164,6 +185,8 @@ def summary_options(args: argparse.Namespace) -> Summary:
 
 
 def run_attach(args: argparse.Namespace) -> int:
+    if not (args.pid or args.pgrep is not None or args.all_python):
+        raise UsageError("say what to trace: -p PID[,PID...], --pgrep PATTERN or --all")
     return attach(record_options(args), summary_options(args), observers.build(args, "attach"))
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmtrace.errors import UsageError
+from cmtrace.record.joining import compile_pattern
 
 PAGE_SIZE = 4096  # the ring buffer is sized in pages (RINGBUF_PAGES in probes/fdtrace.bpf.c)
 
@@ -30,6 +31,10 @@ class RecordOptions:
     aggregate: bool = False
     min_age: float = 10.0  # seconds
     aggregate_live_max: int = 65536  # live fds the kernel map holds (hidden flag: tests)
+    # several targets (cmtrace.record.joining): more pids, and processes that join
+    pids: tuple[int, ...] = ()  # -p PID[,PID...] beyond `pid`
+    pgrep: str | None = None  # every process whose command line matches (pgrep -f)
+    all_python: bool = False  # --all: every CPython process on the host (BPF)
 
     def validate(self) -> None:
         """Refuse contradictory or impossible options before anything is attached or started."""
@@ -41,7 +46,28 @@ class RecordOptions:
         if self.calls and self.backend == "ptrace":
             raise UsageError("--calls needs the BPF backend's USDT probes: drop --backend ptrace")
         self._validate_aggregate()
+        self._validate_targets()
         self.ring_pages()
+
+    @property
+    def attach_pids(self) -> tuple[int, ...]:
+        """The processes -p names, in order."""
+        return tuple(dict.fromkeys([*([self.pid] if self.pid else []), *self.pids]))
+
+    @property
+    def attaching(self) -> bool:
+        return bool(self.attach_pids or self.pgrep is not None or self.all_python)
+
+    def _validate_targets(self) -> None:
+        if self.all_python and (self.attach_pids or self.pgrep is not None or self.command):
+            raise UsageError("--all traces every CPython process: drop -p, --pgrep and run")
+        if self.all_python and self.backend == "ptrace":
+            raise UsageError(
+                "--all needs the BPF backend (ptrace would stop every Python process on the "
+                "host at each fd syscall): drop --backend ptrace"
+            )
+        if self.pgrep is not None:
+            compile_pattern(self.pgrep)
 
     def _validate_aggregate(self) -> None:
         if not self.aggregate:

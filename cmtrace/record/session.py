@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cmtrace.errors import CmtraceError, TargetError, UsageError
-from cmtrace.record import procfs, spawn
+from cmtrace.record import joining, procfs, spawn
 from cmtrace.record.backend import Backend, Command, PythonTarget
 from cmtrace.record.choose import Choice, choose_backend
 from cmtrace.record.environment import check_environment
@@ -44,7 +44,8 @@ DRAIN_INTERVAL = 0.02  # seconds between drains of the backend (the kernel's rin
 FLUSH_INTERVAL = 0.5  # seconds: a killed tracer loses at most this much (1 s is the promise)
 
 
-def default_output(pid: int) -> Path:
+def default_output(pid: int | str) -> Path:
+    """./cmtrace-PID-YYYYmmdd-HHMMSS (or cmtrace-pgrep-..., cmtrace-all-...)."""
     return Path(f"cmtrace-{pid}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
@@ -53,6 +54,8 @@ def make_backend(
 ) -> Backend:
     """The backend that records, by name (bcc or the engine is loaded only when it loads)."""
     if backend == "ptrace":
+        if options.all_python:  # auto chose ptrace (no BPF here)
+            raise UsageError("--all needs the BPF backend, which this host cannot use")
         if options.aggregate:  # auto chose ptrace (no BPF here)
             raise UsageError("--aggregate needs the BPF backend, which this host cannot use")
         from cmtrace.record.ptrace.backend import PtraceBackend  # noqa: PLC0415
@@ -127,6 +130,7 @@ class Recording:
         self.held_pid = 0  # `run`: the backend stops this pid after each exec until resumed
         self.ns_pids: dict[int, int] = {}  # processes whose pid namespace is not ours
         self.sources = SourceCollector()
+        self.preexisting_rows: list[dict[str, Any]] = []  # every target's, as each joined
         self._lock = threading.Lock()  # the drain thread's state: pending, backend, sources
         self._draining = threading.Event()
         self._drain_error: Exception | None = None
@@ -209,7 +213,8 @@ class Recording:
     def snapshot_preexisting(self, pids: list[int]) -> None:
         t_ns = time.monotonic_ns() - self.backend.start_ns
         rows = [dict(row, t_ns=t_ns) for pid in pids for row in procfs.open_fds(pid)]
-        self._writer().write_preexisting(rows)
+        self.preexisting_rows += rows  # a target joining later adds its own, timed then
+        self._writer().write_preexisting(self.preexisting_rows)
         for observer in self.observers:
             observer.preexisting(rows)
 
@@ -496,37 +501,49 @@ def _sigint_reached_child_too() -> bool:
 
 
 def attach(options: RecordOptions, observers: list[Observer] | None = None) -> Finished:
-    """Record a running process (options.pid) until it exits, the duration ends, or a stop
-    signal; the process keeps running untouched."""
-    assert options.pid is not None, "attach needs options.pid"
+    """Record running processes (-p's pids, --pgrep's matches, --all's CPython processes; the
+    last two also as they appear) until every target has exited, the duration ends, or a
+    stop signal; the processes keep running untouched."""
+    assert options.attaching, "attach needs pids, --pgrep or --all"
     options.validate()
-    procfs.check_traceable(options.pid)
-    pid = procfs.tgid_of(options.pid)
-    choice = choose(options, "attach", pid)
-    output = options.output or default_output(pid)
+    pids = [_checked_tgid(pid) for pid in options.attach_pids]
+    choice = choose(options, "attach", pids[0] if pids else None)
+    label = pids[0] if pids else "all" if options.all_python else "pgrep"
+    output = options.output or default_output(label)
     prepare_output_dir(output, options.force)
     rec = Recording(options, follow=options.follow_children, choice=choice, observers=observers)
-    rec.progress(f"loading probes for pid {pid} ...")
+    watch = joining.Watchlist(rec, joining.selector_of(options))
+    rec.progress(f"loading probes for {', '.join(map(str, pids)) or watch.selector.describe()} ...")
     rec.load()
-    targets = list(procfs.descendants(pid)) if options.follow_children else [pid]
-    rec.root_pids = {pid}
-    rec.open_writer(output, targets, {"mode": "attach"})
+    found = [pid for pid in watch.find_new() if pid not in pids]
+    roots = [*pids, *found]
+    family = [t for pid in roots for t in (procfs.descendants(pid) if rec.follow else [pid])]
+    targets = list(dict.fromkeys(family))  # with -f, a matching worker of a matching master
+    rec.root_pids = set(roots)
+    rec.open_writer(output, targets, {"mode": "attach", **watch.selector.meta()})
     for target in targets:
         rec.add_target(target)
     rec.snapshot_preexisting(targets)
-    if not procfs.is_alive(pid):
-        raise TargetError(f"pid {pid} exited before the probes were live: nothing recorded")
+    watch.note_started(pids, "pid")
+    watch.note_started(found, watch.selector.found_by)
+    if roots and not watch.selector.active and not any(map(procfs.is_alive, roots)):
+        raise TargetError(f"pid {roots[0]} exited before the probes were live: nothing recorded")
     _install_stop_signals(rec)
-    print(f"cmtrace: attached to {pid} ({rec.describe(pid)})", file=sys.stderr, flush=True)
+    print(f"cmtrace: {watch.attached_line()}", file=sys.stderr, flush=True)
     rec.start_observers()
     deadline = time.monotonic() + options.duration if options.duration else None
     try:
-        rec.loop(lambda: procfs.is_alive(pid), deadline)
+        rec.loop(watch.poll, deadline)
     finally:
         rec.close_observers()
     rec.progress(f"stopping: {rec.stop_reason}")
     rec.finish()
     return Finished(rec, output)
+
+
+def _checked_tgid(pid: int) -> int:
+    procfs.check_traceable(pid)
+    return procfs.tgid_of(pid)
 
 
 # ---- cmtrace run -- CMD -----------------------------------------------------------------------
@@ -559,6 +576,8 @@ def run(options: RecordOptions, observers: list[Observer] | None = None) -> Fini
         raise
     rec.root_pids = {child}
     rec.open_writer(output, [child], {"mode": "run", "command": command}, cmdline=command)
+    watch = joining.Watchlist(rec)  # the command's RLIMIT_NOFILE and its Python processes'
+    watch.note_started([child], "command", cmdline=command)
     if rec.stacks:
         rec.held_pid = child
         rec.backend.hold_at_exec(child)
@@ -568,7 +587,7 @@ def run(options: RecordOptions, observers: list[Observer] | None = None) -> Fini
     rec.start_observers()
     started.release()  # the child execs CMD now (or runs on past its exec), already traced
     try:
-        rec.loop(started.running)
+        rec.loop(lambda: watch.poll() and started.running())
     finally:
         rec.close_observers()
     if rec.failure is not None:  # the command runs on, untraced; wait for it as promised
