@@ -199,7 +199,7 @@ class Trace:
         self.__dict__.setdefault("_summary", facts)  # read with the events: no second pass
         self._refine_deaths(fds)
         self._add_sites(fds)
-        name_programs(fds, program_files(self.src))  # each `python -c` program a site
+        name_programs(fds, program_files(self.src), self.frames)  # a `python -c` program each
         self._add_apis(fds)
         name_program_apis(fds, self.src)
         fds["service"] = _services(fds)

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from cmtrace.analysis.apis import call_api
 from cmtrace.analysis.code import SourceIndex
+from cmtrace.analysis.stacks import Stacks
 from cmtrace.trace import schema
 from cmtrace.trace.sources import COMMAND_FILE
 
@@ -100,13 +101,16 @@ def name_program_apis(fds: pd.DataFrame, src: SourceIndex) -> None:
     fds.iloc[rows, fds.columns.get_loc("api")] = apis
 
 
-def name_programs(fds: pd.DataFrame, programs: dict[int, str]) -> None:
+def name_programs(fds: pd.DataFrame, programs: dict[int, str], stacks: Stacks) -> None:
     """Site files `<string>` of processes whose `-c` program was captured become that
-    program's file (in place): each program a site of its own, with its text."""
+    program's file (in place): each program a site of its own, with its text. Only stacks that
+    start in `<string>` run the program: code that site.py exec()s from a `.pth` file says
+    `<string>` too, above site's frames."""
     if not programs or "site_file" not in fds:
         return
     files = fds["site_file"]
     rows = np.flatnonzero((files == COMMAND_FILE).to_numpy() & fds["pid"].isin(programs).to_numpy())
+    rows = rows[_starts_in_program(stacks, fds["open_stack"].to_numpy()[rows])]
     if not len(rows):
         return
     named = fds["pid"].to_numpy()[rows]
@@ -114,6 +118,17 @@ def name_programs(fds: pd.DataFrame, programs: dict[int, str]) -> None:
     fds["site_file"] = files.cat.add_categories(new) if new else files
     column = fds.columns.get_loc("site_file")
     fds.iloc[rows, column] = [programs[int(pid)] for pid in named.tolist()]
+
+
+def _starts_in_program(stacks: Stacks, stack_ids: np.ndarray) -> np.ndarray:
+    """Whether each stack's outermost frame is in `<string>` (a -c program's module)."""
+    where = stacks.positions(stack_ids)
+    found = where >= 0
+    outer = stacks.starts[np.where(found, where, 0) + 1] - 1
+    codes = stacks.row_frame[outer] if len(stacks.row_frame) else np.zeros(0, np.int64)
+    files = np.asarray(stacks.frame_text["file"], dtype=object)
+    starts: np.ndarray = found & (files[codes] == COMMAND_FILE) if len(codes) else found
+    return starts
 
 
 def is_program_file(file: object) -> bool:
