@@ -123,8 +123,12 @@ class Fired:
 
 # ---- finding the instants -----------------------------------------------------------------------
 class TriggerWatch:
-    """Which triggers fire in each batch of flushed events, and at which event time. The open-fd
-    counts come from an FdModel fed batch by batch (only when a count trigger is asked for)."""
+    """Which triggers fire in each batch of flushed events, and at which event time.
+
+    The open-fd counts come from FdModels fed batch by batch (only when a count trigger is
+    asked for): one seeded with the snapshot taken at attach, and one per target that joined
+    later (--pgrep), seeded with its own snapshot, counting it and the children it forks.
+    """
 
     def __init__(self, triggers: list[Trigger], limit_of: Callable[[int], int | None]) -> None:
         self.triggers = list(dict.fromkeys(triggers))
@@ -132,13 +136,18 @@ class TriggerWatch:
         self.fired: set[tuple[str, int]] = set()  # (reason, pid): once per process
         self._counting = [t for t in self.triggers if t.kind != "emfile"]
         self.needs_limits = any(t.kind == "pct" for t in self.triggers)
-        self._preexisting: list[dict[str, Any]] = []
-        self._model: FdModel | None = None
+        self._seeds: list[list[dict[str, Any]]] = [[]]  # each model's pre-existing fds
+        self._models: dict[int, FdModel] = {}  # seed number -> its model, once fed
+        self._owner: dict[int, int] = {}  # pid -> its seed number, for all but the first's
 
     def preexisting(self, rows: list[dict[str, Any]]) -> None:
-        """The attach-time snapshot seeds the model (it must come before the first batch)."""
-        if self._model is None:
-            self._preexisting.extend(rows)
+        """A snapshot of fds open as targets were attached (before the first batch) or joined."""
+        if not self._models:
+            self._seeds[0].extend(rows)
+            return
+        self._seeds.append(list(rows))
+        for pid in {int(row["pid"]) for row in rows}:
+            self._owner[pid] = len(self._seeds) - 1
 
     def feed(self, events: pa.Table) -> list[Fired]:
         """The triggers this batch fires, in time order."""
@@ -163,10 +172,18 @@ class TriggerWatch:
         ]
 
     def _counts(self, events: pa.Table) -> list[Fired]:
-        if not self._counting:
+        if not self._counting or not len(events):
             return []
-        model = self._fed(events)
-        lives = model.batch_lifetimes()
+        self._adopt_children(events)
+        out: list[Fired] = []
+        for number in range(len(self._seeds)):
+            mine = self._events_of(number, events)
+            if len(mine):
+                out += self._crossings(self._fed(number, mine).batch_lifetimes())
+        return out
+
+    def _crossings(self, lives: pd.DataFrame) -> list[Fired]:
+        """The count triggers not fired yet that these processes' open fds reached."""
         out = []
         for pid, rows in lives.groupby("pid", sort=True):
             steps = OpenFdSteps.of(rows)
@@ -180,14 +197,34 @@ class TriggerWatch:
                     out.append(Fired(trigger.reason, int(pid), t, wanted))
         return out
 
-    def _fed(self, events: pa.Table) -> FdModel:
+    def _adopt_children(self, events: pa.Table) -> None:
+        """A child is counted by its parent's model (it inherits the parent's fds)."""
+        if not self._owner:
+            return
+        forks = events.filter(pc.equal(events.column("op").cast(pa.string()), schema.OP_FORK))
+        for row in forks.select(["pid", "arg"]).to_pylist():
+            parent = self._owner.get(int(row["pid"]))
+            if parent is not None:
+                self._owner[int(row["arg"])] = parent
+
+    def _events_of(self, number: int, events: pa.Table) -> pa.Table:
+        """The events of the processes seed `number`'s model counts."""
+        if not self._owner:
+            return events
+        pids = pa.array([p for p, n in self._owner.items() if n == number or number == 0])
+        owned = pc.is_in(events.column("pid"), pids.cast(events.column("pid").type))
+        return events.filter(pc.invert(owned) if number == 0 else owned)
+
+    def _fed(self, number: int, events: pa.Table) -> FdModel:
         from cmtrace.analysis.model import FdModel  # noqa: PLC0415 (the analysis: only when counting)
 
-        if self._model is None:
-            seed = pa.Table.from_pylist(self._preexisting, schema=schema.PREEXISTING).to_pandas()
-            self._model = FdModel(seed)
-        self._model.feed(events)
-        return self._model
+        if number not in self._models:
+            rows = self._seeds[number]
+            self._models[number] = FdModel(
+                pa.Table.from_pylist(rows, schema=schema.PREEXISTING).to_pandas()
+            )
+        self._models[number].feed(events)
+        return self._models[number]
 
 
 @dataclass(frozen=True)

@@ -138,6 +138,27 @@ def test_exec_closes_cloexec_fds_and_a_child_counts_what_it_inherited() -> None:
     assert fired(w, rows) == [("fds-5", OTHER, 50), ("fds-5", PID, 60)]
 
 
+def test_a_target_joining_later_counts_its_own_snapshot_and_its_children() -> None:
+    joiner, child = OTHER, OTHER + 1
+    w = watch(Trigger("fds", 6))  # PID: 3 pre-existing
+    assert fired(w, [birth(10, 3)]) == []  # PID: 4 open
+    w.preexisting(  # --pgrep found `joiner` with 4 fds open, at t=15
+        [{"pid": joiner, "fd": fd, "kind": "file", "path": None, "cloexec": False, "t_ns": 15}
+         for fd in range(4)]
+    )  # fmt: skip
+    rows = [
+        close(20, 0, pid=joiner, tid=joiner),  # a pre-existing fd closed: 3 open
+        birth(30, 0, pid=joiner, tid=joiner),  # 4
+        birth(40, 4, pid=joiner, tid=joiner),  # 5
+        fork(50, child, pid=joiner, tid=joiner),  # the child inherits 5
+        birth(60, 5, pid=child, tid=child),  # child: 6
+        birth(70, 4),  # PID: 5
+        birth(80, 5, pid=joiner, tid=joiner),  # joiner: 6
+        birth(90, 5),  # PID: 6
+    ]
+    assert fired(w, rows) == [("fds-6", child, 60), ("fds-6", joiner, 80), ("fds-6", PID, 90)]
+
+
 def test_a_percent_fires_on_each_process_s_own_limit() -> None:
     w = watch(Trigger("pct", 50), limits={PID: 10, OTHER: 4}, preexisting=0)
     rows = [
