@@ -91,10 +91,16 @@ class Recorder:
     name: str  # the cell's id in test names
     backend: str
     nobody: bool = False
+    flags: tuple[str, ...] = ()  # recording flags of the cell (bpf-aggregate: --aggregate)
 
 
 RECORDERS = {r.name: r for r in (Recorder("bpf", "bpf"), Recorder("ptrace", "ptrace"),
-                                 Recorder("ptrace-nobody", "ptrace", nobody=True))}  # fmt: skip
+                                 Recorder("ptrace-nobody", "ptrace", nobody=True),
+                                 Recorder("bpf-aggregate", "bpf", flags=("--aggregate",)))}  # fmt: skip
+# --aggregate must find the same leaks as full history: the modules that check leaks run it
+# (it records short-lived fds as counters, so tests of every single event do not apply)
+AGGREGATE_MODULES = ("test_e2e_matrix.py", "test_causes_interpreters.py", "test_aggregate.py")
+AGGREGATE_SLICE = ("debian-3.11", "pyenv-3.10")  # its interpreters in CI (all in test-full)
 BACKENDS = ("bpf", "ptrace")  # the `backend` fixture's cells: root only
 _active: list[Recorder] = []  # set by the `backend`/`recorder` fixture of the running module
 
@@ -151,6 +157,8 @@ def cell_left_out(recorder: str, interpreter: str) -> str | None:
     record a whole matrix at once (test_e2e_matrix) record only the cells it keeps."""
     if RECORDERS[recorder].nobody and interpreter not in nobody_runnable():
         return "user nobody cannot run this interpreter (chroot needs root; root runs it)"
+    if RECORDERS[recorder].flags and not FULL_MATRIX and interpreter not in AGGREGATE_SLICE:
+        return f"bpf-aggregate runs on {', '.join(AGGREGATE_SLICE)} in CI: make test-full"
     if FULL_MATRIX or RECORDERS[recorder].backend == "bpf" or interpreter in SLICE_INTERPRETERS:
         return None
     return (
@@ -194,7 +202,7 @@ def deselect_cells(config: pytest.Config, items: list[pytest.Item]) -> None:
     kept, dropped, reasons = [], [], {}
     for item in items:
         cell = _cell(item) if HERE in item.path.parents else None
-        reason = cell_left_out(*cell) if cell else None
+        reason = cell_left_out(*cell) if cell else _aggregate_left_out(item)
         if reason is None:
             kept.append(item)
         else:
@@ -210,12 +218,21 @@ def deselect_cells(config: pytest.Config, items: list[pytest.Item]) -> None:
         reporter.write_line(line) if reporter else print(line)
 
 
+def _aggregate_left_out(item: pytest.Item) -> str | None:
+    """bpf-aggregate cells outside the leak-checking modules are not run."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    name = params.get("recorder", params.get("backend"))
+    if name in RECORDERS and RECORDERS[name].flags and item.path.name not in AGGREGATE_MODULES:
+        return "bpf-aggregate runs the modules that check leaks (AGGREGATE_MODULES)"
+    return None
+
+
 def with_backend(args: tuple[str, ...] | list[str]) -> list[str]:
     """args with `--backend NAME` after `run` or `-p PID` when a backend is chosen."""
     args = list(args)
     if not _active or not args:
         return args
-    flag = ["--backend", _active[0].backend]
+    flag = ["--backend", _active[0].backend, *_active[0].flags]
     if args[0] in ("run", "attach"):
         return [args[0], *flag, *args[1:]]
     if args[0] in ("-p", "--pid") and len(args) > 1:
