@@ -243,8 +243,9 @@ def attach(config: Config, mode: str, pid: int, trace: Path, pin: str) -> subpro
 
 
 def attach_on_pty(argv: list[str], needle: str) -> subprocess.Popen:
-    """The tracer with stderr on a 160x40 pseudo-terminal (its live view draws there), in a
-    session of its own (no controlling terminal: it reads no keys from ours)."""
+    """The tracer with stderr on a 160x40 pseudo-terminal (its live view draws there), without
+    our controlling terminal (it reads no keys from it). Not in a session of its own: with
+    sched_autogroup a new session is a new CPU group, and the modes would not compare."""
     import fcntl  # noqa: PLC0415
     import pty  # noqa: PLC0415
     import struct  # noqa: PLC0415
@@ -253,7 +254,7 @@ def attach_on_pty(argv: list[str], needle: str) -> subprocess.Popen:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     tracer = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=slave,
-                              start_new_session=True)  # fmt: skip
+                              preexec_fn=_drop_controlling_terminal)  # fmt: skip
     os.close(slave)
     lines: list[str] = []
     seen = threading.Event()
@@ -277,6 +278,21 @@ def attach_on_pty(argv: list[str], needle: str) -> subprocess.Popen:
         raise RuntimeError(f"no {needle!r} within 180 s: {''.join(lines)[-2000:]}")
     tracer.lines = lines
     return tracer
+
+
+def _drop_controlling_terminal() -> None:
+    """TIOCNOTTY: a process that leads no session just loses its controlling terminal."""
+    import fcntl  # noqa: PLC0415
+    import termios  # noqa: PLC0415
+
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return  # none to drop
+    try:
+        fcntl.ioctl(fd, termios.TIOCNOTTY)
+    finally:
+        os.close(fd)
 
 
 def bpf_prog_time(pid: int) -> tuple[int, int]:

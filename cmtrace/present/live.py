@@ -24,7 +24,8 @@ import threading
 import time
 import tty
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -496,20 +497,32 @@ class LiveView(BaseObserver):
         self._held = _HeldStderr(self._show_message)
         # progress lines wait for the end (the footer shows the last one)
         sys.stderr = self._held
-        self._live = Live(console=self._console, screen=True, auto_refresh=False,
-                          redirect_stdout=False, redirect_stderr=False)  # fmt: skip
-        self._live.start()
-        self._start_keys()
-        self._draw()
+        with self._closing_on_error(recording):
+            self._live = Live(console=self._console, screen=True, auto_refresh=False,
+                              redirect_stdout=False, redirect_stderr=False)  # fmt: skip
+            self._live.start()
+            self._start_keys()
+            self._draw()
 
     def preexisting(self, rows: list[dict[str, Any]]) -> None:
         self.watch.add_preexisting(rows)
 
     def flushed(self, recording: Recording, flushed: Flushed) -> None:
-        self.watch.watch_targets(sorted(recording.root_pids))
-        self.watch.feed(flushed.events, flushed.frames, flushed.lost_events)
-        if not self.state.paused:
-            self._draw()
+        with self._closing_on_error(recording):
+            self.watch.watch_targets(sorted(recording.root_pids))
+            self.watch.feed(flushed.events, flushed.frames, flushed.lost_events)
+            if not self.state.paused:
+                self._draw()
+
+    @contextmanager
+    def _closing_on_error(self, recording: Recording) -> Iterator[None]:
+        """A view that fails gives the terminal back first: the session then drops it (and
+        never calls its closed()), saying why on the restored stderr."""
+        try:
+            yield
+        except BaseException:
+            self.closed(recording)
+            raise
 
     def closed(self, recording: Recording) -> None:
         """Terminal back as it was (termios, main screen, cursor), then the held lines."""
