@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cmtrace.analysis import Trace
+from cmtrace.analysis.limits import headroom_text, process_limits
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -57,6 +58,7 @@ def make_figure(trace: Trace, top: int = TOP_SITES, exclude: list[str] | None = 
     )
     figure.suptitle(f"cmtrace: {trace.path}  ({trace.duration_s:.1f} s)", fontsize=13)
     _live_panel(axes[0], trace, labels)
+    _limit_note(axes[0], trace)
     _lifetime_panel(axes[1], trace, labels)
     _rate_panel(axes[2], sites.head(top))
     return figure
@@ -82,6 +84,21 @@ def _live_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
     ax.stackplot(seconds, *series, labels=names, alpha=0.85, step="post")
     ax.legend(loc="upper left", fontsize=8, title="site (file:line)", title_fontsize=8)
     ax.grid(alpha=0.3)
+
+
+def _limit_note(ax: Axes, trace: Trace, shown: int = 4) -> None:
+    """How close the targets came to RLIMIT_NOFILE (the closest first), in the panel's corner:
+    the bands above are trace-born fds only, the limit counts every open fd."""
+    entries = [e for e in process_limits(trace.fds, trace.meta) if e["rlimit_nofile"]]
+    if not entries:
+        return
+    entries.sort(key=lambda e: -(e["peak_fraction"] or 0))
+    lines = [f"pid {e['pid']}: {headroom_text(e)}" for e in entries[:shown]]
+    if len(entries) > shown:
+        lines.append(f"... and {len(entries) - shown} more processes")
+    ax.text(0.99, 0.98, "RLIMIT_NOFILE\n" + "\n".join(lines), transform=ax.transAxes,
+            ha="right", va="top", fontsize=8, family="monospace",
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})  # fmt: skip
 
 
 def _site_numbers(fds: pd.DataFrame, rows: np.ndarray) -> tuple[np.ndarray, list[str | None]]:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
 from cmtrace.analysis.children import SHORT_LIVED_S
+from cmtrace.analysis.limits import headroom_text, process_limits
 from cmtrace.present.common import (
     Findings,
     SiteRow,
@@ -65,9 +66,24 @@ def render_text(
             where = f"{w['site']['file']}:{w['site']['line']}" if w["site"] else "<no stack>"
             fn = w["site"]["function"] if w["site"] else ""
             lines.append(f"  {w['count']:>6} fds opened at {where} in {fn}")
+    lines.extend(_limit_lines(trace, top))
     lines.append("")
     lines.append(totals(trace, found.all_sites))
     return "\n".join(fit_lines(lines)) + "\n"
+
+
+def _limit_lines(trace: Trace, top: int) -> list[str]:
+    """How close each target came to its RLIMIT_NOFILE, the closest first."""
+    entries = [e for e in process_limits(trace.fds, trace.meta) if e["rlimit_nofile"]]
+    if not entries:
+        return []
+    entries.sort(key=lambda e: -(e["peak_fraction"] or 0))
+    out = ["", "open fds vs RLIMIT_NOFILE (soft limit at the peak):"]
+    for entry in entries[:top]:
+        out.append(f"  pid {entry['pid']} ({entry['comm'] or '?'}): {headroom_text(entry)}")
+    if len(entries) > top:
+        out.append(f"  ... and {len(entries) - top} more processes")
+    return out
 
 
 def print_summary(
@@ -133,7 +149,9 @@ def _short_lived_blocks(trace: Trace, found: Findings, top: int) -> list[str]:
         if program:
             out.append(f"     program: {program}")
         elif site.site_file == COMMAND_FILE:
-            out.append("     program: a python -c program whose text was not captured")
+            out.append(
+                "     program: code run from a string (exec(), python -c) the trace has no text of"
+            )
         paths = [peer_text(site.kind, p) for p in site.paths if p]
         if paths:
             out.append("     paths: " + ", ".join(paths))
