@@ -156,10 +156,9 @@ class FdModel:
         began and those born in it, ended or not. A watcher steps through their births and
         deaths to know each process's open fds at any instant of the batch, without
         re-reading the lifetimes of earlier batches."""
-        if self._last is None:
-            return self.lifetimes()
         kinds, paths, syscalls, stacks = self._vocabs or _empty_vocabs()
-        return _to_frame([self._last.lives], kinds, paths, syscalls, stacks, copy=True)
+        parts = [self._last.lives] if self._last is not None else []
+        return _to_frame(parts, kinds, paths, syscalls, stacks, copy=True)
 
     def site_counters(self) -> pd.DataFrame:
         """Per (pid, open stack id): lifetimes opened, closed (ended in any way) and live now

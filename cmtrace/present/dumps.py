@@ -220,9 +220,9 @@ class TriggerWatch:
 
         if number not in self._models:
             rows = self._seeds[number]
-            self._models[number] = FdModel(
-                pa.Table.from_pylist(rows, schema=schema.PREEXISTING).to_pandas()
-            )
+            seed = pa.Table.from_pylist(rows, schema=schema.PREEXISTING).to_pandas()
+            # only the last batch's lifetimes are read: memory follows the open fds
+            self._models[number] = FdModel(seed, keep_lifetimes=False)
         self._models[number].feed(events)
         return self._models[number]
 
