@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,10 +33,13 @@ from conftest import (
     cmtrace_argv,
     error_line,
     kind_from_link,
+    read_events,
     read_meta,
     report_json,
     wait_until,
 )
+
+from cmtrace.record import procfs
 
 PROGRAM = Path(__file__).parents[1] / "programs" / "fd" / "fdtruth.py"
 NOBODY = ("setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
@@ -318,3 +322,94 @@ def test_attach_f_records_the_first_open_of_children_forked_at_once(nobody_dir):
             target.kill()
         leaks = report_json(trace)["leaks"]
         assert sorted(leak["pid"] for leak in leaks) == sorted(kids), (attempt, leaks, kids)
+
+
+# ---- -p -f: every existing descendant -------------------------------------------------------
+# A tree that exists before the attach: root -> 2 children -> 1 grandchild each, every process
+# with a second thread; every thread opens and closes /dev/null every 20 ms until the root is
+# told to stop (it then waits for its tree: any process that failed makes it exit non-zero).
+TREE_PROGRAM = r"""
+import json, os, sys, threading, time
+
+stop_file = sys.argv[1]
+report_r, report_w = os.pipe()
+PROCESSES = 5  # the root, 2 children, 2 grandchildren
+
+
+def churn():
+    while not os.path.exists(stop_file):
+        os.close(os.open("/dev/null", os.O_RDONLY))
+        time.sleep(0.02)
+
+
+def node(depth):
+    kids = []
+    for _ in range({0: 2, 1: 1}.get(depth, 0)):  # fork before any thread starts
+        kid = os.fork()
+        if kid == 0:
+            node(depth + 1)
+        kids.append(kid)
+    extra = threading.Thread(target=churn)
+    extra.start()
+    line = [os.getpid(), threading.get_native_id(), extra.native_id]
+    os.write(report_w, (json.dumps(line) + "\n").encode())
+    if depth == 0:
+        with os.fdopen(report_r) as reports:
+            tree = [json.loads(reports.readline()) for _ in range(PROCESSES)]
+        threads = {pid: tids for pid, *tids in tree}
+        print(json.dumps({"event": "ready", "pid": os.getpid(), "threads": threads}), flush=True)
+    churn()
+    extra.join()
+    failed = sum(os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]) != 0 for kid in kids)
+    if depth:
+        os._exit(1 if failed else 0)
+    print(json.dumps({"event": "done", "failed": failed}), flush=True)
+
+
+node(0)
+"""
+
+
+def tracer_pid_of_task(pid: int, tid: str) -> int:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no TracerPid for task {tid} of {pid}")
+
+
+def test_attach_f_traces_every_existing_descendant(nobody_dir):
+    program = nobody_dir / "tree.py"
+    program.write_text(TREE_PROGRAM)
+    stop_file = nobody_dir / f"stop-{os.urandom(4).hex()}"
+    target = Target([*NOBODY, TARGET_PYTHON, str(program), str(stop_file)], nobody_dir)
+    try:
+        ready = target.expect("ready")
+        root, tids_of = ready["pid"], {int(pid): tids for pid, tids in ready["threads"].items()}
+        assert set(procfs.descendants(root)) == set(tids_of), "the tree as /proc sees it"
+        trace = trace_dir(nobody_dir, "tree")
+        tracer = NobodyTracer(nobody_dir, "-p", str(root), "-f", "--backend", "ptrace",
+                              "-o", str(trace))  # fmt: skip
+        tracer.wait_attached()
+        tracers = {(pid, tid): tracer_pid_of_task(pid, tid) for pid in tids_of
+                   for tid in os.listdir(f"/proc/{pid}/task")}  # fmt: skip
+        assert all(tracers.values()), f"untraced threads: {tracers}"
+        engines = set(tracers.values())
+        parents = {int(procfs.stat_fields(engine)[1]) for engine in engines}
+        assert parents == {tracer.proc.pid}, "the tracers are cmtrace's engines"
+        time.sleep(0.5)  # every thread opens /dev/null meanwhile
+        tracer.proc.send_signal(signal.SIGINT)
+        assert tracer.wait() == 0, tracer.err.text()
+        for pid in tids_of:
+            assert tracer_pid_of(pid) == 0, f"{pid} still traced after the detach"
+        stop_file.write_text("")
+        assert target.expect("done")["failed"] == 0
+        assert target.finish() == 0
+    finally:
+        stop_file.write_text("")
+        target.kill()
+    events = read_events(trace)
+    births = events[(events["op"] == "birth") & (events["path"] == "/dev/null")]
+    for pid, tids in tids_of.items():
+        seen = set(births[births["pid"] == pid]["tid"])
+        assert set(tids) <= seen, f"pid {pid}: births from threads {seen}, threads {tids}"
+    assert len(engines) in (1, len(tids_of)), engines  # one engine for all, or one per process

@@ -236,3 +236,75 @@ def test_every_frame_layout(binary, minor):
     main_line = line_of(program, "        open_log(__file__)")
     sites = [frames_of(stacks, sid)[:2] for sid in opens[opens["op"] == "birth"]["stack_id"]]
     assert sites.count([("open_log", leak_line), ("main", main_line)]) == 3, sites
+
+
+# A held exec (-H: the engine waits for the collector's CTL_RESUME) must not outlive a stop:
+# Ctrl-C of `cmtrace run` right as its command execs, or of `cmtrace -p` as the target execs,
+# waited until the collector gave up (30 s), then killed the command.
+RELEASED_WITHIN_S = 5.0
+
+
+def read_until_exec(engine: engine_module.Engine) -> int:
+    """Read the engine's records (never resuming anything) until an exec arrives: its pid."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        batch, _ = engine.read(0.05)
+        pids = EngineRecording._exec_pids(batch)
+        if pids:
+            return pids[0]
+    raise AssertionError("no exec record from the engine")
+
+
+def test_stop_releases_a_command_held_at_exec(binary):
+    engine = engine_module.Engine.run(
+        [PYTHON, "-c", "print('ran to its end', flush=True)"],
+        hold_exec=True, binary=binary, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        read_until_exec(engine)  # held there: nobody configures or resumes it
+        started = time.monotonic()
+        engine.stop()
+        while not engine.finished and time.monotonic() - started < RELEASED_WITHIN_S:
+            engine.read(0.05)
+        assert engine.finished, f"the command is still held {RELEASED_WITHIN_S} s after stop"
+        stats = engine.wait(TIMEOUT)
+        assert stats["exit_code"] == 0, stats
+        assert engine.process.stdout.read() == b"ran to its end\n"
+    finally:
+        engine.process.kill()
+        engine.process.wait()
+
+
+def test_sigint_detaches_from_a_target_held_at_exec(binary):
+    execs = "; ".join(("import os, sys", "sys.stdin.readline()",
+                       "os.execv(sys.executable, ['py', '-c', 'print(7)'])"))  # fmt: skip
+    target = subprocess.Popen([PYTHON, "-c", execs], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    engine = None
+    try:
+        engine = engine_module.Engine.attach(target.pid, hold_exec=True, binary=binary)
+        wait_until(lambda: status_field(target.pid, "TracerPid") == str(engine.pid), TIMEOUT,
+                   "the engine to seize the target")  # fmt: skip
+        engine.mark_running()
+        target.stdin.write(b"exec now\n")
+        target.stdin.flush()
+        assert read_until_exec(engine) == target.pid
+        started = time.monotonic()
+        engine.process.send_signal(signal.SIGINT)
+        engine.wait(RELEASED_WITHIN_S)
+        assert time.monotonic() - started < RELEASED_WITHIN_S
+        assert engine.process.returncode == 0
+        assert target.wait(TIMEOUT) == 0, "the target was harmed by the detach"
+        assert target.stdout.read() == b"7\n"
+    finally:  # the engine first: a tracee's death reaches its parent once the tracer lets go
+        if engine is not None and engine.process.poll() is None:
+            engine.process.kill()
+            engine.process.wait()
+        target.kill()
+        target.wait()
+
+
+def status_field(pid: int, name: str) -> str:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return line.split(":", 1)[1].strip()
+    return ""

@@ -443,6 +443,10 @@ struct thread {
     u64 key;       // what the thread state's id must equal (ns tid or fsbase), 0 = unknown
     int key_tries;
     u32 path_len;           // a pending birth's path, read at its entry (PATH_UNREAD: not)
+    // Without the filter every syscall stops twice; once an entry stop was seen, the next
+    // syscall stop is that syscall's exit, which needs no question to the kernel when the
+    // syscall records nothing there (phase_known: in_syscall says which stop comes next).
+    u8 phase_known, in_syscall;
 };
 
 #define PATH_UNREAD 0xffffffffu
@@ -1011,15 +1015,30 @@ static int build_filter(struct sock_filter *f) {
     return block;
 }
 
+#ifndef SECCOMP_FILTER_FLAG_SPEC_ALLOW
+#define SECCOMP_FILTER_FLAG_SPEC_ALLOW (1UL << 2)
+#endif
+
+// seccomp(2) with SPEC_ALLOW: where the kernel mitigates speculative store bypass "for seccomp"
+// (spec_store_bypass_disable=seccomp, the default on affected CPUs), a filter would otherwise
+// turn SSBD on for the command, slowing code that makes no syscall at all; the command keeps
+// the mitigation state it has without cmtrace. Kernels before 4.17 do not know the flag.
+static int set_filter(struct sock_fprog *prog) {
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW, prog) == 0)
+        return 0;
+    if (errno != EINVAL)
+        return -1;
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, prog);
+}
+
 // In the child, after the engine has seized it. Without CAP_SYS_ADMIN the kernel wants
 // NO_NEW_PRIVS first (set-uid programs then run without their privileges).
 static void install_filter(void) {
     static struct sock_filter f[MAX_FILTER];
     struct sock_fprog prog = {(unsigned short)build_filter(f), f};
-    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0)
+    if (set_filter(&prog) == 0)
         return;
-    if (errno == EACCES && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 &&
-        syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) == 0)
+    if (errno == EACCES && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0 && set_filter(&prog) == 0)
         return;
     fprintf(stderr, "cmtrace-ptrace-engine: seccomp filter refused: %s\n", strerror(errno));
     _exit(EXIT_EXEC_FAILED);
@@ -1032,6 +1051,9 @@ static volatile sig_atomic_t ctl_signal, stop_signal, tick;
 static int attach_mode, use_seccomp = 1, follow, hold_exec;
 static pid_t root_pid;
 static int detach_requested;
+// The collector said stop (CTL_STOP), or (attach) a stop signal came: no exec is held any more,
+// so a held process never keeps a Ctrl-C waiting (run: the command runs on to its end).
+static int stopping;
 
 static void apply_control(const struct ctl_msg *m) {
     struct proc *p = find_proc((pid_t)m->pid, m->kind == CTL_CONFIG);
@@ -1059,6 +1081,7 @@ static void apply_control(const struct ctl_msg *m) {
             }
         break;
     case CTL_STOP:
+        stopping = 1;
         if (attach_mode)
             detach_requested = 1;
         break;
@@ -1235,7 +1258,9 @@ static void emit_exit(struct thread *t) {
 static void hold_until_resumed(struct thread *t) {
     flush_records();
     t->held = 1;
-    while (t->held && ctl_fd >= 0)
+    // a signal interrupts the blocking read: attach mode then detaches (the caller resumes
+    // the thread first, so that detach_all's interrupt gets a stop to wait for)
+    while (t->held && ctl_fd >= 0 && !stopping && !(attach_mode && stop_signal))
         if (read_control(1) < 0)
             break;
     t->held = 0;
@@ -1255,6 +1280,7 @@ static void on_exec(struct thread *t) {
     t->key = 0;
     t->key_tries = 0;
     t->pending = NULL;
+    t->phase_known = 0;  // a non-leader's exec took the leader's tid: ask again at the next stop
     begin_event(t, EV_EXEC, NR_execve, 0, 0);
     if (p->exec_path_len) {
         memcpy(rec.data, p->exec_path, p->exec_path_len);
@@ -1275,8 +1301,17 @@ static void on_exec(struct thread *t) {
 
 static void on_syscall_stop(struct thread *t) {
     struct __ptrace_syscall_info info;
-    if (ptrace(PTRACE_GET_SYSCALL_INFO, t->tid, sizeof info, &info) <= 0)
+    int every_syscall = !use_seccomp || attach_mode;
+    if (every_syscall && t->phase_known && t->in_syscall && !t->pending) {
+        t->in_syscall = 0;  // the exit of a syscall recorded at its entry, or not at all
         return;
+    }
+    if (ptrace(PTRACE_GET_SYSCALL_INFO, t->tid, sizeof info, &info) <= 0) {
+        t->phase_known = 0;
+        return;
+    }
+    t->phase_known = info.op == PTRACE_SYSCALL_INFO_ENTRY || info.op == PTRACE_SYSCALL_INFO_EXIT;
+    t->in_syscall = info.op == PTRACE_SYSCALL_INFO_ENTRY;
     if (info.op == PTRACE_SYSCALL_INFO_ENTRY) {
         // A birth interrupted by a signal (-ERESTART*) waits for its exit, but the next exit
         // stop may be a signal handler's syscall or its rt_sigreturn (whose "result" is the
