@@ -15,6 +15,7 @@ report names them: the innermost user-code frame of the opening stack (analysis.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -24,14 +25,16 @@ import threading
 import time
 import tty
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -40,6 +43,7 @@ from rich.text import Text
 from cmtrace.analysis.causes import Context, classify
 from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
 from cmtrace.analysis.model import FdModel
+from cmtrace.errors import UsageError
 from cmtrace.record import procfs
 from cmtrace.record.observe import BaseObserver, Flushed
 from cmtrace.trace import schema
@@ -107,6 +111,7 @@ class Watch:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.stopped: float | None = None  # when the recording ended (cmtrace top)
         self.model: FdModel | None = None
         self._preexisting: list[dict[str, Any]] = []
         self.stacks: dict[int, list[Frame]] = {}
@@ -255,7 +260,7 @@ class Watch:
         return sorted(self.sites, key=key, reverse=True)
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.started
+        return (self.stopped or time.monotonic()) - self.started
 
 
 def _frame(row: dict[str, Any]) -> Frame:
@@ -484,6 +489,7 @@ class LiveView(BaseObserver):
         self._stop_keys = threading.Event()
         self._draw_lock = threading.Lock()
         self._title = ""
+        self._on_quit: Callable[[], None] = lambda: None
 
     # --- observer -------------------------------------------------------------------------
     def started(self, recording: Recording) -> None:
@@ -491,40 +497,54 @@ class LiveView(BaseObserver):
         pids = sorted(recording.root_pids)
         self.watch.begin(pids)
         names = ", ".join(f"{pid} ({procfs.comm(pid)})" for pid in pids[:SHOWN_TARGETS])
-        self._title = f"pid {names}  {recording.backend.name}"
+        self.open(f"pid {names}  {recording.backend.name}", self._quit)
+
+    def preexisting(self, rows: list[dict[str, Any]]) -> None:
+        self.watch.add_preexisting(rows)
+
+    def flushed(self, recording: Recording, flushed: Flushed) -> None:
+        self.show(flushed.events, flushed.frames, flushed.lost_events, recording.root_pids)
+
+    def closed(self, recording: Recording) -> None:
+        self.close()
+
+    # --- the terminal ---------------------------------------------------------------------
+    def open(self, title: str, on_quit: Callable[[], None]) -> None:
+        """Take the terminal of stderr: the screen, the keys (`q` calls on_quit)."""
+        self._title, self._on_quit = title, on_quit
         self._terminal = sys.stderr
         self._console = Console(file=self._terminal, force_terminal=True)
         self._held = _HeldStderr(self._show_message)
         # progress lines wait for the end (the footer shows the last one)
         sys.stderr = self._held
-        with self._closing_on_error(recording):
+        with self._closing_on_error():
             self._live = Live(console=self._console, screen=True, auto_refresh=False,
                               redirect_stdout=False, redirect_stderr=False)  # fmt: skip
             self._live.start()
             self._start_keys()
             self._draw()
 
-    def preexisting(self, rows: list[dict[str, Any]]) -> None:
-        self.watch.add_preexisting(rows)
-
-    def flushed(self, recording: Recording, flushed: Flushed) -> None:
-        with self._closing_on_error(recording):
-            self.watch.watch_targets(sorted(recording.root_pids))
-            self.watch.feed(flushed.events, flushed.frames, flushed.lost_events)
+    def show(
+        self, events: pa.Table | None, frames: list[dict[str, Any]], lost: int, pids: Iterable[int]
+    ) -> None:
+        """Feed what was just written, and redraw unless paused."""
+        with self._closing_on_error():
+            self.watch.watch_targets(sorted(pids))
+            self.watch.feed(events, frames, lost)
             if not self.state.paused:
                 self._draw()
 
     @contextmanager
-    def _closing_on_error(self, recording: Recording) -> Iterator[None]:
+    def _closing_on_error(self) -> Iterator[None]:
         """A view that fails gives the terminal back first: the session then drops it (and
         never calls its closed()), saying why on the restored stderr."""
         try:
             yield
         except BaseException:
-            self.closed(recording)
+            self.close()
             raise
 
-    def closed(self, recording: Recording) -> None:
+    def close(self) -> None:
         """Terminal back as it was (termios, main screen, cursor), then the held lines."""
         self._stop_keys.set()
         if self._keys is not None:
@@ -594,7 +614,8 @@ class LiveView(BaseObserver):
         """Act on one key (names from _keys_of)."""
         state = self.state
         if key == "q":
-            self._quit()
+            self.state.message = "stopping ..."
+            self._on_quit()
         elif key in SORT_KEYS:
             state.sort_by, state.selected = SORT_KEYS[key], 0
         elif key == " ":
@@ -616,7 +637,6 @@ class LiveView(BaseObserver):
         rec = self._recording
         if rec is None:
             return
-        self.state.message = "stopping ..."
         if rec.writer is not None and rec.writer.meta.get("mode") == "run":
             for pid in rec.root_pids:
                 try:
@@ -642,3 +662,94 @@ def _keys_of(data: str) -> list[str]:
         char, data = data[0], data[1:]
         keys.append({"\r": "enter", "\n": "enter", "\x1b": "escape"}.get(char, char))
     return keys
+
+
+# ---- cmtrace top TRACE: a recording directory followed as it grows -----------------------------
+
+
+class TraceFollower:
+    """A trace directory read as the recorder writes it: parts appear whole (written under a
+    dot-name, then renamed), so each poll reads the parts not read yet."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._read: dict[str, set[str]] = {"events": set(), "stacks": set()}
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            meta: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return meta
+
+    def preexisting(self) -> list[dict[str, Any]]:
+        snapshot = self.path / "preexisting.parquet"
+        rows: list[dict[str, Any]] = (
+            pq.read_table(snapshot).to_pylist() if snapshot.is_file() else []
+        )
+        return rows
+
+    def poll(self) -> tuple[pa.Table | None, list[dict[str, Any]]]:
+        """The events of the new parts (time order) and the stack frames of the new parts."""
+        events = self._new_parts("events")
+        frames = [row for table in self._new_parts("stacks") for row in table.to_pylist()]
+        if not events:
+            return None, frames
+        table = pa.concat_tables(events).sort_by([("t_ns", "ascending")])
+        return table, frames
+
+    def _new_parts(self, name: str) -> list[pa.Table]:
+        seen = self._read[name]
+        new = sorted(p for p in (self.path / name).glob("part-*.parquet") if p.name not in seen)
+        tables = [pq.read_table(p) for p in new]
+        seen.update(p.name for p in new)
+        return tables
+
+
+def follow(path: Path, interval: float = 0.5) -> int:
+    """`cmtrace top TRACE`: the live view of a recording directory, until `q` (a finished
+    trace stays on screen); without a terminal, one status line of what is written so far."""
+    follower = TraceFollower(path)
+    meta = follower.meta()
+    if not meta:
+        raise UsageError(f"{path}: not a cmtrace trace (no readable meta.json)")
+    view = LiveView()
+    view.watch.begin(_meta_pids(meta))
+    _clock_from(view.watch, meta)
+    view.watch.add_preexisting(follower.preexisting())
+    if not sys.stderr.isatty():
+        events, frames = follower.poll()
+        view.watch.feed(events, frames, int(meta.get("lost_events") or 0))
+        _clock_from(view.watch, follower.meta() or meta)
+        print(status_line(view.watch), file=sys.stderr)
+        return 0
+    quit_requested = threading.Event()
+    view.open(f"{path}  (following)", quit_requested.set)
+    try:
+        while not quit_requested.is_set():
+            events, frames = follower.poll()
+            meta = follower.meta() or meta
+            view.show(events, frames, int(meta.get("lost_events") or 0), _meta_pids(meta))
+            if _clock_from(view.watch, meta) and not view.state.message:
+                view.state.message = f"recording ended ({meta.get('status')}): q quits"
+            quit_requested.wait(interval)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        view.close()
+    return 0
+
+
+def _clock_from(watch: Watch, meta: dict[str, Any]) -> bool:
+    """Elapsed as the recording's wall clock says (start_wall, end_wall once it ended, which
+    it returns): the view may start long after the recording did."""
+    start, end = meta.get("start_wall"), meta.get("end_wall")
+    if start:
+        watch.started = time.monotonic() - (time.time() - float(start))
+        if end:
+            watch.stopped = watch.started + float(end) - float(start)
+    return bool(end) and meta.get("status") != schema.STATUS_RECORDING
+
+
+def _meta_pids(meta: dict[str, Any]) -> list[int]:
+    return [int(t["pid"]) for t in meta.get("targets", []) if t.get("pid")]

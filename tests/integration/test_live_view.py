@@ -96,12 +96,12 @@ def devnull_fds(pid: int) -> int:
     return sum(1 for fd in fd_dir.iterdir() if os.readlink(fd) == os.devnull)
 
 
-def in_pane(tmp_path: Path, cmtrace_args: list[str]) -> Pane:
+def in_pane(tmp_path: Path, cmtrace_args: list[str], argv0: list[str] | None = None) -> Pane:
     """cmtrace in a tmux pane, between two `stty -g` of its terminal; its exit code goes
     to tmp_path/rc; the pane stays open (sleep) so its screen can still be read."""
     # the pane's own size, not the COLUMNS/LINES pytest's environment may carry
-    argv = shlex.join(["env", "-u", "COLUMNS", "-u", "LINES", CMTRACE_PYTHON, "-m", "cmtrace",
-                       *cmtrace_args])  # fmt: skip
+    cmtrace = argv0 or [CMTRACE_PYTHON, "-m", "cmtrace"]
+    argv = shlex.join(["env", "-u", "COLUMNS", "-u", "LINES", *cmtrace, *cmtrace_args])
     script = (
         f"cd {tmp_path}; stty -g > before; {argv}; echo $? > rc.tmp; stty -g > after; "
         "mv rc.tmp rc; sleep 600"
@@ -230,3 +230,46 @@ def test_without_a_terminal_a_status_line_every_10_s(
     assert events >= 10 * live  # 11 events a leak: 6 opens, 5 closes
     assert result.returncode == 0 and result.stderr.count("elapsed") == 1
     assert "\x1b[" not in result.stderr  # no screen drawn into a pipe
+
+
+def top_argv0() -> list[str]:
+    """`cmtrace top`, or the same function run directly while the verb is not registered."""
+    from cmtrace.cli import SUMMARIES  # noqa: PLC0415
+
+    if "top" in SUMMARIES:
+        return [CMTRACE_PYTHON, "-m", "cmtrace", "top"]
+    code = "import sys, pathlib, cmtrace.present.live as v; sys.exit(v.follow(pathlib.Path(sys.argv[1])))"
+    return [CMTRACE_PYTHON, "-c", code]
+
+
+def test_top_follows_a_recording_directory_until_q(
+    leaker: subprocess.Popen[str], tmp_path: Path
+) -> None:
+    """A second terminal watches a recording made without a view: the leak grows there as
+    its parts appear; the end of the recording is said; q quits, the terminal restored."""
+    trace = tmp_path / "trace"
+    tracer = Tracer(["-p", str(leaker.pid), "--backend", "bpf", "--no-live", "-q", "-o",
+                     str(trace)])  # fmt: skip
+    pane = None
+    try:
+        tracer.wait_attached()
+        pane = in_pane(tmp_path, [str(trace)], top_argv0())
+        first = row(pane, LEAK_LINE)
+        time.sleep(2.0)
+        second = row(pane, LEAK_LINE)
+        assert second[1] >= first[1] + 10, (first, second)
+        assert row(pane, CHURN_LINE)[1] == 0
+        result = tracer.stop(signal.SIGINT)
+        assert result.returncode == 0, result.stderr
+        pane.wait_for(r"recording ended \(complete\): q quits", 10)
+        final = row(pane, LEAK_LINE)
+        leaked = next(s for s in report(trace)["sites"] if s["line"] == LEAK_LINE)["leaked"]
+        assert final[1] == leaked  # the whole trace read: the report's count
+        pane.send("q")
+        assert wait_exit(tmp_path) == 0
+        assert (tmp_path / "before").read_text() == (tmp_path / "after").read_text()
+        assert pane.flag("alternate_on") == "0"
+    finally:
+        tracer.kill()
+        if pane is not None:
+            pane.close()
