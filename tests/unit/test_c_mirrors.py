@@ -22,7 +22,7 @@ from cmtrace.interp import elfnotes
 from cmtrace.interp.discover import Interpreter
 from cmtrace.interp.layouts import TABLE
 from cmtrace.record import records, syscalls
-from cmtrace.record.bpf import ring, targets
+from cmtrace.record.bpf import aggregate, ring, targets
 from cmtrace.record.ptrace import wire
 from cmtrace.trace import schema
 
@@ -51,11 +51,16 @@ READ_SIZES = {"ts": "PY_TSTATE_READ", "frame": "PY_FRAME_READ", "code": "PY_CODE
 CALL_ARG_KINDS = {"ARG_REG": "CALL_ARG_REG", "ARG_MEM": "CALL_ARG_MEM",
                   "ARG_CONST": "CALL_ARG_CONST"}  # fmt: skip
 CONTROL_KINDS = ("CTL_CONFIG", "CTL_FORGET", "CTL_RESUME", "CTL_STOP", "CTL_HOLD_NEXT")
+# --aggregate (cmtrace/record/bpf/aggregate.py mirrors these names as they are)
+AGGREGATE_CONSTANTS = (
+    "AGG_FROM_LIVE", "AGG_HIST_BUCKETS", "AGG_HIST_MIN_SHIFT", "AGG_PAIR_NEW", "AGG_PAIR_COUNT",
+    "AGG_PAIR_SHIP", "AGG_FULL_LIVE", "AGG_FULL_PAIRS",
+)  # fmt: skip
 CONSTANTS = (
     "PY_REC_STACK", "PY_REC_CODE", "PY_REC_MIN", "PY_NO_OFFSET", "PY_MAX_FRAMES", "DATA_LEN",
     "F_DUPFD_", "F_DUPFD_CLOEXEC_", *READ_SIZES.values(), *CALL_ARG_KINDS.values(),
     *EVENT_KINDS, *(f"PY_STACK_{flag}" for flag in STACK_FLAGS), *CONTROL_KINDS,
-    "ENGINE_FRAME_HEADER",
+    "ENGINE_FRAME_HEADER", *AGGREGATE_CONSTANTS,
 )  # fmt: skip
 # Syscall numbers the records carry that are not in the syscall table (EV_EXIT's nr).
 RECORD_ONLY_SYSCALLS = {"exit"}
@@ -244,3 +249,12 @@ def test_engine_traces_every_syscall_of_the_table():
     in_engine = set(re.findall(r"\{NR_(\w+), H_\w+", ENGINE.read_text()))
     wanted = {s.name for s in syscalls.BIRTHS} | set(syscalls.ENTER_ONLY) | {"execve"}
     assert in_engine == wanted
+
+
+def test_aggregate_constants(header):
+    for name in AGGREGATE_CONSTANTS:
+        assert getattr(aggregate, name) == header[name], name
+    assert aggregate.BIRTH_SIZE == header["DATA_LEN"] + records.HEADER_SIZE
+    assert aggregate.AGG_FROM_LIVE & max(getattr(schema, f"STACK_{f}") for f in STACK_FLAGS) == 0
+    assert (schema.LIFETIME_HIST_BUCKETS, schema.LIFETIME_HIST_MIN_SHIFT) == (
+        header["AGG_HIST_BUCKETS"], header["AGG_HIST_MIN_SHIFT"])  # fmt: skip

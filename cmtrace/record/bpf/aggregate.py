@@ -62,8 +62,8 @@ LEAK_CLOSE_FRAMES = (
     ("concurrent/futures/thread.py", "_python_exit"),
     ("concurrent/futures/process.py", "_python_exit"),
     ("weakref.py", "_exitfunc"),
-    ("asyncio/base_events.py", "shutdown_asyncgens"),
-    ("asyncio/runners.py", "_cancel_all_tasks"),
+    ("asyncio/", "shutdown_asyncgens"),  # a directory: any file in it
+    ("asyncio/", "_cancel_all_tasks"),
     ("asyncio/runners.py", "close"),
     ("asyncio/runners.py", "run"),
 )
@@ -98,7 +98,10 @@ class AggregateSettings:
 def _is_leak_close_frame(row: dict[str, Any]) -> bool:
     file = str(row.get("file") or "")
     function = row.get("function")
-    return any(file.endswith(f) and function == name for f, name in LEAK_CLOSE_FRAMES)
+    return any(
+        (f in file if f.endswith("/") else file.endswith(f)) and function == name
+        for f, name in LEAK_CLOSE_FRAMES
+    )
 
 
 class Aggregator:
