@@ -122,14 +122,16 @@ def leaks_by_site(leaks: pd.DataFrame) -> Callable[[SiteRow], pd.DataFrame]:
     return at
 
 
-def headline(trace: Trace, leaks: pd.DataFrame, leaking: pd.DataFrame) -> str:
+def headline(trace: Trace, leaks: pd.DataFrame, leaking: pd.DataFrame, apart: bool = False) -> str:
+    """The trace, its state, and the leaks counted by kind; `apart`: short-lived children's
+    leaks are counted apart (none here does not mean none at all)."""
     pids = trace.fds["pid"].nunique()
     head = (
         f"cmtrace: {trace.path} ({trace.status}, {trace.duration_s:.1f} s, "
         f"{pids} process{'es' if pids != 1 else ''})"
     )
     if leaks.empty:
-        return head + "\nno leaked file descriptors"
+        return head + "\nno leaked file descriptors" + (" in long-lived processes" if apart else "")
     kinds = leaks.groupby("kind", observed=True).size().sort_values(ascending=False)
     kind_text = ", ".join(f"{n} {k}" for k, n in kinds.items())
     return head + (

@@ -77,7 +77,7 @@ def render_html(
         f"<title>cmtrace report: {escape(str(trace.path))}</title>",
         f"<style>{_HTML_STYLE}</style></head><body>",
         f"<h1>cmtrace report: {escape(str(trace.path))}</h1>",
-        f"<p>{escape(headline(trace, leaks, sites[sites['leaked'] > 0]))}</p>",
+        f"<p>{escape(headline(trace, leaks, found.leaking, apart=not found.short_leaks.empty))}</p>",
     ]
     parts += [f"<p class='caveat'>{escape(c)}</p>" for c in caveats(trace)]
     parts.append(_site_table("sites", trace, sites, leaks, curves, strip_source))

@@ -45,7 +45,7 @@ def render_text(
     lines: list[str] = []
     found = findings(trace, exclude, short_lived)
     leaks, leaking = found.leaks, found.leaking
-    lines.append(headline(trace, leaks, leaking))
+    lines.append(headline(trace, leaks, leaking, apart=not found.short_leaks.empty))
     if not found.short_leaks.empty:
         lines.append(f"+ {short_lived_headline(found)}, listed after the others")
     lines.extend(caveats(trace))

@@ -7,12 +7,14 @@ lives 2 s, one never exits. The expectations are what each process did, stated p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from tracebuild import PID, birth, exit_, fork, write_trace
 
 from cmtrace.analysis import load
+from cmtrace.cli import main
 from cmtrace.trace.sources import command_program, program_file, program_rows, source_rows
 
 APP = "/srv/app/suite.py"
@@ -95,3 +97,35 @@ def test_each_c_program_is_a_site_of_its_own_with_its_line(trace_dir: Path) -> N
 )
 def test_the_c_program_of_a_command_line(argv: list[str], program: str | None) -> None:
     assert command_program(argv) == program
+
+
+def report(trace_dir: Path, tmp_path: Path, *args: str) -> tuple[int, str]:
+    out = tmp_path / "report.out"
+    code = main(["report", str(trace_dir), *args, "-o", str(out)])
+    return code, out.read_text()
+
+
+def test_every_format_lists_the_children_apart(trace_dir: Path, tmp_path: Path) -> None:
+    code, text = report(trace_dir, tmp_path, "--fail-on-leak")
+    assert code == 3  # the parent's leak and child 204's (lived 2 s) fail the gate
+    lines = text.splitlines()
+    section = lines.index(next(line for line in lines if line.startswith("short-lived")))
+    assert lines[section].endswith("6 leaked fds in 3 processes, from 3 sites")
+    ranked = [line for line in lines[:section] if line.startswith("#")]
+    assert ranked[0].startswith("#1 3 leaked")  # the parent, 204 and 205
+    assert """program: python -c "import os; fd = os.open('/etc/hosts', os.O_RDONLY)\"""" in text
+    document = json.loads(report(trace_dir, tmp_path, "--format", "json")[1])
+    flagged = sorted(leak["pid"] for leak in document["leaks"] if leak["short_lived"])
+    assert flagged == [201, 201, 202, 202, 203, 203]
+    programs = {p["text"]: (p["pids"], p["leaked"]) for p in document["short_lived"]["programs"]}
+    assert programs == {LEAK_A.strip(): ([201, 202], 2), LEAK_B.strip(): ([203], 1)}
+    html = report(trace_dir, tmp_path, "--format", "html")[1]
+    assert html.index("id='sites'") < html.index("<h2>Short-lived processes</h2>")
+    assert html.count("program: <code>python -c") == 2
+
+
+def test_no_split_with_short_lived_zero(trace_dir: Path, tmp_path: Path) -> None:
+    text = report(trace_dir, tmp_path, "--short-lived", "0")[1]
+    assert "short-lived" not in text
+    document = json.loads(report(trace_dir, tmp_path, "--format", "json", "--short-lived", "0")[1])
+    assert not any(leak["short_lived"] for leak in document["leaks"])
