@@ -118,6 +118,9 @@ def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> l
     text = trace.src.text(site.site_file, int(site.site_line))
     if text:
         out.append(f"   {int(site.site_line):>6} | {text.strip()}")
+    program = program_line(trace, site.site_file)
+    if program:
+        out.append(f"   program: {program}")
     if site.api:
         out.append(f"   api: {site.api}")
     paths = [peer_text(site.kind, p) for p in site.paths if p]
