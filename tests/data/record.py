@@ -32,13 +32,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 LEAKS = REPO / "tests" / "programs" / "leaks"
 TARGET_PYTHON = "/usr/bin/python3"  # Debian's interpreter, the one users trace
+# An interpreter before 3.11: its frames carry co_name only, no co_qualname (library APIs).
+PYTHON_39 = "/opt/cmtrace/pythons/bin/pyenv-3.9"
 CMTRACE = [sys.executable, "-m", "cmtrace"]
 TIMEOUT = 300  # bcc compiles the probes at attach: slow on a loaded machine
 
 
-def run(out: Path, program: str, *args: str) -> None:
+def run(out: Path, program: str, *args: str, python: str = TARGET_PYTHON) -> None:
     """`cmtrace run -- python3 PROGRAM ARGS`: the leaks are released by process exit."""
-    command = [*CMTRACE, "run", "-q", "-o", str(out), "--", TARGET_PYTHON, str(LEAKS / program)]
+    command = [*CMTRACE, "run", "-q", "-o", str(out), "--", python, str(LEAKS / program)]
     subprocess.run([*command, *args], check=True, timeout=TIMEOUT, stdout=subprocess.DEVNULL)
 
 
@@ -100,6 +102,9 @@ TRACES: dict[str, Callable[[Path], None]] = {
     "leak_before": lambda out: run(out, "no_context_manager.py", "3"),  # a diff's BEFORE
     "leak_fixed": lambda out: run(out, "no_context_manager.py", "3", "fixed"),  # and its AFTER
     "interrupted": interrupted,
+    # the API each leak went through (sqlite3, subprocess, socket, os), 3.11 and 3.9
+    "library_apis": lambda out: run(out, "stdlib_leaks.py", "1"),
+    "library_apis_39": lambda out: run(out, "stdlib_leaks.py", "1", python=PYTHON_39),
 }
 
 
