@@ -27,7 +27,6 @@ from cmtrace.analysis.causes import (
 )
 from cmtrace.analysis.children import (
     SHORT_LIVED_S,
-    SPAN_COLUMNS,
     is_program_file,
     lifespans,
     name_program_apis,
@@ -448,8 +447,8 @@ class Trace:
     @cached_property
     def lifespans(self) -> pd.DataFrame:
         """Per process forked during the trace: pid, forked_ns, exited_ns (NaN: not seen to
-        exit)."""
-        return lifespans(self._event_parts(SPAN_COLUMNS))
+        exit), from its fd lifetimes (cmtrace.analysis.children.lifespans)."""
+        return lifespans(self.fds, self.child_pids)
 
     def short_lived(self, seconds: float = SHORT_LIVED_S) -> pd.Series:
         """Which fd lifetimes are a short-lived child's: a process forked during the trace that

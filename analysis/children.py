@@ -13,51 +13,32 @@ are named by that file, so each program is a site of its own and shows its line.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from cmtrace.analysis.apis import call_api
 from cmtrace.analysis.code import SourceIndex
 from cmtrace.analysis.stacks import Stacks
-from cmtrace.trace import schema
 from cmtrace.trace.sources import COMMAND_FILE
 
 SHORT_LIVED_S = 1.0  # default of `cmtrace report --short-lived S`
-SPAN_COLUMNS = ("t_ns", "pid", "op", "arg")  # the event columns lifespans read
 
 
-def lifespans(parts: Iterable[pa.Table]) -> pd.DataFrame:
-    """Per process forked during the trace: pid, forked_ns, exited_ns (NaN when its exit was
-    not recorded: still running at the end). Reads only fork and exit events."""
-    forks: list[pd.DataFrame] = []
-    exits: list[pd.DataFrame] = []
-    for part in parts:
-        if not part.num_rows or not set(SPAN_COLUMNS) <= set(part.column_names):
-            continue
-        ops = part.column("op").cast(pa.string()).to_numpy(zero_copy_only=False)
-        for op, found, pid_column in ((schema.OP_FORK, forks, "arg"),
-                                      (schema.OP_EXIT, exits, "pid")):  # fmt: skip
-            rows = np.flatnonzero(ops == op)
-            if len(rows):
-                picked = part.take(pa.array(rows))
-                found.append(pd.DataFrame({
-                    "pid": picked.column(pid_column).to_numpy(zero_copy_only=False),
-                    "t": picked.column("t_ns").to_numpy(zero_copy_only=False),
-                }))  # fmt: skip
-    forked = _first_per_pid(forks).rename(columns={"t": "forked_ns"})
-    exited = _first_per_pid(exits).rename(columns={"t": "exited_ns"})
-    spans = forked.merge(exited, on="pid", how="left")
+def lifespans(fds: pd.DataFrame, children: set[int]) -> pd.DataFrame:
+    """Per child forked during the trace: pid, forked_ns, exited_ns (NaN when its exit is not
+    known: still running at the end), read off its fd lifetimes rather than the events again
+    (a test suite's trace has hundreds of parts): a child's inherited fds are born at its fork,
+    and whatever it holds at its exit dies there (`process-exit`). A child that inherited
+    nothing, or held nothing at its exit, has no span here: it is never short-lived, and one
+    that held nothing left nothing to its exit anyway."""
+    of_child = fds["pid"].isin(children).to_numpy()
+    inherited = fds.loc[of_child & fds["inherited"].to_numpy(), ["pid", "born_ns"]]
+    at_exit = fds.loc[of_child & (fds["death"] == "process-exit").to_numpy(), ["pid", "died_ns"]]
+    forked = inherited.groupby("pid")["born_ns"].min().rename("forked_ns")
+    exited = at_exit["died_ns"].astype("float64").groupby(at_exit["pid"]).max().rename("exited_ns")
+    spans = pd.concat([forked, exited], axis=1, join="outer").dropna(subset=["forked_ns"])
+    spans = spans.rename_axis("pid").reset_index()
     return spans.astype({"pid": np.int64, "forked_ns": np.int64, "exited_ns": np.float64})
-
-
-def _first_per_pid(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    if not frames:
-        return pd.DataFrame({"pid": np.zeros(0, np.int64), "t": np.zeros(0, np.int64)})
-    table = pd.concat(frames, ignore_index=True).dropna()
-    return table.sort_values("t", kind="stable").drop_duplicates("pid").reset_index(drop=True)
 
 
 def short_lived_pids(spans: pd.DataFrame, seconds: float) -> set[int]:
