@@ -1069,9 +1069,14 @@ static void apply_control(const struct ctl_msg *m) {
             p->has_config = 0;
         break;
     case CTL_RESUME:
+        // Configured (or given up): no more holds, not even one asked for earlier (CTL_HOLD_NEXT)
+        // that has not begun yet. A resume read while the thread ran on to its next stop, or
+        // while another thread's hold had the engine waiting, was lost, and the thread then
+        // stayed held at that stop for good (a subprocess child of a shared-libpython build:
+        // the 300 s hang of stdlib_leaks under pyenv 3.10).
         for (int i = 0; i < MAX_THREADS; i++)
-            if (threads[i].used && threads[i].held && threads[i].tid == (pid_t)m->pid)
-                threads[i].held = 0;
+            if (threads[i].used && threads[i].tid == (pid_t)m->pid)
+                threads[i].held = threads[i].hold_next = 0;
         break;
     case CTL_HOLD_NEXT:
         for (int i = 0; i < MAX_THREADS; i++)
