@@ -50,14 +50,16 @@ class SourceCollector:
         self._roots: dict[int, str] = {}  # pid -> its root directory as this tracer sees it
         self._programs: dict[int, str] = {}  # pid -> the `python -c` program it runs
 
-    def note_program(self, pid: int) -> None:
+    def note_program(self, pid: int, argv: list[str] | None = None) -> None:
         """Keep the `-c` program of a Python process (its frames say `<string>`, a file no one
-        can read later): called when the process is first seen or exec'd, while it lives."""
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
-        except OSError:
-            return
+        can read later): called when the process is first seen or exec'd, while it lives, or
+        with the command line a backend read while it held the process (`argv`)."""
+        if argv is None:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+            except OSError:
+                return
         program = command_program(argv)
         if program is not None and len(program) <= MAX_SOURCE_BYTES:
             self._programs[pid] = program

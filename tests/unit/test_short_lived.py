@@ -8,6 +8,8 @@ lives 2 s, one never exits. The expectations are what each process did, stated p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,13 @@ from tracebuild import PID, birth, exit_, fork, write_trace
 
 from cmtrace.analysis import load
 from cmtrace.cli import main
-from cmtrace.trace.sources import command_program, program_file, program_rows, source_rows
+from cmtrace.trace.sources import (
+    SourceCollector,
+    command_program,
+    program_file,
+    program_rows,
+    source_rows,
+)
 
 APP = "/srv/app/suite.py"
 APP_TEXT = "import subprocess\n" * 9 + "log = open('/srv/app/log')\n" + "pass\n" * 9 + "x = 1\n"
@@ -129,3 +137,26 @@ def test_no_split_with_short_lived_zero(trace_dir: Path, tmp_path: Path) -> None
     assert "short-lived" not in text
     document = json.loads(report(trace_dir, tmp_path, "--format", "json", "--short-lived", "0")[1])
     assert not any(leak["short_lived"] for leak in document["leaks"])
+
+
+def test_the_collector_keeps_a_running_processs_c_program() -> None:
+    """Read from /proc/PID/cmdline of a real `python -c` process while it runs, stored as the
+    program's file with the pid in its facts; a process without -c adds nothing."""
+    program = "import sys\nsys.stdin.read()\n"
+    child = subprocess.Popen([sys.executable, "-c", program], stdin=subprocess.PIPE)
+    plain = subprocess.Popen([sys.executable, "-"], stdin=subprocess.PIPE)
+    try:
+        collector = SourceCollector()
+        collector.note_program(child.pid)
+        collector.note_program(plain.pid)
+        collector.note_program(4242, argv=["python3", "-c", "pass"])  # as a backend read it
+    finally:
+        for process in (child, plain):
+            process.communicate(b"")
+    rows = collector.rows()
+    files = {row["file"] for row in rows}
+    assert files == {program_file(program), program_file("pass")}
+    facts = next(r for r in rows if r["file"] == program_file(program) and r["line"] == 0)
+    assert json.loads(facts["facts"])["pids"] == [child.pid]
+    assert [r["text"] for r in rows if r["file"] == program_file(program) and r["line"]] == [
+        "import sys", "sys.stdin.read()"]  # fmt: skip
