@@ -308,16 +308,7 @@ def test_marks_are_complete() -> None:
 
 @pytest.mark.parametrize("mode", [RUN, ATTACH])
 @pytest.mark.parametrize("interpreter", FOUND, ids=[t.name for t in FOUND])
-def test_stdlib_leaks(
-    recordings: dict, interpreter: targets.Target, mode: str, request: pytest.FixtureRequest
-) -> None:
-    if "ptrace" in request.node.name:  # seen once in CI (2026-12-03), not reproduced since
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="ptrace: one run of pyenv-3.10 stdlib_leaks hung 300 s in CI; under study",
-                strict=False,
-            )
-        )
+def test_stdlib_leaks(recordings: dict, interpreter: targets.Target, mode: str) -> None:
     rec = recording(recordings, (interpreter.name, mode, STDLIB))
     pid = rec.truth["pid"]
     assert pid == rec.root_pid  # run: the command itself; -p: attached.py's process
