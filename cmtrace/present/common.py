@@ -15,6 +15,7 @@ from cmtrace.analysis import Trace
 from cmtrace.analysis.api import NO_STACK, fill_text
 from cmtrace.analysis.children import SHORT_LIVED_S, is_program_file, program_text
 from cmtrace.analysis.services import describe_peer, port_of, service_of
+from cmtrace.trace.sources import COMMAND_FILE
 
 # A row of Trace.sites() as itertuples() yields it (site_file, site_line, leaked, cause...).
 SiteRow = Any
@@ -81,6 +82,17 @@ def short_lived_headline(found: Findings, title: bool = False) -> str:
         f"short-lived processes (lived < {found.seconds:g} s, their fds closed by their exit): "
         f"{fds} in {processes}, from {sites} site{'s' if sites != 1 else ''}"
     )
+
+
+def shown_stack(trace: Trace, leak: Any) -> list[dict]:
+    """A leak's opening stack trimmed to user code, as reports print it: where its site is a
+    `python -c` program, the program's `<string>` frames are named by the program's file
+    (their lines are that text's)."""
+    stack = trace.user_stack(int(leak["open_stack"]))
+    site = leak["site_file"]
+    if not is_program_file(site):
+        return stack
+    return [{**f, "file": site} if f["file"] == COMMAND_FILE else f for f in stack]
 
 
 def program_line(trace: Trace, file: Any) -> str | None:

@@ -23,6 +23,7 @@ from cmtrace.present.common import (
     peers,
     program_line,
     short_lived_headline,
+    shown_stack,
     totals,
 )
 
@@ -168,7 +169,7 @@ def _html_site_row(
         detail.append(f"<div>program: <code>{escape(program)}</code></div>")
     if not rows.empty:
         first = rows.iloc[0]
-        stack = trace.user_stack(int(first["open_stack"]))
+        stack = shown_stack(trace, first)
         lines = []
         for frame in stack:
             line = f"{frame['file']}:{frame['line']} in {frame['function']}"

@@ -25,6 +25,7 @@ from cmtrace.present.common import (
     peers,
     program_line,
     short_lived_headline,
+    shown_stack,
     totals,
 )
 from cmtrace.trace.sources import COMMAND_FILE
@@ -188,7 +189,7 @@ def _leak_details(trace: Trace, rows: pd.DataFrame) -> list[str]:
                    f"  {wtext.strip()}")  # fmt: skip
     closed_by = rows["closed_by"].fillna("still open at end").value_counts()
     out.append("   closed by: " + ", ".join(f"{k} ({n})" for k, n in closed_by.items()))
-    stack = trace.user_stack(int(first["open_stack"]))
+    stack = shown_stack(trace, first)
     if stack:
         out.append("   stack (innermost first):")
         for frame in stack[:STACK_FRAMES_SHOWN]:
