@@ -160,3 +160,21 @@ def test_the_collector_keeps_a_running_processs_c_program() -> None:
     assert json.loads(facts["facts"])["pids"] == [child.pid]
     assert [r["text"] for r in rows if r["file"] == program_file(program) and r["line"]] == [
         "import sys", "sys.stdin.read()"]  # fmt: skip
+
+
+def test_a_long_lived_programs_site_shows_its_program_and_stack(tmp_path: Path) -> None:
+    """A `python -c` child that lives 2 s is long-lived: its site leads the report, with the
+    program's line, its text, and its stack under the program's file."""
+    child = 301
+    events = [birth(10, 5, path="/srv/app/log", stack_id=1), fork(100, child),
+              birth(200, 7, pid=child, tid=child, stack_id=2),
+              exit_(2 * SECOND + 100, pid=child, tid=child), exit_(3 * SECOND)]  # fmt: skip
+    sources = source_rows(APP, APP_TEXT) + program_rows({child: LEAK_A})
+    stacks = [frame(1, APP, 10), frame(2, "<string>", 2)]
+    trace_dir = write_trace(tmp_path / "t", events, stacks=stacks, sources=sources)
+    lines = report(trace_dir, tmp_path, "--top", "5")[1].splitlines()
+    block = lines[lines.index(f"   opened at {program_file(LEAK_A)}:2 in <module>") :]
+    assert block[1].endswith("| fd = os.open('/etc/hosts', os.O_RDONLY)")
+    assert block[2].startswith("   program: python -c ")
+    assert f"     {program_file(LEAK_A)}:2 in <module>" in block
+    assert not any(line.startswith("short-lived") for line in lines)
