@@ -356,3 +356,19 @@ def test_a_resume_ends_a_hold_asked_for_before_it(binary, sleeps_then_opens):
     finally:
         engine.process.kill()
         engine.process.wait()
+
+
+def test_the_argv_of_a_short_lived_child_is_read_at_its_exec(binary):
+    """A `python -c` child that is gone before the session drains its exec still has its argv
+    (read while the engine held it at the exec)."""
+    snippet = "import os; os.close(os.open('/dev/null', os.O_RDONLY))"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {snippet!r}])"
+    recording = EngineRecording.run([PYTHON, "-c", parent], binary=binary, cwd="/")
+    argvs: dict[int, list[str]] = {}
+    deadline = time.monotonic() + TIMEOUT
+    while not recording.finished and time.monotonic() < deadline:
+        recording.poll()
+        argvs.update(recording.take_cmdlines())
+    assert recording.wait(timeout=TIMEOUT)["exit_code"] == 0
+    assert sorted(argvs.values()) == sorted([[PYTHON, "-c", parent], [PYTHON, "-c", snippet]])
+    assert recording.take_cmdlines() == {}, "taken once"

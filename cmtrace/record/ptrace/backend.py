@@ -187,6 +187,14 @@ class PtraceBackend:
     def take_new_files(self) -> list[tuple[int, str]]:
         return self.symbolizer.take_new_files() if self.stacks else []
 
+    def take_cmdlines(self) -> dict[int, list[str]]:
+        """pid -> argv of every process that exec'd since the last call, read at its exec while
+        the engine held it (a short-lived child may be gone when its exec event is drained)."""
+        taken: dict[int, list[str]] = {}
+        for recording in self.recordings:
+            taken.update(recording.take_cmdlines())
+        return taken
+
     def lost_events(self) -> int:
         """Records the engine could not write (counted at its end; backpressure otherwise)."""
         return self.counters.get("dropped", 0) + self.counters.get("write_errors", 0)

@@ -40,6 +40,7 @@ PENDING_GIVE_UP_S = 10.0
 VALIDATION_ATTEMPTS = 5  # a stack changing under the reader fails once; a wrong layout always
 REVALIDATE_S = 0.05  # no Python frame yet to check the layout against: look again this often
 REVALIDATE_GIVE_UP_S = 10.0
+CMDLINES_KEPT = 4096  # argv read at exec, not taken yet
 
 
 @dataclass
@@ -53,6 +54,9 @@ class EngineRecording:
     _pending: dict[int, float] = field(default_factory=dict)  # held pid -> since when
     _unvalidated: dict[int, tuple[Interpreter, float]] = field(default_factory=dict)
     _last_validation: float = 0.0
+    # pid -> its argv, read at its exec while the engine still holds it: a short-lived child
+    # (a `python -c` snippet) may be gone by the time the session looks at /proc (take_cmdlines)
+    cmdlines: dict[int, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.symbolizer = stacks.Symbolizer(self.interpreters, warm=False)  # no BPF: no BTF
@@ -101,6 +105,9 @@ class EngineRecording:
     def _on_exec(self, pid: int) -> None:
         """The engine holds pid after its exec: configure it, or (CPython not loaded yet, as
         with a shared libpython) have it held again at each stop until it can be."""
+        self.cmdlines[pid] = procfs.cmdline(pid)
+        if len(self.cmdlines) > CMDLINES_KEPT:  # nobody takes them: keep only the latest
+            del self.cmdlines[next(iter(self.cmdlines))]
         if not self.stacks:
             self.engine.resume(pid)
             return
@@ -204,6 +211,11 @@ class EngineRecording:
                 self._unvalidated.pop(pid, None)
             elif target.validated_frames or now - since > REVALIDATE_GIVE_UP_S:
                 self._unvalidated.pop(pid, None)
+
+    def take_cmdlines(self) -> dict[int, list[str]]:
+        """The argv of each process that exec'd since the last call, read while it was held."""
+        taken, self.cmdlines = self.cmdlines, {}
+        return taken
 
     def frames(self) -> list[dict[str, Any]]:
         return self.symbolizer.flush()
