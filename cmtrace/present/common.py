@@ -95,6 +95,13 @@ def shown_stack(trace: Trace, leak: Any) -> list[dict]:
     return [{**f, "file": site} if f["file"] == COMMAND_FILE else f for f in stack]
 
 
+def shown_text(leak: Any, column: str) -> str:
+    """A leak's fix or evidence as reports print it: `<string>:6` of a `python -c` program's
+    site is named by the program's file, as its site is."""
+    text, site = str(leak[column] or ""), leak["site_file"]
+    return text.replace(f"{COMMAND_FILE}:", f"{site}:") if is_program_file(site) else text
+
+
 def program_line(trace: Trace, file: Any) -> str | None:
     """A `python -c` program's text on one line (`python -c 'import os; ...'`), elided; None
     for a site in any other file."""

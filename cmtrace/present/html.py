@@ -24,6 +24,7 @@ from cmtrace.present.common import (
     program_line,
     short_lived_headline,
     shown_stack,
+    shown_text,
     totals,
 )
 
@@ -185,7 +186,7 @@ def _html_site_row(
         if site.api:
             detail.append(f"<div>api: <code>{escape(str(site.api))}</code></div>")
         if first["fix"]:
-            detail.append(f"<div>fix: {escape(str(first['fix']))}</div>")
+            detail.append(f"<div>fix: {escape(shown_text(first, 'fix'))}</div>")
         paths = ", ".join(peer_text(site.kind, p) for p in site.paths if p)
         if paths:
             detail.append(f"<div>paths: <code>{escape(paths)}</code></div>")

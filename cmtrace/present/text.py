@@ -26,6 +26,7 @@ from cmtrace.present.common import (
     program_line,
     short_lived_headline,
     shown_stack,
+    shown_text,
     totals,
 )
 from cmtrace.trace.sources import COMMAND_FILE
@@ -195,9 +196,9 @@ def _leak_details(trace: Trace, rows: pd.DataFrame) -> list[str]:
         for frame in stack[:STACK_FRAMES_SHOWN]:
             out.append(f"     {frame['file']}:{frame['line']} in {frame['function']}")
     if first["fix"]:
-        out.extend(_wrapped("   fix: ", first["fix"]))
+        out.extend(_wrapped("   fix: ", shown_text(first, "fix")))
     if first["evidence"]:
-        out.extend(_wrapped("   evidence: ", first["evidence"]))
+        out.extend(_wrapped("   evidence: ", shown_text(first, "evidence")))
     return out
 
 

@@ -164,7 +164,7 @@ def test_the_collector_keeps_a_running_processs_c_program() -> None:
 
 def test_a_long_lived_programs_site_shows_its_program_and_stack(tmp_path: Path) -> None:
     """A `python -c` child that lives 2 s is long-lived: its site leads the report, with the
-    program's line, its text, and its stack under the program's file."""
+    program's line, its text, and its stack and fix under the program's file."""
     child = 301
     events = [birth(10, 5, path="/srv/app/log", stack_id=1), fork(100, child),
               birth(200, 7, pid=child, tid=child, stack_id=2),
@@ -177,4 +177,5 @@ def test_a_long_lived_programs_site_shows_its_program_and_stack(tmp_path: Path) 
     assert block[1].endswith("| fd = os.open('/etc/hosts', os.O_RDONLY)")
     assert block[2].startswith("   program: python -c ")
     assert f"     {program_file(LEAK_A)}:2 in <module>" in block
+    assert any(line.startswith(f"   fix: {program_file(LEAK_A)}:2: os.open: ") for line in block)
     assert not any(line.startswith("short-lived") for line in lines)
