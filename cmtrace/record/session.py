@@ -416,6 +416,10 @@ class Recording:
             return
         for pid, file in self.backend.take_new_files():
             self.sources.add(pid, file)
+        # argv read at each exec while the backend held the process (ptrace): a short-lived
+        # `python -c` child may be gone before its exec is drained and /proc read
+        for pid, argv in getattr(self.backend, "take_cmdlines", dict)().items():
+            self.sources.note_program(pid, argv)
 
     def _capture_sources(self) -> None:
         if not self.stacks:
