@@ -200,7 +200,7 @@ class Trace:
         self._add_sites(fds)
         name_programs(fds, program_files(self.src), self.frames)  # a `python -c` program each
         self._add_apis(fds)
-        name_program_apis(fds, self.src)
+        self._stack_api.update(name_program_apis(fds, self.src))  # their fixes know it too
         fds["service"] = _services(fds)
         fds["leak"] = is_leak(fds)
         if self.until_ns is not None:  # at a cut, a leak is an fd still open then

@@ -64,14 +64,15 @@ def program_text(src: SourceIndex, file: str) -> str:
     return "\n".join(lines)
 
 
-def name_program_apis(fds: pd.DataFrame, src: SourceIndex) -> None:
-    """The api of leaks at a program's line, where its `<string>` frame could not tell it: the
-    callable named on that line of the captured text (in place)."""
+def name_program_apis(fds: pd.DataFrame, src: SourceIndex) -> dict[int, str]:
+    """The api of fds opened at a program's line, where its `<string>` frame could not tell it:
+    the callable named on that line of the captured text (in place). Returns open stack ->
+    api for the stacks whose rows all name one (the causes' fixes are made per stack)."""
     rows = np.flatnonzero(
         fds["site_file"].map(is_program_file).to_numpy(dtype=bool) & fds["api"].isna().to_numpy()
     )
     if not len(rows):
-        return
+        return {}
     files = fds["site_file"].to_numpy()[rows]
     lines = fds["site_line"].to_numpy()[rows]
     named = {key: call_api(src, *key) for key in set(zip(files.tolist(), lines.tolist()))}
@@ -80,6 +81,11 @@ def name_program_apis(fds: pd.DataFrame, src: SourceIndex) -> None:
     if new:
         fds["api"] = fds["api"].cat.add_categories(new)
     fds.iloc[rows, fds.columns.get_loc("api")] = apis
+    per_stack: dict[int, set[str | None]] = {}
+    for stack, api in zip(fds["open_stack"].to_numpy()[rows].tolist(), apis):
+        per_stack.setdefault(int(stack), set()).add(api)
+    agreed = {stack: next(iter(one)) for stack, one in per_stack.items() if len(one) == 1}
+    return {stack: api for stack, api in agreed.items() if api is not None}
 
 
 def name_programs(fds: pd.DataFrame, programs: dict[int, str], stacks: Stacks) -> None:

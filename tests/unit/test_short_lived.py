@@ -177,5 +177,5 @@ def test_a_long_lived_programs_site_shows_its_program_and_stack(tmp_path: Path) 
     assert block[1].endswith("| fd = os.open('/etc/hosts', os.O_RDONLY)")
     assert block[2].startswith("   program: python -c ")
     assert f"     {program_file(LEAK_A)}:2 in <module>" in block
-    assert any(line.startswith(f"   fix: {program_file(LEAK_A)}:2: ") for line in block)
+    assert any(line.startswith(f"   fix: {program_file(LEAK_A)}:2: os.open: ") for line in block)
     assert not any(line.startswith("short-lived") for line in lines)
