@@ -171,11 +171,15 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
 }
 
 // Identifies the code object now at an address, so a freed one whose address was reused by
-// another (a module body run once, then `exec`'d code...) gets a new code record.
+// another (a module body run once, then `exec`'d code...) gets a new code record. Names and
+// first line alone are not enough: site.py exec()s each .pth line as <string> <module> line 1,
+// and the `python -c` program's module code, also <string> <module> 1, often gets the freed
+// address; the line table pointer tells them apart (else every -c line read as line 1).
 static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
     u64 first = *(const u32 *)(code + (cfg->co_firstlineno & 0xff));
     u64 h = py_mix(py_u64(code, cfg->co_filename & 0xff) ^ (first << 40),
                    py_u64(code, cfg->co_name & 0xff));
+    h = py_mix(h, py_u64(code, cfg->co_linetable & 0xff));
     return (u32)(h ^ (h >> 32));
 }
 
