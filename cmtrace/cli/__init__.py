@@ -32,6 +32,7 @@ VERBS = (
     Verb("attach", "cmtrace.cli.record", "attach to a running process (also: cmtrace -p PID)"),
     Verb("run", "cmtrace.cli.record", "start a command under trace"),
     Verb("report", "cmtrace.cli.report", "explain the leaks of a recorded trace"),
+    Verb("top", "cmtrace.cli.top", "watch a trace being recorded: the live view of its directory"),
     Verb("plot", "cmtrace.cli.plot", "plot live fds per site, lifetimes and leak rates"),
     Verb("diff", "cmtrace.cli.diff", "compare the leaks of two traces (before and after a fix)"),
     Verb("export", "cmtrace.cli.export", "export fd lifetimes for other tools (Perfetto)"),
