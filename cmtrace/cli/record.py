@@ -152,7 +152,8 @@ def _add_aggregate_options(parser: argparse.ArgumentParser) -> None:
 
 def record_options(args: argparse.Namespace) -> RecordOptions:
     """The engine's options from either sub-parser's flags."""
-    command = list(getattr(args, "command", None) or [])
+    given = getattr(args, "command", None)  # run's CMD (attach's `command` is the verb name)
+    command = list(given) if isinstance(given, list) else []
     if command[:1] == ["--"]:
         command = command[1:]
     pids = joining.parse_pids(getattr(args, "pid", None) or [])

@@ -167,6 +167,16 @@ def selector_of(options: RecordOptions) -> Selector:
     return Selector(pattern=pattern, all_python=options.all_python)
 
 
+def first_match(selector: Selector) -> int | None:
+    """A process the selector takes now (the backend is chosen by what it allows on one)."""
+    processes = scan()
+    family = own_family(processes, os.getpid())
+    for process in sorted(processes.values(), key=lambda p: p.pid):
+        if process.user_space and process.pid not in family and selector.wants(process.pid):
+            return process.pid
+    return None
+
+
 @dataclass
 class Limit:
     """One process's RLIMIT_NOFILE history: as it joined, then each change with its time."""
@@ -226,24 +236,27 @@ class Watchlist:
         except (OSError, IndexError):
             pass
 
-    def join(self, pid: int) -> bool:
-        """Trace a process found while recording: kernel filter, Python stacks, the snapshot of
-        what it has open (timed now: see analysis.processes.preexisting_seed). False when it
-        cannot be traced (gone, or not ours to ptrace): it is left alone."""
+    def join(self, pid: int, at_start: bool = False) -> bool:
+        """Trace a process found while recording (or as it starts: `at_start`, joined_ns 0):
+        kernel filter, Python stacks, the snapshot of what it has open (timed now: see
+        analysis.processes.preexisting_seed). False when it cannot be traced (gone, or not
+        ours to ptrace): it is left alone, and not tried again."""
         rec = self.rec
         pids = list(procfs.descendants(pid)) if rec.follow else [pid]
         try:
             with rec._lock:  # the drain thread calls the backend too
                 for each in pids:
                     rec.add_target(each)
-        except CmtraceError as exc:
+        except (CmtraceError, OSError) as exc:
             rec.progress(f"cannot trace {pid} ({procfs.comm(pid)}): {exc}; left alone")
+            self.refused.add((pid, _start_of(pid)))
             return False
         rec.root_pids.add(pid)
         rec.snapshot_preexisting(pids)
-        self._note(pid, self.selector.found_by, self.now_ns(), None)
+        self._note(pid, self.selector.found_by, 0 if at_start else self.now_ns(), None)
         self._write_meta()
-        rec.progress(f"joined {pid} ({rec.describe(pid)}): one of {self.selector.describe()}")
+        if not at_start:
+            rec.progress(f"joined {pid} ({rec.describe(pid)}): one of {self.selector.describe()}")
         return True
 
     def find_new(self) -> list[int]:
@@ -288,8 +301,7 @@ class Watchlist:
         if self.selector.active and now >= self._next_scan:
             self._next_scan = now + POLL_INTERVAL_S
             for pid in self.find_new():
-                if not self.join(pid):
-                    self.refused.add((pid, _start_of(pid)))
+                self.join(pid)
         if now >= self._next_limits:
             self._next_limits = now + RLIMIT_INTERVAL_S
             self.poll_limits()

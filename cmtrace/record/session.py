@@ -511,27 +511,29 @@ def attach(options: RecordOptions, observers: list[Observer] | None = None) -> F
     assert options.attaching, "attach needs pids, --pgrep or --all"
     options.validate()
     pids = [_checked_tgid(pid) for pid in options.attach_pids]
-    choice = choose(options, "attach", pids[0] if pids else None)
+    selector = joining.selector_of(options)
+    sample = pids[0] if pids else joining.first_match(selector)
+    # no match yet (--pgrep): whether this user may trace at all; each joiner is checked then
+    choice = choose(options, "attach", sample) if sample else choose(options, "run")
     label = pids[0] if pids else "all" if options.all_python else "pgrep"
     output = options.output or default_output(label)
     prepare_output_dir(output, options.force)
     rec = Recording(options, follow=options.follow_children, choice=choice, observers=observers)
-    watch = joining.Watchlist(rec, joining.selector_of(options))
+    watch = joining.Watchlist(rec, selector)
     rec.progress(f"loading probes for {', '.join(map(str, pids)) or watch.selector.describe()} ...")
     rec.load()
-    found = [pid for pid in watch.find_new() if pid not in pids]
-    roots = [*pids, *found]
-    family = [t for pid in roots for t in (procfs.descendants(pid) if rec.follow else [pid])]
-    targets = list(dict.fromkeys(family))  # with -f, a matching worker of a matching master
-    rec.root_pids = set(roots)
+    family = [t for pid in pids for t in (procfs.descendants(pid) if rec.follow else [pid])]
+    targets = list(dict.fromkeys(family))
+    rec.root_pids = set(pids)
     rec.open_writer(output, targets, {"mode": "attach", **watch.selector.meta()})
     for target in targets:
         rec.add_target(target)
     rec.snapshot_preexisting(targets)
     watch.note_started(pids, "pid")
-    watch.note_started(found, watch.selector.found_by)
-    if roots and not watch.selector.active and not any(map(procfs.is_alive, roots)):
-        raise TargetError(f"pid {roots[0]} exited before the probes were live: nothing recorded")
+    for pid in watch.find_new():  # --pgrep/--all: those running now (one may fail: skipped)
+        watch.join(pid, at_start=True)
+    if pids and not watch.selector.active and not any(map(procfs.is_alive, pids)):
+        raise TargetError(f"pid {pids[0]} exited before the probes were live: nothing recorded")
     _install_stop_signals(rec)
     print(f"cmtrace: {watch.attached_line()}", file=sys.stderr, flush=True)
     rec.start_observers()
