@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,6 +55,8 @@ if TYPE_CHECKING:
 GROWTH_WINDOW = 60.0  # seconds: growth is measured over the last minute
 RATE_WINDOW = 5.0  # seconds: events/s over the last few flushes
 FD_COUNT_INTERVAL = 1.0  # seconds between reads of /proc/PID/fd (a big table is slow to list)
+SITES_INTERVAL = 1.0  # seconds between two tallies of the sites (every flush is fed; a tally
+# of a busy trace costs as much as feeding it)
 STATUS_INTERVAL = 10.0  # seconds between status lines
 NO_STACK = "<no Python stack>"  # pre-existing fds (the attach snapshot) are counted here too
 SORT_KEYS = {"g": "growth", "l": "live", "o": "opened"}  # key -> the column it sorts by
@@ -125,7 +128,7 @@ class Watch:
         self.events = 0
         self.events_per_s = 0.0
         self.lost = 0
-        self._fds_read = 0.0
+        self._fds_read = self._sites_tallied = -float("inf")
 
     # --- input ----------------------------------------------------------------------------
     def add_preexisting(self, rows: list[dict[str, Any]]) -> None:
@@ -169,7 +172,9 @@ class Watch:
             self._fds_read = now
             for target in self.targets.values():
                 target.sample(now)
-        self.sites = self._site_rows(now)
+        if now - self._sites_tallied >= SITES_INTERVAL:
+            self._sites_tallied = now
+            self.sites = self._site_rows(now)
 
     def _preexisting_frame(self) -> pd.DataFrame | None:
         if not self._preexisting:
@@ -192,13 +197,16 @@ class Watch:
             self.stacks[stack_id] = [_frame(r) for r in stack_rows]
 
     def _add_samples(self, events: pa.Table) -> None:
-        births = events.filter(pc.equal(events.column("op").cast(pa.string()), schema.OP_BIRTH))
+        """The kind and path of each stack's last birth in the batch (only those rows are
+        turned into Python objects: a busy batch has hundreds of thousands)."""
+        births = events.filter(_is_op(events.column("op"), schema.OP_BIRTH))
         if not len(births):
             return
-        latest = births.select(["stack_id", "kind", "path"]).to_pandas()
-        latest = latest.drop_duplicates("stack_id", keep="last")
-        for stack_id, kind, path in latest.itertuples(index=False):
-            self._samples[int(stack_id)] = (str(kind or ""), str(path or ""))
+        stack_ids = births.column("stack_id").to_numpy()
+        _, from_end = np.unique(stack_ids[::-1], return_index=True)
+        last = births.take(pa.array(len(stack_ids) - 1 - from_end))
+        for row in last.select(["stack_id", "kind", "path"]).to_pylist():
+            self._samples[int(row["stack_id"])] = (str(row["kind"] or ""), str(row["path"] or ""))
 
     # --- sites ----------------------------------------------------------------------------
     def site_of(self, stack_id: int) -> tuple[str, str]:
@@ -261,6 +269,17 @@ class Watch:
 
     def elapsed(self) -> float:
         return (self.stopped or time.monotonic()) - self.started
+
+
+def _is_op(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """Rows whose dictionary-coded op is `name`, compared on the codes (no string per row)."""
+    masks = []
+    for chunk in column.chunks:
+        codes = chunk.dictionary.to_pylist()
+        code = codes.index(name) if name in codes else -1
+        masks.append(pc.equal(chunk.indices, pa.scalar(code, chunk.indices.type)) if code >= 0
+                     else pa.array(np.zeros(len(chunk), bool)))  # fmt: skip
+    return pa.chunked_array(masks, pa.bool_())
 
 
 def _frame(row: dict[str, Any]) -> Frame:
