@@ -50,7 +50,8 @@ def soft_limit_at(limit: dict[str, Any], t_ns: int) -> int | None:
 def process_limits(fds: pd.DataFrame, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per target and per process whose limit was recorded (the Python ones): pid,
     comm, `rlimit_nofile` (soft, hard, changes), `peak_fds`, `peak_ns`, `soft_at_peak` and
-    `peak_fraction` (of it; None when unlimited or unknown). Sorted by pid."""
+    `peak_fraction` (of it; None when unlimited or unknown), and on an --aggregate trace
+    `peak_lower_bound` (it holds no lifetime of an fd shorter than its min_age). By pid."""
     limits = {int(pid): value for pid, value in (meta.get("rlimit_nofile") or {}).items()}
     targets = {int(t["pid"]): t for t in meta.get("targets") or [] if isinstance(t, dict)}
     peaks = {int(row.pid): row for row in fd_peaks(fds).itertuples(index=False)}
@@ -69,6 +70,7 @@ def process_limits(fds: pd.DataFrame, meta: dict[str, Any]) -> list[dict[str, An
                 "peak_ns": at if peak is not None else None,
                 "soft_at_peak": soft,
                 "peak_fraction": round(count / soft, 4) if count is not None and soft else None,
+                **({"peak_lower_bound": True} if meta.get("aggregate") else {}),
             }
         )
     return out
@@ -89,7 +91,8 @@ def headroom_text(entry: dict[str, Any]) -> str:
     if soft is None:
         unlimited = entry["rlimit_nofile"] is not None
         return f"peak {peak} fds ({'no limit' if unlimited else 'limit unknown'})"
-    text = f"peak {peak} of {soft} fds ({100 * peak / soft:.0f}%)"
+    least = "at least " if entry.get("peak_lower_bound") else ""
+    text = f"peak {least}{peak} of {soft} fds ({100 * peak / soft:.0f}%)"
     changes = (entry["rlimit_nofile"] or {}).get("changes") or []
     if changes:
         first = entry["rlimit_nofile"]["soft"]
