@@ -9,6 +9,7 @@ Workloads (each run in a fresh target process, Debian's /usr/bin/python3 by defa
   raw@3     200,000 x `with open('/dev/null', 'rb', buffering=0): pass` (openat, fstat, close:
             the ptrace backend's target loop)
   open@48   the same loop with 48 Python frames on the stack
+  raw@48    the raw loop with 48 Python frames on the stack
   calls@3   10,000,000 Python function calls, no fd syscall at all (3 frames)
   calls@48  the same with 48 frames
 Ways to run each workload:
@@ -17,6 +18,11 @@ Ways to run each workload:
   cmtrace-nostacks  `cmtrace -p PID --no-python-stacks` (the fd lifecycle alone)
   cmtrace-calls     `cmtrace -p PID --calls` (not a default mode: needs an interpreter whose
                     USDT probes fire, e.g. --python /opt/cmtrace/pythons/bin/python3.9)
+  cmtrace-aggregate `cmtrace -p PID --aggregate` (short-lived fds counted in the kernel)
+  floor-map         benchmarks/floor_probes.py map: a BPF program that only keeps the live fds
+                    in a kernel map (openat exit, close entry); the cost of knowing what is open
+  floor-ring        floor_probes.py ring: the same plus one ring record per event, drained in
+                    batches: the least that shipping every event costs
   cmtrace-live      `cmtrace -p PID --live`, its live view drawn into a pseudo-terminal
                     (160x40, read and thrown away; no controlling terminal, so no keys)
   strace            `strace -f -e trace=openat,close -p PID` (fewer iterations by default,
@@ -63,12 +69,16 @@ WORKLOADS = {  # name -> (loop, frames)
     "open@3": ("open", 3),
     "raw@3": ("raw", 3),
     "open@48": ("open", 48),
+    "raw@48": ("raw", 48),
     "calls@3": ("calls", 3),
     "calls@48": ("calls", 48),
 }
 MODES = ("bare", "cmtrace", "cmtrace-nostacks", "strace", "tracemalloc")
 # opt-in with --modes
 EXTRA_MODES = (
+    "cmtrace-aggregate",
+    "floor-map",
+    "floor-ring",
     "cmtrace-calls",
     "cmtrace-live",
     "strace-f",
@@ -82,7 +92,8 @@ RUN_PREFIXES = {
     "strace-f": STRACE_RUN,
     "strace-seccomp": (*STRACE_RUN[:1], "--seccomp-bpf", *STRACE_RUN[1:]),
 }
-BPF_MODES = ("cmtrace", "cmtrace-nostacks", "cmtrace-calls", "cmtrace-live")  # these need root
+BPF_MODES = ("cmtrace", "cmtrace-nostacks", "cmtrace-calls", "cmtrace-live", "cmtrace-aggregate")
+FLOOR_MODES = ("floor-map", "floor-ring")  # benchmarks/floor_probes.py (root too)
 PTRACE_MODES = ("ptrace-run", "ptrace-attach")
 TRACE_MODES = BPF_MODES + PTRACE_MODES  # write a cmtrace trace (lost events, births checked)
 TOOL_MODES = ("strace", "strace-f", "strace-seccomp", *PTRACE_MODES)  # 3 workloads only
@@ -223,6 +234,10 @@ def attach(config: Config, mode: str, pid: int, trace: Path, pin: str) -> subpro
     if mode == "strace":
         argv = ["strace", "-f", "-e", "trace=openat,close", "-o", str(trace), "-p", str(pid)]
         needle = "attached"
+    elif mode in FLOOR_MODES:
+        argv = [config.cmtrace_python, str(HERE.with_name("floor_probes.py")),
+                mode.removeprefix("floor-"), str(pid)]  # fmt: skip
+        needle = "floor: attached to"
     else:
         argv = [config.cmtrace_python, "-m", "cmtrace", "-p", str(pid), "-o", str(trace), "-q"]
         if mode == "cmtrace-nostacks":
@@ -233,6 +248,8 @@ def attach(config: Config, mode: str, pid: int, trace: Path, pin: str) -> subpro
             argv += ["--backend", "ptrace"]
         elif mode == "cmtrace-live":
             argv.append("--live")
+        elif mode == "cmtrace-aggregate":
+            argv.append("--aggregate")
         needle = "cmtrace: attached to"
     argv = [*PINS[pin], *argv]
     if mode == "cmtrace-live":
@@ -325,7 +342,7 @@ def run_once(config: Config, workload: str, mode: str, pin: str, seq: int) -> Sa
     try:
         if attaches(mode):
             tracer = attach(config, mode, target.pid, trace, pin)
-        counting = config.bpf_stats and mode in BPF_MODES
+        counting = config.bpf_stats and mode in BPF_MODES + FLOOR_MODES
         before = bpf_prog_time(tracer.pid) if counting else (0, 0)
         target.stdin.write("go\n")
         target.stdin.flush()
@@ -371,7 +388,13 @@ def trace_counts(trace: Path, pid: int) -> tuple[int, int]:
     meta = json.loads((trace / "meta.json").read_text())
     events = ds.dataset(trace / "events", format="parquet").to_table(columns=["pid", "op"])
     births = pc.and_(pc.equal(events["pid"], pid), pc.equal(events["op"].cast("string"), "birth"))
-    return int(meta["lost_events"]), int(pc.sum(births).as_py() or 0)
+    recorded = int(pc.sum(births).as_py() or 0)
+    if (trace / "counters").is_dir():  # --aggregate: fds counted in the kernel were born too
+        counters = ds.dataset(trace / "counters", format="parquet").to_table()
+        if counters.num_rows:
+            mine = pc.equal(counters["pid"], pid)
+            recorded += int(pc.sum(counters.filter(mine)["opened"]).as_py() or 0)
+    return int(meta["lost_events"]), recorded
 
 
 def applicable(workload: str, mode: str) -> bool:
@@ -543,7 +566,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if os.geteuid() != 0 and any(m in BPF_MODES for m in modes):
+    if os.geteuid() != 0 and any(m in BPF_MODES + FLOOR_MODES for m in modes):
         print("bench_overhead: the BPF modes need root: run it with sudo", file=sys.stderr)
         return 2
     if any(m in PTRACE_MODES for m in modes) and not ptrace_backend_built(args.cmtrace_python):
