@@ -311,6 +311,15 @@ class Watchlist:
             return self.selector.active  # --pgrep: waiting for the first match
         return any(procfs.is_alive(pid) for pid in self.entries)
 
+    def poll_limits_only(self) -> bool:
+        """`run`: the limits when due (the command's end is the Command's to tell: it reaps
+        it); always False."""
+        now = time.monotonic()
+        if now >= self._next_limits:
+            self._next_limits = now + RLIMIT_INTERVAL_S
+            self.poll_limits()
+        return False
+
     def poll_limits(self) -> None:
         """Read RLIMIT_NOFILE of each live target and Python process; keep what changed."""
         changed = False

@@ -593,7 +593,7 @@ def run(options: RecordOptions, observers: list[Observer] | None = None) -> Fini
     rec.start_observers()
     started.release()  # the child execs CMD now (or runs on past its exec), already traced
     try:
-        rec.loop(lambda: watch.poll() and started.running())
+        rec.loop(lambda: watch.poll_limits_only() or started.running())
     finally:
         rec.close_observers()
     if rec.failure is not None:  # the command runs on, untraced; wait for it as promised
