@@ -192,7 +192,7 @@ def test_run_live_q_interrupts_the_command_and_keys_sort_and_show_the_stack(
         pane.send("q")
         rc = wait_exit(tmp_path)
         # Python dies of the SIGINT after a KeyboardInterrupt; cmtrace exits as a shell says
-        assert rc == 128 + signal.SIGINT, pane.screen()
+        assert rc == 128 + signal.SIGINT, (rc, pane.screen())
         assert (tmp_path / "before").read_text() == (tmp_path / "after").read_text()
         assert pane.flag("alternate_on") == "0"
     finally:
