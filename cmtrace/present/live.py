@@ -160,7 +160,7 @@ class Watch:
         self._add_frames(frames)
         if events is not None and len(events):
             if self.model is None:
-                self.model = FdModel(self._preexisting_frame())
+                self.model = FdModel(self._preexisting_frame(), keep_lifetimes=False)
             self.model.feed(events)
             self._add_samples(events)
             self.events += len(events)

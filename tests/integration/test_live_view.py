@@ -233,13 +233,7 @@ def test_without_a_terminal_a_status_line_every_10_s(
 
 
 def top_argv0() -> list[str]:
-    """`cmtrace top`, or the same function run directly while the verb is not registered."""
-    from cmtrace.cli import SUMMARIES  # noqa: PLC0415
-
-    if "top" in SUMMARIES:
-        return [CMTRACE_PYTHON, "-m", "cmtrace", "top"]
-    code = "import sys, pathlib, cmtrace.present.live as v; sys.exit(v.follow(pathlib.Path(sys.argv[1])))"
-    return [CMTRACE_PYTHON, "-c", code]
+    return [CMTRACE_PYTHON, "-m", "cmtrace", "top"]
 
 
 def test_top_follows_a_recording_directory_until_q(
