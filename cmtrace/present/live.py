@@ -44,10 +44,10 @@ from rich.text import Text
 from cmtrace.analysis.causes import Context, classify
 from cmtrace.analysis.code import Frame, SourceIndex, innermost_user
 from cmtrace.analysis.model import FdModel
-from cmtrace.errors import UsageError
 from cmtrace.record import procfs
 from cmtrace.record.observe import BaseObserver, Flushed
 from cmtrace.trace import schema
+from cmtrace.trace.reader import read_meta
 
 if TYPE_CHECKING:
     from cmtrace.record.session import Recording
@@ -728,10 +728,9 @@ class TraceFollower:
 def follow(path: Path, interval: float = 0.5) -> int:
     """`cmtrace top TRACE`: the live view of a recording directory, until `q` (a finished
     trace stays on screen); without a terminal, one status line of what is written so far."""
+    read_meta(path)  # a missing or corrupt trace is one line and exit 5, as for report
     follower = TraceFollower(path)
-    meta = follower.meta()
-    if not meta:
-        raise UsageError(f"{path}: not a cmtrace trace (no readable meta.json)")
+    meta = follower.meta() or {}
     view = LiveView()
     view.watch.begin(_meta_pids(meta))
     _clock_from(view.watch, meta)
