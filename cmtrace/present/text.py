@@ -117,12 +117,7 @@ def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> l
         f"({site.leaks_per_s:.2f}/s)  {site.kind or ''}  cause: {site.cause or 'unknown'}",
         f"   opened at {where} in {site.site_function}",
     ]
-    text = trace.src.text(site.site_file, int(site.site_line))
-    if text:
-        out.append(f"   {int(site.site_line):>6} | {text.strip()}")
-    program = program_line(trace, site.site_file)
-    if program:
-        out.append(f"   program: {program}")
+    out.extend(_source_lines(trace, site, "   "))
     if site.api:
         out.append(f"   api: {site.api}")
     paths = [peer_text(site.kind, p) for p in site.paths if p]
@@ -130,6 +125,24 @@ def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> l
         out.append("   paths: " + ", ".join(paths))
     if not rows.empty:
         out.extend(_leak_details(trace, rows))
+    return out
+
+
+def _source_lines(
+    trace: Trace, site: SiteRow, indent: str, textless_program: bool = False
+) -> list[str]:
+    """The opening line's source and, for a `python -c` program, its text; with
+    `textless_program`, a string-run site the trace has no text of says so."""
+    out = []
+    text = trace.src.text(site.site_file, int(site.site_line))
+    if text:
+        out.append(f"{indent}{int(site.site_line):>6} | {text.strip()}")
+    program = program_line(trace, site.site_file)
+    if program:
+        out.append(f"{indent}program: {program}")
+    elif textless_program and site.site_file == COMMAND_FILE:
+        out.append(f"{indent}program: code run from a string (exec(), python -c) the trace has "
+                   "no text of")  # fmt: skip
     return out
 
 
@@ -147,16 +160,7 @@ def _short_lived_blocks(trace: Trace, found: Findings, top: int) -> list[str]:
         out.append(f"  #{rank} {int(site.leaked)} leaked in {pids} process"
                    f"{'es' if pids != 1 else ''}  {site.kind or ''}{api}")  # fmt: skip
         out.append(f"     opened at {site.site_file}:{site.site_line} in {site.site_function}")
-        text = trace.src.text(site.site_file, int(site.site_line))
-        if text:
-            out.append(f"     {int(site.site_line):>6} | {text.strip()}")
-        program = program_line(trace, site.site_file)
-        if program:
-            out.append(f"     program: {program}")
-        elif site.site_file == COMMAND_FILE:
-            out.append(
-                "     program: code run from a string (exec(), python -c) the trace has no text of"
-            )
+        out.extend(_source_lines(trace, site, "     ", textless_program=True))
         paths = [peer_text(site.kind, p) for p in site.paths if p]
         if paths:
             out.append("     paths: " + ", ".join(paths))
