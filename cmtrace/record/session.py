@@ -157,7 +157,8 @@ class Recording:
                 {
                     "pid": pid,
                     "ns_pid": procfs.ns_pid(pid),
-                    "comm": procfs.comm(pid),
+                    # run: the command has not exec'd yet (its comm is still cmtrace's)
+                    "comm": os.path.basename(cmdline[0])[:15] if cmdline else procfs.comm(pid),
                     "cmdline": cmdline or procfs.cmdline(pid),
                 }
                 for pid in targets

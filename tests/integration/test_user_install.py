@@ -87,4 +87,5 @@ def test_pip_install_builds_the_engine_and_run_records_with_ptrace(home: Path) -
     leaks = json.loads(report.stdout)["leaks"]
     opened = [leak for leak in leaks if leak["path"] == "/etc/hostname"]
     assert len(opened) == 1, leaks
-    assert opened[0]["site"]["file"] == "<string>" and opened[0]["site"]["line"] == 1, opened
+    site = opened[0]["site"]  # a python -c program: <string>#DIGEST of its captured text
+    assert site["file"].startswith("<string>") and site["line"] == 1, opened
