@@ -11,7 +11,10 @@ import hashlib
 import importlib
 import os
 import shutil
+import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 BINARY = "cmtrace-ptrace-engine"
@@ -67,11 +70,34 @@ def engine_binary() -> Path:
         return installed
     if not SOURCE.exists():
         raise EngineUnavailable(f"{installed} is missing: reinstall cmtrace")
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmtrace"
-    built = cache / f"{BINARY}-{_source_digest()}"
-    if not built.exists():
-        build(built)
-    return built
+    name = f"{BINARY}-{_source_digest()}"
+    for cache in _cache_dirs():
+        built = cache / name
+        if built.exists():
+            return built
+        try:
+            return build(built)
+        except OSError:
+            continue  # a HOME that does not exist or is not ours (nobody): the next place
+    raise EngineUnavailable(
+        "the ptrace engine must be built on first use and no cache directory is writable: "
+        "set XDG_CACHE_HOME to a directory of yours"
+    )
+
+
+def _cache_dirs() -> Iterator[Path]:
+    """Where a checkout's engine is built: the user's cache, else (made only when the first
+    fails) a private directory under the temporary directory, used only if it is ours and no
+    one else can write to it: a binary planted there would run as us."""
+    yield Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmtrace"
+    private = Path(tempfile.gettempdir()) / f"cmtrace-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        info = private.lstat()
+    except OSError:
+        return
+    if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022:
+        yield private
 
 
 def _older_than_sources(binary: Path) -> bool:
