@@ -180,7 +180,9 @@ install_cmtrace() {
     [ -z "$extras" ] || [ -z "$SERVICES_REQUIREMENTS" ] || services=(-r "$SERVICES_REQUIREMENTS")
     local stamp here
     stamp=$(pip_stamp "$extras")
-    here=$("$VENV/bin/python" -c 'import cmtrace, os; print(os.path.dirname(os.path.dirname(os.path.realpath(cmtrace.__file__))))' 2>/dev/null || true)
+    # -I: not the cwd's cmtrace/ (run from a checkout, `import cmtrace` finds that one, not the
+    # installed one, and a venv still pointing at another checkout looked up to date)
+    here=$("$VENV/bin/python" -I -c 'import cmtrace, os; print(os.path.dirname(os.path.dirname(os.path.realpath(cmtrace.__file__))))' 2>/dev/null || true)
     if [ "$here" = "$REPO" ] && [ "$(cat "$stamp_file" 2>/dev/null)" = "$stamp" ] &&
         [ -x "$VENV/bin/cmtrace" ]; then
         return
