@@ -22,6 +22,7 @@ from cmtrace.record.bpf.aggregate import AggregateSettings, Aggregator
 from cmtrace.record.bpf.calls import CallProbes
 from cmtrace.record.bpf.decode import decode, decode_calls
 from cmtrace.record.bpf.loader import BPF, ProbeLoadError
+from cmtrace.record.bpf.memory import release_compiler_memory
 from cmtrace.record.bpf.ring import RingReader
 from cmtrace.record.bpf.stacks import Symbolizer
 from cmtrace.record.bpf.targets import Interpreters, PythonTargets
@@ -94,6 +95,7 @@ class BpfBackend:
             self.call_probes = CallProbes(self.bpf)
         if self.aggregate:
             self.aggregator = Aggregator(self.bpf, self.aggregate, self.start_ns)
+        release_compiler_memory()  # the compile left ~100 MB of RSS behind (memory.py)
 
     def _set(self, index: int, value: int) -> None:
         self.bpf["settings"][ctypes.c_int(index)] = ctypes.c_uint32(value)
