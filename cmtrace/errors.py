@@ -8,6 +8,7 @@ EXIT_ENVIRONMENT = 2  # not root, no BPF, no bcc, no headers, tracefs...
 EXIT_LEAKS = 3  # --fail-on-leak and leaks were found
 EXIT_TARGET = 4  # no such pid, kernel thread, target vanished before attach
 EXIT_TRACE = 5  # trace directory missing, corrupt or unreadable
+EXIT_DISK_FULL = 6  # recording stopped because the disk filled up (the trace is kept)
 
 
 class CmtraceError(Exception):

@@ -129,6 +129,7 @@ def _add_recording_options(parser: argparse.ArgumentParser) -> None:
         "else ptrace; the attached line says which and why)",
     )  # fmt: skip
     _add_aggregate_options(parser)
+    _add_max_size_option(parser)
     parser.add_argument("--top", type=int, default=10, help="leak sites shown in the summary")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
@@ -148,6 +149,30 @@ def _add_aggregate_options(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     # tests: a tiny kernel live-fd map, to see what a full one does
     parser.add_argument("--aggregate-live-max", type=int, default=65536, help=argparse.SUPPRESS)
+
+
+# ---- --max-size -------------------------------------------------------------------------------
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'500M', '2G', '1.5G', '800K', '1048576' (bytes; K/M/G/T are powers of 1024)."""
+    number, unit = text.strip().upper().removesuffix("B"), ""
+    if number[-1:] in SIZE_UNITS:
+        number, unit = number[:-1], number[-1]
+    try:
+        size = float(number) * SIZE_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a size such as 500M or 2G") from None
+    return int(size)
+
+
+def _add_max_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-size", type=parse_size, metavar="SIZE",
+        help="stop recording before the trace takes more than SIZE on disk (500M, 2G: powers "
+        "of 1024); the trace is complete and meta.json says why it stopped",
+    )  # fmt: skip
 
 
 def record_options(args: argparse.Namespace) -> RecordOptions:
@@ -175,6 +200,7 @@ def record_options(args: argparse.Namespace) -> RecordOptions:
         aggregate=args.aggregate,
         min_age=args.min_age,
         aggregate_live_max=args.aggregate_live_max,
+        max_size=args.max_size,
     )
 
 
@@ -203,6 +229,8 @@ def attach(
     summary.validate()
     done = session.attach(options, watching)
     leaks = _summarise(done, summary, sys.stdout)
+    if done.stopped_early is not None:  # a full disk: the trace is kept, the exit says so
+        return done.stopped_early.exit_code
     return EXIT_LEAKS if summary.fail_on_leak and leaks else 0
 
 
@@ -218,6 +246,8 @@ def run(
     if done.failure is not None:
         return done.failure.exit_code
     leaks = _summarise(done, summary, sys.stderr)
+    if done.stopped_early is not None:  # a full disk: the trace is kept, the exit says so
+        return done.stopped_early.exit_code
     if summary.fail_on_leak and leaks and done.exit_code == 0:
         return EXIT_LEAKS
     return done.exit_code

@@ -9,6 +9,7 @@ from pathlib import Path
 from cmtrace.errors import UsageError
 from cmtrace.record.joining import compile_pattern
 
+MIN_MAX_SIZE = 1 << 20  # --max-size: a trace's first parts and meta.json take ~100 KB
 PAGE_SIZE = 4096  # the ring buffer is sized in pages (RINGBUF_PAGES in probes/fdtrace.bpf.c)
 
 
@@ -31,6 +32,7 @@ class RecordOptions:
     aggregate: bool = False
     min_age: float = 10.0  # seconds
     aggregate_live_max: int = 65536  # live fds the kernel map holds (hidden flag: tests)
+    max_size: int | None = None  # --max-size: bytes the trace may take on disk (None: no bound)
     # several targets (cmtrace.record.joining): more pids, and processes that join
     pids: tuple[int, ...] = ()  # -p PID[,PID...] beyond `pid`
     pgrep: str | None = None  # every process whose command line matches (pgrep -f)
@@ -47,6 +49,8 @@ class RecordOptions:
             raise UsageError("--calls needs the BPF backend's USDT probes: drop --backend ptrace")
         self._validate_aggregate()
         self._validate_targets()
+        if self.max_size is not None and self.max_size < MIN_MAX_SIZE:
+            raise UsageError(f"--max-size must be at least {MIN_MAX_SIZE >> 20}M")
         self.ring_pages()
 
     @property

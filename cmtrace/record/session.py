@@ -38,7 +38,7 @@ from cmtrace.record.observe import Flushed, Observer
 from cmtrace.record.options import RecordOptions
 from cmtrace.trace import schema
 from cmtrace.trace.sources import SourceCollector
-from cmtrace.trace.writer import DiskFull, TraceWriter, prepare_output_dir
+from cmtrace.trace.writer import RESERVE_BYTES, DiskFull, TraceWriter, prepare_output_dir
 
 DRAIN_INTERVAL = 0.02  # seconds between drains of the backend (the kernel's ring buffer)
 FLUSH_INTERVAL = 0.5  # seconds: a killed tracer loses at most this much (1 s is the promise)
@@ -127,6 +127,8 @@ class Recording:
         self.root_pids: set[int] = set()
         self.events_written = 0
         self.failure: CmtraceError | None = None  # what stopped the recording, if it failed
+        self.disk_full: DiskFull | None = None  # the disk filled up: stopped, trace completed
+        self.stopped_early = ""  # --max-size or a full disk stopped recording: the line saying so
         self.held_pid = 0  # `run`: the backend stops this pid after each exec until resumed
         self.ns_pids: dict[int, int] = {}  # processes whose pid namespace is not ours
         self.sources = SourceCollector()
@@ -171,7 +173,12 @@ class Recording:
             **self._backend_meta(),
             **extra_meta,
         }
-        self.writer = TraceWriter(path, meta, owner=spawn.requesting_user())
+        if self.options.max_size is not None:
+            meta["max_size"] = self.options.max_size
+        self.writer = TraceWriter(
+            path, meta, owner=spawn.requesting_user(), max_bytes=self.options.max_size,
+            reserve=RESERVE_BYTES,
+        )  # fmt: skip
 
     def _backend_meta(self) -> dict[str, Any]:
         """Facts a backend adds to meta.json (--aggregate's settings and counts)."""
@@ -261,14 +268,34 @@ class Recording:
                 try:
                     self.flush()
                 except DiskFull as exc:
-                    self.failure = exc
-                    self.request_stop("disk full")
+                    self._stop_for_disk_full(exc)
                     return
                 last_flush = now
+                if self._writer().near_limit():
+                    self._stop_for_max_size()
+                    return
             if deadline is not None and now >= deadline:
                 self.request_stop("duration reached")
             elif not still_running():
                 self.request_stop("target exited")
+
+    # -- stopping early: --max-size, a full disk (the trace is completed either way)
+    def _stop_for_max_size(self) -> None:
+        size = _megabytes(self._writer().written_bytes)
+        self.request_stop(f"--max-size {_size_flag(self.options.max_size or 0)} reached")
+        self.stopped_early = (
+            f"{self.stop_reason}: recording stopped, the trace is complete ({size})"
+        )
+
+    def _stop_for_disk_full(self, exc: DiskFull) -> None:
+        self.disk_full = exc
+        self.request_stop("disk full")
+        self.stopped_early = str(exc)
+
+    def say_why_stopped_early(self) -> None:
+        """The one line saying --max-size or a full disk ended recording (even with -q)."""
+        if self.stopped_early:
+            print(f"cmtrace: {self.stopped_early}", file=sys.stderr, flush=True)
 
     def _drain_continuously(self) -> None:
         while self._draining.is_set():
@@ -308,6 +335,7 @@ class Recording:
 
     def flush(self, final: bool = False) -> None:
         writer = self._writer()
+        writer.start_flush()
         lost = self.backend.lost_events()
         frames = None
         with self._lock:  # take what the drain thread gathered; write without holding it
@@ -328,6 +356,7 @@ class Recording:
         self._write_counters(writer)
         if lost != writer.meta.get("lost_events"):
             writer.write_meta(lost_events=lost)
+        writer.end_flush()
         self._tell_observers(Flushed(events, frames or [], lost, final))
 
     def _write_counters(self, writer: TraceWriter) -> None:
@@ -363,6 +392,16 @@ class Recording:
         if self.failure is not None:
             self.abandon()
             raise self.failure
+        try:
+            self._finish(interrupted)
+        except DiskFull as exc:  # even the reserve was not enough: keep what is written
+            self.failure = exc
+            self.abandon()
+            raise
+
+    def _finish(self, interrupted: str | None) -> None:
+        if self.disk_full is not None:
+            self._writer().release_reserve()  # room for the end of the trace
         self.backend.stop()
         time.sleep(DRAIN_INTERVAL)  # let records reserved before the stop be committed
         self._drain()
@@ -466,6 +505,18 @@ class Recording:
             print(f"cmtrace: {text}", file=sys.stderr, flush=True)
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _size_flag(size: int) -> str:
+    """A size as --max-size takes it: 500M, 2G (bytes when it is no whole number of those)."""
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 @dataclass
 class Finished:
     """A recording that stopped: its trace is written (unless `failure`), its backend still
@@ -475,6 +526,8 @@ class Finished:
     path: Path
     exit_code: int = 0  # run: the command's exit status as a shell reports it
     failure: CmtraceError | None = None  # run: recording failed; the command ran on untraced
+    # the trace is complete but recording stopped early for this (disk full: exit code 6)
+    stopped_early: CmtraceError | None = None
 
 
 # ---- stop signals -----------------------------------------------------------------------------
@@ -543,9 +596,10 @@ def attach(options: RecordOptions, observers: list[Observer] | None = None) -> F
         rec.loop(watch.poll, deadline)
     finally:
         rec.close_observers()
+    rec.say_why_stopped_early()
     rec.progress(f"stopping: {rec.stop_reason}")
     rec.finish()
-    return Finished(rec, output)
+    return Finished(rec, output, stopped_early=rec.disk_full)
 
 
 def _checked_tgid(pid: int) -> int:
@@ -603,6 +657,14 @@ def run(options: RecordOptions, observers: list[Observer] | None = None) -> Fini
         while started.running():
             time.sleep(0.2)
         return Finished(rec, output, failure=rec.failure)
+    rec.say_why_stopped_early()
+    if rec.stopped_early:  # --max-size or a full disk: the trace ends, the command runs on
+        rec.finish()
+        if started.running():
+            rec.progress(f"{os.path.basename(command[0])} runs on untraced; waiting for it")
+        while started.running():
+            time.sleep(0.2)
+        return Finished(rec, output, started.exit_code(), stopped_early=rec.disk_full)
     try:
         exit_code = started.exit_code()  # ptrace: the engine reaped it and says how it ended
     except CmtraceError as exc:  # the recorder died (ptrace: its command with it)

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cmtrace import __version__
-from cmtrace.errors import TraceError, UsageError
+from cmtrace.errors import EXIT_DISK_FULL, TraceError, UsageError
 from cmtrace.trace import schema
 
 TABLES = {
@@ -39,8 +39,14 @@ TABLES = {
 }
 
 
+RESERVE_NAME = ".cmtrace-reserve"  # a dot-file: readers skip it
+RESERVE_BYTES = 2 << 20  # room kept for the end of a trace cut short by a full disk
+
+
 class DiskFull(TraceError):
     """Writing a part failed for lack of space: recording stops, what is written stays readable."""
+
+    exit_code = EXIT_DISK_FULL
 
 
 def is_trace_dir(path: Path) -> bool:
@@ -78,16 +84,34 @@ def _remove_trace(path: Path) -> None:
     for sub in list(TABLES) + []:
         for part in (path / sub).glob("*.parquet") if (path / sub).is_dir() else []:
             part.unlink()
-    for name in ("meta.json", "preexisting.parquet", "snapshot.json"):
+    for name in ("meta.json", "preexisting.parquet", "snapshot.json", RESERVE_NAME):
         (path / name).unlink(missing_ok=True)
 
 
 class TraceWriter:
-    """Appends parts to a trace directory and keeps its meta.json current."""
+    """Appends parts to a trace directory and keeps its meta.json current.
 
-    def __init__(self, path: Path, meta: dict, owner: tuple[int, int] | None = None):
+    Sizes: `written_bytes` is what the trace holds on disk (every part, meta.json and the rest,
+    as last written). A recording bounded by --max-size stops once `near_limit()`; one cut
+    short by a full disk (DiskFull) calls `release_reserve()`, which frees the `reserve` bytes
+    set aside at the start (a file of zeros), rewrites the part that failed, and leaves room
+    for the end of the trace (the last flush, stacks, sources, meta.json)."""
+
+    def __init__(
+        self,
+        path: Path,
+        meta: dict,
+        owner: tuple[int, int] | None = None,
+        max_bytes: int | None = None,
+        reserve: int = 0,
+    ):
         self.path = Path(path)
         self.owner = owner
+        self.max_bytes = max_bytes
+        self._sizes: dict[Path, int] = {}  # file -> its size as written
+        self._largest_flush = 0  # bytes written by the largest flush (see near_limit)
+        self._flush_start = 0
+        self._failed: tuple[Path, Callable[[BinaryIO], object]] | None = None
         self._seq = {name: 0 for name in TABLES}
         self.meta = {
             "schema": schema.SCHEMA_VERSION,
@@ -103,6 +127,7 @@ class TraceWriter:
             **meta,
         }
         self._own(self.path)
+        self._reserve = self._make_reserve(reserve) if reserve else None
         for name in TABLES:
             self._mkdir(self.path / name)
         self.write_meta()
@@ -126,14 +151,58 @@ class TraceWriter:
                 fh.flush()
             self._own(tmp)
             os.replace(tmp, final)
+            self._sizes[final] = final.stat().st_size
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._failed = (final, write)
                 raise DiskFull(
                     f"the disk holding {self.path} is full: recording stopped; the trace "
                     "written so far is kept - free space or record to another -o DIR"
                 ) from exc
             raise TraceError(f"cannot write {final}: {exc.strerror}") from exc
+
+    # -- sizes: --max-size, a full disk
+    @property
+    def written_bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def start_flush(self) -> None:
+        self._flush_start = self.written_bytes
+
+    def end_flush(self) -> None:
+        self._largest_flush = max(self._largest_flush, self.written_bytes - self._flush_start)
+
+    def near_limit(self) -> bool:
+        """True once two more flushes as large as the largest so far could cross max_bytes
+        (one for the flush in progress when recording stops, one for the end of the trace)."""
+        if self.max_bytes is None:
+            return False
+        return self.written_bytes + 2 * self._largest_flush >= self.max_bytes
+
+    def _make_reserve(self, size: int) -> Path | None:
+        """`size` bytes set aside for the end of the trace (None: not even that much room)."""
+        path = self.path / RESERVE_NAME
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+            return None
+        return path
+
+    def release_reserve(self) -> None:
+        """After a DiskFull: free the reserve and write the part that failed again (a second
+        DiskFull means even that did not fit: the trace ends interrupted)."""
+        if self._reserve is not None:
+            self._reserve.unlink(missing_ok=True)
+            self._reserve = None
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            self._atomic_write(*failed)
 
     def write_part(self, name: str, table: pa.Table) -> None:
         seq = self._seq[name]
@@ -159,4 +228,7 @@ class TraceWriter:
         self.write_json("meta.json", self.meta)
 
     def finish(self, status: str = schema.STATUS_COMPLETE, **updates: Any) -> None:
+        if self._reserve is not None:  # unused: the trace ends without it
+            self._reserve.unlink(missing_ok=True)
+            self._reserve = None
         self.write_meta(status=status, end_wall=time.time(), **updates)
