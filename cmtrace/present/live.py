@@ -176,6 +176,17 @@ class Watch:
             self._sites_tallied = now
             self.sites = self._site_rows(now)
 
+    def feed_counters(self, counters: pa.Table | None) -> None:
+        """--aggregate: the kernel's counter rows of a flush (fds counted, never shipped), so
+        a site's OPENED and CLOSED are the report's; their LIVE is 0 (each closed already)."""
+        if counters is None or not len(counters):
+            return
+        if self.model is None:
+            self.model = FdModel(self._preexisting_frame(), keep_lifetimes=False)
+        self.model.feed_counters(
+            counters.select(["pid", "stack_id", "opened", "closed"]).to_pandas()
+        )
+
     def _preexisting_frame(self) -> pd.DataFrame | None:
         if not self._preexisting:
             return None
@@ -456,6 +467,7 @@ class StatusLine(BaseObserver):
 
     def flushed(self, recording: Recording, flushed: Flushed) -> None:
         self.watch.watch_targets(sorted(recording.root_pids))
+        self.watch.feed_counters(flushed.counters)
         self.watch.feed(flushed.events, flushed.frames, flushed.lost_events)
         now = time.monotonic()
         if now - self._printed >= self.interval and not flushed.final:
@@ -522,6 +534,7 @@ class LiveView(BaseObserver):
         self.watch.add_preexisting(rows)
 
     def flushed(self, recording: Recording, flushed: Flushed) -> None:
+        self.watch.feed_counters(flushed.counters)
         self.show(flushed.events, flushed.frames, flushed.lost_events, recording.root_pids)
 
     def closed(self, recording: Recording) -> None:
@@ -686,13 +699,17 @@ def _keys_of(data: str) -> list[str]:
 # ---- cmtrace top TRACE: a recording directory followed as it grows -----------------------------
 
 
+_NO_COUNTERS = schema.COUNTERS.empty_table()
+
+
 class TraceFollower:
     """A trace directory read as the recorder writes it: parts appear whole (written under a
     dot-name, then renamed), so each poll reads the parts not read yet."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._read: dict[str, set[str]] = {"events": set(), "stacks": set()}
+        self._read: dict[str, set[str]] = {"events": set(), "stacks": set(), "counters": set()}
+        self.counters: pa.Table = _NO_COUNTERS  # --aggregate: the counter rows of the last poll
 
     def meta(self) -> dict[str, Any]:
         try:
@@ -712,6 +729,7 @@ class TraceFollower:
         """The events of the new parts (time order) and the stack frames of the new parts."""
         events = self._new_parts("events")
         frames = [row for table in self._new_parts("stacks") for row in table.to_pylist()]
+        self.counters = pa.concat_tables(self._new_parts("counters") or [_NO_COUNTERS])
         if not events:
             return None, frames
         table = pa.concat_tables(events).sort_by([("t_ns", "ascending")])
@@ -737,6 +755,7 @@ def follow(path: Path, interval: float = 0.5) -> int:
     view.watch.add_preexisting(follower.preexisting())
     if not sys.stderr.isatty():
         events, frames = follower.poll()
+        view.watch.feed_counters(follower.counters)
         view.watch.feed(events, frames, int(meta.get("lost_events") or 0))
         _clock_from(view.watch, follower.meta() or meta)
         print(status_line(view.watch), file=sys.stderr)
@@ -746,6 +765,7 @@ def follow(path: Path, interval: float = 0.5) -> int:
     try:
         while not quit_requested.is_set():
             events, frames = follower.poll()
+            view.watch.feed_counters(follower.counters)
             meta = follower.meta() or meta
             view.show(events, frames, int(meta.get("lost_events") or 0), _meta_pids(meta))
             if _clock_from(view.watch, meta) and not view.state.message:

@@ -29,12 +29,13 @@ if TYPE_CHECKING:
 class Flushed:
     """One flush: the events just written (time order; None when none came), the stack frames
     completed since the previous flush, the recorder's lost-event count so far, and whether
-    this is the last flush of the trace."""
+    this is the last flush of the trace; with --aggregate, the kernel's counter rows written."""
 
     events: pa.Table | None
     frames: list[dict[str, Any]]
     lost_events: int
     final: bool
+    counters: pa.Table | None = None  # --aggregate: the counter rows just written (COUNTERS)
 
 
 class Observer(Protocol):

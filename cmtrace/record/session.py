@@ -353,18 +353,20 @@ class Recording:
             writer.write_part("calls", table)
         if frames is not None:
             writer.write_rows("stacks", frames)
-        self._write_counters(writer)
+        counters = self._write_counters(writer)
         if lost != writer.meta.get("lost_events"):
             writer.write_meta(lost_events=lost)
         writer.end_flush()
-        self._tell_observers(Flushed(events, frames or [], lost, final))
+        self._tell_observers(Flushed(events, frames or [], lost, final, counters))
 
-    def _write_counters(self, writer: TraceWriter) -> None:
+    def _write_counters(self, writer: TraceWriter) -> pa.Table | None:
         """--aggregate: the kernel's counters read since the last flush (schema.COUNTERS)."""
         take = getattr(self.backend, "take_counters", None)
         table = take() if take is not None else None
-        if table is not None and len(table):
-            writer.write_part("counters", table)
+        if table is None or not len(table):
+            return None
+        writer.write_part("counters", table)
+        return table
 
     def _tell_observers(self, flushed: Flushed) -> None:
         """Hand what was just written to each observer; one that fails is dropped with a

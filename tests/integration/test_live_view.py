@@ -124,12 +124,22 @@ def report(trace: Path) -> dict:
     return parsed
 
 
-@pytest.mark.parametrize("backend", ["bpf", "ptrace"])
+# How the view's recording is made: each backend, and --aggregate (its sweep ships the leaked
+# fds each second with --min-age 0; the churn's counts come from the kernel's counters)
+RECORDINGS = {
+    "bpf": ("--backend", "bpf"),
+    "ptrace": ("--backend", "ptrace"),
+    "aggregate": ("--backend", "bpf", "--aggregate", "--min-age", "0"),
+}
+
+
+@pytest.mark.parametrize("recording", list(RECORDINGS))
 def test_live_view_shows_the_leak_growing_and_q_finishes_the_trace(
-    backend: str, leaker: subprocess.Popen[str], tmp_path: Path
+    recording: str, leaker: subprocess.Popen[str], tmp_path: Path
 ) -> None:
     trace = tmp_path / "trace"
-    pane = in_pane(tmp_path, ["-p", str(leaker.pid), "--backend", backend, "-o", str(trace)])
+    flags = RECORDINGS[recording]
+    pane = in_pane(tmp_path, ["-p", str(leaker.pid), *flags, "-o", str(trace)])
     try:
         pane.wait_for(rf"live_leaker\.py:{LEAK_LINE} leak", ATTACH_TIMEOUT)
         assert pane.flag("alternate_on") == "1"  # a full screen, not lines scrolling
@@ -236,13 +246,14 @@ def top_argv0() -> list[str]:
     return [CMTRACE_PYTHON, "-m", "cmtrace", "top"]
 
 
+@pytest.mark.parametrize("recording", ["bpf", "aggregate"])
 def test_top_follows_a_recording_directory_until_q(
-    leaker: subprocess.Popen[str], tmp_path: Path
+    recording: str, leaker: subprocess.Popen[str], tmp_path: Path
 ) -> None:
     """A second terminal watches a recording made without a view: the leak grows there as
     its parts appear; the end of the recording is said; q quits, the terminal restored."""
     trace = tmp_path / "trace"
-    tracer = Tracer(["-p", str(leaker.pid), "--backend", "bpf", "--no-live", "-q", "-o",
+    tracer = Tracer(["-p", str(leaker.pid), *RECORDINGS[recording], "--no-live", "-q", "-o",
                      str(trace)])  # fmt: skip
     pane = None
     try:
