@@ -14,7 +14,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cmtrace.analysis.aggregate import aggregate_meta, counted_per_group, limits, read_counters
+from cmtrace.analysis.aggregate import (
+    aggregate_meta,
+    counted_per_group,
+    counted_timeline,
+    label_of_stacks,
+    limits,
+    read_counters,
+)
 from cmtrace.analysis.apis import api_per_stack, explain
 from cmtrace.analysis.calls import CallLog
 from cmtrace.analysis.causes import (
@@ -592,7 +599,9 @@ class Trace:
     def timeline(
         self, by: str = "site", freq: str = "100ms", leaks_only: bool = False
     ) -> pd.DataFrame:
-        """Live fd counts over time, one column per site (or kind/pid/path), one row per bin."""
+        """Live fd counts over time, one column per site (or kind/pid/path), one row per bin.
+        Aggregated, the counted fds are added from the counter rows (once a second): their
+        expected share of each bin (cmtrace.analysis.aggregate.counted_timeline)."""
         keep = ~(self.fds["preexisting"] | self.fds["inherited"])
         if leaks_only:
             keep &= self.fds["leak"]
@@ -612,6 +621,11 @@ class Trace:
         )
         delta = delta.reshape(bins + 1, ncols)
         live = np.cumsum(delta, axis=0)[:bins]
+        if self.aggregate is not None and not leaks_only:  # the counted fds (never leaks)
+            stacks = self.fds.loc[keep, "open_stack"].to_numpy()
+            counted = counted_timeline(self.counters, label_of_stacks(stacks, codes), step, bins,
+                                       ncols)  # fmt: skip
+            live = live + np.rint(counted).astype(np.int64)
         index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
         return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
 

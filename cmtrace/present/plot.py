@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cmtrace.analysis import Trace
+from cmtrace.analysis.aggregate import HIST_EDGES_NS, lifetime_hist_per_stack, log2_buckets
 from cmtrace.analysis.limits import headroom_text, process_limits
 
 if TYPE_CHECKING:
@@ -129,6 +130,10 @@ def _lifetime_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
     ax.set_ylabel("fds")
     died = fds["died_ns"].to_numpy(dtype=np.float64, na_value=np.nan)[rows]
     durations = (died - fds["born_ns"].to_numpy()[rows]) / 1e6
+    if trace.aggregate is not None:  # most lifetimes are the kernel's log2 histogram
+        stacks = fds["open_stack"].to_numpy()[rows]
+        _counted_lifetimes(ax, trace, labels, durations * 1e6, site, number_of, stacks)
+        return
     drawn = False
     low = max(float(durations.min()) if len(durations) else 1e-3, 1e-3)
     high = max(float(durations.max()) if len(durations) else 1.0, low * 10)
@@ -142,6 +147,39 @@ def _lifetime_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
         ax.text(0.5, 0.5, "no fd of these sites was closed", ha="center", transform=ax.transAxes)
         return
     ax.set_xscale("log")
+    ax.legend(fontsize=8, title="site (file:line)", title_fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _counted_lifetimes(
+    ax: Axes,
+    trace: Trace,
+    labels: list[str],
+    lifetimes_ns: np.ndarray,
+    site: np.ndarray,
+    number_of: dict[str, int],
+    stacks: np.ndarray,
+) -> None:
+    """--aggregate: per site, the recorded fds' lifetimes and the counted ones' (the kernel's
+    log2 buckets, schema.COUNTERS lifetime_hist) in one histogram of those buckets."""
+    ax.set_title("Lifetime of closed fds per site (recorded + counted, log2 buckets)")
+    counted = lifetime_hist_per_stack(trace.counters)
+    edges_ms = HIST_EDGES_NS / 1e6
+    drawn: np.ndarray = np.zeros(len(edges_ms) - 1, bool)
+    for label in labels:
+        mine = site == number_of.get(label, -2)
+        counts = log2_buckets(lifetimes_ns[mine])
+        for stack in np.unique(stacks[mine]):
+            counts = counts + counted.get(int(stack), 0)
+        if counts.any():
+            ax.stairs(counts, edges_ms, linewidth=1.6, label=_short(label))
+            drawn |= counts > 0
+    if not drawn.any():
+        ax.text(0.5, 0.5, "no fd of these sites was closed", ha="center", transform=ax.transAxes)
+        return
+    used = np.flatnonzero(drawn)
+    ax.set_xscale("log")
+    ax.set_xlim(edges_ms[used[0]], edges_ms[used[-1] + 1])
     ax.legend(fontsize=8, title="site (file:line)", title_fontsize=8)
     ax.grid(alpha=0.3)
 

@@ -109,6 +109,33 @@ def test_counts_per_line_equal_the_program_s(workdir: Path) -> None:
     assert trace_api.aggregate_limits()
 
 
+def test_timeline_plot_and_diff_count_the_counted_fds(workdir: Path) -> None:
+    """The timeline adds the counter rows (each fd in the bin of its second), the plot's
+    lifetime histogram adds the kernel's buckets: both hold every fd the program opened at a
+    line, not only the recorded ones; diff reads two aggregated traces."""
+    from cmtrace.present.plot import make_figure
+
+    trace, stderr = record(workdir, COUNTING, "3")
+    truth = json.loads(next(line for line in stderr.splitlines() if line.startswith("{")))
+    t = cma.load(trace)
+    program = workdir / "prog.py"
+    with_site = f"{program}:{line_of(COUNTING, 'WITH')}"
+    per_second = t.timeline(freq="1s")[with_site]
+    # fds of microseconds touch one bin each: the sum is what the line opened (bins rounded)
+    assert abs(int(per_second.sum()) - truth["with"]) <= 0.01 * truth["with"] + len(per_second)
+    assert len(t.fds[t.fds["site_line"] == line_of(COUNTING, "WITH")]) < truth["with"] // 2
+    lifetimes = make_figure(t).axes[1]
+    drawn = {p.get_label(): p.get_data().values for p in lifetimes.patches if p.get_label()}
+    with_bars = next(
+        v for label, v in drawn.items() if label.endswith(f":{line_of(COUNTING, 'WITH')}")
+    )
+    assert int(with_bars.sum()) == truth["with"]  # recorded + counted, every closed fd once
+    done = run_cmtrace("diff", str(trace), str(trace), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    (leak,) = json.loads(done.stdout)["sites"]
+    assert (leak["line"], leak["before"], leak["after"]) == (line_of(COUNTING, "LEAK"), 3, 3)
+
+
 def test_min_age_boundary(workdir: Path) -> None:
     """With --min-age 1, an fd that lived 0.5 s is counted (in its lifetime bucket), one that
     lived 2 s is recorded in full."""

@@ -144,11 +144,16 @@ def test_emfile_a_count_and_a_percent_each_dump_once_and_recording_goes_on(workd
     assert leaks_at_the_line(final) == emfile["held"]
 
 
+# --aggregate ships a live fd once it is --min-age old (0: at the sweep, once a second)
+AGGREGATE = ("--aggregate", "--min-age", "0")
+
+
 @pytest.mark.usefixtures("bpf_ready")
-def test_sigusr1_dumps_at_once_and_stop_after_dump_detaches(workdir: Path) -> None:
+@pytest.mark.parametrize("flags", [(), AGGREGATE], ids=["full", "aggregate"])
+def test_sigusr1_dumps_at_once_and_stop_after_dump_detaches(workdir: Path, flags) -> None:
     target, ready = start_target(workdir, "--pause-at", "40", "--wait")
     trace = workdir / "trace"
-    tracer = attach(target, trace, "--backend", "bpf", "--stop-after-dump")
+    tracer = attach(target, trace, "--backend", "bpf", "--stop-after-dump", *flags)
     try:
         target.send("go")
         paused = steps_until(target, "paused")[-1]
