@@ -116,6 +116,8 @@ def report_dict(
         "short_lived": _short_lived(trace, leaks[short], short_lived),
         # each target's RLIMIT_NOFILE (and changes) and its peak of open fds against it
         "processes": process_limits(trace.fds, trace.meta),
+        # --aggregate: what the trace cannot answer, said (absent from full-history reports)
+        **({"aggregate_limits": trace.aggregate_limits()} if trace.aggregate else {}),
     }
 
 

@@ -107,6 +107,7 @@ def test_counts_per_line_equal_the_program_s(workdir: Path) -> None:
     assert len(trace_api.fds) < truth["with"]
     assert read_meta(trace)["aggregate"]["min_age_s"] == 10.0
     assert trace_api.aggregate_limits()
+    assert report["aggregate_limits"] == trace_api.aggregate_limits()  # said in JSON too
 
 
 def test_timeline_plot_and_diff_count_the_counted_fds(workdir: Path) -> None:
