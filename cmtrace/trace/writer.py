@@ -108,7 +108,8 @@ class TraceWriter:
         self.path = Path(path)
         self.owner = owner
         self.max_bytes = max_bytes
-        self._sizes: dict[Path, int] = {}  # file -> its size as written
+        self._parts_bytes = 0  # every part written (parts are never rewritten)
+        self._files: dict[str, int] = {}  # meta.json and the other files replaced as they change
         self._largest_flush = 0  # bytes written by the largest flush (see near_limit)
         self._flush_start = 0
         self._failed: tuple[Path, Callable[[BinaryIO], object]] | None = None
@@ -151,7 +152,7 @@ class TraceWriter:
                 fh.flush()
             self._own(tmp)
             os.replace(tmp, final)
-            self._sizes[final] = final.stat().st_size
+            self._count(final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -163,9 +164,18 @@ class TraceWriter:
             raise TraceError(f"cannot write {final}: {exc.strerror}") from exc
 
     # -- sizes: --max-size, a full disk
+    def _count(self, final: Path) -> None:
+        """Add a written file to written_bytes (memory: one number for the parts, however
+        many a recording of hours writes)."""
+        size = final.stat().st_size
+        if final.parent == self.path:
+            self._files[final.name] = size
+        else:
+            self._parts_bytes += size
+
     @property
     def written_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._parts_bytes + sum(self._files.values())
 
     def start_flush(self) -> None:
         self._flush_start = self.written_bytes

@@ -141,3 +141,29 @@ def test_output_dir_rules(tmp_path: Path) -> None:
         prepare_output_dir(trace)
     prepare_output_dir(trace, force=True)
     assert not (trace / "meta.json").exists() and (busy / "notes.txt").exists()
+
+
+def test_written_bytes_is_what_the_trace_takes_and_the_reserve_goes_at_the_end(
+    tmp_path: Path,
+) -> None:
+    from cmtrace.trace.writer import RESERVE_NAME
+
+    path = tmp_path / "trace"
+    prepare_output_dir(path)
+    writer = TraceWriter(path, {"mode": "run"}, max_bytes=1 << 20, reserve=64 << 10)
+    assert (path / RESERVE_NAME).stat().st_size == 64 << 10
+    for n in range(3):
+        writer.start_flush()
+        writer.write_part("events", events_table([birth(10 + n, 3), close(20 + n, 3)]))
+        writer.write_meta(lost_events=n)
+        writer.end_flush()
+    on_disk = sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != RESERVE_NAME
+    )
+    assert writer.written_bytes == on_disk
+    assert not writer.near_limit()  # a few KB of a MiB
+    writer.max_bytes = on_disk + 1
+    assert writer.near_limit()
+    writer.finish()
+    assert not (path / RESERVE_NAME).exists()
+    assert len(load(path).fds) == 3
