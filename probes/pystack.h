@@ -23,7 +23,7 @@
 // distinct caller state re-explores the whole walker. PY_MAX_* below trade depth for that.
 //
 // Thread -> thread state, correct while the GIL is released (the GIL holder / current-tstate
-// pointers are NULL or another thread's then): cache tid -> tstate, validated on every hit;
+// pointers are NULL or another thread's then): cache the tstate in the task's local storage, validated on every hit;
 // on a miss walk interpreters -> threads and match native_thread_id against the tid in the
 // target's pid namespace (3.11+), or thread_id (pthread_self) against the task's fsbase
 // (<= 3.10; offset from BTF). Candidates without frames are skipped: a thread state created
@@ -60,7 +60,11 @@ struct py_code_key {
 
 BPF_HASH(py_targets, u32, struct py_config, 4096);                       // tgid -> layout
 BPF_ARRAY(py_kconfig, u64, 1);                                            // [0] task fsbase offset
+#ifdef CMTRACE_TASK_STORAGE  // (fdtrace.bpf.c: 5.12+)
+BPF_TASK_STORAGE(py_tstates, u64);   // the thread's PyThreadState* (0: not known), with the task
+#else
 BPF_TABLE("lru_hash", u32, u64, py_tstates, 16384);                       // tid -> PyThreadState*
+#endif
 BPF_TABLE("lru_hash", u64, u32, py_stacks, 65536);                        // interned stack ids
 BPF_TABLE("lru_hash", struct py_code_key, u32, py_codes, 65536);          // code objects sent
 BPF_PERCPU_ARRAY(py_scratch_map, struct py_scratch, 1);
@@ -92,13 +96,22 @@ static __always_inline void py_find_thread(struct py_config *cfg, struct py_scra
     s->top = 0;
     if (py_thread_key(cfg, &key))
         return;
-    u64 *cached = py_tstates.lookup(&tid);
-    if (cached) {
+    // task-local storage, not a hash by tid: one pointer dereference instead of a hash lookup
+#ifdef CMTRACE_TASK_STORAGE
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    u64 *cached = py_tstates.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+#else
+    u64 unknown = 0;
+    u64 *cached = py_tstates.lookup_or_try_init(&tid, &unknown);
+#endif
+    if (!cached)
+        return;
+    if (*cached) {
         if (!bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)*cached))
             py_match(cfg, s, key);
         if (s->top)
             return;
-        py_tstates.delete(&tid);
+        *cached = 0;
     }
     u64 interp = 0;
     bpf_probe_read_user(&interp, sizeof(interp), (void *)cfg->interp_head_addr);
@@ -111,7 +124,7 @@ static __always_inline void py_find_thread(struct py_config *cfg, struct py_scra
             return;
         py_match(cfg, s, key);
         if (s->top) {
-            py_tstates.update(&tid, &tstate);
+            *cached = tstate;
             return;
         }
         tstate = py_u64(s->tstate, cfg->ts_next & 0x1ff);
@@ -269,7 +282,9 @@ static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *st
 }
 
 static __always_inline void python_forget_thread(u32 tid) {
-    py_tstates.delete(&tid);
+#ifndef CMTRACE_TASK_STORAGE
+    py_tstates.delete(&tid);   // (task-local storage dies with its task)
+#endif
 }
 
 // Right after capture_python_stack: is this thread raising an exception? (1 yes, 0 no, -1 not
