@@ -16,6 +16,19 @@
 //   A stack seen before (same frames, same process) costs one hash lookup; a new one emits
 //   code records (once per code object per process) and a stack record before the fd event.
 //   Stack ids hash (tgid, install generation, and per frame: code, instruction, f_globals).
+//   Measured (--aggregate, open/close of /dev/null, 2026-12-03): of ~960 BPF ns an iteration at
+//   3 frames ~750 are the syscall programs and maps without any walk, ~70 the finalizing flag,
+//   ~190 the thread state; the frames themselves ~6 ns each per walk (two walks an iteration).
+//
+// Why no "reuse the thread's last stack id when its top frames are unchanged": it cannot be
+// validated without reading every frame. A stack id depends on every frame's (code, instr,
+// globals); frames below the top K can change while the top K look the same at the same
+// addresses: f() and h() with equal frame sizes both calling g() -> open() put g's frame at the
+// same data-stack address with the same code and instruction; so do two call sites of one
+// recursive function at equal depth. CPython keeps no per-push counter (nothing in a frame or
+// the thread state changes when a frame is popped and an equal one pushed at its address), and
+// the thread-state depth fields (recursion_remaining, datastack_top) only see depth. Checking
+// all frames is the walk itself (the hash is as cheap as a comparison), so none is kept.
 //
 // Verifier budget: the kernel explores ~94k instructions per inlined copy (loops are bounded,
 // not unrolled; loop state lives in the per-CPU scratch, not in registers, so paths merge).
