@@ -99,7 +99,12 @@ RECORDERS = {r.name: r for r in (Recorder("bpf", "bpf"), Recorder("ptrace", "ptr
                                  Recorder("bpf-aggregate", "bpf", flags=("--aggregate",)))}  # fmt: skip
 # --aggregate must find the same leaks as full history: the modules that check leaks run it
 # (it records short-lived fds as counters, so tests of every single event do not apply)
-AGGREGATE_MODULES = ("test_e2e_matrix.py", "test_causes_interpreters.py", "test_aggregate.py")
+AGGREGATE_MODULES = (
+    "test_e2e_matrix.py",
+    "test_causes_interpreters.py",
+    "test_aggregate.py",
+    "test_shared_top_stacks.py",
+)
 AGGREGATE_SLICE = ("debian-3.11", "pyenv-3.10")  # its interpreters in CI (all in test-full)
 BACKENDS = ("bpf", "ptrace")  # the `backend` fixture's cells: root only
 _active: list[Recorder] = []  # set by the `backend`/`recorder` fixture of the running module
