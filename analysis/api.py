@@ -615,19 +615,21 @@ class Trace:
         died_bin = np.where(np.isnan(died), bins, np.ceil(np.nan_to_num(died) / step))
         died_bin = np.clip(died_bin.astype(np.int64), 0, bins)
         ncols = max(len(names), 1)
-        size = (bins + 1) * ncols  # counts per (bin, label), as np.add.at would, but buffered
-        delta = np.bincount(born_bin * ncols + codes, minlength=size) - np.bincount(
-            died_bin * ncols + codes, minlength=size
-        )
-        delta = delta.reshape(bins + 1, ncols)
-        live = np.cumsum(delta, axis=0)[:bins]
+        size = (bins + 1) * ncols  # counts per (bin, label)
+        # One (bins + 1) x labels table, changed in place: with 10^5 sites it is
+        # hundreds of MB, and a difference, a cumsum and the DataFrame would each copy it.
+        live = np.bincount(born_bin * ncols + codes, minlength=size)
+        np.subtract.at(live, died_bin * ncols + codes, 1)  # no second table (numpy >= 1.25: fast)
+        live = live.reshape(bins + 1, ncols)
+        np.cumsum(live, axis=0, out=live)
+        live = live[:bins]
         if self.aggregate is not None and not leaks_only:  # the counted fds (never leaks)
             stacks = self.fds.loc[keep, "open_stack"].to_numpy()
             counted = counted_timeline(self.counters, label_of_stacks(stacks, codes), step, bins,
                                        ncols)  # fmt: skip
             live = live + np.rint(counted).astype(np.int64)
         index = pd.to_timedelta(np.arange(bins) * step, unit="ns")
-        return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names))
+        return pd.DataFrame(live[:, : len(names)], index=index, columns=list(names), copy=False)
 
 
 def count_reasons(reasons: list[str]) -> str:
