@@ -130,9 +130,11 @@ class Stacks:
         if not len(self.ids):
             return np.zeros(0, dtype=np.int64)
         rows = len(self.row_frame)
-        hit = per_frame[self.row_frame]
-        position = np.where(hit, np.arange(rows), rows)
-        first = np.minimum.reduceat(position, self.starts[:-1])
+        # The rows where it holds, then each stack's first of them by a binary search: no
+        # per-row position array (8 bytes a row, tens of millions of rows).
+        hits = np.append(np.flatnonzero(per_frame[self.row_frame]), rows)
+        after_start = hits[np.searchsorted(hits, self.starts[:-1])]
+        first = np.where(after_start < self.starts[1:], after_start, rows)
         padded = np.append(self.row_frame, -1)
         frames: np.ndarray = padded[first]
         return frames
@@ -330,11 +332,18 @@ def _frame_codes(columns: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         width = int(column.max()) - low + 1
         bits = max(width - 1, 1).bit_length()
         if bits_used + bits > 62:
-            key = pd.factorize(key)[0].astype(np.int64)
+            key = pd.factorize(key)[0].astype(np.int64, copy=False)
             bits_used = max(int(key.max()), 1).bit_length()
-        key = (key << bits) | (column.astype(np.int64) - low)
+        # In place: the key is 8 bytes a row over tens of millions of rows, and each
+        # temporary of the expression form would be as large.
+        key <<= bits
+        narrow = column.dtype.itemsize <= 4 and width < 2**31  # column - low fits int32
+        key |= (column - np.int32(low)) if narrow else (column.astype(np.int64) - low)
         bits_used += bits
     codes = pd.factorize(key)[0]
+    del key
+    frame_codes = codes.astype(np.int32)
     # Codes are given in order of first appearance: the running maximum rises exactly there.
-    first_row = np.flatnonzero(np.diff(np.maximum.accumulate(codes), prepend=-1) > 0)
-    return codes.astype(np.int32), first_row
+    np.maximum.accumulate(codes, out=codes)
+    first_row = np.flatnonzero(np.concatenate([[True], codes[1:] != codes[:-1]]))
+    return frame_codes, first_row
