@@ -434,12 +434,15 @@ def bench(name: str, path: Path, rounds: int, outputs: list[str]) -> dict:
         for output in outputs:  # interleaved with the report's rounds: the same machine load
             runs[f"out_{output}"].append(_in_child(output, path))
     row = {key: _median(values, "seconds") for key, values in runs.items()}
+    for key, values in runs.items():  # the spread: a shared machine's load moves times
+        row[f"{key}_min"] = min(v["seconds"] for v in values)
+        row[f"{key}_max"] = max(v["seconds"] for v in values)
     for output in outputs:
         row[f"out_{output}_peak_mb"] = max(r["peak_mb"] for r in runs[f"out_{output}"])
     if "api" in outputs:
         steps = runs["out_api"][0]["steps"]
         row.update(
-            {f"api_{step}": min(r["steps"][step] for r in runs["out_api"]) for step in steps}
+            {f"api_{step}": _median([r["steps"] for r in runs["out_api"]], step) for step in steps}
         )
     floor = runs["floor"][0]
     row.update(
@@ -466,7 +469,10 @@ def _verdict(row: dict) -> str:
         problems.append(f"> {ratio}x floor")
     if seconds is not None and row["report"] > seconds:
         problems.append(f"> {seconds} s")
-    if peak is not None and row["report_peak_mb"] > peak:
+    # The memory target holds for every output measured (the pandas API too), not only json.
+    peaks = [v for k, v in row.items() if k == "report_peak_mb" or k.endswith("_peak_mb")
+             and k.startswith("out_")]  # fmt: skip
+    if peak is not None and max(peaks) > peak:
         problems.append(f"> {peak} MB")
     return "met" if not problems else "NOT met: " + ", ".join(problems)
 
@@ -495,9 +501,14 @@ def print_outputs(rows: list[dict], outputs: list[str]) -> None:
             seconds = r[f"out_{output}"]
             print(f"{r['trace']:8} {output:10} {seconds:>8.2f} {seconds / r['report']:>7.1f} "
                   f"{r[f'out_{output}_peak_mb']:>8.0f}")  # fmt: skip
+        for key in ("floor", "report", "command", *(f"out_{o}" for o in outputs)):
+            print(f"{'':8} {key:10} min {r[f'{key}_min']:.2f} s, median {r[key]:.2f} s, "
+                  f"max {r[f'{key}_max']:.2f} s")  # fmt: skip
         steps = [k for k in r if k.startswith("api_")]
         if steps:
-            print(f"{'':8} api calls: " + ", ".join(f"{k[4:]} {r[k]:.2f} s" for k in steps))
+            print(
+                f"{'':8} api calls (median): " + ", ".join(f"{k[4:]} {r[k]:.2f} s" for k in steps)
+            )
 
 
 def main() -> int:
