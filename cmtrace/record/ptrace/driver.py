@@ -41,6 +41,7 @@ VALIDATION_ATTEMPTS = 5  # a stack changing under the reader fails once; a wrong
 REVALIDATE_S = 0.05  # no Python frame yet to check the layout against: look again this often
 REVALIDATE_GIVE_UP_S = 10.0
 CMDLINES_KEPT = 4096  # argv read at exec, not taken yet
+_EMPTY_EVENTS = decode.decode(records.Batch(b"", []), 0)  # what an idle poll returns
 
 
 @dataclass
@@ -86,6 +87,10 @@ class EngineRecording:
 
     def take(self, batch: records.Batch, python_records: list[bytes]) -> pa.Table:
         """Decode what the engine sent, configuring the images that exec'd in it."""
+        if not len(batch) and not python_records:  # idle: no numpy/Arrow work per poll
+            self._retry_pending()
+            self._revalidate()
+            return _EMPTY_EVENTS
         for record in python_records:
             self.symbolizer.on_record(record)
         for pid in self._exec_pids(batch):
