@@ -254,3 +254,82 @@ def _check_debug_values(values: dict[str, int]) -> None:
         limit = 1 << 16 if name.startswith(("runtime_", "interp_")) else 4096
         if value >= limit:
             raise LayoutError(f"implausible _Py_DebugOffsets field {name}={value}")
+
+
+# --- generator, coroutine and async generator objects (issue 13: liveness at the end) ---------
+# Where a generator object keeps its frame, code and state, per minor (x86_64, GIL builds),
+# measured on each interpreter of tests/integration/targets.py (ctypes over live generators
+# created, suspended, inside `yield from`, running and finished: tests/programs/py/genstates.py
+# prints them; test_liveness.py checks them from outside). 3.14+ also publish gi_iframe and
+# gi_frame_state in _Py_DebugOffsets.gen_object, which cmtrace.interp.generators checks against.
+GEN_CREATED = "created"
+GEN_SUSPENDED = "suspended"
+GEN_RUNNING = "running"
+GEN_FINISHED = "finished"
+
+_STATES_311 = {-2: GEN_CREATED, -1: GEN_SUSPENDED, 0: GEN_RUNNING, 1: GEN_FINISHED, 4: GEN_FINISHED}
+# 3.13: FRAME_SUSPENDED_YIELD_FROM (-1) split off FRAME_SUSPENDED (-2)
+_STATES_313 = {-3: GEN_CREATED, -2: GEN_SUSPENDED, -1: GEN_SUSPENDED, 0: GEN_RUNNING,
+               1: GEN_FINISHED, 4: GEN_FINISHED}  # fmt: skip
+# 3.15 renumbered them from 0 (CREATED 0, SUSPENDED 1, SUSPENDED_YIELD_FROM 2, its locked
+# variant 3, EXECUTING 4, CLEARED 5: measured on Debian's 3.15.2)
+_STATES_315 = {0: GEN_CREATED, 1: GEN_SUSPENDED, 2: GEN_SUSPENDED, 3: GEN_SUSPENDED,
+               4: GEN_RUNNING, 5: GEN_FINISHED}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GeneratorLayout:
+    """Offsets (bytes) in a PyGenObject (also PyCoroObject, PyAsyncGenObject: same head)."""
+
+    minor: int
+    gen_code: int  # gi_code (<= 3.11); NO_OFFSET: read the embedded frame's f_executable
+    gen_frame: int  # gi_frame, a PyFrameObject* that is NULL once finished (<= 3.10)
+    gen_iframe: int  # the embedded _PyInterpreterFrame (3.11+)
+    gen_state: int  # int8 gi_frame_state (3.11+)
+    frame_gen: int  # PyFrameObject.f_gen (<= 3.10): how a frame on a stack names its generator
+    frame_stacktop: int  # f_stacktop (3.8-3.9): NULL while running
+    frame_state: int  # int8 f_state (3.10)
+    owner_generator: int  # _PyInterpreterFrame.owner of a generator's frame (3.11+)
+    states: dict[int, str]  # gi_frame_state / f_state value -> GEN_*
+
+
+def _heap_gen(minor: int, code: int, frame_gen: int, **kw: int) -> GeneratorLayout:
+    fields = {"frame_stacktop": NO_OFFSET, "frame_state": NO_OFFSET, **kw}
+    return GeneratorLayout(
+        minor=minor, gen_code=code, gen_frame=16, gen_iframe=NO_OFFSET, gen_state=NO_OFFSET,
+        frame_gen=frame_gen, owner_generator=NO_OFFSET,
+        # 3.10 f_state (3.8-3.9 have none: see cmtrace.interp.generators); UNWINDING (2) runs
+        states={-2: GEN_CREATED, -1: GEN_SUSPENDED, 0: GEN_RUNNING, 1: GEN_FINISHED,
+                2: GEN_RUNNING, 3: GEN_FINISHED, 4: GEN_FINISHED},
+        **fields,
+    )  # fmt: skip
+
+
+def _interp_gen(minor: int, code: int, iframe: int, state: int, states: dict[int, str]):
+    return GeneratorLayout(
+        minor=minor, gen_code=code, gen_frame=NO_OFFSET, gen_iframe=iframe, gen_state=state,
+        frame_gen=NO_OFFSET, frame_stacktop=NO_OFFSET, frame_state=NO_OFFSET,
+        owner_generator=1, states=states,
+    )  # fmt: skip
+
+
+GENERATORS: dict[int, GeneratorLayout] = {
+    8: _heap_gen(8, code=32, frame_gen=96, frame_stacktop=72),
+    9: _heap_gen(9, code=32, frame_gen=96, frame_stacktop=72),
+    10: _heap_gen(10, code=24, frame_gen=88, frame_state=108),
+    11: _interp_gen(11, code=16, iframe=80, state=75, states=_STATES_311),
+    12: _interp_gen(12, code=NO_OFFSET, iframe=72, state=67, states=_STATES_311),
+    13: _interp_gen(13, code=NO_OFFSET, iframe=72, state=67, states=_STATES_313),
+    14: _interp_gen(14, code=NO_OFFSET, iframe=72, state=67, states=_STATES_313),
+    15: _interp_gen(15, code=NO_OFFSET, iframe=72, state=67, states=_STATES_315),
+}
+# Byte position of _Py_DebugOffsets.gen_object {size, gi_name, gi_iframe, gi_frame_state}
+# (u64 each), where the interpreter publishes it.
+DEBUG_GEN_OBJECT: dict[int, int] = {14: 664, 15: 792}
+
+
+def generator_layout(minor: int) -> GeneratorLayout:
+    try:
+        return GENERATORS[minor]
+    except KeyError:
+        raise LayoutError(f"no generator layout for CPython 3.{minor}") from None
