@@ -40,6 +40,10 @@ class Context:
     sibling_deaths: dict[str, int] = field(default_factory=dict)  # deaths of the site's other fds
     calls: CallLog | None = None  # --calls: paired __enter__/__exit__ calls of the trace
     opened: tuple[int, int, int] | None = None  # (pid, tid, born_ns) of one fd of the group
+    # Issue 13's end-of-recording liveness check (cmtrace.interp.generators), per frame index of
+    # the opening stack: the findings (Finding.as_dict()) of the group's fds for the generator
+    # that frame ran. None: no check in this trace (today's verdicts, unchanged).
+    liveness: dict[int, list[dict]] | None = None
 
 
 def with_frame(frames: list[Frame], src: SourceIndex) -> Frame | None:
@@ -135,6 +139,9 @@ def _suspended_generator(
             continue
         if _still_running(gen, ctx) or _with_exited_per_calls(gen, src, ctx):
             continue
+        proof = liveness_proof(index, gen, src, ctx)
+        if proof is not None and proof[0] == LIVENESS_FINISHED:
+            continue  # it ended (or was freed): the causes after this one explain the fd
         what = "async generator" if gen.code_flags & 0x200 else (
             "coroutine" if only_coroutine else "generator")  # fmt: skip
         held = f" inside its with statement at line {gen.line}" if holds_with else ""
@@ -145,10 +152,50 @@ def _suspended_generator(
             "`gen.close()`, or `await agen.aclose()` for an async dependency."
         )
         evidence = [f"opened inside {what} {gen.qualname} ({gen.where()})"]
+        if proof is not None:
+            evidence.append(proof[1])
         if ctx.sibling_deaths.get("loop-shutdown"):
             evidence.append("sibling fds were closed only when the event loop shut down")
         return Verdict("suspended-generator", fix, evidence)
     return None
+
+
+LIVENESS_PROVEN = "proven"
+LIVENESS_FINISHED = "finished"
+LIVENESS_UNPROVEN = "unproven"
+_NOT_SUSPENDED = ("finished", "gone", "created")
+
+
+def liveness_proof(
+    index: int, gen: Frame, src: SourceIndex, ctx: Context
+) -> tuple[str, str] | None:
+    """What the liveness check says of the generator frames[index] ran: (LIVENESS_*, evidence),
+    None when the trace has no check. Suspended at a line inside the frame's with block (or at
+    the opening line) proves it; finished, freed, never started, or suspended elsewhere in every
+    fd's check proves it is not suspended there; no finding or a failed read proves nothing."""
+    if ctx.liveness is None:
+        return None
+    findings = ctx.liveness.get(index, [])
+    stmt = src.with_at(gen.file, gen.line)
+    first, last = (stmt[0], stmt[2]) if stmt else (gen.line, gen.line)
+    for found in findings:
+        line = found.get("line")
+        if found.get("state") == "suspended" and line is not None and first <= line <= last:
+            kind = (found.get("type") or "generator").replace("_", " ")
+            return LIVENESS_PROVEN, (
+                f"a suspended {kind} of {gen.qualname} at {found['address']:#x} resumes at line "
+                f"{line} (read when recording stopped; addresses are reused, so a suspended one "
+                "of this function)"
+            )
+    errors = [f.get("error") for f in findings if f.get("state") is None]
+    if findings and not errors:
+        states = sorted({str(f.get("state")) for f in findings})
+        return (
+            LIVENESS_FINISHED,
+            f"{gen.qualname} is no longer suspended there: {', '.join(states)}",
+        )
+    why = errors[0] if errors else "no generator address was recorded with the birth"
+    return LIVENESS_UNPROVEN, f"unproven that it is still suspended ({why})"
 
 
 def _with_exited_per_calls(gen: Frame, src: SourceIndex, ctx: Context) -> bool:

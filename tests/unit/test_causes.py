@@ -236,3 +236,45 @@ CLOSES = {
 def test_refine_close(how: str, src: SourceIndex) -> None:
     frames, death = CLOSES[how]
     assert refine_close(frames, src) == death
+
+
+# --- issue 13: the end-of-recording liveness check (cmtrace.interp.generators findings) ---
+def found(state: str | None, line: int | None = None, error: str | None = None) -> dict:
+    return {"pid": 1, "address": 0x7F0000001000, "code": 0x7F0000002000, "type": "generator",
+            "state": state, "line": line, "error": error}  # fmt: skip
+
+
+def test_suspended_inside_its_with_is_proven(src: SourceIndex) -> None:
+    ctx = Context(liveness={0: [found("suspended", at("yield from f"))]})
+    verdict = classify(SUSPENDED, src, ctx)
+    assert verdict.cause == "suspended-generator", verdict
+    assert any("a suspended generator of lines_of at 0x7f0000001000" in e
+               for e in verdict.evidence), verdict.evidence  # fmt: skip
+
+
+@pytest.mark.parametrize("state", ["finished", "gone", "created"])
+def test_generator_that_ended_falls_through(state: str, src: SourceIndex) -> None:
+    verdict = classify(SUSPENDED, src, Context(liveness={0: [found(state)]}))
+    assert verdict.cause != "suspended-generator", verdict
+
+
+def test_suspended_outside_the_with_is_not_this_suspension(src: SourceIndex) -> None:
+    """Suspended at a line after the block (another instance at a reused address, or the same
+    one resumed past its with): not suspended inside the with that holds the fd."""
+    ctx = Context(liveness={0: [found("suspended", at("with open(path) as f:") - 1)]})
+    assert classify(SUSPENDED, src, ctx).cause != "suspended-generator"
+
+
+@pytest.mark.parametrize(
+    "findings", [{}, {0: [found(None, error="read failed: short read")]}], ids=["none", "error"]
+)
+def test_no_proof_keeps_the_verdict_and_says_unproven(findings: dict, src: SourceIndex) -> None:
+    verdict = classify(SUSPENDED, src, Context(liveness=findings))
+    assert verdict.cause == "suspended-generator", verdict
+    assert any(e.startswith("unproven") for e in verdict.evidence), verdict.evidence
+
+
+def test_without_a_check_the_evidence_is_todays(src: SourceIndex) -> None:
+    verdict = classify(SUSPENDED, src, Context())
+    assert verdict.cause == "suspended-generator"
+    assert not any("unproven" in e or "suspended generator of" in e for e in verdict.evidence)
