@@ -391,9 +391,14 @@ def call_api(src: SourceIndex, file: str, line: int) -> str | None:
 
 
 def _api(library: Frame | None, site: Frame, src: SourceIndex) -> str | None:
-    called = called_at(src, site.file, site.line)
+    return _api_of_call(library, called_at(src, site.file, site.line), site.file, src)
+
+
+def _api_of_call(library: Frame | None, called: str | None, site_file: str,
+                 src: SourceIndex) -> str | None:  # fmt: skip
+    """The API of a site whose line calls `called`, over the library frame under it."""
     if library is None:
-        return _imported_name(called, src.imports(site.file)) if called else None
+        return _imported_name(called, src.imports(site_file)) if called else None
     return frame_api(library, src, called)
 
 
@@ -424,21 +429,48 @@ def api_per_stack(stacks: Stacks, src: SourceIndex, wanted: np.ndarray | None = 
     padded = np.append(stacks.row_frame, -1)
     site_code = np.where(has_site, padded[np.minimum(first_user, rows)], -1)
     library_code = np.where(has_site & inner, padded[np.maximum(first_user - 1, 0)], -1)
-    names: dict[tuple[int, int], str | None] = {}
     named = has_site.copy() if wanted is None else np.zeros(count, dtype=bool)
     if wanted is not None:
         named[wanted[wanted >= 0]] = True
         named &= has_site
+    namer = _PairNamer(stacks, src)
     for i in np.flatnonzero(named).tolist():
-        key = (int(library_code[i]), int(site_code[i]))
-        if key not in names:
-            library = stacks.frame(key[0]) if key[0] >= 0 else None
-            if library is not None and is_plumbing(library):
-                out[i] = api_of(stacks.get(int(stacks.ids[i])), src)  # rare: the whole stack
-                continue
-            names[key] = _api(library, stacks.frame(key[1]), src)
-        out[i] = names[key]
+        library = int(library_code[i])
+        if namer.plumbing(library):
+            out[i] = api_of(stacks.get(int(stacks.ids[i])), src)  # rare: the whole stack
+        else:
+            out[i] = namer.name(library, int(site_code[i]))
     return out
+
+
+class _PairNamer:
+    """The API of (library frame code, site frame code) pairs, each part decided once: a
+    varied trace has hundreds of thousands of distinct pairs over a few hundred library
+    frames, and the site's called name depends on its line alone."""
+
+    def __init__(self, stacks: Stacks, src: SourceIndex) -> None:
+        self.stacks, self.src = stacks, src
+        self._plumbing: dict[int, bool] = {}
+        self._calls: dict[int, tuple[str | None, str]] = {}
+        self._names: dict[tuple[int, str | None, str], str | None] = {}
+
+    def plumbing(self, library: int) -> bool:
+        if library < 0:
+            return False
+        if library not in self._plumbing:
+            self._plumbing[library] = is_plumbing(self.stacks.frame(library))
+        return self._plumbing[library]
+
+    def name(self, library: int, site: int) -> str | None:
+        if site not in self._calls:
+            frame = self.stacks.frame(site)
+            self._calls[site] = (called_at(self.src, frame.file, frame.line), frame.file)
+        called, file = self._calls[site]
+        key = (library, called, file if library < 0 else "")  # imports matter without a library
+        if key not in self._names:
+            under = self.stacks.frame(library) if library >= 0 else None
+            self._names[key] = _api_of_call(under, called, file, self.src)
+        return self._names[key]
 
 
 def explain(cause: str, fix: str, api: str | None, site: Frame | None,
