@@ -656,16 +656,14 @@ def run(options: RecordOptions, observers: list[Observer] | None = None) -> Fini
     if rec.failure is not None:  # the command runs on, untraced; wait for it as promised
         rec.abandon()
         print(f"cmtrace: error: {rec.failure}", file=sys.stderr, flush=True)
-        while started.running():
-            time.sleep(0.2)
+        _wait_for_command(started)
         return Finished(rec, output, failure=rec.failure)
     rec.say_why_stopped_early()
     if rec.stopped_early:  # --max-size or a full disk: the trace ends, the command runs on
         rec.finish()
         if started.running():
             rec.progress(f"{os.path.basename(command[0])} runs on untraced; waiting for it")
-        while started.running():
-            time.sleep(0.2)
+        _wait_for_command(started)
         return Finished(rec, output, started.exit_code(), stopped_early=rec.disk_full)
     try:
         exit_code = started.exit_code()  # ptrace: the engine reaped it and says how it ended
@@ -675,3 +673,9 @@ def run(options: RecordOptions, observers: list[Observer] | None = None) -> Fini
         return Finished(rec, output, failure=exc)
     rec.finish()
     return Finished(rec, output, exit_code=exit_code)
+
+
+def _wait_for_command(started: Command) -> None:
+    """`run` whose recording ended before its command: wait for the command, as promised."""
+    while started.running():
+        time.sleep(0.2)
