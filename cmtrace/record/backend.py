@@ -113,6 +113,10 @@ class Backend(Protocol):
     recording: drain(),
     take_frames(), take_new_files(), lost_events(), and at forks and execs inherit_python(),
     watch_python(), resume() -> stop() -> a last drain(), take_frames(final=True) -> close().
+
+    Optional: wait_for_records(timeout) -> bool, waiting until records may be there (True) or
+    `timeout` passed (False); a backend that has it lets the session's threads sleep while
+    the target makes no fd syscall (ptrace: select on the engines' streams).
     """
 
     name: str  # "bpf" | "ptrace": recorded in meta.json as `backend`

@@ -15,6 +15,7 @@ thread, stops at every syscall and detaches on stop(), leaving the target runnin
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from cmtrace.errors import CmtraceError, EnvironmentProblem, TargetError
 from cmtrace.record import permissions, procfs
 from cmtrace.record.backend import PythonTarget, Records
 from cmtrace.record.bpf import stacks, targets
-from cmtrace.record.ptrace.driver import EngineRecording
+from cmtrace.record.ptrace.driver import PENDING_POLL_S, REVALIDATE_S, EngineRecording
 from cmtrace.record.ptrace.engine import EXIT_PTRACE_REFUSED, Engine, EngineUnavailable
 from cmtrace.record.records import Batch
 
@@ -178,6 +179,26 @@ class PtraceBackend:
         if not tables:
             return None
         return Records(pa.concat_tables(tables))
+
+    def wait_for_records(self, timeout: float) -> bool:
+        """Wait up to `timeout` for an engine to send something (or end its stream): True if
+        one did, or if a drain has work to do anyway (records read and not taken, an exec
+        held, a layout to check again soon). The session's threads sleep here while the
+        target makes no fd syscall instead of waking every 20 ms."""
+        if self.waiting:
+            return True
+        live = [r for r in self.recordings if not r.finished]
+        if any(r._pending for r in live):
+            timeout = min(timeout, PENDING_POLL_S)
+        elif any(r._unvalidated for r in live):
+            timeout = min(timeout, REVALIDATE_S)
+        if not live:
+            time.sleep(timeout)
+            return False
+        try:
+            return bool(select.select([r.engine.records for r in live], [], [], timeout)[0])
+        except (OSError, ValueError):  # an engine closed meanwhile: let the drain see it
+            return True
 
     def take_frames(self, final: bool = False) -> list[dict[str, Any]]:
         if not self.stacks:
