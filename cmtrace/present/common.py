@@ -125,6 +125,33 @@ def fit_lines(lines: list[str], width: int = MAX_LINE) -> list[str]:
     return [elide(line, width) for line in lines]
 
 
+def leaked_kind(site: SiteRow, rows: pd.DataFrame) -> str:
+    """The kind a site's block shows: the most common kind of the fds that leaked there (a
+    multiprocessing.Pool's site opens files, /etc/ld.so.cache, but leaks pipes), else the
+    site's own (the most common of all it opened)."""
+    if not rows.empty and "kind" in rows:
+        kinds = rows["kind"].dropna().astype(str)
+        if not kinds.empty:
+            return str(kinds.value_counts(sort=True).index[0])
+    return str(site.kind or "")
+
+
+def leaked_paths(site: SiteRow, rows: pd.DataFrame, n: int = 3) -> list[str]:
+    """The paths a site's block shows: the n most common of the fds that leaked there (a
+    Pool's leaked pipes have none, not its closed /etc/ld.so.cache), else the site's own."""
+    if not rows.empty and "path" in rows:
+        return [str(p) for p in rows["path"].dropna().astype(str).value_counts().index[:n] if p]
+    return [str(p) for p in site.paths if p]
+
+
+def site_where(site: SiteRow) -> str:
+    """`file:line in function`, or the bare NO_STACK marker for fds opened without a Python
+    stack (a child that is not CPython), not `<no Python stack>:0 in `."""
+    if str(site.site_file) == NO_STACK or (not site.site_line and not site.site_function):
+        return str(site.site_file or NO_STACK)
+    return f"{site.site_file}:{site.site_line} in {site.site_function}"
+
+
 def leaks_by_site(leaks: pd.DataFrame) -> Callable[[SiteRow], pd.DataFrame]:
     """A function from a site to the leaked lifetimes opened there (same file and line; fds
     without a stack share the NO_STACK site). The leaks are grouped once: the HTML report asks

@@ -19,6 +19,8 @@ from cmtrace.present.common import (
     findings,
     fit_lines,
     headline,
+    leaked_kind,
+    leaked_paths,
     leaks_by_site,
     peer_headline,
     peer_text,
@@ -27,6 +29,7 @@ from cmtrace.present.common import (
     short_lived_headline,
     shown_stack,
     shown_text,
+    site_where,
     totals,
 )
 from cmtrace.trace.sources import COMMAND_FILE
@@ -111,16 +114,16 @@ def print_summary(
 
 def _site_block(trace: Trace, rows: pd.DataFrame, site: SiteRow, rank: int) -> list[str]:
     """One site's block; `rows` are its leaks."""
-    where = f"{site.site_file}:{site.site_line}"
+    kind = leaked_kind(site, rows)
     out = [
         f"#{rank} {int(site.leaked)} leaked of {int(site.opened)} opened "
-        f"({site.leaks_per_s:.2f}/s)  {site.kind or ''}  cause: {site.cause or 'unknown'}",
-        f"   opened at {where} in {site.site_function}",
+        f"({site.leaks_per_s:.2f}/s)  {kind}  cause: {site.cause or 'unknown'}",
+        f"   opened at {site_where(site)}",
     ]
     out.extend(_source_lines(trace, site, "   "))
     if site.api:
         out.append(f"   api: {site.api}")
-    paths = [peer_text(site.kind, p) for p in site.paths if p]
+    paths = [peer_text(kind, p) for p in leaked_paths(site, rows)]
     if paths:
         out.append("   paths: " + ", ".join(paths))
     if not rows.empty:
@@ -155,13 +158,14 @@ def _short_lived_blocks(trace: Trace, found: Findings, top: int) -> list[str]:
     out = ["", short_lived_headline(found, title=True)]
     leaks_at = leaks_by_site(found.short_leaks)
     for rank, site in enumerate(leaking.head(top).itertuples(index=False), start=1):
-        pids = leaks_at(site)["pid"].nunique()
+        rows = leaks_at(site)
+        pids = rows["pid"].nunique()
         api = f"  api: {site.api}" if site.api else ""
         out.append(f"  #{rank} {int(site.leaked)} leaked in {pids} process"
-                   f"{'es' if pids != 1 else ''}  {site.kind or ''}{api}")  # fmt: skip
-        out.append(f"     opened at {site.site_file}:{site.site_line} in {site.site_function}")
+                   f"{'es' if pids != 1 else ''}  {leaked_kind(site, rows)}{api}")  # fmt: skip
+        out.append(f"     opened at {site_where(site)}")
         out.extend(_source_lines(trace, site, "     ", textless_program=True))
-        paths = [peer_text(site.kind, p) for p in site.paths if p]
+        paths = [peer_text(leaked_kind(site, rows), p) for p in leaked_paths(site, rows)]
         if paths:
             out.append("     paths: " + ", ".join(paths))
     if len(leaking) > top:
