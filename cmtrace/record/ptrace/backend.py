@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,7 @@ class PtraceBackend:
         self.waiting: list[tuple[EngineRecording, Batch, list[bytes]]] = []  # read, not taken
         self.counters: dict[str, int] = {}
         self.stopped = False
+        self.command: PtraceCommand | None = None  # run: the command the first engine started
         if calls:  # RecordOptions.validate refuses --calls with ptrace; here for other callers
             raise EnvironmentProblem("--calls needs USDT uprobes: use --backend bpf")
 
@@ -93,7 +95,8 @@ class PtraceBackend:
         engine = Engine.run(argv, follow=True, hold_exec=True, binary=self.binary, env=env)
         recording = self._recording(engine)
         pid = self._await_exec(recording)
-        return PtraceCommand(self, recording, pid)
+        self.command = PtraceCommand(self, recording, pid)
+        return self.command
 
     def _await_exec(self, recording: EngineRecording) -> int:
         """Read until the command's first exec (held there by the engine): its pid."""
@@ -227,8 +230,11 @@ class PtraceBackend:
     # -- the end
     def stop(self) -> None:
         """Attach: detach every engine (the targets run on); run: the command has exited, its
-        engine ends with its last traced process (see PtraceCommand.exit_code). Whatever the
-        engines still send is read, so they never block on a full pipe, and kept for drain."""
+        engine ends with its last traced process (see PtraceCommand.exit_code), or, stopped
+        early (--max-size, a full disk), the engine stops recording, ends its stream and serves
+        the command's stops until it exits (its seccomp filter needs a tracer: never ENOSYS).
+        Whatever the engines still send is read, so they never block on a full pipe, and
+        kept for drain."""
         if self.stopped:
             return
         self.stopped = True
@@ -236,6 +242,8 @@ class PtraceBackend:
             recording.engine.stop()
         for recording in self.recordings:
             self._read_to_end(recording)
+            if self.command is not None and self.command.recording is recording:
+                continue  # run: its counters come when the command has ended (exit_code)
             self._add_counters(recording.wait(FINISH_TIMEOUT_S))
 
     def _read_to_end(
@@ -277,7 +285,9 @@ class PtraceCommand:
         """Nothing to do: the first drain configures the held exec and resumes it."""
 
     def running(self) -> bool:
-        return not self.recording.finished and procfs.is_alive(self.pid)
+        """The engine reaps the command, so it runs while both are alive (the record stream
+        may have ended before: recording stopped early and the command runs on)."""
+        return self.recording.engine.process.poll() is None and procfs.is_alive(self.pid)
 
     def kill(self) -> None:
         """The engine's death takes the command with it (PTRACE_O_EXITKILL)."""
@@ -290,7 +300,7 @@ class PtraceCommand:
         if self._exit_code is None:
             self.backend.stopped = True
             self.backend._read_to_end(self.recording, timeout=LINGER_S, kill=False)
-            if not self.recording.finished:
+            if not self._engine_ended(LINGER_S):
                 self._kill_lingering()
             self.backend._read_to_end(self.recording)
             stats = self.recording.wait(FINISH_TIMEOUT_S)
@@ -304,6 +314,17 @@ class PtraceCommand:
                 )
             self._exit_code = int(stats.get("exit_code", 0))
         return self._exit_code
+
+    def _engine_ended(self, timeout: float) -> bool:
+        """Whether the engine has ended (waiting up to `timeout` when its stream has ended
+        but not the engine: recording stopped early, and children of the command linger)."""
+        if not self.recording.finished:
+            return False
+        try:
+            self.recording.engine.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def _kill_lingering(self) -> None:
         """Children still traced after the command exited cannot run on without the engine

@@ -172,11 +172,17 @@ static int out_fd = 1;
 static char out_buf[1 << 17];
 static size_t out_len;
 
+// Run mode after CTL_STOP (--max-size, a full disk): the trace is finished but the command
+// runs on, and its seccomp filter needs the engine: every stop is still served, nothing is
+// recorded or written any more (no stack walks, no records; the stream is closed, which tells
+// the collector that everything up to the stop has arrived).
+static int recording_off;
+
 // Blocking writes: a slow collector slows the target down instead of losing records. Only a
 // collector that is gone (EPIPE) loses them, and they are counted.
 static void flush_records(void) {
     size_t done = 0;
-    while (done < out_len) {
+    while (done < out_len && !recording_off) {
         ssize_t n = write(out_fd, out_buf + done, out_len - done);
         if (n < 0 && errno == EINTR)
             continue;
@@ -199,6 +205,8 @@ static void arm_tick(long first_ms) {
 
 static void put_record(const void *payload, u32 len) {
     u32 framed = ENGINE_FRAME_HEADER + ((len + 7) & ~7u);
+    if (recording_off)
+        return;
     if (!out_len)
         arm_tick(TICK_MS);
     if (out_len + framed > sizeof out_buf)
@@ -662,6 +670,8 @@ static int send_codes(struct thread *t) {
 // The interned stack id of the thread's Python stack (0: none); flags get PY_STACK_*.
 static u64 capture_stack(struct thread *t, u32 *flags) {
     struct proc *p = t->proc;
+    if (recording_off)
+        return 0;
     if (!p->has_config) {
         *flags |= PY_STACK_NO_PYTHON;
         stat.no_stack++;
@@ -1066,6 +1076,15 @@ static int detach_requested;
 // so a held process never keeps a Ctrl-C waiting (run: the command runs on to its end).
 static int stopping;
 
+static void stop_recording(void) {
+    flush_records();
+    recording_off = 1;
+    out_len = 0;
+    if (out_fd >= 0)
+        close(out_fd);
+    out_fd = -1;
+}
+
 static void apply_control(const struct ctl_msg *m) {
     struct proc *p = find_proc((pid_t)m->pid, m->kind == CTL_CONFIG);
     switch (m->kind) {
@@ -1100,6 +1119,8 @@ static void apply_control(const struct ctl_msg *m) {
         stopping = 1;
         if (attach_mode)
             detach_requested = 1;
+        else
+            stop_recording();  // run: the command runs to its end, unrecorded
         break;
     }
 }
@@ -1317,6 +1338,10 @@ static void on_exec(struct thread *t) {
 
 static void on_syscall_stop(struct thread *t) {
     struct __ptrace_syscall_info info;
+    if (recording_off) {  // run: served, not recorded (resumed with PTRACE_CONT: no exit stop)
+        t->pending = NULL;
+        return;
+    }
     int every_syscall = !use_seccomp || attach_mode;
     if (every_syscall && t->phase_known && t->in_syscall && !t->pending) {
         t->in_syscall = 0;  // the exit of a syscall recorded at its entry, or not at all
