@@ -130,6 +130,26 @@ def test_run_as_nobody_records_the_leaks_at_their_lines(nobody_dir, target):
     assert_ptrace_meta(trace, "backend ptrace: not root")
 
 
+def test_run_as_nobody_with_another_users_home(nobody_dir):
+    """setpriv and `sudo -E` keep HOME: nobody with HOME=/root (which it may not even stat)
+    and no XDG_CACHE_HOME gets its engine built in its private temporary directory, not a
+    PermissionError traceback."""
+    private = Path(tempfile.gettempdir()) / "cmtrace-65534"  # nobody's, as build.py names it
+    shutil.rmtree(private, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_CACHE_HOME"} | {"HOME": "/root"}
+    trace = trace_dir(nobody_dir, "home-root")
+    result = subprocess.run(
+        [*NOBODY, *cmtrace_argv("run", "-o", str(trace), "--", TARGET_PYTHON, str(PROGRAM), "run")],
+        capture_output=True, text=True, timeout=EXIT_TIMEOUT, cwd=nobody_dir, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    built = list(private.glob("cmtrace-ptrace-engine-*"))
+    assert built and all(path.stat().st_uid == 65534 for path in built), built
+    truth = truth_of(result.stdout)
+    assert_leaks_match(trace, truth["pid"], truth["fds"], before={"0": "", "1": "", "2": ""})
+
+
 def test_auto_picks_ptrace_in_a_user_namespace(nobody_dir):
     """root of its own user namespace, with every capability there and none outside."""
     trace = trace_dir(nobody_dir, "userns")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -73,10 +74,8 @@ def engine_binary() -> Path:
     name = f"{BINARY}-{_source_digest()}"
     for cache in _cache_dirs():
         built = cache / name
-        if built.exists():
-            return built
-        try:
-            return build(built)
+        try:  # exists() raises too: a HOME we may not enter (setpriv keeps HOME=/root)
+            return built if built.exists() else build(built)
         except OSError:
             continue  # a HOME that does not exist or is not ours (nobody): the next place
     raise EngineUnavailable(
@@ -90,6 +89,12 @@ def _cache_dirs() -> Iterator[Path]:
     fails) a private directory under the temporary directory, used only if it is ours and no
     one else can write to it: a binary planted there would run as us."""
     yield Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmtrace"
+    try:  # HOME may be another user's (sudo -E, setpriv): the home of the uid we run as
+        own_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        own_home = None
+    if own_home is not None and own_home != Path.home():
+        yield own_home / ".cache" / "cmtrace"
     private = Path(tempfile.gettempdir()) / f"cmtrace-{os.getuid()}"
     try:
         private.mkdir(mode=0o700, exist_ok=True)
