@@ -225,7 +225,7 @@ class Watchlist:
 
     def _note(self, pid: int, found_by: str, joined_ns: int, cmdline: list[str] | None) -> None:
         self.entries[pid] = {
-            "pid": pid, "ns_pid": procfs.ns_pid(pid), "comm": procfs.comm(pid),
+            "pid": pid, "ns_pid": procfs.ns_pid(pid), "comm": procfs.command_comm(pid, cmdline),
             "cmdline": cmdline or procfs.cmdline(pid), "found_by": found_by,
             "joined_ns": joined_ns,
         }  # fmt: skip

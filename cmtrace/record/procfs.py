@@ -43,6 +43,12 @@ def comm(pid: int) -> str:
         return "?"
 
 
+def command_comm(pid: int, command: list[str] | None) -> str:
+    """comm of a process about to exec `command` (`run`'s child: until it execs, its comm is
+    still cmtrace's), as the kernel will set it: the file's base name, 15 bytes at most."""
+    return os.path.basename(command[0])[:15] if command else comm(pid)
+
+
 def raw_cmdline(pid: int) -> bytes | None:
     """/proc/PID/cmdline as the kernel gives it (NUL-separated), None when unreadable: compared
     byte for byte to tell a reused pid or a new exec from the process that was configured."""

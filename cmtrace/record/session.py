@@ -164,8 +164,7 @@ class Recording:
                 {
                     "pid": pid,
                     "ns_pid": procfs.ns_pid(pid),
-                    # run: the command has not exec'd yet (its comm is still cmtrace's)
-                    "comm": os.path.basename(cmdline[0])[:15] if cmdline else procfs.comm(pid),
+                    "comm": procfs.command_comm(pid, cmdline),
                     "cmdline": cmdline or procfs.cmdline(pid),
                 }
                 for pid in targets

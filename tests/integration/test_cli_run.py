@@ -38,8 +38,11 @@ ECHO_AND_LEAK = textwrap.dedent(
     """
     import json, os, sys
     data = sys.stdin.read()
+    with open("/proc/self/comm") as f:
+        comm = f.read().strip()
     leaked = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o600)
-    print(json.dumps({"pid": os.getpid(), "upper": data.upper(), "fd": leaked}), flush=True)
+    print(json.dumps({"pid": os.getpid(), "upper": data.upper(), "fd": leaked, "comm": comm}),
+          flush=True)
     print("marker-on-stderr", file=sys.stderr, flush=True)
     os._exit(7)
     """
@@ -70,6 +73,8 @@ def test_run_passes_stdio_through_and_returns_the_child_status(workdir):
     assert "marker-on-stderr" in result.stderr
     assert_complete_and_lossless(trace, result.stderr)  # the summary goes to stderr
     assert_private(trace, os.geteuid())
+    meta = json.loads((trace / "meta.json").read_text())
+    assert [t["comm"] for t in meta["targets"]] == [child["comm"]], "the command's, not cmtrace's"
 
     events = read_events(trace)
     mine = events[events.pid == child["pid"]]
