@@ -7,13 +7,16 @@ The counts come from the program itself (it prints them as JSON on stderr); the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import read_meta, report_json, run_cmtrace
+from conftest import Tracer, read_meta, report_json, run_cmtrace, wait_until
 
 import cmtrace.analysis as cma
+from cmtrace.record.bpf.maps import map_exists
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 PYTHON = "/usr/bin/python3"
@@ -65,6 +68,23 @@ import sys, time
 kept = [open("/etc/hostname") for _ in range(int(sys.argv[1]))]  # MANY
 time.sleep(0.3)
 """
+
+
+def bpf_fds(pid: int) -> tuple[set[int], int]:
+    """The ids of the BPF maps process pid holds, and how many perf event fds it has
+    (/proc/PID/fdinfo and the fd links: what the kernel says the process keeps)."""
+    map_ids, perf_events = set(), 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        perf_events += link == "anon_inode:[perf_event]"
+        map_ids |= {
+            int(line.split()[1]) for line in info.splitlines() if line.startswith("map_id:")
+        }
+    return map_ids, perf_events
 
 
 def line_of(program: str, mark: str) -> int:
@@ -170,3 +190,25 @@ def test_aggregate_with_ptrace_is_a_usage_error(workdir: Path) -> None:
     done = run_cmtrace("run", "--backend", "ptrace", "--aggregate", "--", sys.executable, "-c", "0")
     assert done.returncode == 1
     assert "--aggregate" in done.stderr and "BPF" in done.stderr
+
+
+def test_sigkilled_collector_leaves_nothing_attached(workdir: Path) -> None:
+    """The probes are compiled in a child that hands the collector the maps and the perf event
+    fds that keep them attached: once the collector is killed (no detach code runs), the
+    kernel must drop the maps, and the target runs on."""
+    target = subprocess.Popen([PYTHON, "-c", "import time\nwhile True:\n"
+                               "    open('/dev/null').close(); time.sleep(0.01)"])  # fmt: skip
+    try:
+        tracer = Tracer(["-p", str(target.pid), "--backend", "bpf", "--aggregate",
+                         "-o", str(workdir / "trace")])  # fmt: skip
+        tracer.wait_attached()
+        map_ids, perf_events = bpf_fds(tracer.proc.pid)
+        assert map_ids and perf_events > 50, (map_ids, perf_events)  # one per syscall tracepoint
+        assert all(map_exists(i) for i in map_ids)
+        tracer.proc.kill()
+        tracer.proc.wait(timeout=30)
+        wait_until(lambda: not any(map_exists(i) for i in map_ids), 30, "the maps released")
+        assert target.poll() is None, "the target runs on"
+    finally:
+        target.kill()
+        target.wait()

@@ -1,4 +1,5 @@
-"""The BPF backend: syscall tracepoints and the in-kernel Python stack walker, through bcc.
+"""The BPF backend: syscall tracepoints and the in-kernel Python stack walker (compiled and
+loaded by bcc in a child process, loader.py; the maps read with bpf(2), maps.py).
 
 It implements cmtrace.record.backend.Backend over the pieces of this package: the loader
 (probes), the ring reader, the decoder (records -> Arrow), the walker configs (targets), the
@@ -95,7 +96,8 @@ class BpfBackend:
             self.call_probes = CallProbes(self.bpf)
         if self.aggregate:
             self.aggregator = Aggregator(self.bpf, self.aggregate, self.start_ns)
-        release_compiler_memory()  # the compile left ~100 MB of RSS behind (memory.py)
+        if not isinstance(self.bpf, loader.Probes):  # --calls: compiled here (memory.py)
+            release_compiler_memory()
 
     def _set(self, index: int, value: int) -> None:
         self.bpf["settings"][ctypes.c_int(index)] = ctypes.c_uint32(value)
