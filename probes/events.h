@@ -122,6 +122,7 @@ enum call_arg_kind {
 
 #define PY_REC_STACK 100
 #define PY_REC_CODE 101
+#define PY_REC_GENS 102          // generator frames of the birth that follows (struct py_gens_rec)
 #define PY_REC_MIN PY_REC_STACK  // lowest type of a Python record
 
 // struct fd_event.stack_flags / struct py_stack_rec.flags (schema.STACK_*)
@@ -135,6 +136,10 @@ enum call_arg_kind {
 #define PY_NO_OFFSET 0xffff
 
 #define PY_MAX_FRAMES 136  // frames kept per stack (>= 128 required; verifier cost ~ this)
+// Generator / coroutine frames kept per birth (issue 13's liveness check): in the FastAPI /
+// asyncpg incident the route coroutine sits under asyncpg's and ~15 starlette frames.
+#define PY_MAX_GENS 16
+#define PY_GEN_INDEX_SHIFT 48  // py_gens_rec.gens[i] = frame index << 48 | generator address
 
 // Bytes the walker reads of each object at once. A configured offset names an 8-byte field
 // read from this buffer, so the largest usable offset is the read size minus 8 (symbolize.py
@@ -161,7 +166,7 @@ struct py_config {
     u8 frames;              // PY_FRAMES_*
     u8 match_native_tid;    // 1: native_thread_id == ns tid; 0: thread_id == fsbase
     u8 owner_not_python;    // frame owners >= this are not Python frames
-    u8 pad;
+    u8 owner_generator;     // the frame owner of a generator's embedded frame (3.11+)
     u16 interp_next, interp_threads_head;
     u16 ts_next, ts_thread_id, ts_native_thread_id, ts_frame, cframe_current_frame;
     u16 ts_chunk, ts_top, chunk_data;
@@ -169,6 +174,8 @@ struct py_config {
     u16 co_flags, co_firstlineno, co_argcount, co_filename, co_name, co_qualname, co_linetable;
     u16 ob_type, bytes_size, bytes_data, str_length, str_state, str_ascii, str_compact;
     u16 ts_exception;       // the exception being raised (curexc_type / current_exception)
+    u16 fr_gen;             // PyFrameObject.f_gen (<= 3.10; PY_NO_OFFSET on 3.11+)
+    u16 gen_iframe;         // offset of the generator's embedded frame (3.11+; else PY_NO_OFFSET)
 };
 
 struct py_frame {
@@ -212,6 +219,21 @@ struct py_code_rec {
     u8 qualname[PY_NAME_MAX];
     u8 file[PY_FILE_MAX];
     u8 linetable[PY_LINETABLE_MAX];
+};
+
+// The generator, coroutine and async generator frames of a birth's stack (innermost first, at
+// most PY_MAX_GENS), sent just before that birth and only when there is one: the same stack id
+// is met with other generator objects, so they are not part of the interned stack.
+struct py_gens_rec {
+    u64 ts;
+    u32 pid;
+    u32 tid;
+    u16 type;
+    u16 ngens;
+    u32 pad;
+    u64 stack_id;
+    u64 gens[PY_MAX_GENS];   // frame index << PY_GEN_INDEX_SHIFT | the generator's address
+    u64 codes[PY_MAX_GENS];  // the code object that frame ran (what the generator must run)
 };
 
 // ---- ptrace backend: control messages, Python -> engine (cmtrace/record/ptrace/wire.py) ----

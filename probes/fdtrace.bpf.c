@@ -787,6 +787,10 @@ int on_sys_exit(struct sys_exit_ctx *ctx) {
     if (!slot || !prepare_exit(ctx, (u32)pid_tgid, ctx->ret, slot))
         return 0;
     struct stack_ref st = python_stack(ctx, pid_tgid);
+#ifndef CMTRACE_AGGREGATE  // (--aggregate ships births later, out of agg_live: no generators)
+    if (ctx->ret >= 0)
+        python_emit_generators(pid_tgid, st.id);
+#endif
     slot = exit_args.lookup(&zero);  // re-read after the walk: one verifier state reaches it
     if (!slot)
         return 0;

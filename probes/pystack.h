@@ -58,6 +58,7 @@ static __always_inline void python_forget_thread(u32 tid) {}
 static __always_inline void python_forget_process(u32 tgid) {}
 static __always_inline int python_exception_pending(u64 pid_tgid) { return -1; }
 static __always_inline void python_inherit_process(u32 parent, u32 child) {}
+static __always_inline void python_emit_generators(u64 pid_tgid, u64 stack_id) {}
 #else
 
 // The walk itself (shared with the ptrace engine); its reads are the kernel helper here.
@@ -292,6 +293,31 @@ static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags)
 // collector's programs capture once, then emit), not at every place that emits an event.
 static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
     return py_capture(ctx, pid_tgid, stack_flags);
+}
+
+// Right after capture_python_stack, before the birth is reserved: the walk's generator frames
+// (issue 13's liveness check reads them when recording stops), when it met any. stack_id 0:
+// no walk ran in this program, so the scratch is another event's.
+static __always_inline void python_emit_generators(u64 pid_tgid, u64 stack_id) {
+    if (!stack_id)
+        return;
+    u32 zero = 0;
+    struct py_scratch *s = py_scratch_map.lookup(&zero);
+    if (!s || !s->ngens)
+        return;
+    struct py_gens_rec *r = events.ringbuf_reserve(sizeof(struct py_gens_rec));
+    if (!r)
+        return;  // the birth then has no generators: its liveness stays unproven
+    r->ts = bpf_ktime_get_ns();
+    r->pid = pid_tgid >> 32;
+    r->tid = (u32)pid_tgid;
+    r->type = PY_REC_GENS;
+    r->ngens = s->ngens;
+    r->pad = 0;
+    r->stack_id = stack_id;
+    bpf_probe_read_kernel(r->gens, sizeof(r->gens), s->gens);
+    bpf_probe_read_kernel(r->codes, sizeof(r->codes), s->gen_codes);
+    events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline void python_forget_thread(u32 tid) {

@@ -27,14 +27,17 @@ struct py_scratch {
     u8 str[72];
     struct py_frame frames[PY_MAX_FRAMES];
     u64 todo[PY_CODES_PER_EVENT];   // code objects to send
+    u64 gens[PY_MAX_GENS];           // generator frames of the walk (struct py_gens_rec.gens)
+    u64 gen_codes[PY_MAX_GENS];
     u64 top;       // top frame of the thread found
     u64 win, win_reach;
     struct {
-        u64 code, previous, instr, globals;
+        u64 code, previous, instr, globals, gen;
         u8 owner;
     } cur;         // the frame being walked
     u32 nframes;   // kept in memory, not registers, so the verifier does not fork states on it
     u32 ntodo;
+    u32 ngens;
 };
 
 static __always_inline u64 py_u64(const u8 *buf, u32 off) {
@@ -120,9 +123,34 @@ static __always_inline void py_take_frame(struct py_config *cfg, struct py_scrat
     s->cur.instr = py_u64(fb, cfg->fr_instr & 0x7f);
     s->cur.owner = fb[cfg->fr_owner & 0x7f];
     s->cur.globals = py_u64(fb, cfg->fr_globals & 0x7f);
+    s->cur.gen = py_u64(fb, cfg->fr_gen & 0x7f);   // f_gen (<= 3.10); unused when PY_NO_OFFSET
 }
 
-// Walk the frame chain from s->top into s->frames; returns the stack hash.
+// The generator (coroutine, async generator) object whose frame the walk is at (0: none): the
+// frame's f_gen on <= 3.10; on 3.11+ a generator's frame is embedded in the generator object,
+// gen_iframe bytes in, and its owner says so.
+static __always_inline u64 py_frame_generator(struct py_config *cfg, struct py_scratch *s,
+                                              u64 frame) {
+    if (cfg->fr_gen != PY_NO_OFFSET)
+        return s->cur.gen;
+    if (cfg->gen_iframe != PY_NO_OFFSET && s->cur.owner == cfg->owner_generator)
+        return frame - cfg->gen_iframe;
+    return 0;
+}
+
+// Keep frame number n's generator for the birth's py_gens_rec (the innermost PY_MAX_GENS).
+static __always_inline void py_note_generator(struct py_scratch *s, u32 n, u64 gen, u64 code) {
+    u32 g = s->ngens;
+    if (!gen || g >= PY_MAX_GENS)
+        return;
+    s->gens[g & (PY_MAX_GENS - 1)] = ((u64)n << PY_GEN_INDEX_SHIFT) |
+                                     (gen & ((1ULL << PY_GEN_INDEX_SHIFT) - 1));
+    s->gen_codes[g & (PY_MAX_GENS - 1)] = code;
+    s->ngens = g + 1;
+}
+
+// Walk the frame chain from s->top into s->frames, and the generator frames into s->gens (not
+// part of the hash: one stack meets many generator objects); returns the stack hash.
 static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, u32 tgid,
                                    u32 *flags) {
     u32 win_len = 0;
@@ -132,6 +160,7 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
     u64 hash = py_mix(0xcbf29ce484222325ULL, ((u64)tgid << 32) | cfg->generation);
     u64 frame = s->top;
     s->nframes = 0;
+    s->ngens = 0;
     PY_NO_UNROLL
     for (int i = 0; i < PY_MAX_STEPS; i++) {
         if (!frame)
@@ -146,6 +175,7 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
             }
             py_take_frame(cfg, s, s->frame);
         }
+        u64 here = frame;
         frame = s->cur.previous;
         u64 code = s->cur.code & ~cfg->code_tag_mask;
         // C-stack shim / entry frames (owner) and 3.13 entry frames (None) are not Python.
@@ -161,6 +191,7 @@ static __always_inline u64 py_walk(struct py_config *cfg, struct py_scratch *s, 
         s->frames[n].code = code;
         s->frames[n].instr = s->cur.instr;
         s->nframes = n + 1;
+        py_note_generator(s, n, py_frame_generator(cfg, s, here), code);
         // f_globals (the module's dict) too: a module body's code object is freed after the
         // import, and the next module's may get its address and run at the same offsets.
         hash = py_mix(py_mix(py_mix(hash, code), s->cur.instr), s->cur.globals);

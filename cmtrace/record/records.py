@@ -32,7 +32,9 @@ EV_CALL = 10  # --calls: an __enter__/__exit__ entry or return (decode_calls, no
 # Python records (probes/pystack.h): PY_REC_*
 REC_STACK = 100
 REC_CODE = 101
+REC_GENS = 102  # the generator frames of the birth that follows (issue 13's liveness check)
 PYTHON_RECORD_MIN_TYPE = REC_STACK  # PY_REC_MIN: fd records are below, Python records from here
+PYTHON_RECORD_MAX_TYPE = REC_GENS  # the highest Python record type there is
 
 # struct py_stack_rec: head, then `nframes` struct py_frame (code, instr)
 STACK_HEAD = struct.Struct("<QIIHHIQII")
@@ -40,6 +42,13 @@ FRAME = struct.Struct("<QQ")
 # struct py_code_rec: head, then fixed-size name, qualname, file and line table buffers
 CODE_HEAD = struct.Struct("<QIIHHHHQIIiIIIIIII")
 NAME_AT, QUALNAME_AT, FILE_AT, LINETABLE_AT = 72, 328, 584, 1608
+# struct py_gens_rec: head, then PY_MAX_GENS words (frame index << 48 | generator address),
+# then PY_MAX_GENS code object addresses; `ngens` of each are used
+GENS_HEAD = struct.Struct("<QIIHHIQ")
+MAX_GENS = 16  # PY_MAX_GENS
+GEN_INDEX_SHIFT = 48  # PY_GEN_INDEX_SHIFT
+GENS_AT = GENS_HEAD.size
+GEN_CODES_AT = GENS_AT + 8 * MAX_GENS
 
 # Bytes the kernel walker reads of each object (PY_TSTATE_READ, PY_FRAME_READ, PY_CODE_READ,
 # PY_STR_HEAD) less 8: an offset names an 8-byte field read from that buffer, so this is the

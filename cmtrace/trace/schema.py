@@ -71,8 +71,14 @@ EVENTS = pa.schema(
         ("stack_id", pa.int64()),  # 0 = no Python stack captured (see meta degraded counts)
         ("stack_flags", pa.int32()),  # STACK_* bits below
         ("finalizing", pa.bool_()),  # interpreter was finalizing at this event
+        # births only: the generator / coroutine frames of the opening stack, innermost first,
+        # each `frame index (depth) << 48 | the generator object's address`; null: none, or
+        # not recorded (--aggregate, older traces). generators.json says what became of them.
+        ("generators", pa.list_(pa.int64())),
     ]
 )
+
+GENERATOR_INDEX_SHIFT = 48  # a `generators` word: frame index << 48 | the generator's address
 
 STACK_TRUNCATED = 1  # more frames than the walker's limit
 STACK_NO_PYTHON = 2  # the thread had no Python frames (or the process is not CPython)

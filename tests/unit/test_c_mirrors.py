@@ -41,6 +41,7 @@ CODE_REC_FIELDS = (
     "linetable_len", "linetable_total",
 )  # fmt: skip
 CODE_REC_TAILS = ("name", "qualname", "file", "linetable")
+GENS_REC_FIELDS = ("ts", "pid", "tid", "type", "ngens", "pad", "stack_id")
 EVENT_KINDS = (
     "EV_BIRTH", "EV_CLOSE", "EV_CLOSE_RANGE", "EV_FAIL", "EV_CLOEXEC", "EV_ADDR", "EV_FORK",
     "EV_EXEC", "EV_EXIT", "EV_CALL",
@@ -57,7 +58,7 @@ AGGREGATE_CONSTANTS = (
     "AGG_PAIR_SHIP", "AGG_FULL_LIVE", "AGG_FULL_PAIRS",
 )  # fmt: skip
 CONSTANTS = (
-    "PY_REC_STACK", "PY_REC_CODE", "PY_REC_MIN", "PY_NO_OFFSET", "PY_MAX_FRAMES", "DATA_LEN",
+    "PY_REC_STACK", "PY_REC_CODE", "PY_REC_GENS", "PY_MAX_GENS", "PY_GEN_INDEX_SHIFT", "PY_REC_MIN", "PY_NO_OFFSET", "PY_MAX_FRAMES", "DATA_LEN",
     "F_DUPFD_", "F_DUPFD_CLOEXEC_", *READ_SIZES.values(), *CALL_ARG_KINDS.values(),
     *EVENT_KINDS, *(f"PY_STACK_{flag}" for flag in STACK_FLAGS), *CONTROL_KINDS,
     "ENGINE_FRAME_HEADER", *AGGREGATE_CONSTANTS,
@@ -82,7 +83,8 @@ def _c_program() -> str:
         lines.append(f'    printf("\\"{key}\\": %lld, ", (long long)({expr}));')
 
     for struct_name, fields in (("fd_event", FD_EVENT_FIELDS), ("py_stack_rec", STACK_REC_FIELDS),
-                                ("py_code_rec", CODE_REC_FIELDS + CODE_REC_TAILS)):  # fmt: skip
+                                ("py_code_rec", CODE_REC_FIELDS + CODE_REC_TAILS),
+                                ("py_gens_rec", GENS_REC_FIELDS + ("gens", "codes"))):  # fmt: skip
         put(f"sizeof {struct_name}", f"sizeof(struct {struct_name})")
         for name in fields:
             put(f"{struct_name}.{name}", f"offsetof(struct {struct_name}, {name})")
@@ -141,7 +143,7 @@ def test_every_record_type_sits_where_the_ring_reader_looks(header):
     # RingReader reads the type 8 bytes (the ring's own record header) before the payload's
     # `type`; Symbolizer.on_record reads it at the payload's offset 16.
     ring_type_at = ring.RingReader._HEAD.size - 2 - 8
-    for struct_name in ("fd_event", "py_stack_rec", "py_code_rec"):
+    for struct_name in ("fd_event", "py_stack_rec", "py_code_rec", "py_gens_rec"):
         assert header[f"{struct_name}.type"] == ring_type_at == 16
 
 
@@ -151,6 +153,7 @@ def test_record_kinds(header):
     assert records.PYTHON_RECORD_MIN_TYPE == header["PY_REC_MIN"]
     assert records.REC_STACK == header["PY_REC_STACK"]
     assert records.REC_CODE == header["PY_REC_CODE"]
+    assert records.REC_GENS == header["PY_REC_GENS"] == records.PYTHON_RECORD_MAX_TYPE
     assert max(header[name] for name in EVENT_KINDS) < header["PY_REC_MIN"]
 
 
@@ -174,6 +177,17 @@ def test_code_record(header):
     tails = (records.NAME_AT, records.QUALNAME_AT, records.FILE_AT,
              records.LINETABLE_AT)  # fmt: skip
     assert tails == tuple(header[f"py_code_rec.{name}"] for name in CODE_REC_TAILS)
+
+
+def test_generators_record(header):
+    assert _struct_offsets(records.GENS_HEAD, GENS_REC_FIELDS) == {
+        name: header[f"py_gens_rec.{name}"] for name in GENS_REC_FIELDS
+    }
+    assert (records.GENS_AT, records.GEN_CODES_AT) == (
+        header["py_gens_rec.gens"], header["py_gens_rec.codes"])  # fmt: skip
+    assert records.MAX_GENS == header["PY_MAX_GENS"]
+    assert records.GEN_INDEX_SHIFT == header["PY_GEN_INDEX_SHIFT"] == schema.GENERATOR_INDEX_SHIFT
+    assert records.GEN_CODES_AT + 8 * records.MAX_GENS == header["sizeof py_gens_rec"]
 
 
 def test_read_limits_are_the_read_sizes_less_one_field(header):

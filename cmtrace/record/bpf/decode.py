@@ -224,6 +224,9 @@ def _to_table(
     arrays = []
     every = bool(keep.all())  # the common case: no row is dropped, so no copy is made
     for fld in schema.EVENTS:
+        if fld.name == "generators":  # BirthGenerators.attach fills the births that have them
+            arrays.append(pa.nulls(int(keep.sum()) if not every else len(keep), fld.type))
+            continue
         if fld.name == "path":
             arrays.append(paths if every else paths.filter(pa.array(keep)))
             continue

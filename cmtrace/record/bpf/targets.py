@@ -28,7 +28,7 @@ from typing import Any
 
 from cmtrace.interp import walker
 from cmtrace.interp.discover import Interpreter, NotPython, NotReady, find_interpreter
-from cmtrace.interp.layouts import FRAMES_HEAP, NO_OFFSET, Layout, LayoutError
+from cmtrace.interp.layouts import FRAMES_HEAP, GENERATORS, NO_OFFSET, Layout, LayoutError
 from cmtrace.record import procfs
 from cmtrace.record.backend import PythonTarget
 from cmtrace.record.bpf import btf
@@ -141,6 +141,21 @@ def config_values(interp: Interpreter, generation: int) -> dict[str, int]:
         "ts_exception": _u16(lay.tstate_exception)
         if lay.tstate_exception <= READ_LIMITS["ts"]
         else CONFIG_NO_OFFSET,
+        **generator_values(lay.minor),
+    }
+
+
+def generator_values(minor: int) -> dict[str, int]:
+    """Where the walker finds a frame's generator (issue 13's liveness check): f_gen (<= 3.10)
+    or the embedded frame's offset and owner (3.11+); none of it for an unknown minor."""
+    gen = GENERATORS.get(minor)
+    if gen is None or gen.frame_gen > READ_LIMITS["frame"]:
+        return {"fr_gen": CONFIG_NO_OFFSET, "gen_iframe": CONFIG_NO_OFFSET, "owner_generator": 255}
+    owner = gen.owner_generator
+    return {
+        "fr_gen": _u16(gen.frame_gen),
+        "gen_iframe": _u16(gen.gen_iframe),
+        "owner_generator": 255 if owner == NO_OFFSET else owner,
     }
 
 

@@ -477,6 +477,13 @@ static struct thread threads[MAX_THREADS];
 // walk read, and a pending birth's path
 static struct read_plan plans[MAX_THREADS];
 static char pending_paths[MAX_THREADS][DATA_LEN];
+// the generator frames of a pending birth's stack, walked at its entry, sent at its exit
+struct kept_gens {
+    u64 stack_id;
+    u32 n;
+    u64 gens[PY_MAX_GENS], codes[PY_MAX_GENS];
+};
+static struct kept_gens kept_gens[MAX_THREADS];
 static struct proc procs[MAX_PROCS];
 static int live_threads;
 // The process of a task whose first stop came before its parent's clone event, until that
@@ -638,6 +645,35 @@ static void emit_stack(struct thread *t, u64 id, u32 flags) {
     stat.stacks++;
 }
 
+// Keep the last walk's generator frames for this thread's birth (the scratch is the next walk's).
+static void keep_generators(struct thread *t, u64 stack_id) {
+    struct kept_gens *k = &kept_gens[t - threads];
+    struct py_scratch *s = &scratch;
+    k->stack_id = stack_id;
+    k->n = stack_id ? s->ngens : 0;
+    memcpy(k->gens, s->gens, k->n * sizeof(u64));
+    memcpy(k->codes, s->gen_codes, k->n * sizeof(u64));
+}
+
+// Just before a birth's record: the generator frames of its stack, when it had any.
+static void emit_generators(struct thread *t) {
+    static struct py_gens_rec r;
+    struct kept_gens *k = &kept_gens[t - threads];
+    if (!k->n || !t->proc->recorded)
+        return;
+    memset(&r, 0, sizeof r);
+    r.ts = now_ns();
+    r.pid = (u32)t->proc->tgid;
+    r.tid = (u32)t->tid;
+    r.type = PY_REC_GENS;
+    r.ngens = (u16)k->n;
+    r.stack_id = k->stack_id;
+    memcpy(r.gens, k->gens, k->n * sizeof(u64));
+    memcpy(r.codes, k->codes, k->n * sizeof(u64));
+    put_record(&r, sizeof r);
+    k->n = 0;
+}
+
 // Every frame's code object must be one; send those this process has not been sent (once per
 // code object, process and generation, re-sent when the address holds another code object).
 static int send_codes(struct thread *t) {
@@ -679,6 +715,7 @@ static u64 capture_stack(struct thread *t, u32 *flags) {
     }
     struct py_config *cfg = &p->cfg;
     struct py_scratch *s = &scratch;
+    s->ngens = 0;
     mem_begin(t->tid);
     prefetch(&plans[t - threads]);
     learned.n = 0;
@@ -810,7 +847,9 @@ static void emit_received(struct thread *t, const struct syscall_shape *sh) {
         return;
     u32 flags = 0;
     u64 id = capture_stack(t, &flags);
+    keep_generators(t, id);
     for (u32 at = 0; at < n; at += per_record) {
+        emit_generators(t);  // (the first record only: it clears what it sent)
         u32 count = n - at < per_record ? n - at : per_record;
         begin_event(t, EV_BIRTH, sh->nr, id, flags);
         memcpy(rec.data, fds + at, count * 4);
@@ -829,6 +868,8 @@ static void emit_birth(struct thread *t, const struct syscall_shape *sh, s64 ret
             emit_received(t, sh);
         return;
     }
+    if (ret >= 0)
+        emit_generators(t);
     begin_event(t, ret < 0 ? EV_FAIL : EV_BIRTH, sh->nr, t->stack_id, t->stack_flags);
     if (ret < 0)
         rec.e.err = (s32)-ret;
@@ -960,6 +1001,7 @@ static int on_syscall_entry(struct thread *t, long nr, const u64 *args) {
     if (sh->handling == H_PATH)
         take_path_along(t, args[sh->ptr]);
     t->stack_id = sh->handling == H_SCM ? 0 : capture_stack(t, &t->stack_flags);
+    keep_generators(t, t->stack_id);
     char *path = pending_paths[t - threads];
     t->path_len = passenger.len ? path_length(path, passenger.got) : PATH_UNREAD;
     passenger.len = 0;
@@ -989,6 +1031,8 @@ static void on_syscall_exit(struct thread *t, s64 ret) {
         return;
     u32 flags = 0;
     u64 id = capture_stack(t, &flags);
+    keep_generators(t, id);
+    emit_generators(t);
     begin_event(t, EV_BIRTH, (u16)regs.orig_rax, id, flags);
     rec.e.fd = (s32)ret;
     end_event(t);

@@ -24,14 +24,14 @@ _TYPE_AT = 16  # the payload's `type` (u16), in every record kind
 
 _U64 = ("interp_head_addr", "finalizing_addr", "code_type", "none_addr", "pidns_dev",
         "pidns_ino", "code_tag_mask")  # fmt: skip
-_U8 = ("frames", "match_native_tid", "owner_not_python", "pad")
+_U8 = ("frames", "match_native_tid", "owner_not_python", "owner_generator")
 _U16 = (
     "interp_next", "interp_threads_head", "ts_next", "ts_thread_id", "ts_native_thread_id",
     "ts_frame", "cframe_current_frame", "ts_chunk", "ts_top", "chunk_data", "fr_code",
     "fr_previous", "fr_instr", "fr_owner", "fr_globals", "co_flags", "co_firstlineno",
     "co_argcount", "co_filename", "co_name", "co_qualname", "co_linetable", "ob_type",
     "bytes_size", "bytes_data", "str_length", "str_state", "str_ascii", "str_compact",
-    "ts_exception",
+    "ts_exception", "fr_gen", "gen_iframe",
 )  # fmt: skip
 
 
@@ -138,6 +138,6 @@ def _header_slots(buf: bytes) -> np.ndarray:
     fd_record = (
         (kind > 0) & (kind < PYTHON_RECORD_MIN_TYPE) & (length == datalen + records.HEADER_SIZE)
     )
-    python_record = (kind == records.REC_STACK) | (kind == records.REC_CODE)
+    python_record = (kind >= PYTHON_RECORD_MIN_TYPE) & (kind <= records.PYTHON_RECORD_MAX_TYPE)
     slots: np.ndarray = np.flatnonzero((zero == 0) & (fd_record | python_record)) * 8
     return slots.astype(np.int64)
