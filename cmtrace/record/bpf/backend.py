@@ -27,6 +27,7 @@ from cmtrace.record.bpf.memory import release_compiler_memory
 from cmtrace.record.bpf.ring import RingReader
 from cmtrace.record.bpf.stacks import Symbolizer
 from cmtrace.record.bpf.targets import Interpreters, PythonTargets
+from cmtrace.record.generators import BirthGenerators, is_generators_record
 from cmtrace.record.options import PAGE_SIZE
 from cmtrace.record.records import SETTING_FOLLOW, SETTING_HOLD_PID, SETTING_HOLD_PYTHON, Batch
 
@@ -62,6 +63,7 @@ class BpfBackend:
         self.interpreters = Interpreters()
         # Made now, not after the compile: it starts the BTF warm-up (see warm_btf).
         self.symbolizer = Symbolizer(self.interpreters) if python_stacks else None
+        self.generators = BirthGenerators()  # each birth's generator frames (issue 13)
         self.call_probes: CallProbes | None = None
         self.aggregate = (
             aggregate  # --aggregate: counted in the kernel (cmtrace.record.bpf.aggregate)
@@ -178,7 +180,10 @@ class BpfBackend:
         buf, offsets, python_records = self.ring.read()
         if self.symbolizer is not None:
             for record in python_records:
-                self.symbolizer.on_record(record)
+                if is_generators_record(record):
+                    self.generators.note(record)
+                else:
+                    self.symbolizer.on_record(record)
         batch = Batch(buf, offsets)
         shipped = None
         if self.aggregator is not None:
@@ -187,7 +192,7 @@ class BpfBackend:
         if not len(batch) and shipped is None:
             return None
         calls = decode_calls(batch, self.start_ns) if self.call_probes is not None else None
-        events = decode(batch, self.start_ns)
+        events = self.generators.attach(decode(batch, self.start_ns), self.start_ns)
         if shipped is not None:  # births out of the kernel's live map, with their own times
             events = pa.concat_tables([events, decode(shipped, self.start_ns)])
             events = events.sort_by([("t_ns", "ascending")])

@@ -28,6 +28,7 @@ from cmtrace.errors import CmtraceError, EnvironmentProblem, TargetError
 from cmtrace.record import permissions, procfs
 from cmtrace.record.backend import PythonTarget, Records
 from cmtrace.record.bpf import stacks, targets
+from cmtrace.record.generators import BirthGenerators
 from cmtrace.record.ptrace.driver import PENDING_POLL_S, REVALIDATE_S, EngineRecording
 from cmtrace.record.ptrace.engine import EXIT_PTRACE_REFUSED, Engine, EngineUnavailable
 from cmtrace.record.records import Batch
@@ -59,6 +60,7 @@ class PtraceBackend:
         self.start_ns = time.monotonic_ns()
         self.interpreters = targets.Interpreters()
         self.symbolizer = stacks.Symbolizer(self.interpreters, warm=False)  # no BPF: no BTF
+        self.generators = BirthGenerators()  # each birth's generator frames (issue 13)
         self.recordings: list[EngineRecording] = []
         self.waiting: list[tuple[EngineRecording, Batch, list[bytes]]] = []  # read, not taken
         self.counters: dict[str, int] = {}
@@ -83,6 +85,7 @@ class PtraceBackend:
             engine, boot_ns=self.start_ns, interpreters=self.interpreters, stacks=self.stacks
         )
         recording.symbolizer = self.symbolizer  # one id space for every engine's records
+        recording.generators = self.generators
         self.recordings.append(recording)
         return recording
 

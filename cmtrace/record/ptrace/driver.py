@@ -31,6 +31,7 @@ from cmtrace.interp.layouts import LayoutError
 from cmtrace.record import procfs, records
 from cmtrace.record.backend import PythonTarget
 from cmtrace.record.bpf import decode, stacks, targets
+from cmtrace.record.generators import BirthGenerators, is_generators_record
 from cmtrace.record.ptrace import wire
 from cmtrace.record.ptrace.engine import Engine
 
@@ -50,6 +51,7 @@ class EngineRecording:
     boot_ns: int = field(default_factory=time.monotonic_ns)
     interpreters: targets.Interpreters = field(default_factory=targets.Interpreters)
     symbolizer: stacks.Symbolizer = field(init=False)
+    generators: BirthGenerators = field(default_factory=BirthGenerators)
     targets: dict[int, PythonTarget] = field(default_factory=dict)  # pid -> its interpreter
     stacks: bool = True  # configure Python stacks (off: fds only; execs are resumed at once)
     _pending: dict[int, float] = field(default_factory=dict)  # held pid -> since when
@@ -92,12 +94,15 @@ class EngineRecording:
             self._revalidate()
             return _EMPTY_EVENTS
         for record in python_records:
-            self.symbolizer.on_record(record)
+            if is_generators_record(record):
+                self.generators.note(record)
+            else:
+                self.symbolizer.on_record(record)
         for pid in self._exec_pids(batch):
             self._on_exec(pid)
         self._retry_pending()
         self._revalidate()
-        return decode.decode(batch, self.boot_ns)
+        return self.generators.attach(decode.decode(batch, self.boot_ns), self.boot_ns)
 
     @staticmethod
     def _exec_pids(batch: records.Batch) -> list[int]:
