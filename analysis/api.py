@@ -94,6 +94,7 @@ class Trace:
         self.sources = raw.sources
         self.preexisting = raw.preexisting
         self.snapshot = raw.snapshot
+        self.generators = raw.generators  # the liveness check's findings (None: no check)
         self.src = SourceIndex.from_table(raw.sources, local_fallback=local_sources)
         self.pairing = PairingStats()
         self._stack_api: dict[int, str | None] = {}  # open stack -> API (filled with fds)
@@ -344,7 +345,7 @@ class Trace:
         stacks = fds["open_stack"].to_numpy()[leaks].tolist()
         pids = fds["pid"].to_numpy()[leaks].tolist()
         still_open = fds["died_ns"].isna().to_numpy()[leaks].tolist()
-        per_process = set(self._still_running())
+        per_process = set(self._still_running()) | self._checked_pids()
         with_calls = set(self.calls.pids) if self.calls else set()
         return [
             (stack, pid if (open_ and pid in per_process) or pid in with_calls else -1, open_)
@@ -358,6 +359,7 @@ class Trace:
         running = self._still_running()
         verdicts: dict[tuple, Verdict] = {}
         opened = self._one_birth_per_key(fds, leaks, keys) if self.calls else {}
+        liveness = self._liveness(fds, leaks, keys) if self.generators else {}
         distinct = list(dict.fromkeys(keys))
         sites = self._site_keys(np.array([stack for stack, _, _ in distinct], dtype=np.int64))
         for (stack, pid, open_at_end), site in zip(distinct, sites):
@@ -367,6 +369,7 @@ class Trace:
                 sibling_deaths=siblings.get(site, {}),
                 calls=self.calls,
                 opened=opened.get((stack, pid, open_at_end)),
+                liveness=liveness.get((stack, pid, open_at_end)),
             )
             frames = self.frames.get(stack, [])
             verdict = classify(frames, self.src, ctx)
@@ -374,6 +377,56 @@ class Trace:
                                   innermost_user(frames), verdict.with_frame)  # fmt: skip
             verdicts[(stack, pid, open_at_end)] = verdict
         return verdicts
+
+    def _checked_pids(self) -> set[int]:
+        """Processes the liveness check read (or tried to) when recording stopped."""
+        processes = (self.generators or {}).get("processes") or {}
+        return {int(pid) for pid in processes}
+
+    def _birth_generators(self) -> dict[tuple[int, int, int], list[int]]:
+        """(pid, tid, t_ns) of each birth that ran in generator frames -> its `generators`."""
+        out: dict[tuple[int, int, int], list[int]] = {}
+        columns = ("t_ns", "pid", "tid", "generators")
+        for part in self._event_parts(columns):
+            if "generators" not in part.column_names:
+                continue
+            part = part.filter(pc.is_valid(part.column("generators")))
+            for t, pid, tid, words in zip(*(part.column(c).to_pylist() for c in columns)):
+                out[(pid, tid, t)] = words
+        return out
+
+    def _liveness(
+        self, fds: pd.DataFrame, leaks: np.ndarray, keys: list[tuple]
+    ) -> dict[tuple, dict[int, list[dict]]]:
+        """Context.liveness of each verdict key of an fd still open in a process the check
+        read: per frame index of the opening stack, what became of the generator that frame
+        ran, for each fd of the key (a finding of generators.json, or why there is none)."""
+        assert self.generators is not None
+        processes = self.generators.get("processes") or {}
+        found = {
+            (row["pid"], row["stack_id"], row["frame"], row["address"]): row
+            for row in self.generators.get("generators") or []
+        }
+        words_of = self._birth_generators()
+        mask = (1 << schema.GENERATOR_INDEX_SHIFT) - 1
+        out: dict[tuple, dict[int, list[dict]]] = {}
+        pids = fds["pid"].to_numpy()[leaks].tolist()
+        tids = fds["tid"].to_numpy()[leaks].tolist()
+        born = fds["born_ns"].to_numpy()[leaks].tolist()
+        for key, pid, tid, t in zip(keys, pids, tids, born):
+            stack, key_pid, open_at_end = key
+            if key_pid < 0 or not open_at_end or str(key_pid) not in processes:
+                continue
+            per_frame = out.setdefault(key, {})
+            why_not = processes[str(key_pid)]
+            for word in words_of.get((pid, tid, int(t)), []):
+                frame, address = word >> schema.GENERATOR_INDEX_SHIFT, word & mask
+                row = found.get((pid, stack, frame, address)) if why_not is None else None
+                if row is None:
+                    row = {"pid": pid, "address": address, "state": None,
+                           "error": why_not or "not read when recording stopped"}  # fmt: skip
+                per_frame.setdefault(frame, []).append(row)
+        return out
 
     @cached_property
     def calls(self) -> CallLog:

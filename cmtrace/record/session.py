@@ -429,6 +429,7 @@ class Recording:
         self._drain()
         self.flush(final=True)
         self._snapshot_threads()
+        self._check_generators()
         self._capture_sources()
         for observer in self.observers:
             observer.stopped(self)
@@ -470,6 +471,41 @@ class Recording:
             ]
         if threads:
             writer.write_json("snapshot.json", {"threads": threads})
+
+    def _check_generators(self) -> None:
+        """Issue 13's liveness check, while the targets still live: what became of each
+        generator, coroutine and async generator a birth's stack ran in (generators.json).
+        A few reads of /proc/PID/mem per address, the target not stopped."""
+        births = getattr(self.backend, "generators", None)
+        if not self.stacks or births is None:
+            return
+        from cmtrace.interp import generators  # noqa: PLC0415
+        from cmtrace.record.generators import split_word  # noqa: PLC0415
+
+        by_pid: dict[int, list[tuple[int, int, int]]] = {}
+        for pid, stack, word, code in births.wanted():
+            by_pid.setdefault(pid, []).append((stack, word, code))
+        if not by_pid:
+            return
+        processes: dict[str, str | None] = {}
+        rows = []
+        for pid, wanted in by_pid.items():
+            if not procfs.is_alive(pid):
+                processes[str(pid)] = "the process had ended when recording stopped"
+                continue
+            try:
+                found = generators.check(pid, [(split_word(w)[1], c) for _, w, c in wanted])
+            except Exception as exc:  # evidence only: never lose the trace over it
+                processes[str(pid)] = f"check failed: {type(exc).__name__}: {exc}"
+                continue
+            processes[str(pid)] = None
+            at = {(f.address, f.code): f for f in found}
+            for stack, word, code in wanted:
+                frame, address = split_word(word)
+                finding = at.get((address, code))
+                if finding is not None:
+                    rows.append({**finding.as_dict(), "stack_id": stack, "frame": frame})
+        self._writer().write_json("generators.json", {"processes": processes, "generators": rows})
 
     def _read_new_sources(self) -> None:
         """Read each source file when a stack first names it: a target in a container or

@@ -43,6 +43,7 @@ class RawTrace:
     sources: pd.DataFrame
     preexisting: pd.DataFrame
     snapshot: dict[str, Any] | None  # end-of-trace thread stacks, when the recorder wrote them
+    generators: dict[str, Any] | None = None  # issue 13's liveness check (generators.json)
 
 
 def read_trace(path: str | Path, stacks: bool = True) -> RawTrace:
@@ -58,6 +59,7 @@ def read_trace(path: str | Path, stacks: bool = True) -> RawTrace:
         sources=read_table(path / "sources", schema.SOURCES).to_pandas(),
         preexisting=read_table(path / "preexisting.parquet", schema.PREEXISTING).to_pandas(),
         snapshot=_read_json(path / "snapshot.json"),
+        generators=_read_json(path / "generators.json"),
     )
 
 

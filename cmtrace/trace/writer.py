@@ -84,7 +84,8 @@ def _remove_trace(path: Path) -> None:
     for sub in list(TABLES) + []:
         for part in (path / sub).glob("*.parquet") if (path / sub).is_dir() else []:
             part.unlink()
-    for name in ("meta.json", "preexisting.parquet", "snapshot.json", RESERVE_NAME):
+    for name in ("meta.json", "preexisting.parquet", "snapshot.json", "generators.json",
+                 RESERVE_NAME):  # fmt: skip
         (path / name).unlink(missing_ok=True)
 
 

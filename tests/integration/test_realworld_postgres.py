@@ -14,6 +14,7 @@ service's connections "idle in transaction", each with its client port, and the 
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -240,11 +241,14 @@ def test_every_leaked_connection_found(incident: Incident) -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="generator liveness (issue 13) not built")
 def test_cause_is_contextmanager_without_finally(incident: Incident) -> None:
     """The route coroutine finished long ago (its 404 was answered): the cleanup after the yield
-    was skipped, the coroutine is not suspended."""
+    was skipped, the coroutine is not suspended. The liveness check read it when the tracer
+    stopped (generators.json), so the report on another machine says the same."""
     assert {leak["cause"] for leak in incident.leaks()} == {"contextmanager-without-finally"}
+    checked = json.loads((incident.trace / "generators.json").read_text())
+    assert checked["processes"] == {str(incident.pid): None}, checked
+    assert not [row for row in checked["generators"] if row["error"]], checked
 
 
 def test_api_fix_and_service(incident: Incident) -> None:
