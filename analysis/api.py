@@ -346,9 +346,12 @@ class Trace:
         pids = fds["pid"].to_numpy()[leaks].tolist()
         still_open = fds["died_ns"].isna().to_numpy()[leaks].tolist()
         per_process = set(self._still_running()) | self._checked_pids()
-        with_calls = set(self.calls.pids) if self.calls else set()
+        # --calls evidence, and a liveness check that could not read the process (to say so),
+        # are per process whether the fd was still open or not
+        always = set(self.calls.pids) if self.calls else set()
+        always |= self._checked_pids(readable=False)
         return [
-            (stack, pid if (open_ and pid in per_process) or pid in with_calls else -1, open_)
+            (stack, pid if (open_ and pid in per_process) or pid in always else -1, open_)
             for stack, pid, open_ in zip(stacks, pids, still_open)
         ]
 
@@ -378,10 +381,11 @@ class Trace:
             verdicts[(stack, pid, open_at_end)] = verdict
         return verdicts
 
-    def _checked_pids(self) -> set[int]:
-        """Processes the liveness check read (or tried to) when recording stopped."""
+    def _checked_pids(self, readable: bool = True) -> set[int]:
+        """Processes the liveness check read when recording stopped (`readable`), or those it
+        could not (they had ended, the check failed)."""
         processes = (self.generators or {}).get("processes") or {}
-        return {int(pid) for pid in processes}
+        return {int(pid) for pid, why_not in processes.items() if (why_not is None) == readable}
 
     def _birth_generators(self) -> dict[tuple[int, int, int], list[int]]:
         """(pid, tid, t_ns) of each birth that ran in generator frames -> its `generators`."""
@@ -415,10 +419,10 @@ class Trace:
         born = fds["born_ns"].to_numpy()[leaks].tolist()
         for key, pid, tid, t in zip(keys, pids, tids, born):
             stack, key_pid, open_at_end = key
-            if key_pid < 0 or not open_at_end or str(key_pid) not in processes:
-                continue
+            why_not = processes.get(str(key_pid), "")
+            if key_pid < 0 or why_not == "" or (not open_at_end and why_not is None):
+                continue  # closed while the process lived (loop shutdown...): no check needed
             per_frame = out.setdefault(key, {})
-            why_not = processes[str(key_pid)]
             for word in words_of.get((pid, tid, int(t)), []):
                 frame, address = word >> schema.GENERATOR_INDEX_SHIFT, word & mask
                 row = found.get((pid, stack, frame, address)) if why_not is None else None
