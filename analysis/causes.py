@@ -44,6 +44,9 @@ class Context:
     # the opening stack: the findings (Finding.as_dict()) of the group's fds for the generator
     # that frame ran. None: no check in this trace (today's verdicts, unchanged).
     liveness: dict[int, list[dict]] | None = None
+    # what the check proved of generators that are not suspended any more (said by the verdict
+    # the evidence falls through to)
+    liveness_notes: list[str] = field(default_factory=list)
 
 
 def with_frame(frames: list[Frame], src: SourceIndex) -> Frame | None:
@@ -60,10 +63,12 @@ def classify(frames: list[Frame], src: SourceIndex, ctx: Context) -> Verdict:
         return Verdict("unknown", "record with Python stacks to see the opening line",
                        ["no Python stack was captured when the fd was opened"])  # fmt: skip
     held_by = with_frame(frames, src)
+    ctx.liveness_notes = []  # this stack's
     for _, rule in _RULES:
         verdict = rule(frames, src, ctx, held_by)
         if verdict is not None:
             verdict.with_frame = held_by
+            verdict.evidence.extend(n for n in ctx.liveness_notes if n not in verdict.evidence)
             return verdict
     site = innermost_user(frames) or frames[0]
     evidence = [f"opened at {site.where()} in {site.qualname}"]
@@ -72,6 +77,7 @@ def classify(frames: list[Frame], src: SourceIndex, ctx: Context) -> Verdict:
             f"the with block at {held_by.where()} was still running when recording stopped: "
             "the fd may still be in use"
         )
+    evidence.extend(ctx.liveness_notes)
     return Verdict("unknown", "inspect the evidence: the trace cannot tell why it stayed open",
                    evidence, held_by)  # fmt: skip
 
@@ -141,6 +147,7 @@ def _suspended_generator(
             continue
         proof = liveness_proof(index, gen, src, ctx)
         if proof is not None and proof[0] == LIVENESS_FINISHED:
+            ctx.liveness_notes.append(proof[1] + " (read when recording stopped)")
             continue  # it ended (or was freed): the causes after this one explain the fd
         what = "async generator" if gen.code_flags & 0x200 else (
             "coroutine" if only_coroutine else "generator")  # fmt: skip

@@ -69,6 +69,9 @@ def test_suspended_and_finished_generators(
     evidence = mine.loc[mine["site_line"] == suspended_line, "evidence"].astype(str)
     assert evidence.str.contains("a suspended generator of suspended at 0x").all(), evidence
     assert evidence.str.contains(f"resumes at line {suspended_line + 1}").all(), evidence
+    finished_line = next(n for n, c in expected.items() if c != "suspended-generator")
+    evidence = mine.loc[mine["site_line"] == finished_line, "evidence"].astype(str)
+    assert evidence.str.contains("finished is no longer suspended there").all(), evidence
     # what the report reads was recorded in the trace (a laptop's report gives the same)
     checked = json.loads((out / "generators.json").read_text())
     states = {row["state"] for row in checked["generators"]}

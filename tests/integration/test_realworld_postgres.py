@@ -246,6 +246,8 @@ def test_cause_is_contextmanager_without_finally(incident: Incident) -> None:
     was skipped, the coroutine is not suspended. The liveness check read it when the tracer
     stopped (generators.json), so the report on another machine says the same."""
     assert {leak["cause"] for leak in incident.leaks()} == {"contextmanager-without-finally"}
+    for leak in incident.leaks():
+        assert "read_item is no longer suspended there" in leak["evidence"], leak
     checked = json.loads((incident.trace / "generators.json").read_text())
     assert checked["processes"] == {str(incident.pid): None}, checked
     assert not [row for row in checked["generators"] if row["error"]], checked

@@ -256,6 +256,8 @@ def test_suspended_inside_its_with_is_proven(src: SourceIndex) -> None:
 def test_generator_that_ended_falls_through(state: str, src: SourceIndex) -> None:
     verdict = classify(SUSPENDED, src, Context(liveness={0: [found(state)]}))
     assert verdict.cause != "suspended-generator", verdict
+    assert f"lines_of is no longer suspended there: {state} (read when recording stopped)" in (
+        verdict.evidence), verdict.evidence  # fmt: skip
 
 
 def test_suspended_outside_the_with_is_not_this_suspension(src: SourceIndex) -> None:
