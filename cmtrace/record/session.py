@@ -281,7 +281,7 @@ class Recording:
                     self._stop_for_disk_full(exc)
                     return
                 last_flush = now
-                if self._writer().near_limit():
+                if self._writer().near_limit(self.sources.expected_part_bytes()):
                     self._stop_for_max_size()
                     return
             if deadline is not None and now >= deadline:

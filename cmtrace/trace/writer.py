@@ -184,12 +184,13 @@ class TraceWriter:
     def end_flush(self) -> None:
         self._largest_flush = max(self._largest_flush, self.written_bytes - self._flush_start)
 
-    def near_limit(self) -> bool:
+    def near_limit(self, end_bytes: int = 0) -> bool:
         """True once two more flushes as large as the largest so far could cross max_bytes
-        (one for the flush in progress when recording stops, one for the end of the trace)."""
+        (one for the flush in progress when recording stops, one for the end of the trace),
+        with `end_bytes` more for the parts only the end writes (sources)."""
         if self.max_bytes is None:
             return False
-        return self.written_bytes + 2 * self._largest_flush >= self.max_bytes
+        return self.written_bytes + 2 * self._largest_flush + end_bytes >= self.max_bytes
 
     def _make_reserve(self, size: int) -> Path | None:
         """`size` bytes set aside for the end of the trace (None: not even that much room)."""
