@@ -90,12 +90,21 @@ _OS_FD = (
     "an os-level fd is a plain int that nothing closes for you: `os.close(fd)` in a finally, "
     "or hand it to `with os.fdopen(fd) as f:`."
 )
+_SERVER_CONNECTION = (
+    "a connection the server accepted and handed to its handler, which never closed it: close "
+    "it on every path of the handler, `writer.close()` and `await writer.wait_closed()` in a "
+    "finally (asyncio.start_server), `transport.close()` (a Protocol), `request.close()` "
+    "(socketserver, when a mixin or override skips shutdown_request); closing the server "
+    "does not close the connections its handlers keep."
+)
 _URLOPEN = "use the response in a with statement: `with urllib.request.urlopen(...) as r:`."
 
 # Library APIs: pattern over the API name (fnmatch, case-sensitive) -> its fix; first wins.
 # Their fix is worth saying whatever the cause (a handler made per call leaks the same way in a
 # generator as in plain code).
 LIBRARY_FIXES: tuple[tuple[str, str], ...] = (
+    ("asyncio.selector_events.*._accept_connection", _SERVER_CONNECTION),
+    ("socketserver.*.get_request", _SERVER_CONNECTION),
     ("logging.*Handler", _HANDLER),
     ("logging.handlers.*", _HANDLER),
     ("logging.basicConfig", _HANDLER),
@@ -368,6 +377,21 @@ PLUMBING = (
 )
 
 
+# Library frames that accept connections for a server the user's code set up: the innermost
+# frames of an accepted socket's stack (under socket.socket.accept, ACCEPT_DEPTH). Their API is that frame (the user's line under it only runs
+# the event loop, `asyncio.run(main())`, or the server's serve_forever()).
+SERVER_ACCEPTS = (
+    ("/asyncio/selector_events.py", ("_accept_connection",)),
+    ("/socketserver.py", ("get_request",)),
+)
+ACCEPT_DEPTH = 2  # the accept frame, or the one socket.accept was called from
+
+
+def is_server_accept(frame: Frame) -> bool:
+    return any(frame.file.endswith(file) and frame.function in functions
+               for file, functions in SERVER_ACCEPTS)  # fmt: skip
+
+
 def is_plumbing(frame: Frame) -> bool:
     return any(frame.file.endswith(file) and frame.function in functions
                for file, functions in PLUMBING)  # fmt: skip
@@ -375,6 +399,9 @@ def is_plumbing(frame: Frame) -> bool:
 
 def api_of(frames: list[Frame], src: SourceIndex) -> str | None:
     """The API of an opening stack (innermost first): see the module's docstring."""
+    accept = next((f for f in frames[:ACCEPT_DEPTH] if is_server_accept(f)), None)
+    if accept is not None:
+        return frame_api(accept, src)
     site = next((i for i, f in enumerate(frames) if f.is_user), None)
     if site is None:
         return None
@@ -434,6 +461,16 @@ def api_per_stack(stacks: Stacks, src: SourceIndex, wanted: np.ndarray | None = 
         named[wanted[wanted >= 0]] = True
         named &= has_site
     namer = _PairNamer(stacks, src)
+    candidates = np.arange(count) if wanted is None else wanted[wanted >= 0]
+    accepted: np.ndarray = np.zeros(count, dtype=bool)
+    for depth in range(ACCEPT_DEPTH):
+        row: np.ndarray = stacks.starts[:-1] + depth
+        frame_code = np.where(row < stacks.starts[1:], padded[np.minimum(row, rows)], -1)
+        for i in candidates.tolist():
+            name = None if accepted[i] else namer.server_accept(int(frame_code[i]))
+            if name is not None:
+                out[i], accepted[i] = name, True
+    named &= ~accepted
     for i in np.flatnonzero(named).tolist():
         library = int(library_code[i])
         if namer.plumbing(library):
@@ -453,6 +490,18 @@ class _PairNamer:
         self._plumbing: dict[int, bool] = {}
         self._calls: dict[int, tuple[str | None, str]] = {}
         self._names: dict[tuple[int, str | None, str], str | None] = {}
+        self._accepts: dict[int, str | None] = {}
+
+    def server_accept(self, innermost: int) -> str | None:
+        """The API of a server's accept frame (SERVER_ACCEPTS), None for any other frame."""
+        if innermost < 0:
+            return None
+        if innermost not in self._accepts:
+            frame = self.stacks.frame(innermost)
+            self._accepts[innermost] = (
+                frame_api(frame, self.src) if is_server_accept(frame) else None
+            )
+        return self._accepts[innermost]
 
     def plumbing(self, library: int) -> bool:
         if library < 0:

@@ -193,6 +193,23 @@ def test_api_under_contextlib_is_the_managers_generator(src: SourceIndex) -> Non
     assert "with pool.connection()" in (api_fix(api_of(frames, src)) or "")
 
 
+ASYNCIO_ACCEPT = [
+    frame("socket.accept", SOCKET, 294, 285),
+    frame("BaseSelectorEventLoop._accept_connection",
+          "/usr/lib/python3.11/asyncio/selector_events.py", 165, 156),
+    frame("BaseEventLoop.run_forever", "/usr/lib/python3.11/asyncio/base_events.py", 607, 590),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("user", [[frame("<module>", APP, 26)], []], ids=["site", "no-site"])
+def test_api_of_a_connection_a_server_accepted_is_the_accept(src: SourceIndex, user) -> None:
+    """The user's line under an accepted socket only runs the loop (`asyncio.run(main())`):
+    the API is the server's accept, with the handler's fix, with or without a user frame."""
+    api = api_of(ASYNCIO_ACCEPT + user, src)
+    assert api == "asyncio.selector_events.BaseSelectorEventLoop._accept_connection"
+    assert "writer.wait_closed()" in (api_fix(api) or "")
+
+
 def test_no_user_frame_no_api(src: SourceIndex) -> None:
     assert api_of([frame("socket.__init__", SOCKET, 232)], src) is None
 
