@@ -536,6 +536,24 @@ def start_traced(
     return Session(trace, target, tracer, ready=ready)
 
 
+def trace_until_leaked(command: list[str], workdir: Path, out: Path) -> Target:
+    """Start `command` (a program under tests/programs' attached.py), attach `cmtrace -p -o out`
+    at its "ready", send "go", and at its "leaked" stop the tracer (SIGINT while the target
+    lives: source, stacks and generators are read then). The target is returned still running."""
+    target = Target(command, workdir)
+    try:
+        ready = target.expect("ready")
+        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=workdir)
+        assert tracer.wait_attached() == ready["pid"]
+        target.send("go")
+        target.expect("leaked")
+        tracer.stop().check()
+    except BaseException:
+        target.kill()
+        raise
+    return target
+
+
 # --- reading a trace -------------------------------------------------------------------------------
 def read_meta(trace: Path) -> dict:
     return json.loads((trace / "meta.json").read_text())

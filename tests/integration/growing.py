@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import report_json, run_cmtrace
+from conftest import read_meta, report_json, run_cmtrace
 
 PYTHON = "/usr/bin/python3"
 COMMAND_EXIT = 3
@@ -77,6 +77,18 @@ def check_readable_with_leak(trace: Path) -> None:
     lines = {leak["site"]["line"] for leak in report["leaks"] if leak["site"]}
     assert 2 in lines, report["leaks"][:3]  # the LEAK line, recorded before the stop
     assert run_cmtrace("report", str(trace)).returncode == 0
+
+
+def check_stopped_by_a_full_disk(done: subprocess.CompletedProcess, trace: Path) -> None:
+    """Exit 6, one line saying so, meta.json's reason, the reserve gone, the trace readable."""
+    assert done.returncode == 6, done.stderr  # a full disk: cmtrace's own status (README)
+    check_command_ran_on(done)
+    meta = read_meta(trace)
+    assert meta["status"] == "complete" and meta["stop_reason"] == "disk full", meta
+    assert not (trace / ".cmtrace-reserve").exists()
+    said = [line for line in done.stderr.splitlines() if "is full: recording stopped" in line]
+    assert len(said) == 1, done.stderr
+    check_readable_with_leak(trace)
 
 
 def trace_bytes(trace: Path) -> int:

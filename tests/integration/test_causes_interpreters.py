@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import targets
-from conftest import Target, Tracer, interpreter_for
+from conftest import interpreter_for, trace_until_leaked
 
 import cmtrace.analysis as cma
 
@@ -46,14 +46,8 @@ def test_all_causes(recorder, workdir: Path, interpreter: targets.Target) -> Non
     interpreter = interpreter_for(interpreter)  # nobody runs the pyenv builds' copies
     attached, program = programs_for(interpreter)
     out = workdir / "trace"
-    target = Target([interpreter.command, attached, program, "wait"], workdir)
+    target = trace_until_leaked([interpreter.command, attached, program, "wait"], workdir, out)
     try:
-        ready = target.expect("ready")
-        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=workdir)
-        assert tracer.wait_attached() == ready["pid"]
-        target.send("go")
-        target.expect("leaked")
-        tracer.stop().check()  # SIGINT while the target lives: source and stacks are read
         assert target.finish() == 0, target.stderr_text()
     finally:
         target.kill()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import targets
-from conftest import Target, Tracer, interpreter_for
+from conftest import interpreter_for, trace_until_leaked
 
 import cmtrace.analysis as cma
 
@@ -30,17 +30,8 @@ def record(workdir: Path, interpreter: targets.Target) -> tuple[Path, str]:
     attached = interpreter.program("attached.py", PROGRAMS)
     program = interpreter.program(PROGRAM.name, PROGRAMS)
     out = workdir / "trace"
-    target = Target([interpreter.command, attached, program], workdir)
-    try:
-        ready = target.expect("ready")
-        tracer = Tracer(["-p", str(ready["pid"]), "-o", str(out)], cwd=workdir)
-        assert tracer.wait_attached() == ready["pid"]
-        target.send("go")
-        target.expect("leaked")
-        tracer.stop().check()  # while the generators are alive: they are read now
-        target.kill()
-    finally:
-        target.kill()
+    # stopped while the generators are alive: they are read then
+    trace_until_leaked([interpreter.command, attached, program], workdir, out).kill()
     return out, program
 
 

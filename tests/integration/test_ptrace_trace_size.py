@@ -16,6 +16,7 @@ from growing import (
     COMMAND_EXIT,
     check_command_ran_on,
     check_readable_with_leak,
+    check_stopped_by_a_full_disk,
     record,
     small_disk,
     trace_bytes,
@@ -40,12 +41,4 @@ def test_max_size_stops_recording_and_the_command_runs_on(workdir: Path) -> None
 
 def test_full_disk_stops_recording_and_the_command_runs_on(workdir: Path, small_disk: Path):
     trace = small_disk / "trace"
-    done = record(workdir, trace, "ptrace")
-    assert done.returncode == 6, done.stderr  # a full disk: cmtrace's own status (README)
-    check_command_ran_on(done)
-    meta = read_meta(trace)
-    assert meta["status"] == "complete" and meta["stop_reason"] == "disk full", meta
-    assert not (trace / ".cmtrace-reserve").exists()
-    said = [line for line in done.stderr.splitlines() if "is full: recording stopped" in line]
-    assert len(said) == 1, done.stderr
-    check_readable_with_leak(trace)
+    check_stopped_by_a_full_disk(record(workdir, trace, "ptrace"), trace)

@@ -15,6 +15,7 @@ from growing import (
     COMMAND_EXIT,
     check_command_ran_on,
     check_readable_with_leak,
+    check_stopped_by_a_full_disk,
     record,
     small_disk,
     trace_bytes,
@@ -51,12 +52,4 @@ def test_max_size_stops_recording_with_a_complete_trace(workdir: Path, mode) -> 
 
 def test_full_disk_stops_recording_and_keeps_the_trace(workdir: Path, small_disk: Path, mode):
     trace = small_disk / "trace"
-    done = record(workdir, trace, "bpf", *mode)
-    assert done.returncode == 6, done.stderr  # a full disk: cmtrace's own status (README)
-    check_command_ran_on(done)
-    meta = read_meta(trace)
-    assert meta["status"] == "complete" and meta["stop_reason"] == "disk full", meta
-    assert not (trace / ".cmtrace-reserve").exists()
-    said = [line for line in done.stderr.splitlines() if "is full: recording stopped" in line]
-    assert len(said) == 1, done.stderr
-    check_readable_with_leak(trace)
+    check_stopped_by_a_full_disk(record(workdir, trace, "bpf", *mode), trace)
