@@ -79,6 +79,24 @@ def check_readable_with_leak(trace: Path) -> None:
     assert run_cmtrace("report", str(trace)).returncode == 0
 
 
+def check_stopped_by_max_size(done: subprocess.CompletedProcess, trace: Path, backend: str) -> None:
+    """--max-size 1M: the command's own status, one line saying so, meta.json's reason and
+    bound, a trace recorded until near the bound and within it, readable."""
+    assert done.returncode == COMMAND_EXIT, done.stderr  # the command's status: it ran to its end
+    check_command_ran_on(done)
+    meta = read_meta(trace)
+    assert meta["status"] == "complete" and "--max-size" in meta["stop_reason"], meta
+    assert meta["backend"] == backend and meta["max_size"] == 1 << 20, meta
+    assert 300_000 < trace_bytes(trace) <= 1 << 20  # near the bound, not stopped at once
+    said = [
+        line
+        for line in done.stderr.splitlines()
+        if "--max-size 1M reached: recording stopped" in line
+    ]
+    assert len(said) == 1, done.stderr
+    check_readable_with_leak(trace)
+
+
 def check_stopped_by_a_full_disk(done: subprocess.CompletedProcess, trace: Path) -> None:
     """Exit 6, one line saying so, meta.json's reason, the reserve gone, the trace readable."""
     assert done.returncode == 6, done.stderr  # a full disk: cmtrace's own status (README)

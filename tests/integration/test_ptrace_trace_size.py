@@ -11,32 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import read_meta
-from growing import (
-    COMMAND_EXIT,
-    check_command_ran_on,
-    check_readable_with_leak,
-    check_stopped_by_a_full_disk,
-    record,
-    small_disk,
-    trace_bytes,
-)
+from growing import check_stopped_by_a_full_disk, check_stopped_by_max_size, record, small_disk
 
 __all__ = ["small_disk"]  # a fixture: imported for pytest to find
 
 
 def test_max_size_stops_recording_and_the_command_runs_on(workdir: Path) -> None:
     trace = workdir / "trace"
-    done = record(workdir, trace, "ptrace", "--max-size", "1M")
-    assert done.returncode == COMMAND_EXIT, done.stderr  # the command's status: it ran to its end
-    check_command_ran_on(done)
-    meta = read_meta(trace)
-    assert meta["status"] == "complete" and "--max-size" in meta["stop_reason"], meta
-    assert meta["backend"] == "ptrace"
-    assert 300_000 < trace_bytes(trace) <= 1 << 20
-    said = [line for line in done.stderr.splitlines() if "--max-size 1M reached" in line]
-    assert len(said) == 1, done.stderr
-    check_readable_with_leak(trace)
+    check_stopped_by_max_size(record(workdir, trace, "ptrace", "--max-size", "1M"), trace, "ptrace")
 
 
 def test_full_disk_stops_recording_and_the_command_runs_on(workdir: Path, small_disk: Path):

@@ -10,16 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import read_meta
-from growing import (
-    COMMAND_EXIT,
-    check_command_ran_on,
-    check_readable_with_leak,
-    check_stopped_by_a_full_disk,
-    record,
-    small_disk,
-    trace_bytes,
-)
+from growing import check_stopped_by_a_full_disk, check_stopped_by_max_size, record, small_disk
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 MODES = {"full": (), "aggregate": ("--aggregate", "--min-age", "0.1")}
@@ -34,20 +25,7 @@ def mode(request: pytest.FixtureRequest) -> tuple[str, ...]:
 def test_max_size_stops_recording_with_a_complete_trace(workdir: Path, mode) -> None:
     trace = workdir / "trace"
     done = record(workdir, trace, "bpf", "--max-size", "1M", *mode)
-    assert done.returncode == COMMAND_EXIT, done.stderr  # the command's status: it ran to its end
-    check_command_ran_on(done)
-    meta = read_meta(trace)
-    assert meta["status"] == "complete" and "--max-size" in meta["stop_reason"]
-    assert meta["max_size"] == 1 << 20
-    assert trace_bytes(trace) <= 1 << 20
-    assert trace_bytes(trace) > 300_000  # it recorded until near the bound, not stopped at once
-    said = [
-        line
-        for line in done.stderr.splitlines()
-        if "--max-size 1M reached: recording stopped" in line
-    ]
-    assert len(said) == 1, done.stderr
-    check_readable_with_leak(trace)
+    check_stopped_by_max_size(done, trace, "bpf")
 
 
 def test_full_disk_stops_recording_and_keeps_the_trace(workdir: Path, small_disk: Path, mode):
