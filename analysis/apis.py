@@ -378,8 +378,9 @@ PLUMBING = (
 
 
 # Library frames that accept connections for a server the user's code set up: the innermost
-# frames of an accepted socket's stack (under socket.socket.accept, ACCEPT_DEPTH). Their API is that frame (the user's line under it only runs
-# the event loop, `asyncio.run(main())`, or the server's serve_forever()).
+# frames of an accepted socket's stack (under socket.socket.accept, ACCEPT_DEPTH). Their API
+# is that frame (the user's line under it only runs the event loop, `asyncio.run(main())`, or
+# the server's serve_forever()).
 SERVER_ACCEPTS = (
     ("/asyncio/selector_events.py", ("_accept_connection",)),
     ("/socketserver.py", ("get_request",)),
@@ -387,14 +388,18 @@ SERVER_ACCEPTS = (
 ACCEPT_DEPTH = 2  # the accept frame, or the one socket.accept was called from
 
 
-def is_server_accept(frame: Frame) -> bool:
+def _frame_in(frame: Frame, table: tuple[tuple[str, tuple[str, ...]], ...]) -> bool:
+    """Is the frame one of a (file suffix, function names) table's?"""
     return any(frame.file.endswith(file) and frame.function in functions
-               for file, functions in SERVER_ACCEPTS)  # fmt: skip
+               for file, functions in table)  # fmt: skip
+
+
+def is_server_accept(frame: Frame) -> bool:
+    return _frame_in(frame, SERVER_ACCEPTS)
 
 
 def is_plumbing(frame: Frame) -> bool:
-    return any(frame.file.endswith(file) and frame.function in functions
-               for file, functions in PLUMBING)  # fmt: skip
+    return _frame_in(frame, PLUMBING)
 
 
 def api_of(frames: list[Frame], src: SourceIndex) -> str | None:
@@ -456,21 +461,22 @@ def api_per_stack(stacks: Stacks, src: SourceIndex, wanted: np.ndarray | None = 
     padded = np.append(stacks.row_frame, -1)
     site_code = np.where(has_site, padded[np.minimum(first_user, rows)], -1)
     library_code = np.where(has_site & inner, padded[np.maximum(first_user - 1, 0)], -1)
-    named = has_site.copy() if wanted is None else np.zeros(count, dtype=bool)
+    asked: np.ndarray = np.ones(count, dtype=bool)
     if wanted is not None:
-        named[wanted[wanted >= 0]] = True
-        named &= has_site
+        asked[:] = False
+        asked[wanted[wanted >= 0]] = True
+    named = asked & has_site
     namer = _PairNamer(stacks, src)
-    candidates = np.arange(count) if wanted is None else wanted[wanted >= 0]
-    accepted: np.ndarray = np.zeros(count, dtype=bool)
+    # a server's accept among the innermost frames: decided once per distinct frame code
+    not_yet = asked.copy()
     for depth in range(ACCEPT_DEPTH):
         row: np.ndarray = stacks.starts[:-1] + depth
         frame_code = np.where(row < stacks.starts[1:], padded[np.minimum(row, rows)], -1)
-        for i in candidates.tolist():
-            name = None if accepted[i] else namer.server_accept(int(frame_code[i]))
+        for code in np.unique(frame_code[not_yet]).tolist():
+            name = namer.server_accept(int(code))
             if name is not None:
-                out[i], accepted[i] = name, True
-    named &= ~accepted
+                hit = not_yet & (frame_code == code)
+                out[hit], not_yet[hit], named[hit] = name, False, False
     for i in np.flatnonzero(named).tolist():
         library = int(library_code[i])
         if namer.plumbing(library):
