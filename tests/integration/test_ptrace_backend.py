@@ -26,6 +26,7 @@ import pytest
 import targets
 from conftest import (
     ATTACH_TIMEOUT,
+    CMTRACE_PYTHON,
     EXIT_TIMEOUT,
     TARGET_PYTHON,
     LineReader,
@@ -144,6 +145,15 @@ def test_run_as_nobody_with_another_users_home(nobody_dir):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+    # an install (or a fresh checkout's set-up) has its engine beside the module, so that run
+    # need not have built one: build the cache's, as a checkout whose engine is stale would
+    cached = subprocess.run(
+        [*NOBODY, CMTRACE_PYTHON, "-c",
+         "from cmtrace.record.ptrace.build import cached_engine; print(cached_engine())"],
+        capture_output=True, text=True, timeout=EXIT_TIMEOUT, cwd=nobody_dir, env=env,
+    )  # fmt: skip
+    assert cached.returncode == 0, cached.stderr
+    assert Path(cached.stdout.strip()).parent == private, cached.stdout
     built = list(private.glob("cmtrace-ptrace-engine-*"))
     assert built and all(path.stat().st_uid == 65534 for path in built), built
     truth = truth_of(result.stdout)

@@ -71,6 +71,11 @@ def engine_binary() -> Path:
         return installed
     if not SOURCE.exists():
         raise EngineUnavailable(f"{installed} is missing: reinstall cmtrace")
+    return cached_engine()
+
+
+def cached_engine() -> Path:
+    """The engine built once per source version in the first cache directory that works."""
     name = f"{BINARY}-{_source_digest()}"
     for cache in _cache_dirs():
         built = cache / name
