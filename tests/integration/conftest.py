@@ -207,7 +207,7 @@ def deselect_cells(config: pytest.Config, items: list[pytest.Item]) -> None:
     kept, dropped, reasons = [], [], {}
     for item in items:
         cell = _cell(item) if HERE in item.path.parents else None
-        reason = cell_left_out(*cell) if cell else _aggregate_left_out(item)
+        reason = (cell_left_out(*cell) if cell else None) or _aggregate_left_out(item)
         if reason is None:
             kept.append(item)
         else:

@@ -39,8 +39,6 @@ def record(workdir: Path, interpreter: targets.Target) -> tuple[Path, str]:
 def test_suspended_and_finished_generators(
     recorder, workdir: Path, interpreter: targets.Target
 ) -> None:
-    if "--aggregate" in recorder.flags:
-        pytest.skip("--aggregate keeps births in the kernel's map: no generator frames recorded")
     out, program = record(workdir, interpreter)
     trace = cma.load(out)
     if trace.no_python_reason:
