@@ -211,16 +211,7 @@ static __always_inline int py_emit_codes(struct py_config *cfg, struct py_scratc
                                           r->qualname, PY_NAME_MAX, &r->qualname_state);
         r->file_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_filename & 0xff), r->file,
                                   PY_FILE_MAX, &r->file_state);
-        u64 table = py_u64(s->code, cfg->co_linetable & 0xff);
-        u64 total = 0;
-        r->linetable_len = 0;
-        if (table && !bpf_probe_read_user(&total, sizeof(total), (void *)(table + cfg->bytes_size))) {
-            u64 size = total > PY_LINETABLE_MAX - 1 ? PY_LINETABLE_MAX - 1 : total;
-            size &= PY_LINETABLE_MAX - 1;
-            if (size && !bpf_probe_read_user(r->linetable, size, (void *)(table + cfg->bytes_data)))
-                r->linetable_len = size;
-        }
-        r->linetable_total = total;
+        py_copy_linetable(cfg, s, r);
         events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
     }
     return 0;

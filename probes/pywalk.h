@@ -214,7 +214,23 @@ static __always_inline u32 py_checksum(struct py_config *cfg, const u8 *code) {
     return (u32)(h ^ (h >> 32));
 }
 
-// Copy a compact str's bytes; returns the number of bytes copied.
+// Branch-free helpers: on kernels before ~6.3 the verifier prunes few states in the code-record
+// loop, and every `if` in a copied string or line table multiplied its work (on_sys_exit went
+// past the 1M-instruction limit on 6.1): scripts/verifier-stats.py measures it.
+// min(value, cap) for values < 2^63.
+static __always_inline u64 py_min(u64 value, u64 cap) {
+    s64 over = (s64)(value - cap);
+    return cap + (u64)(over & (over >> 63));
+}
+
+// `size` when a read returned 0 (success), else 0 (a read's result is 0 or negative).
+static __always_inline u64 py_if_read(long err, u64 size) {
+    return size & (((u64)err >> 63) - 1);
+}
+
+// Copy a compact str's bytes; returns the number of bytes copied. A failed header read leaves
+// a zero length (bpf_probe_read_user zeroes its buffer; the engine's reads of an unreadable
+// object fail at the data read as well).
 static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch *s, u64 obj,
                                        u8 *dst, u32 cap, u32 *state) {
     if (!obj || PY_READ(s->str, PY_STR_HEAD, (void *)obj))
@@ -223,14 +239,23 @@ static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch 
     u32 st = *(const u32 *)(s->str + (cfg->str_state & 0x3f));
     *state = st;
     u32 kind = (st >> 2) & 7;
-    u32 off = ((st >> 5) & 3) == 3 ? cfg->str_ascii : cfg->str_compact;
-    u64 size = length * (kind ? kind : 1);
-    if (size > cap - 1)
-        size = cap - 1;
-    size &= cap - 1;
-    if (!size || PY_READ(dst, size, (void *)(obj + off)))
-        return 0;
-    return size;
+    u32 wide = kind + (((kind - 1) >> 31) & 1);    // bytes per character: kind, 1 for 0
+    u64 ascii = (st >> 5) & (st >> 6) & 1;          // compact and ASCII: the short header
+    u64 off = cfg->str_compact + (u64)(((s64)cfg->str_ascii - (s64)cfg->str_compact) * (s64)ascii);
+    u64 size = py_min(length * wide, cap - 1) & (cap - 1);
+    return (u16)py_if_read(PY_READ(dst, size, (void *)(obj + off)), size);
+}
+
+// The line table's bytes into r (as much as fits) and its whole length.
+static __always_inline void py_copy_linetable(struct py_config *cfg, struct py_scratch *s,
+                                              struct py_code_rec *r) {
+    u64 table = py_u64(s->code, cfg->co_linetable & 0xff);
+    u64 total = 0;
+    long err = PY_READ(&total, sizeof(total), (void *)(table + cfg->bytes_size));
+    total = py_if_read(err, total) & ((1ULL << 62) - 1);
+    u64 size = py_min(total, PY_LINETABLE_MAX - 1) & (PY_LINETABLE_MAX - 1);
+    r->linetable_len = py_if_read(PY_READ(r->linetable, size, (void *)(table + cfg->bytes_data)), size);
+    r->linetable_total = total;
 }
 
 // A code record from the PyCodeObject header in s->code (all but ts, pid and tid): names,
@@ -253,16 +278,7 @@ static __always_inline void py_fill_code(struct py_config *cfg, struct py_scratc
                                       r->qualname, PY_NAME_MAX, &r->qualname_state);
     r->file_len = py_copy_str(cfg, s, py_u64(s->code, cfg->co_filename & 0xff), r->file,
                               PY_FILE_MAX, &r->file_state);
-    u64 table = py_u64(s->code, cfg->co_linetable & 0xff);
-    u64 total = 0;
-    r->linetable_len = 0;
-    if (table && !PY_READ(&total, sizeof(total), (void *)(table + cfg->bytes_size))) {
-        u64 size = total > PY_LINETABLE_MAX - 1 ? PY_LINETABLE_MAX - 1 : total;
-        size &= PY_LINETABLE_MAX - 1;
-        if (size && !PY_READ(r->linetable, size, (void *)(table + cfg->bytes_data)))
-            r->linetable_len = size;
-    }
-    r->linetable_total = total;
+    py_copy_linetable(cfg, s, r);
 }
 
 #endif  // CMTRACE_PYWALK_H
