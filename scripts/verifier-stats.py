@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""How hard the kernel's verifier works on each probe program: `processed N insns` per program.
+"""How hard the kernel's verifier works on each probe program: `processed N insns` per program
+(exit 1 when the kernel refuses one).
 
 The verifier gives up at 1,000,000 processed instructions (E2BIG, "Argument list too long"), and
 older kernels prune fewer states than newer ones: a walker change that costs 30 % more on 6.18
@@ -74,7 +75,7 @@ def main() -> int:
     bpf = bcc.BPF(
         text=loader.probe_source(True), cflags=loader.cflags(64, args.calls, tuple(extra))
     )
-    worst = 0
+    worst, failed = 0, 0
     for name in PROGRAMS:
         try:
             insns = bpf.dump_func(name.encode())
@@ -85,11 +86,12 @@ def main() -> int:
         processed = int(found.group(1)) if found else -1
         worst = max(worst, processed)
         status = "ok" if not err else os.strerror(err)
+        failed += bool(err)
         print(
             f"{name:16} {len(insns) // 8:6} insns  {status:24} {found.group(0) if found else log[-200:]}"
         )
     print(f"worst: {worst} of 1000000 processed instructions ({os.uname().release})")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
