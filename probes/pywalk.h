@@ -228,9 +228,8 @@ static __always_inline u64 py_if_read(long err, u64 size) {
     return size & (((u64)err >> 63) - 1);
 }
 
-// Copy a compact str's bytes; returns the number of bytes copied. A failed header read leaves
-// a zero length (bpf_probe_read_user zeroes its buffer; the engine's reads of an unreadable
-// object fail at the data read as well).
+// Copy a compact str's bytes; returns the number of bytes copied (0 when a read fails). The one
+// branch left is the header read's: without a header there is no length to trust.
 static __always_inline u16 py_copy_str(struct py_config *cfg, struct py_scratch *s, u64 obj,
                                        u8 *dst, u32 cap, u32 *state) {
     if (!obj || PY_READ(s->str, PY_STR_HEAD, (void *)obj))

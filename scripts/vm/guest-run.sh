@@ -21,8 +21,8 @@ echo "guest: kernel $(uname -r), $(/usr/bin/python3 -V), $(nproc) cpus"
 timed setup 600 scripts/setup.sh || exit 1
 /opt/cmtrace/venv/bin/cmtrace doctor --no-load-test || true # for the log; tests check it
 STATUS=0 # the tests run even when the demo failed: the log then shows everything at once
-# How close each probe program is to the verifier's 1M-instruction limit on this older kernel
-# (for the log: a program past it fails the tests that load it)
+# How close each probe program is to the verifier's 1M-instruction limit on this older kernel,
+# in the log; a program the kernel refuses fails the stage here (and the tests that load it)
 timed verifier 300 /opt/cmtrace/venv/bin/python scripts/verifier-stats.py || STATUS=1
 if /opt/cmtrace/venv/bin/python -c 'import cmtrace.demo' 2>/dev/null; then
     timed demo 300 make demo || STATUS=1
