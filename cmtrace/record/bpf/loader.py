@@ -3,10 +3,10 @@
 The compile runs in a short-lived child process (`load`): bcc compiles with clang and LLVM in
 the process that calls it, which took the collector's RSS from ~110 MB to over 300 MB (its peak
 for the whole recording) and left libLLVM/libclang mapped. The child compiles, loads and
-attaches, sends the map fds (with bcc's description of their types) and the tracepoints' perf
-event fds back over a socket (SCM_RIGHTS), and exits without detaching: an attachment lives as
-long as its perf event fd, now the collector's, so nothing stays attached once the collector
-is gone (even after kill -9). The collector reads the maps with bpf(2) (maps.py) and never
+attaches, sends the map fds (with bcc's description of their types), the tracepoints' perf
+event fds and the program fds back over a socket (SCM_RIGHTS), and exits without detaching: an
+attachment lives as long as its perf event fd, now the collector's, so nothing stays attached
+once the collector is gone (even after kill -9). The collector reads the maps with bpf(2) (maps.py) and never
 loads bcc. --calls attaches USDT probes with bcc's own code, so it loads in process.
 
 The probe source is assembled here: bcc rewrites map method calls (`map.lookup(...)`) only in
@@ -107,9 +107,15 @@ class Probes:
     """Probes a child loaded (see the module docstring): the maps by name, as `bpf[name]` is
     with bcc, and the perf event fds that keep the programs attached."""
 
-    def __init__(self, tables: dict[str, Table], tracepoint_fds: list[int]) -> None:
+    def __init__(
+        self, tables: dict[str, Table], tracepoint_fds: list[int], program_fds: list[int]
+    ) -> None:
         self.tables = tables
         self.tracepoint_fds = tracepoint_fds
+        # Held only so the programs show in this process's fdinfo (run_time_ns and run_cnt
+        # with kernel.bpf_stats_enabled, as benchmarks/bench_overhead.py --bpf-stats reads
+        # them) and beside its pid in `bpftool prog`; the perf events keep them loaded.
+        self.program_fds = program_fds
 
     def __getitem__(self, name: str) -> Table:
         return self.tables[name]
@@ -123,6 +129,9 @@ class Probes:
         for table in self.tables.values():
             table.close()
         self.tables = {}
+        for fd in self.program_fds:
+            os.close(fd)
+        self.program_fds = []
 
 
 CHILD_MESSAGE_MAX = 1 << 20  # one message: the JSON (map type descriptions) and its fds
@@ -159,6 +168,7 @@ def _receive(sock: socket.socket) -> Loaded:
     """What the child sends: messages of (JSON, fds), the last one {"done": ...} or an error."""
     tables: dict[str, Table] = {}
     perf_fds: list[int] = []
+    program_fds: list[int] = []
     try:
         while True:
             data, fds, _flags, _addr = socket.recv_fds(
@@ -169,13 +179,14 @@ def _receive(sock: socket.socket) -> Loaded:
             message = json.loads(data)
             for (name, map_type, key, leaf), fd in zip(message.get("maps", []), fds):
                 tables[name] = Table(name, fd, map_type, key, leaf)
-            perf_fds += fds[len(message.get("maps", [])) :]
+            rest = fds[len(message.get("maps", [])) :]
+            (program_fds if message.get("programs") else perf_fds).extend(rest)
             if "error" in message:
                 raise ProbeLoadError(message["error"])
             if "done" in message:
-                return Loaded(Probes(tables, perf_fds), message["done"])
+                return Loaded(Probes(tables, perf_fds, program_fds), message["done"])
     except BaseException:
-        Probes(tables, perf_fds).close()
+        Probes(tables, perf_fds, program_fds).close()
         raise
 
 
@@ -199,9 +210,9 @@ def child_main(argv: list[str]) -> None:
 
 
 def _messages(loaded: Loaded) -> list[tuple[dict[str, Any], list[int]]]:
-    """The maps (name, type, key and value descriptions; fd) and the perf event fds, in
-    messages of at most CHILD_FDS_PER_MESSAGE fds, the last one saying which syscalls lack a
-    tracepoint."""
+    """The maps (name, type, key and value descriptions; fd), the perf event fds and the
+    program fds, in messages of at most CHILD_FDS_PER_MESSAGE fds, the last one saying which
+    syscalls lack a tracepoint."""
     bcc = import_bcc()
     lib, module = bcc.lib, loaded.bpf.module
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
@@ -224,6 +235,9 @@ def _messages(loaded: Loaded) -> list[tuple[dict[str, Any], list[int]]]:
     perf = list(loaded.bpf.tracepoint_fds.values())
     for start in range(0, len(perf), CHILD_FDS_PER_MESSAGE):
         out.append(({}, perf[start : start + CHILD_FDS_PER_MESSAGE]))
+    programs = [f.fd for f in loaded.bpf.funcs.values()]
+    for start in range(0, len(programs), CHILD_FDS_PER_MESSAGE):
+        out.append(({"programs": True}, programs[start : start + CHILD_FDS_PER_MESSAGE]))
     out.append(({"done": loaded.missing_tracepoints}, []))
     return out
 
