@@ -95,6 +95,17 @@ static __always_inline struct stash_t *stash_peek(void) {
     return slot && slot->pending ? &slot->s : NULL;
 }
 
+// Moves this thread's stashed arguments into *out (1), or says there were none (0): one
+// storage lookup for the peek and the clear of every exit.
+static __always_inline int stash_take(struct stash_t *out) {
+    struct stash_slot *slot = stash_slot(0);
+    if (!slot || !slot->pending)
+        return 0;
+    *out = slot->s;
+    slot->pending = 0;
+    return 1;
+}
+
 static __always_inline void stash_clear(void) {
     struct stash_slot *slot = stash_slot(0);
     if (slot)
@@ -137,9 +148,13 @@ struct stack_ref {
     u32 flags;
 };
 
-static __always_inline struct stack_ref python_stack(void *ctx, u64 pid_tgid) {
+// Deaths ask for the interpreter's finalizing flag (PY_STACK_FINALIZING: a close during
+// finalization is a leak); births and forks do not, which saves them a memory read.
+#define WITH_FINALIZING 1
+#define NO_FINALIZING 0
+static __always_inline struct stack_ref python_stack(void *ctx, u64 pid_tgid, int finalizing) {
     struct stack_ref st = {};
-    st.id = capture_python_stack(ctx, pid_tgid, &st.flags);
+    st.id = capture_python_stack(ctx, pid_tgid, &st.flags, finalizing);
     return st;
 }
 
@@ -294,16 +309,14 @@ static __always_inline u32 agg_bucket(u64 ns) {
     return b < AGG_HIST_BUCKETS ? b : AGG_HIST_BUCKETS - 1;
 }
 
-static __always_inline u64 agg_shipped_up_to(u32 pid) {
+// own: the process's value in `traced` (read by the caller, which looked it up anyway).
+static __always_inline u64 agg_shipped_up_to(u64 own) {
     u32 zero = 0;
     u64 mark = 0;
     u64 *global = agg_mark.lookup(&zero);
     if (global)
         mark = *global;
-    u64 *own = traced.lookup(&pid);
-    if (own && *own > mark)
-        mark = *own;
-    return mark;
+    return own > mark ? own : mark;
 }
 
 // Counts the close of a never-shipped fd in its pair; 0: the pair wants it shipped.
@@ -326,8 +339,10 @@ static __always_inline int agg_count(struct live_fd *lf, u32 pid, u64 close_stac
 }
 
 // A close(fd): 1 when counted (ship nothing), 0 when the close record is to be shipped (after
-// the fd's birth, if the kernel had not shipped it yet).
-static __always_inline int agg_close(struct stack_ref *st, u64 pid_tgid, s32 fd) {
+// the fd's birth, if the kernel had not shipped it yet). traced_mark: the process's `traced`
+// value.
+static __always_inline int agg_close(struct stack_ref *st, u64 pid_tgid, s32 fd,
+                                     u64 traced_mark) {
     u32 pid = pid_tgid >> 32;
     struct live_key key = {.pid = pid, .fd = fd};
     struct live_fd *lf = agg_live.lookup(&key);
@@ -335,7 +350,8 @@ static __always_inline int agg_close(struct stack_ref *st, u64 pid_tgid, s32 fd)
         return 0;
     u64 born = lf->birth.e.ts;
     int counted = 0;
-    if (!lf->shipped && born > agg_shipped_up_to(pid) && !(st->flags & PY_STACK_FINALIZING))
+    if (!lf->shipped && born > agg_shipped_up_to(traced_mark) &&
+        !(st->flags & PY_STACK_FINALIZING))
         counted = agg_count(lf, pid, st->id, bpf_ktime_get_ns() - born);
     if (!counted && !lf->shipped)
         agg_ship(lf, 1);  // shipped by user space too? it drops the copy (same pid, fd, time)
@@ -442,7 +458,7 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
             return 0;
     }
     if (emits_at_enter(nr, s.args[1] & 0xffffffff)) {
-        struct stack_ref st = python_stack(ctx, pid_tgid);
+        struct stack_ref st = python_stack(ctx, pid_tgid, WITH_FINALIZING);
         struct stash_t fresh = {};
         read_enter_args(ctx, &fresh);
         emit_at_enter(&st, pid_tgid, &fresh);
@@ -471,12 +487,17 @@ int on_sys_enter(struct sys_enter_ctx *ctx) {
 
 int on_close_enter(struct sys_enter_ctx *ctx) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
-    if (!is_traced(pid_tgid >> 32))
+    u32 tgid = pid_tgid >> 32;
+    u64 *traced_value = traced.lookup(&tgid);
+    if (!traced_value)
         return 0;
-    struct stack_ref st = python_stack(ctx, pid_tgid);
+    u64 traced_mark = *traced_value;  // (a value, not the pointer, crosses the walk)
+    struct stack_ref st = python_stack(ctx, pid_tgid, WITH_FINALIZING);
 #ifdef CMTRACE_AGGREGATE
-    if (agg_close(&st, pid_tgid, (s32)ctx->args[0]))
+    if (agg_close(&st, pid_tgid, (s32)ctx->args[0], traced_mark))
         return 0;
+#else
+    (void)traced_mark;
 #endif
     struct fd_event *e = reserve_small(&st, pid_tgid, EV_CLOSE, NR_close);
     if (e) {
@@ -493,7 +514,7 @@ int on_ioctl_enter(struct sys_enter_ctx *ctx) {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     if (!is_traced(pid_tgid >> 32))
         return 0;
-    struct stack_ref st = python_stack(ctx, pid_tgid);
+    struct stack_ref st = python_stack(ctx, pid_tgid, WITH_FINALIZING);
     struct fd_event *e = reserve_small(&st, pid_tgid, EV_CLOEXEC, NR_ioctl);
     if (e) {
         u64 again = ctx->args[1] & 0xffffffff;
@@ -669,11 +690,7 @@ BPF_PERCPU_ARRAY(exit_args, struct stash_t, 1);
 // What the exit of this syscall will record, into *out; 0 = nothing to record.
 static __always_inline int prepare_exit(struct sys_exit_ctx *ctx, u32 tid, s64 ret,
                                         struct stash_t *out) {
-    struct stash_t *sp = stash_peek();
-    if (sp) {
-        *out = *sp;
-        stash_clear();
-    } else {
+    if (!stash_take(out)) {
         // Entered before we attached (a server blocked in accept4 when `cmtrace -p` starts):
         // the arguments are unknown, but a returned descriptor is still a birth.
         if (ret < 0 || !returns_new_fd(ctx->nr))
@@ -786,7 +803,7 @@ int on_sys_exit(struct sys_exit_ctx *ctx) {
     struct stash_t *slot = exit_args.lookup(&zero);
     if (!slot || !prepare_exit(ctx, (u32)pid_tgid, ctx->ret, slot))
         return 0;
-    struct stack_ref st = python_stack(ctx, pid_tgid);
+    struct stack_ref st = python_stack(ctx, pid_tgid, NO_FINALIZING);
 #ifndef CMTRACE_AGGREGATE  // (--aggregate ships births later, out of agg_live: no generators)
     if (ctx->ret >= 0)
         python_emit_generators(pid_tgid, st.id);
@@ -819,7 +836,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork) {
         traced.update(&child, &none);
         python_inherit_process(parent, child);
     }
-    struct stack_ref st = python_stack(args, pid_tgid);
+    struct stack_ref st = python_stack(args, pid_tgid, NO_FINALIZING);
     struct fd_event *e = reserve_small(&st, pid_tgid, EV_FORK, 0);
     if (e) {
         e->arg = child;
@@ -986,7 +1003,7 @@ int on_python_call(struct pt_regs *ctx) {
     if (!regs->r[CALL_FN_SLOT])
         return 0;
     // Walk once, then re-read what the decision used (see the syscall programs above).
-    struct stack_ref st = python_stack(ctx, pid_tgid);
+    struct stack_ref st = python_stack(ctx, pid_tgid, WITH_FINALIZING);
     int raised = python_exception_pending(pid_tgid);
     site = call_sites.lookup(&key);
     regs = call_scratch.lookup(&zero);

@@ -50,7 +50,8 @@
 #include "events.h"
 
 #ifndef CMTRACE_PYSTACK_INLINED
-static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags,
+                                                int want_finalizing) {
     *stack_flags |= PY_STACK_NO_PYTHON;
     return 0;
 }
@@ -74,10 +75,19 @@ struct py_code_key {
 
 BPF_HASH(py_targets, u32, struct py_config, 4096);                       // tgid -> layout
 BPF_ARRAY(py_kconfig, u64, 1);                                            // [0] task fsbase offset
+// What a thread's walks keep for its next one (each field validated or re-derived when used).
+struct py_thread_cache {
+    u64 tstate;          // its PyThreadState* (0: not known); checked against key at every use
+    u64 key;             // py_thread_key's answer when tstate was found, under install
+                         // key_generation
+    u64 last_stack;      // the last stack id it walked that user space has (0: none)
+    u32 key_generation;  // 0: key not computed yet
+    u32 pad;
+};
 #ifdef CMTRACE_TASK_STORAGE  // (fdtrace.bpf.c: 5.12+)
-BPF_TASK_STORAGE(py_tstates, u64);   // the thread's PyThreadState* (0: not known), with the task
+BPF_TASK_STORAGE(py_threads, struct py_thread_cache);                     // with the task
 #else
-BPF_TABLE("lru_hash", u32, u64, py_tstates, 16384);                       // tid -> PyThreadState*
+BPF_TABLE("lru_hash", u32, struct py_thread_cache, py_threads, 16384);    // by tid
 #endif
 BPF_TABLE("lru_hash", u64, u32, py_stacks, 65536);                        // interned stack ids
 BPF_TABLE("lru_hash", struct py_code_key, u32, py_codes, 65536);          // code objects sent
@@ -105,28 +115,23 @@ static __always_inline int py_thread_key(struct py_config *cfg, u64 *key) {
 // cache update inside the loop: through the shared function clang emits other instructions
 // than those whose verifier cost was measured (py_emit_codes / py_fill_code: the same).
 // Only the main interpreter's list is walked (interpreters.head), bounded by PY_MAX_THREADS.
-static __always_inline void py_find_thread(struct py_config *cfg, struct py_scratch *s, u32 tid) {
-    u64 key = 0;
+static __always_inline void py_find_thread(struct py_config *cfg, struct py_scratch *s,
+                                           struct py_thread_cache *c) {
     s->top = 0;
-    if (py_thread_key(cfg, &key))
-        return;
-    // task-local storage, not a hash by tid: one pointer dereference instead of a hash lookup
-#ifdef CMTRACE_TASK_STORAGE
-    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
-    u64 *cached = py_tstates.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
-#else
-    u64 unknown = 0;
-    u64 *cached = py_tstates.lookup_or_try_init(&tid, &unknown);
-#endif
-    if (!cached)
-        return;
-    if (*cached) {
-        if (!bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)*cached))
-            py_match(cfg, s, key);
+    // The cached state is checked against the key it was found with: a task's tid in its pid
+    // namespace and its pthread_self do not change (bpf_get_ns_current_pid_tgid alone cost
+    // ~50 ns a walk), and an exec, which replaces both the interpreter and the thread's TLS,
+    // comes with a new install generation.
+    if (c->tstate && c->key_generation == cfg->generation) {
+        if (!bpf_probe_read_user(s->tstate, PY_TSTATE_READ, (void *)c->tstate))
+            py_match(cfg, s, c->key);
         if (s->top)
             return;
-        *cached = 0;
     }
+    c->tstate = 0;
+    u64 key = 0;
+    if (py_thread_key(cfg, &key))
+        return;
     u64 interp = 0;
     bpf_probe_read_user(&interp, sizeof(interp), (void *)cfg->interp_head_addr);
     u64 tstate = 0;
@@ -138,7 +143,9 @@ static __always_inline void py_find_thread(struct py_config *cfg, struct py_scra
             return;
         py_match(cfg, s, key);
         if (s->top) {
-            *cached = tstate;
+            c->tstate = tstate;
+            c->key = key;
+            c->key_generation = cfg->generation;
             return;
         }
         tstate = py_u64(s->tstate, cfg->ts_next & 0x1ff);
@@ -236,7 +243,23 @@ static __always_inline int py_emit_stack(struct py_config *cfg, struct py_scratc
     return 0;
 }
 
-static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags) {
+// This thread's cache, made on its first walk: task-local storage where the kernel has it (a
+// pointer dereference instead of a hash lookup by tid).
+static __always_inline struct py_thread_cache *py_thread_cache(u32 tid) {
+#ifdef CMTRACE_TASK_STORAGE
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    return py_threads.task_storage_get(task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+#else
+    struct py_thread_cache empty = {};
+    return py_threads.lookup_or_try_init(&tid, &empty);
+#endif
+}
+
+// want_finalizing: read the runtime's finalizing flag (one memory read): deaths need it (a
+// close while the interpreter finalizes is a leak), births do not (the analysis reads it on
+// closes only).
+static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags,
+                                      int want_finalizing) {
     u32 tgid = pid_tgid >> 32;
     struct py_config *cfg = py_targets.lookup(&tgid);
     if (!cfg) {
@@ -245,13 +268,16 @@ static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags)
     }
     u32 zero = 0;
     struct py_scratch *s = py_scratch_map.lookup(&zero);
-    if (!s)
+    struct py_thread_cache *c = py_thread_cache((u32)pid_tgid);
+    if (!s || !c)
         return 0;
-    u64 finalizing = 0;
-    bpf_probe_read_user(&finalizing, sizeof(finalizing), (void *)cfg->finalizing_addr);
-    if (finalizing)
-        *stack_flags |= PY_STACK_FINALIZING;
-    py_find_thread(cfg, s, (u32)pid_tgid);
+    if (want_finalizing) {
+        u64 finalizing = 0;
+        bpf_probe_read_user(&finalizing, sizeof(finalizing), (void *)cfg->finalizing_addr);
+        if (finalizing)
+            *stack_flags |= PY_STACK_FINALIZING;
+    }
+    py_find_thread(cfg, s, c);
     u64 frame = s->top;
     if (!frame) {
         *stack_flags |= PY_STACK_NO_PYTHON;
@@ -264,8 +290,14 @@ static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags)
         *stack_flags |= PY_STACK_NO_PYTHON;
         return 0;
     }
-    if (py_stacks.lookup(&id))
+    // The thread's last stack (a loop's every open) skips the interned-id lookup: the id hashes
+    // every frame, so an equal id is the same stack, and user space has it.
+    if (id == c->last_stack)
         return id;
+    if (py_stacks.lookup(&id)) {
+        c->last_stack = id;
+        return id;
+    }
     if (py_check_codes(cfg, s, tgid)) {
         *stack_flags |= PY_STACK_ERROR;
         return 0;
@@ -276,14 +308,16 @@ static __always_inline u64 py_capture(void *ctx, u64 pid_tgid, u32 *stack_flags)
     if (!more) {    // else a later event sends the remaining code records, then interns it
         u32 one = 1;
         py_stacks.update(&id, &one);
+        c->last_stack = id;
     }
     return id;
 }
 
 // The walk costs the verifier ~100k explored instructions: call this once per program (the
 // collector's programs capture once, then emit), not at every place that emits an event.
-static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags) {
-    return py_capture(ctx, pid_tgid, stack_flags);
+static __always_inline u64 capture_python_stack(void *ctx, u64 pid_tgid, u32 *stack_flags,
+                                                int want_finalizing) {
+    return py_capture(ctx, pid_tgid, stack_flags, want_finalizing);
 }
 
 // Right after capture_python_stack, before the birth is reserved: the walk's generator frames
@@ -313,7 +347,7 @@ static __always_inline void python_emit_generators(u64 pid_tgid, u64 stack_id) {
 
 static __always_inline void python_forget_thread(u32 tid) {
 #ifndef CMTRACE_TASK_STORAGE
-    py_tstates.delete(&tid);   // (task-local storage dies with its task)
+    py_threads.delete(&tid);   // (task-local storage dies with its task)
 #endif
 }
 

@@ -70,7 +70,7 @@ EVENTS = pa.schema(
         ("arg", pa.int64()),  # op-specific: close_range last fd, fork child pid, lost count, domain
         ("stack_id", pa.int64()),  # 0 = no Python stack captured (see meta degraded counts)
         ("stack_flags", pa.int32()),  # STACK_* bits below
-        ("finalizing", pa.bool_()),  # interpreter was finalizing at this event
+        ("finalizing", pa.bool_()),  # interpreter was finalizing at this death (births: false)
         # births only: the generator / coroutine frames of the opening stack, innermost first,
         # each `frame index (depth) << 48 | the generator object's address`; null: none, or
         # not recorded (--aggregate, older traces). generators.json says what became of them.

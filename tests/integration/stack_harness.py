@@ -29,7 +29,7 @@ static __always_inline struct stack_ev_head *capture_event(void *ctx, u16 type, 
     if (!py_targets.lookup(&tgid))
         return 0;
     u32 flags = 0;
-    u64 id = capture_python_stack(ctx, pid_tgid, &flags);
+    u64 id = capture_python_stack(ctx, pid_tgid, &flags, 1);  /* with the finalizing flag */
     struct stack_ev_head *e = events.ringbuf_reserve(size);
     if (!e) {
         u32 zero = 0;

@@ -703,8 +703,13 @@ static int send_codes(struct thread *t) {
     return 0;
 }
 
-// The interned stack id of the thread's Python stack (0: none); flags get PY_STACK_*.
-static u64 capture_stack(struct thread *t, u32 *flags) {
+// The interned stack id of the thread's Python stack (0: none); flags get PY_STACK_*. Deaths
+// ask for the runtime's finalizing flag (a close while the interpreter finalizes is a leak);
+// births and forks do not carry it: the analysis reads it on closes only (as the BPF probes,
+// which skip the read at births).
+#define WITH_FINALIZING 1
+#define NO_FINALIZING 0
+static u64 capture_stack(struct thread *t, u32 *flags, int want_finalizing) {
     struct proc *p = t->proc;
     if (recording_off)
         return 0;
@@ -720,9 +725,10 @@ static u64 capture_stack(struct thread *t, u32 *flags) {
     prefetch(&plans[t - threads]);
     learned.n = 0;
     learning = 1;
+    // read at births too: the thread's read plan (one process_vm_readv) serves both walks
     u64 finalizing = 0;
     target_read(&finalizing, sizeof finalizing, (void *)cfg->finalizing_addr);
-    if (finalizing)
+    if (finalizing && want_finalizing)
         *flags |= PY_STACK_FINALIZING;
     find_thread_state(t);
     u32 walk_flags = 0;
@@ -846,7 +852,7 @@ static void emit_received(struct thread *t, const struct syscall_shape *sh) {
     if (!n)
         return;
     u32 flags = 0;
-    u64 id = capture_stack(t, &flags);
+    u64 id = capture_stack(t, &flags, NO_FINALIZING);
     keep_generators(t, id);
     for (u32 at = 0; at < n; at += per_record) {
         emit_generators(t);  // (the first record only: it clears what it sent)
@@ -920,7 +926,7 @@ static void emit_birth(struct thread *t, const struct syscall_shape *sh, s64 ret
 // A syscall recorded at entry (deaths, CLOEXEC changes, addresses).
 static void emit_at_entry(struct thread *t, const struct syscall_shape *sh, const u64 *a) {
     u32 flags = 0;
-    u64 id = capture_stack(t, &flags);
+    u64 id = capture_stack(t, &flags, WITH_FINALIZING);
     u64 cmd = a[1] & 0xffffffff;
     switch (sh->handling) {
     case H_CLOSE:
@@ -1000,7 +1006,7 @@ static int on_syscall_entry(struct thread *t, long nr, const u64 *args) {
     t->stack_flags = 0;
     if (sh->handling == H_PATH)
         take_path_along(t, args[sh->ptr]);
-    t->stack_id = sh->handling == H_SCM ? 0 : capture_stack(t, &t->stack_flags);
+    t->stack_id = sh->handling == H_SCM ? 0 : capture_stack(t, &t->stack_flags, NO_FINALIZING);
     keep_generators(t, t->stack_id);
     char *path = pending_paths[t - threads];
     t->path_len = passenger.len ? path_length(path, passenger.got) : PATH_UNREAD;
@@ -1030,7 +1036,7 @@ static void on_syscall_exit(struct thread *t, s64 ret) {
     if (ret < 0 || ptrace(PTRACE_GETREGS, t->tid, 0, &regs) || !returns_new_fd((long)regs.orig_rax))
         return;
     u32 flags = 0;
-    u64 id = capture_stack(t, &flags);
+    u64 id = capture_stack(t, &flags, NO_FINALIZING);
     keep_generators(t, id);
     emit_generators(t);
     begin_event(t, EV_BIRTH, (u16)regs.orig_rax, id, flags);
@@ -1234,7 +1240,7 @@ static int seize(pid_t tid) {
 
 static void emit_fork(struct thread *parent, pid_t child_pid, u64 clone_flags) {
     u32 flags = 0;
-    u64 id = capture_stack(parent, &flags);
+    u64 id = capture_stack(parent, &flags, NO_FINALIZING);
     begin_event(parent, EV_FORK, 0, id, flags);
     rec.e.arg = (u64)child_pid;
     rec.e.flags = clone_flags;
