@@ -690,13 +690,15 @@ class Trace:
 
 
 def count_reasons(reasons: list[str]) -> str:
-    """Reasons given per process, counted per reason on one short line, the most common first:
+    """Reasons given per process, counted per kind on one short line, the most common first:
     `exited before its interpreter was read (394 processes); not CPython (1 process)`. A reason
-    naming its process (`pid 12 exited...`) is counted with the others of its kind."""
+    naming its process (`pid 12 exited...`) is counted with the others of its kind; one saying
+    the process was gone when it was read (_GONE) is `exited before...`, whatever was being
+    read; a long one is cut to its head (`layout mismatch: walking ... failed: ...` ->
+    `layout mismatch`): meta.json keeps each process's whole text."""
     counts: dict[str, int] = {}
     for reason in reasons:
-        kind = _PROC_PATH.sub("/proc/PID/", _PID_IN_REASON.sub("", reason)).strip(" :;,")
-        kind = kind or reason
+        kind = reason_kind(reason)
         counts[kind] = counts.get(kind, 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if len(ranked) == 1 and ranked[0][1] == 1:
@@ -704,6 +706,24 @@ def count_reasons(reasons: list[str]) -> str:
     return "; ".join(f"{kind} ({n} process{'es' if n != 1 else ''})" for kind, n in ranked)
 
 
+def reason_kind(reason: str) -> str:
+    """The kind under which count_reasons counts one process's reason."""
+    if _GONE.search(reason):
+        return GONE_KIND
+    kind = _PROC_PATH.sub("/proc/PID/", _PID_IN_REASON.sub("", reason)).strip(" :;,") or reason
+    if len(kind) > REASON_KIND_MAX and ": " in kind:
+        kind = kind.split(": ", 1)[0]
+    return kind
+
+
+# What a reader of /proc/PID/... or the process's memory says of a process that has exited:
+# a short-lived child gone before cmtrace read its interpreter (a test suite makes hundreds).
+_GONE = re.compile(
+    r"No such process|/proc/\d+/\S*: No such file or directory|"
+    r"target's memory: No such file or directory"
+)
+GONE_KIND = "exited before its interpreter was read"
+REASON_KIND_MAX = 70
 _PID_IN_REASON = re.compile(r"\b(?:pid|process)\s+\d+\b")
 _PROC_PATH = re.compile(r"/proc/\d+/")  # `cannot read /proc/25659/exe: ...`, one per child
 

@@ -119,6 +119,22 @@ def test_missing_stack_reasons_are_counted_per_reason_on_one_line(tmp_path: Path
     )
     assert count_reasons(["pid 12 exited", "pid 13 exited"]) == "exited (2 processes)"
     assert count_reasons(["not CPython"]) == "not CPython"
-    assert count_reasons([f"cannot read /proc/{pid}/exe: No such file or directory"
+    assert count_reasons([f"cannot read /proc/{pid}/exe: Permission denied"
                           for pid in (25659, 25660)]) == (
-        "cannot read /proc/PID/exe: No such file or directory (2 processes)")  # fmt: skip
+        "cannot read /proc/PID/exe: Permission denied (2 processes)")  # fmt: skip
+
+
+def test_reasons_of_processes_gone_are_one_kind_and_long_ones_their_head() -> None:
+    # what a CPython test-suite run recorded (80 `sh -c` children gone before they were read)
+    reasons = [f"cannot read /proc/{pid}/maps: No such file or directory" for pid in range(80)]
+    reasons += ["not CPython (no _PyRuntime in the executable or a libpython)"] * 2
+    reasons += ["layout mismatch: walking the live stacks failed: [Errno 3] No such process: "
+                "'/proc/10400/mem'", "cannot read the target's memory: No such file or directory",
+                "no CPython runtime appeared",
+                "layout mismatch: the thread states of this interpreter do not match the layout "
+                "of CPython 3.11 (tstate.next at 0x8 is not a pointer)"]  # fmt: skip
+    assert count_reasons(reasons) == (
+        "exited before its interpreter was read (82 processes); "
+        "not CPython (no _PyRuntime in the executable or a libpython) (2 processes); "
+        "layout mismatch (1 process); no CPython runtime appeared (1 process)"
+    )
