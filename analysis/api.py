@@ -43,6 +43,7 @@ from cmtrace.analysis.children import (
 )
 from cmtrace.analysis.code import SourceIndex, innermost_user
 from cmtrace.analysis.lifetimes import EventFacts, PairingStats, build_lifetimes, is_leak
+from cmtrace.analysis.limits import process_limits
 from cmtrace.analysis.services import service_of
 from cmtrace.analysis.stacks import Stacks
 from cmtrace.trace import schema
@@ -196,6 +197,25 @@ class Trace:
     @property
     def child_pids(self) -> set[int]:
         return self._summary["children"]
+
+    @cached_property
+    def exec_names(self) -> dict[int, str]:
+        """pid -> the name of the last image it exec'd (its path's last component): what to call
+        a process meta.json has no comm for (a child gone before it was looked at)."""
+        names: dict[int, str] = {}
+        for part in self._event_parts(("pid", "op", "path")):
+            if not part.num_rows or not {"op", "path"} <= set(part.column_names):
+                continue
+            codes, ops = _op_codes(part.unify_dictionaries())
+            execs = part.filter(pa.array(codes == _index_of(ops, schema.OP_EXEC)))
+            for pid, path in zip(execs.column("pid").to_pylist(), execs.column("path").to_pylist()):
+                if path:
+                    names[int(pid)] = str(path).rsplit("/", 1)[-1]
+        return names
+
+    def process_limits(self) -> list[dict[str, Any]]:
+        """limits.process_limits of this trace, processes without a comm named by their exec."""
+        return process_limits(self.fds, self.meta, self.exec_names)
 
     # --- lifetimes ------------------------------------------------------------------------
     @cached_property

@@ -14,7 +14,6 @@ import pandas as pd
 
 from cmtrace.analysis import Trace
 from cmtrace.analysis.children import SHORT_LIVED_S, is_program_file, program_text
-from cmtrace.analysis.limits import process_limits
 from cmtrace.present.common import peers
 
 REPORT_SCHEMA = 1
@@ -115,7 +114,7 @@ def report_dict(
         "peers": peers(leaks),
         "short_lived": _short_lived(trace, leaks[short], short_lived),
         # each target's RLIMIT_NOFILE (and changes) and its peak of open fds against it
-        "processes": process_limits(trace.fds, trace.meta),
+        "processes": trace.process_limits(),
         # --aggregate: what the trace cannot answer, said (absent from full-history reports)
         **({"aggregate_limits": trace.aggregate_limits()} if trace.aggregate else {}),
     }

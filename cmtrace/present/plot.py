@@ -16,7 +16,7 @@ import pandas as pd
 
 from cmtrace.analysis import Trace
 from cmtrace.analysis.aggregate import HIST_EDGES_NS, lifetime_hist_per_stack, log2_buckets
-from cmtrace.analysis.limits import headroom_text, process_limits
+from cmtrace.analysis.limits import headroom_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -90,7 +90,7 @@ def _live_panel(ax: Axes, trace: Trace, labels: list[str]) -> None:
 def _limit_note(ax: Axes, trace: Trace, shown: int = 4) -> None:
     """How close the targets came to RLIMIT_NOFILE (the closest first), in the panel's corner:
     the bands above are trace-born fds only, the limit counts every open fd."""
-    entries = [e for e in process_limits(trace.fds, trace.meta) if e["rlimit_nofile"]]
+    entries = [e for e in trace.process_limits() if e["rlimit_nofile"]]
     if not entries:
         return
     entries.sort(key=lambda e: -(e["peak_fraction"] or 0))

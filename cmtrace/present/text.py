@@ -11,7 +11,7 @@ import pandas as pd
 
 from cmtrace.analysis import Trace, load, read_exclude_file
 from cmtrace.analysis.children import SHORT_LIVED_S
-from cmtrace.analysis.limits import headroom_text, process_limits
+from cmtrace.analysis.limits import headroom_text
 from cmtrace.present.common import (
     Findings,
     SiteRow,
@@ -79,7 +79,7 @@ def render_text(
 
 def _limit_lines(trace: Trace, top: int) -> list[str]:
     """How close each target came to its RLIMIT_NOFILE, the closest first."""
-    entries = [e for e in process_limits(trace.fds, trace.meta) if e["rlimit_nofile"]]
+    entries = [e for e in trace.process_limits() if e["rlimit_nofile"]]
     if not entries:
         return []
     entries.sort(key=lambda e: -(e["peak_fraction"] or 0))

@@ -88,6 +88,7 @@ def test_no_line_is_over_300_characters(recorded) -> None:
     for args in ((), ("--top", "50"), ("--by-peer",)):
         lines = report(trace, *args).splitlines()
         assert max(len(line) for line in lines) <= MAX_LINE, args
+        assert not [line for line in lines if " (?): peak" in line]  # each named by its exec
 
 
 def test_missing_stacks_are_counted_per_kind_on_one_short_line(recorded) -> None:
