@@ -49,10 +49,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -151,6 +153,7 @@ class Sample:
     lost_events: int | None = None
     births_recorded: int | None = None
     kernel_ns: float | None = None  # BPF programs' run time per iteration (--bpf-stats)
+    kernel_ns_by_program: dict[str, float] = field(default_factory=dict)  # the same per program
 
 
 @dataclass
@@ -312,10 +315,10 @@ def _drop_controlling_terminal() -> None:
         os.close(fd)
 
 
-def bpf_prog_time(pid: int) -> tuple[int, int]:
-    """(run_time_ns, run_cnt) summed over the BPF programs process pid holds (their fdinfo
-    carries the counters while kernel.bpf_stats_enabled is 1)."""
-    total_ns = total_runs = 0
+def bpf_prog_time(pid: int) -> dict[str, int]:
+    """Run time (ns) per BPF program name, over the programs process pid holds (their fdinfo
+    carries the counters while kernel.bpf_stats_enabled is 1); "" when a name cannot be read."""
+    times: dict[str, int] = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
@@ -324,9 +327,38 @@ def bpf_prog_time(pid: int) -> tuple[int, int]:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        total_ns += int(fields.get("run_time_ns", "0"))
-        total_runs += int(fields.get("run_cnt", "0"))
-    return total_ns, total_runs
+        name = bpf_prog_name(pid, int(fd))
+        times[name] = times.get(name, 0) + int(fields.get("run_time_ns", "0"))
+    return times
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+SYS_PIDFD_OPEN, SYS_PIDFD_GETFD, SYS_BPF = 434, 438, 321  # x86_64
+BPF_OBJ_GET_INFO_BY_FD = 15
+PROG_INFO_SIZE, PROG_NAME_AT, PROG_NAME_LEN = 256, 64, 16  # struct bpf_prog_info: name[16] at 64
+
+
+def bpf_prog_name(pid: int, fd: int) -> str:
+    """The name of process pid's BPF program fd (pidfd_getfd, then BPF_OBJ_GET_INFO_BY_FD)."""
+    pidfd = _LIBC.syscall(SYS_PIDFD_OPEN, pid, 0)
+    if pidfd < 0:
+        return ""
+    try:
+        ours = _LIBC.syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        if ours < 0:
+            return ""
+        try:
+            info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+            attr = struct.pack("<IIQ", ours, PROG_INFO_SIZE, ctypes.addressof(info))
+            attr_buf = ctypes.create_string_buffer(attr, 64)
+            if _LIBC.syscall(SYS_BPF, BPF_OBJ_GET_INFO_BY_FD, attr_buf, 64) < 0:
+                return ""
+            raw = info.raw[PROG_NAME_AT : PROG_NAME_AT + PROG_NAME_LEN]
+            return raw.split(b"\0", 1)[0].decode(errors="replace")
+        finally:
+            os.close(ours)
+    finally:
+        os.close(pidfd)
 
 
 def attaches(mode: str) -> bool:
@@ -343,12 +375,16 @@ def run_once(config: Config, workload: str, mode: str, pin: str, seq: int) -> Sa
         if attaches(mode):
             tracer = attach(config, mode, target.pid, trace, pin)
         counting = config.bpf_stats and mode in BPF_MODES + FLOOR_MODES
-        before = bpf_prog_time(tracer.pid) if counting else (0, 0)
+        before = bpf_prog_time(tracer.pid) if counting else {}
         target.stdin.write("go\n")
         target.stdin.flush()
         result = json.loads(target.stdout.readline())
+        per_program = {}
         if counting:
-            kernel_ns = (bpf_prog_time(tracer.pid)[0] - before[0]) / result["iterations"]
+            after = bpf_prog_time(tracer.pid)
+            per_program = {name: (ns - before.get(name, 0)) / result["iterations"]
+                           for name, ns in after.items()}  # fmt: skip
+            kernel_ns = sum(per_program.values())
         target.stdin.close()  # the target may exit now
         if target.wait(timeout=120) != 0 and not attaches(mode):
             raise RuntimeError(f"{mode} exited {target.returncode}: {read_stderr(trace)}")
@@ -359,6 +395,7 @@ def run_once(config: Config, workload: str, mode: str, pin: str, seq: int) -> Sa
             if proc is not None and proc.poll() is None:
                 proc.kill()
     sample = Sample(result["seconds"] / result["iterations"] * 1e9, kernel_ns=kernel_ns)
+    sample.kernel_ns_by_program = {k: v for k, v in per_program.items() if v >= 0.5}
     if mode in TRACE_MODES:
         sample.lost_events, sample.births_recorded = trace_counts(trace, result["pid"])
         shutil.rmtree(trace, ignore_errors=True)
@@ -464,7 +501,28 @@ def summary_row(config: Config, workload: str, mode: str, pin: str) -> dict | No
         "lost_events_max": max(lost) if lost else None,
         "births_recorded_min": min(births) if births else None,
         "bpf_ns_per_iteration": round(statistics.median(kernel), 1) if kernel else None,
+        "bpf_ns_by_program": median_by_program(samples),
     }
+
+
+def median_by_program(samples: list[Sample]) -> dict[str, float]:
+    """Each BPF program's median ns per iteration over the rounds (the costliest first)."""
+    names = {name for s in samples for name in s.kernel_ns_by_program}
+    medians = {n: statistics.median(s.kernel_ns_by_program.get(n, 0.0) for s in samples)
+               for n in names}  # fmt: skip
+    return {n: round(v, 1) for n, v in sorted(medians.items(), key=lambda kv: -kv[1])}
+
+
+def print_programs(rows: list[dict]) -> None:
+    """--bpf-stats: where each mode's BPF time goes, per program (median ns per iteration)."""
+    rows = [row for row in rows if row.get("bpf_ns_by_program")]
+    if rows:
+        print("BPF ns per iteration by program (median over the rounds):")
+    for row in rows:
+        parts = ", ".join(
+            f"{name or '?'} {ns:.0f}" for name, ns in row["bpf_ns_by_program"].items()
+        )
+        print(f"  {row['workload']:10} {row['mode']:17} {row['pin']:8} {parts}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -595,6 +653,7 @@ def main(argv: list[str]) -> int:
     print(f"python {args.python}, {args.rounds} rounds interleaved, median per iteration")
     print(f"load average before {format_load(load_before)}, after {format_load(load_after)}")
     print_table(rows)
+    print_programs(rows)
     if args.json:
         doc = {"load_before": load_before, "load_after": load_after, "rows": rows}
         args.json.write_text(json.dumps(doc, indent=1) + "\n")

@@ -8,12 +8,15 @@
 // (cmtrace/symbolize.py install_python_target) from cmtrace/layouts.py, the one source of
 // offsets shared with the user-space walker (cmtrace/pyframes.py).
 //
-// Cost model (bpf_probe_read_user is ~90 ns here, so reads are what we count):
-//   finalizing flag 1 + thread state 1 (+1 cframe on 3.11-3.12) + frames. On 3.11+ the frames
+// Cost model (bpf_probe_read_user is ~45-90 ns here, so reads are what we count):
+//   finalizing flag 1 (deaths only: births skip it) + thread state 1 (+1 cframe on 3.11-3.12)
+//   + frames. The thread state is cached with the thread's key (ns tid / pthread_self), so a
+//   hit costs the one read that validates it, no helper call. On 3.11+ the frames
 //   of a thread live on its data stack: one read of up to PY_WINDOW bytes below the stack top
 //   covers them all; only frames outside it (generators, C-stack shim frames, older chunks)
 //   cost a read each. <= 3.10 frames are heap objects: one read per frame.
-//   A stack seen before (same frames, same process) costs one hash lookup; a new one emits
+//   A stack seen before (same frames, same process) costs one hash lookup, none when it is the
+//   thread's last one (a loop's every open); a new one emits
 //   code records (once per code object per process) and a stack record before the fd event.
 //   Stack ids hash (tgid, install generation, and per frame: code, instruction, f_globals).
 //   Measured (--aggregate, open/close of /dev/null, 2026-12-03): of ~960 BPF ns an iteration at

@@ -224,7 +224,7 @@ class Aggregator:
 
     def _decide_samples(self) -> None:
         """Pairs whose first close came in a batch: counted from now on once their close
-        stack is known (most within a flush of their first close)."""
+        stack is known (Symbolizer.on_rows: within the drain that brought their first close)."""
         for pair in list(self._undecided):
             state = self._decide(pair[3])
             if state == AGG_PAIR_NEW:

@@ -98,6 +98,8 @@ class BpfBackend:
             self.call_probes = CallProbes(self.bpf)
         if self.aggregate:
             self.aggregator = Aggregator(self.bpf, self.aggregate, self.start_ns)
+            if self.symbolizer is not None:  # pairs decided within a drain of their first close
+                self.symbolizer.on_rows = self.aggregator.note_frames
         if not isinstance(self.bpf, loader.Probes):  # --calls: compiled here (memory.py)
             release_compiler_memory()
 
@@ -210,10 +212,7 @@ class BpfBackend:
         if self.symbolizer is None:
             return []
         # At the end, stacks still waiting for a code record are resolved as well as can be.
-        rows = self.symbolizer.flush() if final else self.symbolizer.take_frames()
-        if self.aggregator is not None:
-            self.aggregator.note_frames(rows)
-        return rows
+        return self.symbolizer.flush() if final else self.symbolizer.take_frames()
 
     def take_new_files(self) -> list[tuple[int, str]]:
         return self.symbolizer.take_new_files() if self.symbolizer is not None else []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,9 @@ class Symbolizer:
         self._rows: list[dict[str, Any]] = []
         self._files: set[tuple[int, str]] = set()
         self._new_files: list[tuple[int, str]] = []
+        # Called with each stack's rows the moment it resolves (the drain thread's records,
+        # not the next flush): --aggregate decides a pair as soon as its close stack is known.
+        self.on_rows: Callable[[list[dict[str, Any]]], None] | None = None
 
     def on_record(self, raw: bytes) -> None:
         rtype = struct.unpack_from("<H", raw, TYPE_OFFSET)[0]
@@ -145,9 +149,12 @@ class Symbolizer:
         if any(info is None for info in infos) and not force:
             return False
         interp = self._interpreters.lookup(stack.pid, stack.generation)
-        for depth, ((code, instr), info) in enumerate(zip(stack.frames, infos)):
-            self._rows.append(self._row(stack, depth, interp, code, instr, info, self._frames))
+        rows = [self._row(stack, depth, interp, code, instr, info, self._frames)
+                for depth, ((code, instr), info) in enumerate(zip(stack.frames, infos))]  # fmt: skip
+        self._rows.extend(rows)
         self._done.add((stack.pid, stack.stack_id))
+        if self.on_rows is not None:
+            self.on_rows(rows)
         return True
 
     @staticmethod
