@@ -214,8 +214,13 @@ class Trace:
         return names
 
     def process_limits(self) -> list[dict[str, Any]]:
-        """limits.process_limits of this trace, processes without a comm named by their exec."""
-        return process_limits(self.fds, self.meta, self.exec_names)
+        """limits.process_limits of this trace, processes without a comm named by their exec
+        (the events' paths are read only when one lacks it)."""
+        entries = process_limits(self.fds, self.meta)
+        if any(entry["comm"] is None for entry in entries):
+            for entry in entries:
+                entry["comm"] = entry["comm"] or self.exec_names.get(entry["pid"])
+        return entries
 
     # --- lifetimes ------------------------------------------------------------------------
     @cached_property

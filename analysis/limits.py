@@ -47,14 +47,11 @@ def soft_limit_at(limit: dict[str, Any], t_ns: int) -> int | None:
     return soft
 
 
-def process_limits(
-    fds: pd.DataFrame, meta: dict[str, Any], names: dict[int, str] | None = None
-) -> list[dict[str, Any]]:
+def process_limits(fds: pd.DataFrame, meta: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per target and per process whose limit was recorded (the Python ones): pid,
     comm, `rlimit_nofile` (soft, hard, changes), `peak_fds`, `peak_ns`, `soft_at_peak` and
     `peak_fraction` (of it; None when unlimited or unknown), and on an --aggregate trace
-    `peak_lower_bound` (it holds no lifetime of an fd shorter than its min_age). By pid.
-    `names`: pid -> a name for a process meta.json has no comm for (Trace.exec_names)."""
+    `peak_lower_bound` (it holds no lifetime of an fd shorter than its min_age). By pid."""
     limits = {int(pid): value for pid, value in (meta.get("rlimit_nofile") or {}).items()}
     targets = {int(t["pid"]): t for t in meta.get("targets") or [] if isinstance(t, dict)}
     peaks = {int(row.pid): row for row in fd_peaks(fds).itertuples(index=False)}
@@ -67,7 +64,7 @@ def process_limits(
         out.append(
             {
                 "pid": pid,
-                "comm": targets.get(pid, {}).get("comm") or (names or {}).get(pid),
+                "comm": targets.get(pid, {}).get("comm"),
                 "rlimit_nofile": _limit_view(limit),
                 "peak_fds": count,
                 "peak_ns": at if peak is not None else None,
